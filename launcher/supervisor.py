@@ -1,0 +1,211 @@
+"""`zeroserve serve`: start every process, wait until ready, supervise, drain on SIGTERM.
+
+Each role runs as its own interpreter with the same command supervisord/systemd use
+(``zeroserve proc ROLE --config FILE --index N``). A child that dies is restarted with
+exponential backoff (1 s doubling to 30 s; reset after a minute of good health); while a
+worker is down the engine reports not-ready and its requests fail fast with an error.
+
+Shutdown (SIGTERM/SIGINT): api and tokenizer processes drain first (refuse new work, finish
+what is in flight), then the scheduler and workers stop; every process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from zeroserve.shared.client import EngineClient
+from zeroserve.shared.config import EngineConfig, write_config
+
+log = logging.getLogger("zeroserve.launcher")
+
+ROLES = {  # role -> package run with `python -m`
+    "api": "zeroserve.api_proc",
+    "tokenizer": "zeroserve.tokenizer_proc",
+    "scheduler": "zeroserve.scheduler_proc",
+    "worker": "zeroserve.gpu_worker",
+}
+BACKOFF_START_S, BACKOFF_MAX_S, HEALTHY_AFTER_S = 1.0, 30.0, 60.0
+
+
+def proc_command(role: str, config_path: str, index: int) -> list[str]:
+    """The command line of one process; it names its role (``zeroserve proc worker ...``)."""
+    script = os.path.join(os.path.dirname(sys.executable), "zeroserve")
+    if not os.path.exists(script):
+        script = shutil.which("zeroserve") or ""
+    head = [sys.executable, script] if script else [sys.executable, "-m", "zeroserve.launcher.cli"]
+    return head + ["proc", role, "--config", config_path, "--index", str(index)]
+
+
+def child_env(config: EngineConfig) -> dict[str, str]:
+    environ = dict(os.environ)
+    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    environ["PROMETHEUS_MULTIPROC_DIR"] = config.metrics_dir
+    return environ
+
+
+@dataclass
+class Child:
+    role: str
+    index: int
+    command: list[str]
+    popen: subprocess.Popen | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff_s: float = BACKOFF_START_S
+    restart_at: float | None = None
+    exit_codes: list[int] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.role if self.index == 0 else f"{self.role}-{self.index}"
+
+
+class Supervisor:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.config_path = os.path.join(config.run_dir, "config.json")
+        write_config(config, self.config_path)
+        os.makedirs(config.metrics_dir, mode=0o700, exist_ok=True)
+        for f in os.listdir(config.metrics_dir):  # stale multiprocess metrics of an earlier run
+            os.unlink(os.path.join(config.metrics_dir, f))
+        order = [("worker", 1), ("scheduler", 1), ("tokenizer", config.num_tokenizers), ("api", config.api_workers)]
+        self.children = [Child(role, i, proc_command(role, self.config_path, i)) for role, n in order for i in range(n)]
+        self.stopping = False
+        self.env = child_env(config)
+
+    def spawn(self, child: Child) -> None:
+        child.popen = subprocess.Popen(child.command, env=self.env, stdin=subprocess.DEVNULL)
+        child.started_at = time.monotonic()
+        child.restart_at = None
+        log.debug("started %s (pid %d)", child.name, child.popen.pid)
+
+    def start(self) -> None:
+        for child in self.children:
+            self.spawn(child)
+
+    def pids(self) -> dict[str, int]:
+        return {c.name: c.popen.pid for c in self.children if c.popen is not None and c.popen.poll() is None}
+
+    def check_children(self) -> None:
+        """Restart the dead (with backoff)."""
+        now = time.monotonic()
+        for child in self.children:
+            if child.popen is None:
+                if child.restart_at is not None and now >= child.restart_at:
+                    child.restarts += 1
+                    log.warning("restarting %s (restart #%d)", child.name, child.restarts)
+                    self.spawn(child)
+                continue
+            code = child.popen.poll()
+            if code is None:
+                if now - child.started_at > HEALTHY_AFTER_S:
+                    child.backoff_s = BACKOFF_START_S
+                continue
+            child.exit_codes.append(code)
+            child.popen = None
+            delay = child.backoff_s
+            child.backoff_s = min(child.backoff_s * 2, BACKOFF_MAX_S)
+            child.restart_at = now + delay
+            level = logging.ERROR if delay >= 8 else logging.WARNING
+            log.log(level, "%s exited with code %s; restarting in %.0fs%s", child.name, code, delay,
+                    " (crash loop: check the log above)" if delay >= 8 else "")
+
+    async def wait_ready(self, timeout_s: float = 600.0) -> None:
+        """Block until tokenizer 0 reports a ready engine; raise if a child keeps failing."""
+        started = time.monotonic()
+        async with EngineClient(self.config.tokenizer_addresses, self.config.curve) as client:
+            last_note = 0.0
+            while True:
+                self.check_children()
+                try:
+                    pong = await client.ping(timeout=0.5)
+                    if pong.ready:
+                        return
+                except asyncio.TimeoutError:
+                    pass
+                waited = time.monotonic() - started
+                if waited > timeout_s:
+                    raise RuntimeError(f"the engine was not ready after {timeout_s:.0f}s; see the log above")
+                if any(len(c.exit_codes) >= 3 for c in self.children):
+                    bad = [c.name for c in self.children if len(c.exit_codes) >= 3]
+                    raise RuntimeError(f"{', '.join(bad)} failed to start 3 times; see the log above")
+                if waited - last_note > 10:
+                    last_note = waited
+                    print(f"zeroserve: waiting for the engine to load ({waited:.0f}s)...", file=sys.stderr, flush=True)
+                await asyncio.sleep(0.2)
+
+    async def supervise(self) -> None:
+        while not self.stopping:
+            self.check_children()
+            await asyncio.sleep(0.2)
+
+    def _signal(self, roles: tuple[str, ...], sig: int) -> None:
+        for child in self.children:
+            if child.role in roles and child.popen is not None and child.popen.poll() is None:
+                child.popen.send_signal(sig)
+
+    def _wait(self, roles: tuple[str, ...], timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        for child in self.children:
+            if child.role in roles and child.popen is not None:
+                try:
+                    child.popen.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    return False
+        return True
+
+    def shutdown(self, drain_timeout_s: float = 120.0) -> None:
+        """Drain front to back; kill whatever does not exit in time."""
+        self.stopping = True
+        for stage, timeout in ((("api", "tokenizer"), drain_timeout_s), (("scheduler", "worker"), 15.0)):
+            self._signal(stage, signal.SIGTERM)
+            if not self._wait(stage, timeout):
+                log.error("%s did not stop in %.0fs; killing", "/".join(stage), timeout)
+                self._signal(stage, signal.SIGKILL)
+                self._wait(stage, 5.0)
+        shutil.rmtree(self.config.run_dir, ignore_errors=True)
+
+
+def serve(config: EngineConfig) -> int:
+    """Run the engine until SIGTERM/SIGINT; returns the exit code."""
+    from zeroserve.shared.proc_main import die_with_parent
+
+    die_with_parent()
+    sup = Supervisor(config)
+    stop = asyncio.Event()
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        sup.start()
+        ready = asyncio.ensure_future(sup.wait_ready())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([ready, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if ready.done() and ready.exception() is not None:
+            log.error("%s", ready.exception())
+            return 1
+        if not stop.is_set():
+            print(f"zeroserve: serving {config.served_model_name} on http://{config.host}:{config.port} "
+                  f"(OpenAI API under /v1)", file=sys.stderr, flush=True)
+            watcher = asyncio.ensure_future(sup.supervise())
+            await stop.wait()
+            watcher.cancel()
+        ready.cancel()
+        print("zeroserve: draining in-flight requests, then stopping...", file=sys.stderr, flush=True)
+        return 0
+
+    code = 1
+    try:
+        code = asyncio.run(main())
+    finally:
+        sup.shutdown()
+    return code

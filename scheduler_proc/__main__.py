@@ -1,0 +1,3 @@
+from zeroserve.scheduler_proc.proc import main
+
+main()

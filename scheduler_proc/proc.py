@@ -1,0 +1,253 @@
+"""scheduler_proc: the actor that owns the Scheduler.
+
+Inboxes:
+    front   ROUTER  tokenizers -> EngineRequest | Abort | Ping
+    workers ROUTER  workers    -> WorkerReady | StepResult | Pong (heartbeats)
+Loop: drain the inboxes, schedule one step, send the StepPlan to every worker, take the
+StepResult, send TokenDeltas to the tokenizer that owns each request. One plan in flight;
+new requests and aborts are received while a step runs.
+
+Liveness: workers send a heartbeat every ``heartbeat_interval_s`` from a side thread; a
+worker silent for ``heartbeat_timeout_s`` (or one that says ready again: it restarted) is
+dead: every request fails with finish reason "error" and the KV pool starts empty once a
+worker is ready again. Tokenizers ping us; one silent for the timeout has its requests
+aborted, since no one could receive their tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from zeroserve.scheduler_proc.scheduler import AdmissionError, Scheduler, SchedulerConfig
+from zeroserve.shared.config import EngineConfig
+from zeroserve.shared.ipc import Codec, bind, recv_router, start_authenticator
+from zeroserve.shared.proc_main import parse_proc_args, run_actor
+from zeroserve.shared.messages import (
+    Abort,
+    EngineRequest,
+    ErrorInfo,
+    Ping,
+    Pong,
+    SchedulerInbox,
+    SchedulerStats,
+    SchedulerWorkerInbox,
+    StepPlan,
+    StepResult,
+    TokenDelta,
+    TokenDeltas,
+    WorkerReady,
+)
+
+log = logging.getLogger("zeroserve.scheduler")
+
+
+class SchedulerProcess:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.ctx = zmq.asyncio.Context()
+        self.auth = start_authenticator(self.ctx, config.curve)
+        self.front = bind(self.ctx, zmq.ROUTER, config.scheduler_address, config.curve)
+        self.workers = bind(self.ctx, zmq.ROUTER, config.worker_address, config.curve)
+        self.front_codec: Codec = Codec(SchedulerInbox, "scheduler.front")
+        self.worker_codec: Codec = Codec(SchedulerWorkerInbox, "scheduler.workers")
+        self.encoder = self.front_codec.encoder
+        self.scheduler: Scheduler | None = None
+        self.worker_identity: bytes | None = None
+        self.worker_ready: WorkerReady | None = None
+        self.worker_seen = 0.0
+        self.owner: dict[str, bytes] = {}  # request_id -> tokenizer identity
+        self.tokenizer_seen: dict[bytes, float] = {}
+        self.inflight: StepPlan | None = None
+        self.inflight_since = 0.0
+        self.step_id = 0
+        self.wake = asyncio.Event()
+        self.result_ready = asyncio.Event()
+        self.result: StepResult | None = None
+        self.num_worker_failures = 0
+
+    # ------------------------------------------------------------------ inbox: tokenizers
+    async def front_loop(self) -> None:
+        while True:
+            parsed = recv_router(await self.front.recv_multipart(copy=True))
+            if parsed is None:
+                self.front_codec.drop("not an [identity, payload] message")
+                continue
+            identity, payload = parsed
+            msg = self.front_codec.decode(payload)
+            if msg is None:
+                continue
+            self.tokenizer_seen[identity] = time.monotonic()
+            match msg:
+                case EngineRequest():
+                    self.on_request(identity, msg)
+                case Abort():
+                    self.on_abort(msg.request_id)
+                case Ping():
+                    await self.front.send_multipart([identity, self.encoder.encode(self.stats())])
+
+    def on_request(self, identity: bytes, req: EngineRequest) -> None:
+        if self.scheduler is None:
+            self.reply_error(identity, req.request_id, ErrorInfo(
+                503, "service_unavailable", "the model worker is not ready yet (loading or restarting); retry shortly"))
+            return
+        if req.request_id in self.owner:
+            self.reply_error(identity, req.request_id, ErrorInfo(
+                400, "invalid_request_error", f"duplicate request id {req.request_id!r}"))
+            return
+        try:
+            self.scheduler.add_request(req)
+        except AdmissionError as e:
+            self.reply_error(identity, req.request_id, e.to_error_info())
+            return
+        self.owner[req.request_id] = identity
+        self.wake.set()
+
+    def on_abort(self, request_id: str) -> None:
+        if self.owner.pop(request_id, None) is not None and self.scheduler is not None:
+            self.scheduler.abort(request_id)
+            self.wake.set()
+
+    def reply_error(self, identity: bytes, request_id: str, error: ErrorInfo) -> None:
+        delta = TokenDelta(request_id=request_id, token_ids=[], finish_reason="error", error=error)
+        self.front.send_multipart([identity, self.encoder.encode(TokenDeltas([delta]))])
+
+    # ------------------------------------------------------------------ inbox: workers
+    async def worker_loop(self) -> None:
+        while True:
+            parsed = recv_router(await self.workers.recv_multipart(copy=True))
+            if parsed is None:
+                self.worker_codec.drop("not an [identity, payload] message")
+                continue
+            identity, payload = parsed
+            msg = self.worker_codec.decode(payload)
+            if msg is None:
+                continue
+            match msg:
+                case Pong():
+                    if self.worker_ready is not None and msg.role == "worker":
+                        self.worker_seen = time.monotonic()
+                case WorkerReady():
+                    self.on_worker_ready(identity, msg)
+                case StepResult():
+                    if self.inflight is not None and msg.step_id == self.inflight.step_id:
+                        self.result = msg
+                        self.result_ready.set()
+
+    def on_worker_ready(self, identity: bytes, ready: WorkerReady) -> None:
+        if self.worker_ready is not None:
+            self.fail_all("the model worker restarted; the request was lost")
+        cfg = self.config
+        max_model_len = ready.max_model_len
+        self.scheduler = Scheduler(SchedulerConfig(
+            num_blocks=ready.num_kv_blocks,
+            block_size=ready.block_size,
+            max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            max_model_len=max_model_len,
+            eos_token_ids=tuple(ready.eos_token_ids),
+            max_waiting_requests=cfg.max_waiting_requests,
+            max_waiting_tokens=cfg.max_waiting_tokens,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+        ))
+        self.worker_identity = identity
+        self.worker_ready = ready
+        self.worker_seen = time.monotonic()
+        log.info("worker rank %d ready: %d KV blocks of %d tokens, max_model_len %d (loaded in %.1fs)",
+                 ready.rank, ready.num_kv_blocks, ready.block_size, max_model_len, ready.load_time_s)
+        self.wake.set()
+
+    def on_worker_dead(self, why: str) -> None:
+        self.num_worker_failures += 1
+        log.error("model worker lost (%s); failing its requests and waiting for a restart", why)
+        self.fail_all(f"the model worker died ({why}); retry the request")
+        self.worker_ready = None
+        self.worker_identity = None
+        self.scheduler = None
+
+    def fail_all(self, message: str) -> None:
+        by_owner: dict[bytes, list[TokenDelta]] = {}
+        for request_id, identity in self.owner.items():
+            by_owner.setdefault(identity, []).append(TokenDelta(
+                request_id=request_id, token_ids=[], finish_reason="error",
+                error=ErrorInfo(503, "service_unavailable", message)))
+        for identity, deltas in by_owner.items():
+            self.front.send_multipart([identity, self.encoder.encode(TokenDeltas(deltas))])
+        self.owner.clear()
+        self.inflight = None
+        self.result_ready.set()  # release a step waiting on a dead worker
+
+    # ------------------------------------------------------------------ the step loop
+    async def step_loop(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while self.scheduler is not None:
+                plan = self.scheduler.schedule(time.time())
+                self.send_deltas(self.scheduler.drain_outputs())
+                if plan is None:
+                    break
+                await self.run_step(plan)
+
+    async def run_step(self, plan: StepPlan) -> None:
+        self.inflight, self.inflight_since = plan, time.monotonic()
+        self.result, self.result_ready = None, asyncio.Event()
+        await self.workers.send_multipart([self.worker_identity, self.encoder.encode(plan)])
+        await self.result_ready.wait()
+        result, self.inflight = self.result, None
+        if result is None or self.scheduler is None:
+            return  # the worker died mid-step; fail_all has answered every request
+        if result.error is not None:
+            self.on_worker_dead(f"step failed: {result.error}")
+            return
+        deltas = self.scheduler.update_from_output(result)
+        self.send_deltas(deltas)
+
+    def send_deltas(self, deltas: list[TokenDelta]) -> None:
+        by_owner: dict[bytes, list[TokenDelta]] = {}
+        for d in deltas:
+            identity = self.owner.get(d.request_id)
+            if identity is None:
+                continue  # aborted meanwhile
+            if d.finish_reason is not None:
+                del self.owner[d.request_id]
+            by_owner.setdefault(identity, []).append(d)
+        for identity, group in by_owner.items():
+            self.front.send_multipart([identity, self.encoder.encode(TokenDeltas(group))])
+
+    # ------------------------------------------------------------------ liveness and stats
+    def stats(self) -> SchedulerStats:
+        if self.scheduler is None:
+            return SchedulerStats(workers_ready=False)
+        return msgspec.structs.replace(self.scheduler.stats(), workers_ready=True)
+
+    async def watchdog_loop(self) -> None:
+        cfg = self.config
+        while True:
+            await asyncio.sleep(cfg.heartbeat_interval_s)
+            now = time.monotonic()
+            if self.worker_ready is not None and now - self.worker_seen > cfg.heartbeat_timeout_s:
+                self.on_worker_dead(f"no heartbeat for {now - self.worker_seen:.1f}s")
+            for identity, seen in list(self.tokenizer_seen.items()):
+                if now - seen > max(cfg.heartbeat_timeout_s * 4, 2.0):
+                    del self.tokenizer_seen[identity]
+                    orphans = [r for r, owner in self.owner.items() if owner == identity]
+                    if orphans:
+                        log.warning("tokenizer %r went silent; aborting its %d request(s)", identity, len(orphans))
+                    for request_id in orphans:
+                        self.on_abort(request_id)
+
+    async def run(self) -> None:
+        log.info("scheduler listening on %s (tokenizers) and %s (workers)",
+                 self.config.scheduler_address, self.config.worker_address)
+        await asyncio.gather(self.front_loop(), self.worker_loop(), self.step_loop(), self.watchdog_loop())
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, _ = parse_proc_args("scheduler", argv)
+    run_actor("scheduler", lambda: SchedulerProcess(config))

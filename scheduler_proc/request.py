@@ -1,0 +1,96 @@
+"""One request's state inside the scheduler.
+
+A request's tokens, its KV progress and its block table (block_size 4 here)::
+
+    all_token_ids        p0 p1 p2 p3 | p4 p5 g0 g1 | g2 g3      (p: prompt, g: generated)
+    num_computed_tokens  |<------- KV written ---------->|        10: every token but the last
+    block_ids (table)    [    7     ] [     2     ] [ 9  . . ]
+    block_keys           K0           K1                         one per *full* block of tokens
+    num_cached_blocks    2            (blocks registered in the prefix cache so far)
+
+A decode step computes the one token not yet in KV (g3) and samples the next; a prefill
+step computes a run of prompt tokens (a chunk when the token budget is short) and samples
+only when it reaches the last known token.
+
+Lifecycle::
+
+    add_request -> WAITING --schedule--> RUNNING --EOS/length--> FINISHED
+                     ^  |                  |  \\--abort / error--> FINISHED
+                     |  \\--deadline / abort--> FINISHED
+                     \\---- preempted (blocks freed, tokens kept, recomputed later)
+"""
+
+from __future__ import annotations
+
+import enum
+
+from zeroserve.scheduler_proc.block_manager import hash_block, root_key
+from zeroserve.shared.messages import EngineRequest, SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+class Request:
+    """Mutable per-request state; owned by the Scheduler, never sent anywhere as is."""
+
+    __slots__ = (
+        "request_id", "prompt_token_ids", "all_token_ids", "params", "arrival_time", "priority",
+        "deadline", "cache_salt", "sort_key", "status", "block_ids", "num_computed_tokens",
+        "block_keys", "num_cached_blocks", "num_cached_tokens", "started", "sent_first_delta",
+        "known_to_workers", "stop_token_ids", "eos_token_ids", "max_tokens", "min_tokens",
+        "num_prompt_tokens", "num_preemptions", "_root_key",
+    )  # fmt: skip
+
+    def __init__(self, req: EngineRequest, sort_key: tuple, eos_token_ids: frozenset[int]) -> None:
+        params: SamplingParams = req.params
+        self.request_id = req.request_id
+        self.prompt_token_ids = req.prompt_token_ids
+        self.all_token_ids: list[int] = list(req.prompt_token_ids)
+        self.num_prompt_tokens = len(req.prompt_token_ids)
+        self.params = params
+        self.arrival_time = req.arrival_time
+        self.priority = req.priority
+        self.deadline = req.deadline
+        self.cache_salt = req.cache_salt
+        self.sort_key = sort_key  # smaller runs first, larger is preempted first
+        self.status = RequestStatus.WAITING
+        self.block_ids: list[int] = []
+        self.num_computed_tokens = 0
+        self.block_keys: list[bytes] = []
+        self.num_cached_blocks = 0
+        self.num_cached_tokens = 0  # prefix hit at first scheduling, reported on the first delta
+        self.started = False  # scheduled at least once: the deadline no longer applies
+        self.sent_first_delta = False
+        self.known_to_workers = False  # workers hold its state: tell them when it goes
+        self.stop_token_ids = frozenset(params.stop_token_ids)
+        self.eos_token_ids = frozenset() if params.ignore_eos else eos_token_ids
+        self.max_tokens = params.max_tokens
+        self.min_tokens = params.min_tokens
+        self.num_preemptions = 0
+        self._root_key = root_key(req.cache_salt)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[self.num_prompt_tokens :]
+
+    def update_block_keys(self, block_size: int) -> None:
+        """Extend ``block_keys`` to cover every full block of ``all_token_ids``."""
+        keys, tokens = self.block_keys, self.all_token_ids
+        parent = keys[-1] if keys else self._root_key
+        for i in range(len(keys), len(tokens) // block_size):
+            parent = hash_block(parent, tokens[i * block_size : (i + 1) * block_size])
+            keys.append(parent)
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, {self.status.name}, tokens={len(self.all_token_ids)}, "
+            f"computed={self.num_computed_tokens}, blocks={self.block_ids})"
+        )

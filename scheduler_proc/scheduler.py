@@ -1,0 +1,404 @@
+"""Continuous batching: which requests compute which tokens in the next step, and what came out.
+
+One step, as the process loop drives it (one plan in flight at a time)::
+
+    plan   = scheduler.schedule()                 # StepPlan of diffs, or None when idle
+    result = <workers run the plan>               # StepResult: one token per sampling request
+    deltas = scheduler.update_from_output(result) + scheduler.drain_outputs()
+
+How ``schedule`` fills a step (token budget ``max_num_batched_tokens``, cap ``max_num_seqs``)::
+
+    running, best sort_key first          waiting heap, best first
+    [ d d p d d ... d ]  -- 1. ------>    2. admit while budget, seqs and blocks allow
+      d: decode, 1 token each; p: a running prefill, chunked to the budget left after
+      reserving one token per decode behind it (decodes first, for inter-token latency)
+    out of blocks -> preempt running[-1] (lowest priority, latest arrival) by recompute,
+      and admit no waiting request this step
+
+A request samples only when the step reaches the end of its known tokens. Full blocks are
+registered in the prefix cache when they are scheduled, so a request admitted later in the
+same step (an n>1 sibling) already shares them. **Worker contract**: within one step, write
+every request's K/V for a layer before that layer's attention reads the paged cache (the
+usual write-then-attend order), because a later request of the plan may read blocks an
+earlier one fills in that step.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import operator
+import time
+
+from zeroserve.scheduler_proc.admission import AdmissionError, WaitingQueue, check_admission
+from zeroserve.scheduler_proc.block_manager import BlockManager
+from zeroserve.scheduler_proc.config import SchedulerConfig
+from zeroserve.scheduler_proc.request import Request, RequestStatus
+from zeroserve.shared.messages import (
+    EngineRequest,
+    ErrorInfo,
+    NewRequestData,
+    RunningRequestData,
+    SchedulerStats,
+    StepPlan,
+    StepResult,
+    TokenDelta,
+)
+
+__all__ = ["AdmissionError", "Scheduler", "SchedulerConfig"]
+
+_RUNNING, _WAITING, _FINISHED = RequestStatus.RUNNING, RequestStatus.WAITING, RequestStatus.FINISHED
+_by_sort_key = operator.attrgetter("sort_key")
+
+
+class _InFlight:
+    """What the scheduler remembers about the plan the workers are running."""
+
+    __slots__ = ("step_id", "sampling", "scheduled", "keyed_blocks")
+
+    def __init__(self, step_id: int, sampling: dict[str, Request], scheduled: list[Request], keyed: list[int]):
+        self.step_id = step_id
+        self.sampling = sampling  # request id -> request expected to sample a token
+        self.scheduled = scheduled  # every request computing tokens in the step
+        self.keyed_blocks = keyed  # blocks whose prefix keys rely on this step's KV writes
+
+
+class Scheduler:
+    """Owns every request from ``add_request`` to its last delta, and every KV block."""
+
+    def __init__(self, cfg: SchedulerConfig) -> None:
+        self.cfg = cfg
+        self.block_size = cfg.block_size
+        self.blocks = BlockManager(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.waiting = WaitingQueue()
+        self.running: list[Request] = []  # sorted by sort_key
+        self._requests: dict[str, Request] = {}  # every waiting or running request
+        self._eos = frozenset(cfg.eos_token_ids)
+        self._seq = itertools.count()
+        self._next_step_id = 0
+        self._inflight: _InFlight | None = None
+        self._finished_ids: list[str] = []  # requests the workers must forget, for the next plan
+        self._outputs: list[TokenDelta] = []  # deltas born outside update_from_output
+        self.num_preemptions = 0
+        self.prefix_cache_queries = 0  # tokens looked up when requests (re)start
+        self.prefix_cache_hits = 0  # of which found in the cache
+        self.num_steps = 0
+        self.tokens_scheduled_last_step = 0
+
+    # ------------------------------------------------------------------ requests in and out
+
+    def add_request(self, req: EngineRequest) -> None:
+        """Queue ``req`` or raise AdmissionError (status 400: can never run, 429: queue full)."""
+        if req.request_id in self._requests:
+            raise AdmissionError(400, f"Request id {req.request_id!r} is already in use; ids must be unique.",
+                                 param="request_id")  # fmt: skip
+        check_admission(self.cfg, req, self.waiting)
+        aging = self.cfg.priority_aging_s
+        score = req.priority if aging is None else req.priority + req.arrival_time / aging
+        r = Request(req, (score, req.arrival_time, next(self._seq)), self._eos)
+        if self.cfg.enable_prefix_caching:
+            r.update_block_keys(self.block_size)
+        self._requests[r.request_id] = r
+        self.waiting.push(r)
+        self.waiting.watch_deadline(r)
+
+    def abort(self, request_id: str) -> bool:
+        """End a request in any state and free its blocks now; False if the id is unknown."""
+        r = self._requests.get(request_id)
+        if r is None:
+            return False
+        if r.status == _WAITING:
+            del self._requests[request_id]
+            self.waiting.remove(r)
+            if r.known_to_workers:  # cannot happen today (preemption tells them), kept for safety
+                self._finished_ids.append(request_id)
+        else:
+            self.running.remove(r)
+            self._finish(r)
+        return True
+
+    def drain_outputs(self) -> list[TokenDelta]:
+        """Deltas that did not come from a step: deadline timeouts."""
+        out, self._outputs = self._outputs, []
+        return out
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def request(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.blocks.num_free_blocks
+
+    # ------------------------------------------------------------------ one step
+
+    def schedule(self, now: float | None = None) -> StepPlan | None:
+        """Plan the next step, or None when there is nothing to compute.
+
+        ``now`` (time.time() by default) expires waiting requests past their deadline first.
+        """
+        if self._inflight is not None:
+            raise RuntimeError(
+                f"schedule() called while step {self._inflight.step_id} is in flight; pass its StepResult "
+                "to update_from_output() first (a lost step: a StepResult with error set)"
+            )
+        self._expire_deadlines(time.time() if now is None else now)
+        bs, bm, running = self.block_size, self.blocks, self.running
+        caching = self.cfg.enable_prefix_caching
+        budget = self.cfg.max_num_batched_tokens
+        sampling: dict[str, Request] = {}
+        scheduled: list[Request] = []
+        keyed: list[int] = []
+        running_data: list[RunningRequestData] = []
+        new_data: list[NewRequestData] = []
+        preempted = False
+
+        # 1. Running requests, best first. Decodes behind a running prefill keep one token each.
+        num_decodes = 0
+        for r in running:
+            if len(r.all_token_ids) - r.num_computed_tokens == 1:
+                num_decodes += 1
+        i = 0
+        while i < len(running) and budget > 0:
+            r = running[i]
+            num_computed = r.num_computed_tokens
+            remaining = len(r.all_token_ids) - num_computed
+            if remaining == 1:
+                num_new = 1
+                num_decodes -= 1
+            else:
+                num_new = min(remaining, budget - num_decodes)
+                if num_new <= 0:
+                    i += 1
+                    continue
+            need = (num_computed + num_new + bs - 1) // bs - len(r.block_ids)
+            if need > 0:
+                fresh = bm.take(need)
+                while fresh is None:  # out of blocks: preempt from the back, maybe r itself
+                    victim = running.pop()
+                    if victim is not r and len(victim.all_token_ids) - victim.num_computed_tokens == 1:
+                        num_decodes -= 1
+                    self._preempt(victim)
+                    preempted = True
+                    if victim is r:
+                        break
+                    fresh = bm.take(need)
+                if fresh is None:
+                    break
+                r.block_ids.extend(fresh)
+            else:
+                fresh = []
+            running_data.append(RunningRequestData(r.request_id, fresh, num_new))
+            budget -= num_new
+            r.num_computed_tokens = num_computed = num_computed + num_new
+            if num_computed == len(r.all_token_ids):
+                sampling[r.request_id] = r
+            if caching and num_computed // bs > r.num_cached_blocks:
+                self._cache_full_blocks(r, keyed)
+            scheduled.append(r)
+            i += 1
+
+        # 2. Waiting requests, best first, while budget, seats and blocks last (no skipping
+        #    ahead: a big request at the head is not starved by small ones behind it).
+        max_seqs, waiting = self.cfg.max_num_seqs, self.waiting
+        while not preempted and budget > 0 and len(running) < max_seqs:
+            r = waiting.peek()
+            if r is None:
+                break
+            num_tokens = len(r.all_token_ids)
+            hits: list[int] = []
+            if caching:  # the longest cached prefix, leaving at least one token to compute
+                r.update_block_keys(bs)
+                hits = bm.find_cached_prefix(r.block_keys, (num_tokens - 1) // bs)
+            num_computed = len(hits) * bs
+            num_new = min(num_tokens - num_computed, budget)
+            fresh = bm.allocate((num_computed + num_new + bs - 1) // bs - len(hits), hits)
+            if fresh is None:
+                break
+            waiting.pop()
+            r.status = _RUNNING
+            r.block_ids = hits + fresh
+            r.num_cached_blocks = len(hits)
+            r.num_computed_tokens = num_computed + num_new
+            if caching:
+                self.prefix_cache_queries += num_tokens
+                self.prefix_cache_hits += num_computed
+            if not r.started:
+                r.started = True
+                r.num_cached_tokens = num_computed
+            r.known_to_workers = True
+            new_data.append(NewRequestData(
+                r.request_id, list(r.all_token_ids), list(r.block_ids), num_computed, num_new, r.params))  # fmt: skip
+            bisect.insort(running, r, key=_by_sort_key)
+            budget -= num_new
+            if r.num_computed_tokens == num_tokens:
+                sampling[r.request_id] = r
+            if caching:
+                self._cache_full_blocks(r, keyed)
+            scheduled.append(r)
+
+        if not scheduled:
+            return None
+        step_id = self._next_step_id
+        self._next_step_id += 1
+        finished_ids, self._finished_ids = self._finished_ids, []
+        self._inflight = _InFlight(step_id, sampling, scheduled, keyed)
+        self.num_steps += 1
+        self.tokens_scheduled_last_step = self.cfg.max_num_batched_tokens - budget
+        return StepPlan(step_id, new_data, running_data, finished_ids)
+
+    def update_from_output(self, result: StepResult) -> list[TokenDelta]:
+        """Append the sampled tokens, finish requests, return one delta per request that sampled.
+
+        Entries for requests aborted since the plan are ignored. A result with ``error`` set
+        fails every request of that step (finish_reason "error", HTTP 500) and drops the
+        prefix keys that relied on the step's KV writes.
+        """
+        inflight = self._inflight
+        if inflight is None or result.step_id != inflight.step_id:
+            expected = inflight.step_id if inflight else "none"
+            raise ValueError(f"StepResult for step {result.step_id}, but the step in flight is {expected}")
+        self._inflight = None
+        if result.error is not None:
+            return self._fail(inflight.scheduled, inflight.keyed_blocks, f"The engine step failed: {result.error}")
+        sampling, lps = inflight.sampling, result.logprobs
+        max_model_len = self.cfg.max_model_len
+        tokens = result.sampled_token_ids
+        deltas: list[TokenDelta] = []
+        finished: list[Request] = []
+        for idx, rid in enumerate(result.request_ids):
+            r = sampling.pop(rid, None)
+            if r is None or r.status != _RUNNING:
+                continue  # aborted meanwhile (or not expected: ignore rather than corrupt state)
+            token = tokens[idx]
+            all_tokens = r.all_token_ids
+            all_tokens.append(token)
+            num_output = len(all_tokens) - r.num_prompt_tokens
+            finish = stop_reason = None
+            if num_output >= r.min_tokens and (token in r.stop_token_ids or token in r.eos_token_ids):
+                finish = "stop"
+                if token in r.stop_token_ids:
+                    stop_reason = token
+            elif num_output >= r.max_tokens or len(all_tokens) >= max_model_len:
+                finish = "length"
+            lp = lps[idx] if lps is not None else None
+            lp_list = [lp] if lp is not None else None
+            if r.sent_first_delta:
+                deltas.append(TokenDelta(rid, [token], lp_list, finish, stop_reason))
+            else:
+                r.sent_first_delta = True
+                deltas.append(TokenDelta(rid, [token], lp_list, finish, stop_reason, None,
+                                         r.num_prompt_tokens, r.num_cached_tokens))  # fmt: skip
+            if finish is not None:
+                finished.append(r)
+        missing = [r for r in sampling.values() if r.status == _RUNNING]
+        if missing:  # a worker bug; failing them beats leaving them stuck forever
+            deltas += self._fail(missing, [], "The worker returned no token for this request.")
+        if finished:
+            for r in finished:
+                self._finish(r)
+            self.running[:] = [r for r in self.running if r.status == _RUNNING]
+        return deltas
+
+    def reset_kv_cache(self) -> None:
+        """The workers restarted with an empty KV cache: requeue every running request (it is
+        recomputed from its tokens) and forget the prefix cache. Fail the lost step first."""
+        if self._inflight is not None:
+            raise RuntimeError("reset_kv_cache() with a step in flight: pass it a StepResult with error first")
+        while self.running:
+            self._preempt(self.running.pop())
+        self.blocks.reset_prefix_cache()
+        self._finished_ids.clear()
+
+    # ------------------------------------------------------------------ stats and checks
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=self.blocks.usage,
+            prefix_cache_queries=self.prefix_cache_queries,
+            prefix_cache_hits=self.prefix_cache_hits,
+            num_preemptions=self.num_preemptions,
+            num_steps=self.num_steps,
+            tokens_scheduled_last_step=self.tokens_scheduled_last_step,
+            num_kv_blocks=self.blocks.num_blocks,
+            num_free_blocks=self.blocks.num_free_blocks,
+        )
+
+    def check_invariants(self) -> None:
+        """Assert the bookkeeping is consistent (tests; O(blocks + requests))."""
+        bs, refs = self.block_size, [0] * self.blocks.num_blocks
+        assert len(self.running) <= self.cfg.max_num_seqs
+        assert [r.sort_key for r in self.running] == sorted(r.sort_key for r in self.running), "running unsorted"
+        for r in self.running:
+            assert r.status == _RUNNING and self._requests.get(r.request_id) is r, r
+            assert len(r.block_ids) == -(-r.num_computed_tokens // bs), f"block table does not cover KV: {r}"
+            assert r.num_computed_tokens < len(r.all_token_ids) or (
+                self._inflight and r.request_id in self._inflight.sampling), f"nothing left to compute: {r}"  # fmt: skip
+            for b in r.block_ids:
+                refs[b] += 1
+        waiting = list(self.waiting)
+        for r in waiting:
+            assert not r.block_ids and r.num_computed_tokens == 0 and self._requests.get(r.request_id) is r, r
+        assert len(waiting) == self.waiting.num_requests
+        assert sum(len(r.all_token_ids) for r in waiting) == self.waiting.num_tokens
+        assert len(self._requests) == len(waiting) + len(self.running), "a request is lost or duplicated"
+        self.blocks.check_invariants(refs)
+
+    # ------------------------------------------------------------------ internals
+
+    def _cache_full_blocks(self, r: Request, keyed: list[int]) -> None:
+        """Register r's blocks that are full once this step has computed them."""
+        n_full = r.num_computed_tokens // self.block_size
+        if len(r.block_keys) < n_full:
+            r.update_block_keys(self.block_size)
+        for i in range(r.num_cached_blocks, n_full):
+            if self.blocks.cache_block(r.block_ids[i], r.block_keys[i]):
+                keyed.append(r.block_ids[i])
+        r.num_cached_blocks = n_full
+
+    def _preempt(self, r: Request) -> None:
+        """Free r's blocks and requeue it with its tokens; it resumes by recompute (prefix hits
+        on its own blocks where they survive)."""
+        self.blocks.free(r.block_ids)
+        r.block_ids = []
+        r.num_computed_tokens = r.num_cached_blocks = 0
+        if r.known_to_workers:
+            self._finished_ids.append(r.request_id)
+            r.known_to_workers = False
+        r.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.push(r)
+
+    def _finish(self, r: Request) -> None:
+        """End a running request (the caller removes it from ``running``)."""
+        self.blocks.free(r.block_ids)
+        r.block_ids = []
+        r.status = _FINISHED
+        del self._requests[r.request_id]
+        if r.known_to_workers:
+            self._finished_ids.append(r.request_id)
+            r.known_to_workers = False
+
+    def _fail(self, requests: list[Request], keyed_blocks: list[int], message: str) -> list[TokenDelta]:
+        self.blocks.uncache(keyed_blocks)
+        error = ErrorInfo(status=500, type="internal_server_error", message=message)
+        deltas = []
+        for r in requests:
+            if r.status != _RUNNING:
+                continue
+            first = not r.sent_first_delta
+            r.sent_first_delta = True
+            deltas.append(TokenDelta(r.request_id, [], None, "error", None, error,
+                                     r.num_prompt_tokens if first else 0, r.num_cached_tokens if first else 0))  # fmt: skip
+            self._finish(r)
+        self.running[:] = [r for r in self.running if r.status == _RUNNING]
+        return deltas
+
+    def _expire_deadlines(self, now: float) -> None:
+        for r in self.waiting.expire(now):
+            del self._requests[r.request_id]
+            self._outputs.append(TokenDelta(r.request_id, [], None, "timeout", None, None, r.num_prompt_tokens, 0))

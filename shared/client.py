@@ -1,0 +1,243 @@
+"""The ZMQ client of the engine: what api_proc uses, and what batch jobs use directly.
+
+    async with EngineClient(address) as c:
+        async for delta in c.generate(prompt="Hello", params=SamplingParams(max_tokens=32)):
+            print(delta.text, end="")
+
+It speaks to tokenizer_proc's ROUTER socket(s) with a DEALER per tokenizer process; a
+request always goes to the same tokenizer (chosen by its id), so its Abort does too.
+Leaving a ``stream``/``generate`` loop early sends Abort, which frees the request's KV
+blocks. If the engine stops answering pings, every request in flight ends with a 503
+error delta instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+import zlib
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from zeroserve.shared.config import CurveKeys
+from zeroserve.shared.ipc import Codec, connect
+from zeroserve.shared.messages import (
+    Abort,
+    ApiInbox,
+    ChatMessage,
+    DetokenizeRequest,
+    ErrorInfo,
+    GenerateRequest,
+    Ping,
+    Pong,
+    SamplingParams,
+    TextDelta,
+    TokenizeRequest,
+    TokenizeResult,
+)
+
+
+class EngineError(Exception):
+    """A request failed in the engine; ``info`` says how (status, type, message)."""
+
+    def __init__(self, info: ErrorInfo):
+        super().__init__(info.message)
+        self.info = info
+
+
+class EngineClient:
+    def __init__(
+        self,
+        address: str | list[str],
+        curve: CurveKeys | None = None,
+        heartbeat_interval_s: float = 0.5,
+        heartbeat_timeout_s: float = 3.0,
+    ):
+        self.addresses = [address] if isinstance(address, str) else list(address)
+        self.curve = curve
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.ctx: zmq.asyncio.Context | None = None
+        self.sockets: list[zmq.asyncio.Socket] = []
+        self.codec: Codec = Codec(ApiInbox, "client")
+        self.streams: dict[str, tuple[int, asyncio.Queue]] = {}
+        self.waiters: dict[str, asyncio.Future] = {}
+        self.last_seen: list[float] = []
+        self.last_pong: Pong | None = None
+        self.tasks: list[asyncio.Task] = []
+        self.identity = f"client-{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
+
+    async def __aenter__(self) -> "EngineClient":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        self.ctx = zmq.asyncio.Context()
+        self.sockets = [connect(self.ctx, zmq.DEALER, a, self.curve, self.identity) for a in self.addresses]
+        self.last_seen = [0.0] * len(self.sockets)
+        self.tasks = [asyncio.ensure_future(self._recv_loop(i)) for i in range(len(self.sockets))]
+        self.tasks.append(asyncio.ensure_future(self._heartbeat_loop()))
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for sock in self.sockets:
+            sock.close(0)
+        if self.ctx is not None:
+            self.ctx.term()
+            self.ctx = None
+
+    # ------------------------------------------------------------------ plumbing
+    def _pick(self, request_id: str) -> int:
+        return zlib.crc32(request_id.encode()) % len(self.sockets)
+
+    def _send(self, index: int, msg: Any) -> None:
+        self.sockets[index].send(self.codec.encode(msg))
+
+    async def _recv_loop(self, index: int) -> None:
+        sock = self.sockets[index]
+        while True:
+            msg = self.codec.decode(await sock.recv(copy=True))
+            if msg is None:
+                continue
+            self.last_seen[index] = time.monotonic()
+            match msg:
+                case TextDelta():
+                    entry = self.streams.get(msg.request_id)
+                    if entry is not None:
+                        entry[1].put_nowait(msg)
+                case TokenizeResult() | Pong():
+                    if isinstance(msg, Pong) and index == 0:
+                        self.last_pong = msg
+                    fut = self.waiters.pop(msg.request_id, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            for i in range(len(self.sockets)):
+                self._send(i, Ping(sent_at=time.time()))
+            await asyncio.sleep(self.heartbeat_interval_s)
+            now = time.monotonic()
+            for request_id, (i, queue) in list(self.streams.items()):
+                if now - self.last_seen[i] > self.heartbeat_timeout_s:
+                    queue.put_nowait(TextDelta(
+                        request_id=request_id, text="", finish_reason="error",
+                        error=ErrorInfo(503, "service_unavailable", "the engine stopped responding; retry the request")))
+
+    async def _call(self, index: int, msg: Any, request_id: str, timeout: float) -> Any:
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters[request_id] = fut
+        try:
+            self._send(index, msg)
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self.waiters.pop(request_id, None)
+
+    # ------------------------------------------------------------------ API
+    async def stream(self, req: GenerateRequest) -> AsyncIterator[TextDelta]:
+        """Every TextDelta of one request; the last has finish_reason (or error) set."""
+        index = self._pick(req.request_id)
+        queue: asyncio.Queue = asyncio.Queue()
+        self.streams[req.request_id] = (index, queue)
+        finished = False
+        try:
+            self._send(index, req)
+            while True:
+                delta: TextDelta = await queue.get()
+                finished = delta.finish_reason is not None or delta.error is not None
+                yield delta
+                if finished:
+                    return
+        finally:
+            self.streams.pop(req.request_id, None)
+            if not finished and self.ctx is not None:
+                self._send(index, Abort(request_id=req.request_id, reason="client gone"))
+
+    async def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Iterable[ChatMessage | dict] | None = None,
+        prompt_token_ids: list[int] | None = None,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        **fields: Any,
+    ) -> AsyncIterator[TextDelta]:
+        """Convenience over ``stream``: a prompt, chat messages or token ids, and params."""
+        if messages is not None:
+            messages = [m if isinstance(m, ChatMessage) else ChatMessage(**m) for m in messages]
+        req = GenerateRequest(
+            request_id=request_id or uuid.uuid4().hex,
+            params=params or SamplingParams(),
+            prompt=prompt,
+            messages=messages,
+            prompt_token_ids=prompt_token_ids,
+            **fields,
+        )
+        async for delta in self.stream(req):
+            yield delta
+
+    async def complete(self, **kwargs: Any) -> dict[str, Any]:
+        """Run one request to the end: {"text", "token_ids", "finish_reason", "usage", ...}.
+
+        Raises EngineError when the engine refuses or fails it.
+        """
+        text, token_ids, last, first = [], [], None, None
+        async for delta in self.generate(**kwargs):
+            first = first or delta
+            last = delta
+            if delta.error is not None:
+                raise EngineError(delta.error)
+            text.append(delta.text)
+            token_ids.extend(delta.token_ids)
+        prompt_tokens = first.num_prompt_tokens if first else 0
+        return {
+            "text": "".join(text),
+            "token_ids": token_ids,
+            "finish_reason": last.finish_reason if last else None,
+            "stop_reason": last.stop_reason if last else None,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(token_ids),
+                      "total_tokens": prompt_tokens + len(token_ids)},
+        }
+
+    async def generate_many(self, requests: Iterable[dict[str, Any]], max_concurrency: int = 64) -> AsyncIterator[tuple[int, dict[str, Any] | EngineError]]:
+        """Run many ``complete(**kwargs)`` with at most max_concurrency in flight; yields
+        (index, result or EngineError) in completion order."""
+        semaphore = asyncio.Semaphore(max_concurrency)
+        done: asyncio.Queue = asyncio.Queue()
+
+        async def one(i: int, kwargs: dict[str, Any]) -> None:
+            async with semaphore:
+                try:
+                    done.put_nowait((i, await self.complete(**kwargs)))
+                except EngineError as e:
+                    done.put_nowait((i, e))
+
+        tasks = [asyncio.ensure_future(one(i, kw)) for i, kw in enumerate(requests)]
+        try:
+            for _ in range(len(tasks)):
+                yield await done.get()
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def tokenize(self, req: TokenizeRequest, timeout: float = 30.0) -> TokenizeResult:
+        return await self._call(self._pick(req.request_id), req, req.request_id, timeout)
+
+    async def detokenize(self, req: DetokenizeRequest, timeout: float = 30.0) -> TokenizeResult:
+        return await self._call(self._pick(req.request_id), req, req.request_id, timeout)
+
+    async def ping(self, timeout: float = 1.0) -> Pong:
+        """Ask tokenizer 0 how the engine is; raises asyncio.TimeoutError when nobody answers."""
+        request_id = uuid.uuid4().hex
+        return await self._call(0, Ping(sent_at=time.time(), request_id=request_id), request_id, timeout)

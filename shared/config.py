@@ -1,0 +1,113 @@
+"""The engine's configuration: parsed once by the launcher, written to a file, read by every process.
+
+Each process gets ``--config FILE`` (JSON) and decodes it into the frozen ``EngineConfig``;
+nothing mutates it afterwards. Values only known at run time (the number of KV blocks a
+worker could allocate) travel in ready messages instead.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import msgspec
+
+
+class CurveKeys(msgspec.Struct, frozen=True):
+    """Z85 CURVE keys for tcp transport: servers use server_*, every connecting peer client_*."""
+
+    server_public: str
+    server_secret: str
+    client_public: str
+    client_secret: str
+
+
+class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
+    # model
+    model: str  # resolved path: a .gguf file or a Hugging Face folder
+    served_model_name: str
+    # transport: ipc:// sockets in run_dir (mode 0700), or tcp:// on host with CURVE
+    run_dir: str
+    transport: str = "ipc"
+    bind_host: str = "127.0.0.1"
+    base_port: int = 0  # tcp: tokenizer frontends from base_port, scheduler base_port+50, workers +60
+    curve: CurveKeys | None = None
+    # processes
+    num_tokenizers: int = 1
+    api_workers: int = 1
+    # scheduler
+    block_size: int = 16
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 0  # 0 = from the model's config; the launcher writes the resolved value
+    vocab_size: int = 0  # the model's vocabulary (token ids must be below it); resolved by the launcher
+    max_waiting_requests: int = 4096
+    max_waiting_tokens: int = 4_000_000
+    enable_prefix_caching: bool = True
+    # worker
+    device: str = "cpu"
+    dtype: str = "auto"
+    num_kv_blocks: int = 0  # 0 = size from memory
+    kv_cache_memory_gb: float = 0.0  # CPU: 0 = default
+    gpu_memory_utilization: float = 0.9
+    kernel_backend: str | None = None
+    enforce_eager: bool = False
+    load_format: str = "auto"
+    num_threads: int = 0  # torch threads in the worker, 0 = all cores
+    seed: int = 0
+    # api
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: list[str] = []
+    auth_exempt_paths: list[str] = ["/health", "/ready", "/metrics"]
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_n: int = 16
+    # supervision
+    heartbeat_interval_s: float = 0.25
+    heartbeat_timeout_s: float = 1.5
+
+    # ---------------------------------------------------------------- addresses
+    def _address(self, name: str, port_offset: int) -> str:
+        if self.transport == "ipc":
+            return f"ipc://{os.path.join(self.run_dir, name)}.sock"
+        return f"tcp://{self.bind_host}:{self.base_port + port_offset}"
+
+    def tokenizer_address(self, index: int) -> str:
+        """Where tokenizer_proc #index takes GenerateRequests (ROUTER; api and clients connect)."""
+        return self._address(f"tokenizer-{index}", index)
+
+    @property
+    def tokenizer_addresses(self) -> list[str]:
+        return [self.tokenizer_address(i) for i in range(self.num_tokenizers)]
+
+    @property
+    def scheduler_address(self) -> str:
+        """Where scheduler_proc takes EngineRequests from tokenizers (ROUTER)."""
+        return self._address("scheduler", 50)
+
+    @property
+    def worker_address(self) -> str:
+        """Where scheduler_proc talks to workers: plans out, results and heartbeats in (ROUTER)."""
+        return self._address("workers", 60)
+
+    @property
+    def metrics_dir(self) -> str:
+        return os.path.join(self.run_dir, "metrics")
+
+
+def write_config(config: EngineConfig, path: str) -> None:
+    """Write the config readable by its owner alone (it may hold keys)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IRUSR | stat.S_IWUSR)
+    with os.fdopen(fd, "wb") as f:
+        f.write(msgspec.json.format(msgspec.json.encode(config)))
+
+
+def read_config(path: str) -> EngineConfig:
+    try:
+        with open(path, "rb") as f:
+            return msgspec.json.decode(f.read(), type=EngineConfig)
+    except FileNotFoundError:
+        raise SystemExit(f"config file {path} not found: start the engine with `zeroserve serve`, "
+                         "or render one with `zeroserve deploy`") from None
+    except msgspec.ValidationError as e:
+        raise SystemExit(f"config file {path} is invalid: {e}") from None

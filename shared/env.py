@@ -1,0 +1,54 @@
+"""The one place that reads environment variables. Everything else imports from here."""
+
+from __future__ import annotations
+
+import os
+
+
+def _str(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def _int(name: str, default: int) -> int:
+    value = _str(name)
+    return int(value) if value is not None else default
+
+
+def _bool(name: str, default: bool = False) -> bool:
+    value = _str(name)
+    return default if value is None else value.lower() in ("1", "true", "yes", "on")
+
+
+def api_keys() -> list[str]:
+    """ZEROSERVE_API_KEY: one key, or several separated by commas."""
+    raw = _str("ZEROSERVE_API_KEY")
+    return [k.strip() for k in raw.split(",") if k.strip()] if raw else []
+
+
+def cache_dir() -> str:
+    """ZEROSERVE_CACHE_DIR, else ~/.cache/zeroserve (converted reference weights, run dirs)."""
+    return _str("ZEROSERVE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "zeroserve")
+
+
+def kernel_backend() -> str | None:
+    """ZEROSERVE_KERNELS=torch|triton overrides the automatic choice (tests use it)."""
+    return _str("ZEROSERVE_KERNELS")
+
+
+def triton_interpret() -> bool:
+    return _bool("TRITON_INTERPRET")
+
+
+def num_threads() -> int:
+    """ZEROSERVE_NUM_THREADS: torch intra-op threads in a worker (default: all cores)."""
+    return _int("ZEROSERVE_NUM_THREADS", 0)
+
+
+def log_level() -> str:
+    return (_str("ZEROSERVE_LOG_LEVEL") or "INFO").upper()
+
+
+def set_cpu_thread_env() -> None:
+    """Make OpenMP threads sleep instead of spin: processes share the cores."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

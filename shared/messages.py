@@ -1,0 +1,299 @@
+"""Every message that crosses a process boundary, and nothing else.
+
+Tagged msgspec Structs; one union per inbox (see the bottom of this file). Hot-path
+structs (plans, results, deltas) are ``array_like`` so they encode as msgpack arrays.
+Token ids are ``list[int]``. Decoding with a typed decoder means a malformed frame is a
+``msgspec.DecodeError``, never executed code.
+
+Path of a request (see docs/architecture.md):
+
+    api_proc       --GenerateRequest-->  tokenizer_proc
+    tokenizer_proc --EngineRequest---->  scheduler_proc
+    scheduler_proc --StepPlan--------->  gpu_worker (every rank)
+    gpu_worker r0  --StepResult------->  scheduler_proc
+    scheduler_proc --TokenDeltas------>  tokenizer_proc
+    tokenizer_proc --TextDelta-------->  api_proc / client (owner)
+    anyone         --Abort------------>  tokenizer_proc / scheduler_proc
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+# --------------------------------------------------------------------------- sampling
+
+
+class SamplingParams(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+    """What the worker needs to pick the next token, and the scheduler to stop.
+
+    temperature == 0 means greedy. top_k <= 0 disables top-k. max_tokens <= 0 in a
+    GenerateRequest means "as many as fit in the context" (tokenizer_proc resolves it). logprobs: None = none,
+    0 = the sampled token's logprob only, N = also the top-N alternatives.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    min_tokens: int = 0
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+
+class ErrorInfo(msgspec.Struct, frozen=True, array_like=True):
+    """A request-level failure, shaped so api_proc can turn it into an OpenAI error body.
+
+    status: the HTTP status it maps to (400 bad request, 429 overloaded, 500 engine error,
+    503 unavailable). type: OpenAI's error type, e.g. "invalid_request_error".
+    """
+
+    status: int
+    type: str
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+
+class TopLogprob(msgspec.Struct, frozen=True, array_like=True):
+    token_id: int
+    logprob: float
+
+
+class TokenLogprobs(msgspec.Struct, frozen=True, array_like=True):
+    """Logprob of one sampled token and the top-N alternatives (raw model log-softmax)."""
+
+    logprob: float
+    top: list[TopLogprob] = []
+
+
+# --------------------------------------------------------------------------- api -> tokenizer
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    role: str
+    content: str | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+
+class GenerateRequest(msgspec.Struct, frozen=True, tag="generate"):
+    """One completion to run. Exactly one of prompt / messages / prompt_token_ids is set."""
+
+    request_id: str
+    params: SamplingParams
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    prompt_token_ids: list[int] | None = None
+    add_generation_prompt: bool = True
+    stop: list[str] = []
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    priority: int = 0
+    deadline_s: float | None = None  # seconds from arrival after which a waiting request times out
+    cache_salt: str | None = None
+    return_prompt: bool = False  # reply with the prompt's token ids and text (echo, prompt logprobs)
+
+
+class Abort(msgspec.Struct, frozen=True, tag="abort"):
+    request_id: str
+    reason: str = "abort"
+
+
+class TokenizeRequest(msgspec.Struct, frozen=True, tag="tokenize"):
+    request_id: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(msgspec.Struct, frozen=True, tag="detokenize"):
+    request_id: str
+    token_ids: list[int]
+
+
+class Ping(msgspec.Struct, frozen=True, tag="ping"):
+    """Heartbeat / readiness probe; answered with a Pong by whoever receives it."""
+
+    sent_at: float
+    request_id: str = ""
+
+
+# --------------------------------------------------------------------------- tokenizer -> api
+
+
+class TextDelta(msgspec.Struct, frozen=True, array_like=True, tag="text"):
+    """New text for one request. The last one has finish_reason set (or error).
+
+    token_ids / logprobs / token_texts are the tokens behind this delta (token_texts: each
+    token decoded on its own, for OpenAI logprobs; top_token_texts[i][j] is the text of
+    logprobs[i].top[j]; both filled only when logprobs were asked for). prompt_* fields are
+    set on the first delta only. Finish reasons: "stop", "length", "abort", "timeout",
+    "error". num_output_tokens counts every token generated so far for the request.
+    """
+
+    request_id: str
+    text: str
+    token_ids: list[int] = []
+    token_texts: list[str] = []
+    logprobs: list[TokenLogprobs] | None = None
+    top_token_texts: list[list[str]] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    error: ErrorInfo | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+    prompt_token_ids: list[int] | None = None
+    prompt_text: str | None = None
+
+
+class TokenizeResult(msgspec.Struct, frozen=True, tag="tokenized"):
+    request_id: str
+    token_ids: list[int] = []
+    max_model_len: int = 0
+    text: str = ""
+    error: ErrorInfo | None = None
+
+
+class Pong(msgspec.Struct, frozen=True, tag="pong"):
+    sent_at: float
+    role: str
+    ready: bool = True
+    request_id: str = ""
+    info: dict[str, str | int | float | bool] = {}
+
+
+# --------------------------------------------------------------------------- tokenizer -> scheduler
+
+
+class EngineRequest(msgspec.Struct, frozen=True, array_like=True, tag="engine_request"):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    priority: int = 0
+    deadline: float | None = None  # absolute time.monotonic()-free wall time (time.time())
+    cache_salt: str | None = None
+
+
+# --------------------------------------------------------------------------- scheduler -> worker
+
+
+class NewRequestData(msgspec.Struct, frozen=True, array_like=True):
+    """A request the worker has not seen (or sees again after preemption).
+
+    token_ids holds every known token (prompt + tokens generated before a preemption);
+    the first num_computed_tokens of them are already in the KV cache (prefix hit), and
+    this step computes the next num_new_tokens.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    block_ids: list[int]
+    num_computed_tokens: int
+    num_new_tokens: int
+    params: SamplingParams
+
+
+class RunningRequestData(msgspec.Struct, frozen=True, array_like=True):
+    """A request the worker already holds: blocks appended since the last plan and how many
+    tokens to compute this step. The worker appends its own sampled tokens to its state."""
+
+    request_id: str
+    new_block_ids: list[int]
+    num_new_tokens: int
+
+
+class StepPlan(msgspec.Struct, frozen=True, array_like=True, tag="plan"):
+    """One forward step, as diffs against what the workers already hold.
+
+    finished_ids: requests the workers must forget (finished, aborted or preempted) since
+    the last plan; they are applied before new/running. A request samples a token this step
+    only when the step reaches the end of its known tokens (the last chunk of a prefill, or
+    a decode); otherwise it only fills KV.
+    """
+
+    step_id: int
+    new: list[NewRequestData] = []
+    running: list[RunningRequestData] = []
+    finished_ids: list[str] = []
+
+
+class StepResult(msgspec.Struct, frozen=True, array_like=True, tag="result"):
+    """Sampled tokens for the requests that sampled in step step_id, in plan order."""
+
+    step_id: int
+    request_ids: list[str]
+    sampled_token_ids: list[int]
+    logprobs: list[TokenLogprobs | None] | None = None
+    step_time_s: float = 0.0
+    error: str | None = None
+
+
+class WorkerReady(msgspec.Struct, frozen=True, tag="worker_ready"):
+    rank: int
+    num_kv_blocks: int
+    block_size: int
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    load_time_s: float = 0.0
+
+
+# --------------------------------------------------------------------------- scheduler -> tokenizer
+
+
+class TokenDelta(msgspec.Struct, frozen=True, array_like=True):
+    """New tokens of one request; finish_reason set on its last delta."""
+
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | None = None
+    error: ErrorInfo | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+class TokenDeltas(msgspec.Struct, frozen=True, array_like=True, tag="deltas"):
+    deltas: list[TokenDelta]
+
+
+class SchedulerStats(msgspec.Struct, frozen=True, tag="stats"):
+    """Snapshot for /metrics and readiness. Counters are cumulative."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    num_steps: int = 0
+    tokens_scheduled_last_step: int = 0
+    num_kv_blocks: int = 0
+    num_free_blocks: int = 0
+    workers_ready: bool = True
+
+
+# --------------------------------------------------------------------------- unions per inbox
+
+# tokenizer_proc's inbox from api processes and clients (a ROUTER socket)
+TokenizerInbox = GenerateRequest | Abort | TokenizeRequest | DetokenizeRequest | Ping
+# api_proc / client inbox from tokenizer_proc
+ApiInbox = TextDelta | TokenizeResult | Pong
+# scheduler_proc's inbox from tokenizer processes
+SchedulerInbox = EngineRequest | Abort | Ping
+# scheduler_proc's inbox from worker rank 0
+SchedulerWorkerInbox = StepResult | WorkerReady | Pong
+# tokenizer_proc's inbox from the scheduler
+TokenizerEngineInbox = TokenDeltas | SchedulerStats | Pong
+# gpu_worker's inbox from the scheduler
+WorkerInbox = StepPlan | Ping

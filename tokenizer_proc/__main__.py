@@ -1,0 +1,3 @@
+from zeroserve.tokenizer_proc.proc import main
+
+main()
