@@ -10,8 +10,9 @@ order is vLLM v1's:
         └─ min_tokens: EOS + stop ids -inf ─ penalties ─┬─► argmax            (greedy rows)
                                                         └─► /T ─ min_p ─ top_k ─ top_p
                                                             ─ softmax ─ exponential race
-Only the work some row asks for runs: no sort unless a row has top_p < 1, a topk when
-top_k alone, and a bare argmax when the whole batch is greedy with nothing else to do.
+Only the work some row asks for runs: a topk (never a full-vocabulary sort, save for rows
+whose top-p nucleus is wider than 1024 tokens) only when a row has top_k / top_p, and a bare
+argmax when the whole batch is greedy with nothing else to do.
 """
 
 from __future__ import annotations

@@ -162,16 +162,22 @@ class Supervisor:
                     return False
         return True
 
-    def shutdown(self, drain_timeout_s: float = 120.0) -> None:
-        """Drain front to back; kill whatever does not exit in time."""
+    def shutdown(self, drain_timeout_s: float = 120.0) -> bool:
+        """Drain front to back; kill whatever does not exit in time. True if all exited 0."""
         self.stopping = True
+        clean = True
         for stage, timeout in ((("api", "tokenizer"), drain_timeout_s), (("scheduler", "worker"), 15.0)):
             self._signal(stage, signal.SIGTERM)
             if not self._wait(stage, timeout):
                 log.error("%s did not stop in %.0fs; killing", "/".join(stage), timeout)
                 self._signal(stage, signal.SIGKILL)
                 self._wait(stage, 5.0)
+            for child in self.children:
+                if child.role in stage and child.popen is not None and child.popen.returncode != 0:
+                    log.error("%s exited with code %s", child.name, child.popen.returncode)
+                    clean = False
         shutil.rmtree(self.config.run_dir, ignore_errors=True)
+        return clean
 
 
 def serve(config: EngineConfig) -> int:
@@ -207,5 +213,8 @@ def serve(config: EngineConfig) -> int:
     try:
         code = asyncio.run(main())
     finally:
-        sup.shutdown()
+        if not sup.shutdown() and code == 0:
+            code = 1
+    if code == 0:
+        print("zeroserve: stopped; every process exited cleanly", file=sys.stderr, flush=True)
     return code

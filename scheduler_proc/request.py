@@ -22,16 +22,17 @@ Lifecycle::
 
 from __future__ import annotations
 
-import enum
-
 from zeroserve.scheduler_proc.block_manager import hash_block, root_key
 from zeroserve.shared.messages import EngineRequest, SamplingParams
 
 
-class RequestStatus(enum.IntEnum):
+class RequestStatus:
+    """Plain ints, not an Enum: compared for every request on every step."""
+
     WAITING = 0
     RUNNING = 1
     FINISHED = 2
+    NAMES = ("WAITING", "RUNNING", "FINISHED")
 
 
 class Request:
@@ -91,6 +92,6 @@ class Request:
 
     def __repr__(self) -> str:
         return (
-            f"Request({self.request_id!r}, {self.status.name}, tokens={len(self.all_token_ids)}, "
+            f"Request({self.request_id!r}, {RequestStatus.NAMES[self.status]}, tokens={len(self.all_token_ids)}, "
             f"computed={self.num_computed_tokens}, blocks={self.block_ids})"
         )

@@ -54,13 +54,18 @@ _by_sort_key = operator.attrgetter("sort_key")
 class _InFlight:
     """What the scheduler remembers about the plan the workers are running."""
 
-    __slots__ = ("step_id", "sampling", "scheduled", "keyed_blocks")
+    __slots__ = ("plan", "step_id", "num_sampling", "keyed_blocks")
 
-    def __init__(self, step_id: int, sampling: dict[str, Request], scheduled: list[Request], keyed: list[int]):
-        self.step_id = step_id
-        self.sampling = sampling  # request id -> request expected to sample a token
-        self.scheduled = scheduled  # every request computing tokens in the step
+    def __init__(self, plan: StepPlan, num_sampling: int, keyed: list[int]) -> None:
+        self.plan = plan
+        self.step_id = plan.step_id
+        self.num_sampling = num_sampling  # requests expected to sample a token
         self.keyed_blocks = keyed  # blocks whose prefix keys rely on this step's KV writes
+
+    def requests(self, live: dict[str, Request]) -> list[Request]:
+        """The plan's requests still running (an id re-used after an abort is WAITING: skipped)."""
+        ids = [n.request_id for n in self.plan.new] + [r.request_id for r in self.plan.running]
+        return [r for r in map(live.get, ids) if r is not None and r.status == _RUNNING]
 
 
 class Scheduler:
@@ -148,37 +153,39 @@ class Scheduler:
         bs, bm, running = self.block_size, self.blocks, self.running
         caching = self.cfg.enable_prefix_caching
         budget = self.cfg.max_num_batched_tokens
-        sampling: dict[str, Request] = {}
-        scheduled: list[Request] = []
+        num_sampling = 0
         keyed: list[int] = []
         running_data: list[RunningRequestData] = []
         new_data: list[NewRequestData] = []
         preempted = False
 
-        # 1. Running requests, best first. Decodes behind a running prefill keep one token each.
-        num_decodes = 0
-        for r in running:
-            if len(r.all_token_ids) - r.num_computed_tokens == 1:
-                num_decodes += 1
+        # 1. Running requests, best first. Decodes behind a running prefill keep one token
+        #    each; they are counted only when a step meets a running prefill (-1: not yet).
+        num_decodes = -1
         i = 0
         while i < len(running) and budget > 0:
             r = running[i]
             num_computed = r.num_computed_tokens
             remaining = len(r.all_token_ids) - num_computed
-            if remaining == 1:
+            if remaining == 1:  # decode: a new block exactly when the last one is full
                 num_new = 1
-                num_decodes -= 1
-            else:
+                need = 1 if num_computed % bs == 0 else 0
+                if num_decodes > 0:
+                    num_decodes -= 1
+            else:  # the next chunk of a prefill
+                if num_decodes < 0:
+                    num_decodes = sum(1 for q in running[i + 1 :] if len(q.all_token_ids) - q.num_computed_tokens == 1)
                 num_new = min(remaining, budget - num_decodes)
                 if num_new <= 0:
                     i += 1
                     continue
-            need = (num_computed + num_new + bs - 1) // bs - len(r.block_ids)
+                need = (num_computed + num_new + bs - 1) // bs - len(r.block_ids)
             if need > 0:
                 fresh = bm.take(need)
                 while fresh is None:  # out of blocks: preempt from the back, maybe r itself
                     victim = running.pop()
-                    if victim is not r and len(victim.all_token_ids) - victim.num_computed_tokens == 1:
+                    if victim is not r and num_decodes > 0 and (
+                            len(victim.all_token_ids) - victim.num_computed_tokens == 1):  # fmt: skip
                         num_decodes -= 1
                     self._preempt(victim)
                     preempted = True
@@ -187,17 +194,16 @@ class Scheduler:
                     fresh = bm.take(need)
                 if fresh is None:
                     break
-                r.block_ids.extend(fresh)
+                r.block_ids += fresh
             else:
                 fresh = []
             running_data.append(RunningRequestData(r.request_id, fresh, num_new))
             budget -= num_new
             r.num_computed_tokens = num_computed = num_computed + num_new
             if num_computed == len(r.all_token_ids):
-                sampling[r.request_id] = r
+                num_sampling += 1
             if caching and num_computed // bs > r.num_cached_blocks:
                 self._cache_full_blocks(r, keyed)
-            scheduled.append(r)
             i += 1
 
         # 2. Waiting requests, best first, while budget, seats and blocks last (no skipping
@@ -234,20 +240,20 @@ class Scheduler:
             bisect.insort(running, r, key=_by_sort_key)
             budget -= num_new
             if r.num_computed_tokens == num_tokens:
-                sampling[r.request_id] = r
+                num_sampling += 1
             if caching:
                 self._cache_full_blocks(r, keyed)
-            scheduled.append(r)
 
-        if not scheduled:
+        if not running_data and not new_data:
             return None
         step_id = self._next_step_id
         self._next_step_id += 1
         finished_ids, self._finished_ids = self._finished_ids, []
-        self._inflight = _InFlight(step_id, sampling, scheduled, keyed)
+        plan = StepPlan(step_id, new_data, running_data, finished_ids)
+        self._inflight = _InFlight(plan, num_sampling, keyed)
         self.num_steps += 1
         self.tokens_scheduled_last_step = self.cfg.max_num_batched_tokens - budget
-        return StepPlan(step_id, new_data, running_data, finished_ids)
+        return plan
 
     def update_from_output(self, result: StepResult) -> list[TokenDelta]:
         """Append the sampled tokens, finish requests, return one delta per request that sampled.
@@ -262,18 +268,22 @@ class Scheduler:
             raise ValueError(f"StepResult for step {result.step_id}, but the step in flight is {expected}")
         self._inflight = None
         if result.error is not None:
-            return self._fail(inflight.scheduled, inflight.keyed_blocks, f"The engine step failed: {result.error}")
-        sampling, lps = inflight.sampling, result.logprobs
+            requests = inflight.requests(self._requests)
+            return self._fail(requests, inflight.keyed_blocks, f"The engine step failed: {result.error}")
+        live, lps, tokens = self._requests, result.logprobs, result.sampled_token_ids
         max_model_len = self.cfg.max_model_len
-        tokens = result.sampled_token_ids
         deltas: list[TokenDelta] = []
         finished: list[Request] = []
+        applied = 0
         for idx, rid in enumerate(result.request_ids):
-            r = sampling.pop(rid, None)
+            r = live.get(rid)
             if r is None or r.status != _RUNNING:
-                continue  # aborted meanwhile (or not expected: ignore rather than corrupt state)
-            token = tokens[idx]
+                continue  # aborted since the plan
             all_tokens = r.all_token_ids
+            if r.num_computed_tokens != len(all_tokens):
+                continue  # not sampling in this step: ignore rather than corrupt its tokens
+            applied += 1
+            token = tokens[idx]
             all_tokens.append(token)
             num_output = len(all_tokens) - r.num_prompt_tokens
             finish = stop_reason = None
@@ -283,23 +293,23 @@ class Scheduler:
                     stop_reason = token
             elif num_output >= r.max_tokens or len(all_tokens) >= max_model_len:
                 finish = "length"
-            lp = lps[idx] if lps is not None else None
-            lp_list = [lp] if lp is not None else None
+            lp = None if lps is None or lps[idx] is None else [lps[idx]]
             if r.sent_first_delta:
-                deltas.append(TokenDelta(rid, [token], lp_list, finish, stop_reason))
+                deltas.append(TokenDelta(rid, [token], lp, finish, stop_reason))
             else:
                 r.sent_first_delta = True
-                deltas.append(TokenDelta(rid, [token], lp_list, finish, stop_reason, None,
+                deltas.append(TokenDelta(rid, [token], lp, finish, stop_reason, None,
                                          r.num_prompt_tokens, r.num_cached_tokens))  # fmt: skip
             if finish is not None:
                 finished.append(r)
-        missing = [r for r in sampling.values() if r.status == _RUNNING]
-        if missing:  # a worker bug; failing them beats leaving them stuck forever
-            deltas += self._fail(missing, [], "The worker returned no token for this request.")
         if finished:
             for r in finished:
                 self._finish(r)
             self.running[:] = [r for r in self.running if r.status == _RUNNING]
+        if applied != inflight.num_sampling:  # aborts meanwhile, or a worker bug: find the latter
+            missing = [r for r in self.running if r.num_computed_tokens == len(r.all_token_ids)]
+            if missing:  # failing them beats leaving them stuck forever
+                deltas += self._fail(missing, [], "The worker returned no token for this request.")
         return deltas
 
     def reset_kv_cache(self) -> None:
@@ -336,8 +346,7 @@ class Scheduler:
         for r in self.running:
             assert r.status == _RUNNING and self._requests.get(r.request_id) is r, r
             assert len(r.block_ids) == -(-r.num_computed_tokens // bs), f"block table does not cover KV: {r}"
-            assert r.num_computed_tokens < len(r.all_token_ids) or (
-                self._inflight and r.request_id in self._inflight.sampling), f"nothing left to compute: {r}"  # fmt: skip
+            assert r.num_computed_tokens < len(r.all_token_ids) or self._inflight, f"nothing left to compute: {r}"
             for b in r.block_ids:
                 refs[b] += 1
         waiting = list(self.waiting)

@@ -55,8 +55,8 @@ class EngineClient:
         self,
         address: str | list[str],
         curve: CurveKeys | None = None,
-        heartbeat_interval_s: float = 0.5,
-        heartbeat_timeout_s: float = 3.0,
+        heartbeat_interval_s: float = 0.25,
+        heartbeat_timeout_s: float = 1.5,
     ):
         self.addresses = [address] if isinstance(address, str) else list(address)
         self.curve = curve

@@ -59,12 +59,12 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: list[str] = []
-    auth_exempt_paths: list[str] = ["/health", "/ready", "/metrics"]
+    auth_exempt_paths: list[str] = msgspec.field(default_factory=lambda: ["/health", "/ready", "/metrics"])
     max_body_bytes: int = 4 * 1024 * 1024
     max_n: int = 16
     # supervision
-    heartbeat_interval_s: float = 0.25
-    heartbeat_timeout_s: float = 1.5
+    heartbeat_interval_s: float = 0.2
+    heartbeat_timeout_s: float = 1.0
 
     # ---------------------------------------------------------------- addresses
     def _address(self, name: str, port_offset: int) -> str:

@@ -1,7 +1,8 @@
 """Every message that crosses a process boundary, and nothing else.
 
-Tagged msgspec Structs; one union per inbox (see the bottom of this file). Hot-path
-structs (plans, results, deltas) are ``array_like`` so they encode as msgpack arrays.
+Tagged msgspec Structs; one union per inbox (see the bottom of this file). Every message
+is ``array_like`` (msgpack arrays with the tag first: compact, and msgspec requires the
+members of one union to agree on it).
 Token ids are ``list[int]``. Decoding with a typed decoder means a malformed frame is a
 ``msgspec.DecodeError``, never executed code.
 
@@ -82,7 +83,7 @@ class ChatMessage(msgspec.Struct, frozen=True):
     tool_call_id: str | None = None
 
 
-class GenerateRequest(msgspec.Struct, frozen=True, tag="generate"):
+class GenerateRequest(msgspec.Struct, frozen=True, array_like=True, tag="generate"):
     """One completion to run. Exactly one of prompt / messages / prompt_token_ids is set."""
 
     request_id: str
@@ -100,12 +101,12 @@ class GenerateRequest(msgspec.Struct, frozen=True, tag="generate"):
     return_prompt: bool = False  # reply with the prompt's token ids and text (echo, prompt logprobs)
 
 
-class Abort(msgspec.Struct, frozen=True, tag="abort"):
+class Abort(msgspec.Struct, frozen=True, array_like=True, tag="abort"):
     request_id: str
     reason: str = "abort"
 
 
-class TokenizeRequest(msgspec.Struct, frozen=True, tag="tokenize"):
+class TokenizeRequest(msgspec.Struct, frozen=True, array_like=True, tag="tokenize"):
     request_id: str
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -113,12 +114,12 @@ class TokenizeRequest(msgspec.Struct, frozen=True, tag="tokenize"):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(msgspec.Struct, frozen=True, tag="detokenize"):
+class DetokenizeRequest(msgspec.Struct, frozen=True, array_like=True, tag="detokenize"):
     request_id: str
     token_ids: list[int]
 
 
-class Ping(msgspec.Struct, frozen=True, tag="ping"):
+class Ping(msgspec.Struct, frozen=True, array_like=True, tag="ping"):
     """Heartbeat / readiness probe; answered with a Pong by whoever receives it."""
 
     sent_at: float
@@ -154,7 +155,7 @@ class TextDelta(msgspec.Struct, frozen=True, array_like=True, tag="text"):
     prompt_text: str | None = None
 
 
-class TokenizeResult(msgspec.Struct, frozen=True, tag="tokenized"):
+class TokenizeResult(msgspec.Struct, frozen=True, array_like=True, tag="tokenized"):
     request_id: str
     token_ids: list[int] = []
     max_model_len: int = 0
@@ -162,7 +163,7 @@ class TokenizeResult(msgspec.Struct, frozen=True, tag="tokenized"):
     error: ErrorInfo | None = None
 
 
-class Pong(msgspec.Struct, frozen=True, tag="pong"):
+class Pong(msgspec.Struct, frozen=True, array_like=True, tag="pong"):
     sent_at: float
     role: str
     ready: bool = True
@@ -237,7 +238,7 @@ class StepResult(msgspec.Struct, frozen=True, array_like=True, tag="result"):
     error: str | None = None
 
 
-class WorkerReady(msgspec.Struct, frozen=True, tag="worker_ready"):
+class WorkerReady(msgspec.Struct, frozen=True, array_like=True, tag="worker_ready"):
     rank: int
     num_kv_blocks: int
     block_size: int
@@ -267,7 +268,7 @@ class TokenDeltas(msgspec.Struct, frozen=True, array_like=True, tag="deltas"):
     deltas: list[TokenDelta]
 
 
-class SchedulerStats(msgspec.Struct, frozen=True, tag="stats"):
+class SchedulerStats(msgspec.Struct, frozen=True, array_like=True, tag="stats"):
     """Snapshot for /metrics and readiness. Counters are cumulative."""
 
     num_running: int = 0

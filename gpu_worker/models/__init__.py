@@ -1,1 +1,35 @@
+"""Model registry: ModelConfig.architecture -> model class (imported lazily).
 
+    model = build_model(cfg, ops, max_positions)   # weights on the meta device
+    model.load_weights(weights, device)            # HF-named tensors from the loader
+    hidden = model(input_ids, positions, kv_caches, attn_metadata)
+    logits = model.compute_logits(hidden[rows])
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from torch import nn
+
+# architecture (as the loader names it) -> (module, class)
+MODELS: dict[str, tuple[str, str]] = {
+    "llama": ("zeroserve.gpu_worker.models.llama", "LlamaForCausalLM"),
+    "qwen2": ("zeroserve.gpu_worker.models.qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("zeroserve.gpu_worker.models.qwen3", "Qwen3ForCausalLM"),
+}
+
+__all__ = ["MODELS", "build_model", "model_class"]
+
+
+def model_class(architecture: str) -> type[nn.Module]:
+    if architecture not in MODELS:
+        raise ValueError(f"no model for architecture {architecture!r}; zeroserve has {sorted(MODELS)}")
+    module, name = MODELS[architecture]
+    return getattr(importlib.import_module(module), name)
+
+
+def build_model(cfg, ops: ModuleType, max_positions: int | None = None) -> nn.Module:
+    """An empty model (parameters on the meta device) for ``cfg`` (a loader ModelConfig)."""
+    return model_class(cfg.architecture)(cfg, ops, max_positions)

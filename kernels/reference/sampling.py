@@ -22,6 +22,10 @@ import torch
 # the softmax's useful range anyway.
 GREEDY_TEMPERATURE_EPS = 1e-5
 
+# Top-p looks for its cut among this many top logits first; a nucleus wider than that is
+# rare (top_p near 1 over a flat distribution) and costs a full sort of that row.
+TOP_P_CANDIDATES = 1024
+
 
 # --------------------------------------------------------------------------- token statistics
 
@@ -154,7 +158,8 @@ def apply_top_k(logits: torch.Tensor, k: torch.Tensor, max_k: int | None = None)
 
 def apply_top_p(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Nucleus filtering: keep the smallest set of top tokens whose probability sums to >= p
-    (the top token always stays). p: fp32 ``[B]``; p >= 1 keeps everything."""
+    (the top token always stays; ties with the last kept logit stay too). p: fp32 ``[B]``;
+    p >= 1 keeps everything."""
     return apply_top_k_top_p(logits, None, p)
 
 
@@ -164,27 +169,50 @@ def apply_top_k_top_p(
     p: torch.Tensor | None,
     max_k: int | None = None,
 ) -> torch.Tensor:
-    """Top-k, then top-p over the renormalized survivors (vLLM's order), one sort for both.
+    """Top-k, then top-p over the renormalized survivors (vLLM's order).
 
-    k: int ``[B]`` or None, p: fp32 ``[B]`` or None (see apply_top_k / apply_top_p). Without p
-    this is apply_top_k (a topk, no sort); max_k as there.
+    k: int ``[B]`` or None, p: fp32 ``[B]`` or None (see apply_top_k / apply_top_p); max_k as
+    in apply_top_k. No full-vocabulary sort in the common case: one ``topk`` of
+    ``max(TOP_P_CANDIDATES, max k)`` candidates serves both filters, and only rows whose
+    nucleus reaches past the candidates (very flat distributions) are sorted in full.
     """
     if p is None:
         return logits if k is None else apply_top_k(logits, k, max_k)
     vocab = logits.shape[-1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    if k is not None and max_k is None:
+        max_k = int(torch.where((k > 0) & (k < vocab), k, 0).max().item()) if k.numel() else 0
+    values = logits.topk(min(vocab, max(TOP_P_CANDIDATES, max_k or 0)), dim=-1).values
     if k is not None:
-        threshold = _top_k_threshold(sorted_logits, k, vocab)
-        sorted_logits = sorted_logits.masked_fill(sorted_logits < threshold, float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
-    # Mass strictly above each token; a token is dropped once that already reaches p. The top
-    # token has 0 above it, so it always stays (also for p == 0).
-    mass_above = probs.cumsum(dim=-1) - probs
-    # p >= 1 rows keep all: a rounded cumsum may pass 1.0 before the tail and drop it.
-    drop = (mass_above >= p.unsqueeze(1)) & (p < 1).unsqueeze(1)
-    drop[:, 0] = False
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+        threshold = _top_k_threshold(values, k, vocab)
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+        values = values.masked_fill(values < threshold, float("-inf"))
+    cutoff = _top_p_cutoff(logits, values, p)
+    return logits.masked_fill(logits < cutoff, float("-inf"))
+
+
+def _top_p_cutoff(logits: torch.Tensor, values: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Smallest logit kept by top-p per row, ``[B, 1]`` (-inf where p >= 1).
+
+    values: each row's largest logits, descending ``[B, C]``. A token stays while the mass
+    strictly above it is < p, so the top token (nothing above it) always stays.
+    """
+    vocab = logits.shape[-1]
+    lse = logits.logsumexp(dim=-1, keepdim=True)  # softmax over the whole (filtered) row
+    probs = (values - lse).exp()
+    cum = probs.cumsum(dim=-1)
+    mass_above = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1)
+    num_kept = (mass_above < p.unsqueeze(1)).sum(dim=-1, keepdim=True).clamp_min(1)
+    cutoff = values.gather(1, num_kept - 1)
+    enabled = p < 1
+    if values.shape[1] < vocab:
+        beyond = enabled & (cum[:, -1] < p)  # the candidates do not reach p: sort the row
+        if bool(beyond.any()):
+            rows = beyond.nonzero().squeeze(1)
+            full = logits.index_select(0, rows)
+            sorted_full = full.sort(dim=-1, descending=True).values
+            cutoff[rows] = _top_p_cutoff(full, sorted_full, p.index_select(0, rows))
+    # p >= 1 rows keep all: a rounded cumsum may pass 1.0 before the tail and cut it.
+    return torch.where(enabled.unsqueeze(1), cutoff, float("-inf"))
 
 
 # --------------------------------------------------------------------------- sampling
@@ -211,12 +239,19 @@ def sample_from_probs(
     noise = torch.empty_like(probs)
     seeded = [(i, g) for i, g in enumerate(generators or ()) if g is not None]
     if len(seeded) < probs.shape[0]:
-        noise.exponential_()
+        _exponential_(noise, None)
     for i, generator in seeded:
-        noise[i].exponential_(generator=generator)
-    # Exp(1) draws of exactly 0 are possible on some backends; 0/0 would be NaN and win argmax.
-    noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+        _exponential_(noise[i], generator)
     return probs.div(noise).argmax(dim=-1)
+
+
+def _exponential_(noise: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Fill with Exp(1) draws that are never 0 (0/0 would be NaN, and NaN wins argmax)."""
+    if noise.is_cuda:  # CUDA's exponential_ excludes 0 by construction
+        return noise.exponential_(generator=generator)
+    # CPU's exponential_ is ~4x slower than uniform_ and can return 0. -log(U), U in [0, 1),
+    # is Exp(1) too and > 0 (U = 0 gives +inf noise: that token just cannot win).
+    return noise.uniform_(generator=generator).log_().neg_()
 
 
 def compute_logprobs(logits: torch.Tensor) -> torch.Tensor:

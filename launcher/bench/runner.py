@@ -145,7 +145,7 @@ async def _send_all(
     Returns (results in request order, start perf_counter, last completion perf_counter)."""
     sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
     headers = headers_for(cfg.api_key)
-    bar = tqdm(total=len(requests), desc=desc, file=sys.stderr, disable=cfg.disable_tqdm, unit="req", leave=False)
+    bar = tqdm(total=len(requests), desc=desc, file=sys.stderr, disable=cfg.disable_tqdm, unit="req", leave=desc != "warm-up")
     end = 0.0
 
     async def one(req: BenchRequest) -> RequestResult:

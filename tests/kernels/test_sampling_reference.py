@@ -164,6 +164,37 @@ def test_top_k_with_and_without_sort_agree():
     assert torch.equal(ops.apply_top_k(logits, k, max_k=299), by_topk)
 
 
+def nucleus_by_definition(row: torch.Tensor, k: int, p: float) -> set[int]:
+    """Top-k then top-p for one row the slow, obvious way, in float64."""
+    order = row.double().sort(descending=True).indices.tolist()
+    if 0 < k < len(order):
+        order = order[:k]
+    probs = row.double()[order].softmax(-1).tolist()
+    keep, mass = [], 0.0
+    for token, q in zip(order, probs):
+        if keep and (mass >= p or p <= 0.0):
+            break
+        keep.append(token)
+        mass += q
+    return set(keep)
+
+
+@pytest.mark.parametrize("candidates", [ops.TOP_P_CANDIDATES, 8])
+def test_top_k_top_p_match_the_definition_on_random_rows(monkeypatch, candidates):
+    # 8 candidates forces the full-sort fallback for wide nuclei; 1024 covers all of V = 300.
+    monkeypatch.setattr(ops, "TOP_P_CANDIDATES", candidates)
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(8, 300, generator=gen) * torch.tensor([0.3, 1, 3, 8] * 2)[:, None]
+    k = torch.tensor([0, 0, 0, 0, 5, 40, 0, 300])
+    p = torch.tensor([0.9, 0.5, 0.95, 0.3, 0.9, 0.99, 1.0, 0.7])
+    out = ops.apply_top_k_top_p(logits, k, p)
+    for row in range(8):
+        assert kept(out[row : row + 1])[0] == nucleus_by_definition(
+            logits[row], int(k[row]), float(p[row])
+        ), f"row {row}"
+    assert torch.equal(out[6], logits[6])
+
+
 # --------------------------------------------------------------------------- sampling
 
 

@@ -1,0 +1,166 @@
+"""The aiohttp application: routes, the error and auth middlewares, the small endpoints.
+
+``create_app(config, client)`` is all a caller needs; the client is an EngineClient (or a
+test double with stream / tokenize / detokenize / ping) whose start/close the caller owns.
+
+Routes:
+    POST /v1/completions, /v1/chat/completions   serving.py
+    GET  /v1/models
+    POST /tokenize, /detokenize                  vLLM's shapes
+    GET  /health   200 while the process runs
+    GET  /ready    200 when the engine takes work; 503 loading, draining, worker down
+    GET  /metrics  prometheus text
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+
+from zeroserve.api_proc import responses
+from zeroserve.api_proc.auth import auth_middleware
+from zeroserve.api_proc.config import ApiConfig
+from zeroserve.api_proc.engine_state import EngineMonitor
+from zeroserve.api_proc.errors import ApiError, bad_request, error_response
+from zeroserve.api_proc.generate import TokenTexts
+from zeroserve.api_proc.metrics import CONTENT_TYPE, ApiMetrics
+from zeroserve.api_proc.protocol import DetokenizeBody, TokenizeBody
+from zeroserve.api_proc.requests import check_model, new_request_id, tokenize_request
+from zeroserve.api_proc.serving import STATE, ApiState, chat_completions, completions, read_body
+from zeroserve.shared.messages import DetokenizeRequest
+
+log = logging.getLogger("zeroserve.api")
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler):
+    """Every failure leaves as an OpenAI error body; nothing internal leaks into it."""
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return error_response(e)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        path = request.path[:200]
+        if e.status == 404:
+            err = ApiError(404, f"No route {request.method} {path}. See /v1/models, /v1/completions, "
+                                "/v1/chat/completions.", code="not_found")
+        elif e.status == 405:
+            allowed = e.headers.get("Allow", "")
+            err = ApiError(405, f"Method {request.method} is not allowed on {path}; use {allowed or 'another'}.",
+                           code="method_not_allowed", headers={"Allow": allowed} if allowed else None)
+        elif e.status == 413:
+            err = ApiError(413, "The request body is over the size limit. Send a smaller request.")
+        else:
+            err = ApiError(e.status, e.reason or "The request failed.")
+        return error_response(err)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path[:200])
+        return error_response(ApiError(500, "Internal server error; the request was not completed. "
+                                            "Retry, and report it if it persists."))
+
+
+async def models(request: web.Request) -> web.Response:
+    state: ApiState = request.app[STATE]
+    card: dict[str, Any] = {
+        "id": state.config.model_name,
+        "object": "model",
+        "created": state.started,
+        "owned_by": "zeroserve",
+        "root": state.config.model_name,
+        "parent": None,
+    }
+    max_model_len = state.monitor.info.get("max_model_len")
+    if isinstance(max_model_len, int):
+        card["max_model_len"] = max_model_len
+    return _json({"object": "list", "data": [card]})
+
+
+async def _engine_call(state: ApiState, coro: Any) -> Any:
+    try:
+        return await asyncio.wait_for(coro, state.config.engine_stall_timeout_s)
+    except (TimeoutError, asyncio.TimeoutError, ConnectionError, OSError) as e:
+        log.warning("engine call failed: %s", type(e).__name__)
+        raise ApiError(503, "The engine is unavailable; retry shortly.", code="engine_unavailable") from None
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    state: ApiState = request.app[STATE]
+    body = await read_body(request, TokenizeBody, state.config)
+    res = await _engine_call(state, state.client.tokenize(tokenize_request(body, state.config)))
+    if res.error is not None:
+        raise ApiError(res.error.status, res.error.message, param=res.error.param, code=res.error.code)
+    max_model_len = res.max_model_len or state.monitor.info.get("max_model_len", 0)
+    return _json({"count": len(res.token_ids), "max_model_len": max_model_len, "tokens": res.token_ids,
+                  "token_strs": None})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    state: ApiState = request.app[STATE]
+    body = await read_body(request, DetokenizeBody, state.config)
+    check_model(body.model, state.config)
+    if any(t < 0 for t in body.tokens):
+        raise bad_request("Token ids must be non-negative.", "tokens")
+    req = DetokenizeRequest(request_id=new_request_id("detok"), token_ids=body.tokens)
+    res = await _engine_call(state, state.client.detokenize(req))
+    if res.error is not None:
+        raise ApiError(res.error.status, res.error.message, param=res.error.param or "tokens", code=res.error.code)
+    return _json({"prompt": res.text})
+
+
+async def health(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    state: ApiState = request.app[STATE]
+    ok, why = await state.monitor.readiness()
+    if not ok:
+        raise ApiError(503, f"Not ready: {why}.", code="not_ready", headers={"Retry-After": "1"})
+    return _json({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state: ApiState = request.app[STATE]
+    return web.Response(body=state.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def _json(obj: object, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=responses.encode(obj), content_type="application/json")
+
+
+def create_app(config: ApiConfig, client: Any, metrics_: ApiMetrics | None = None) -> web.Application:
+    """The application for one api process. The engine monitor (pings for /ready, /metrics
+    and max_model_len) runs while the app does."""
+    monitor = EngineMonitor(client, config.ping_interval_s, config.ping_timeout_s)
+    if metrics_ is None:
+        metrics_ = ApiMetrics(config.model_name, lambda: monitor.info, config.metrics_dir)
+    app = web.Application(
+        client_max_size=config.max_body_bytes,
+        middlewares=[openai_errors, auth_middleware(config.api_keys, config.auth_exempt_paths)],
+    )
+    app[STATE] = ApiState(config=config, client=client, monitor=monitor, metrics=metrics_,
+                          token_texts=TokenTexts(client), started=int(time.time()))
+
+    async def monitor_ctx(app: web.Application):
+        monitor.start()
+        yield
+        await monitor.stop()
+
+    app.cleanup_ctx.append(monitor_ctx)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics)
+    return app

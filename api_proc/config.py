@@ -1,0 +1,71 @@
+"""api_proc's configuration: one frozen struct, made once at start (``from_engine`` for the
+launcher's EngineConfig file) and never mutated. What only the engine knows (max_model_len,
+vocab size) is read from its Pong, not stored here."""
+
+from __future__ import annotations
+
+import msgspec
+
+from zeroserve.shared import env
+from zeroserve.shared.config import CurveKeys, EngineConfig
+
+
+class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
+    engine_address: str  # tokenizer_proc's ROUTER (ipc:// or tcp://)
+    model_name: str  # the served name: what /v1/models lists and `model` must match
+    host: str = "127.0.0.1"
+    port: int = 8000
+    curve: CurveKeys | None = None  # CURVE keys when engine_address is tcp://
+    index: int = 0  # which api process of the deployment (logs only)
+
+    # auth: Bearer keys; empty = no auth. Exempt paths never need a key (probes, scrapes).
+    api_keys: list[str] = []
+    auth_exempt_paths: list[str] = ["/health", "/ready", "/metrics"]
+
+    # limits on a request; over them is a 4xx before anything reaches the engine
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_n: int = 16
+    max_prompts: int = 256  # prompts in one /v1/completions batch
+    max_stop_strings: int = 8
+    max_stop_length: int = 256
+    max_stop_token_ids: int = 64
+    max_messages: int = 1024
+    max_logprobs: int = 20
+
+    # None: as many tokens as the context leaves (the brief's choice); 16 is OpenAI's legacy
+    # default for /v1/completions. Chat always defaults to the rest of the context.
+    default_completion_max_tokens: int | None = None
+
+    # time: a request may wait this long in the engine's queue (GenerateRequest.deadline_s);
+    # the engine then finishes it with finish_reason "timeout". None: wait forever.
+    request_timeout_s: float | None = 600.0
+    # an engine that says nothing about a running request for this long is presumed lost:
+    # the request is aborted and answered 503 (the guard against a hang, not a deadline).
+    engine_stall_timeout_s: float = 120.0
+    retry_after_s: int = 1  # Retry-After on 429
+    ping_interval_s: float = 1.0  # engine stats refresh for /metrics and max_model_len
+    ping_timeout_s: float = 1.0
+    shutdown_timeout_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish
+
+    # prometheus multiprocess dir shared by every api process of one deployment (wiped by
+    # the launcher at deployment start), or None for a single process' in-memory registry
+    metrics_dir: str | None = None
+
+    @classmethod
+    def from_engine(cls, config: EngineConfig, index: int = 0) -> ApiConfig:
+        """The api process #index of a deployment. Api processes are spread over the
+        tokenizer frontends round robin; keys from the config and ZEROSERVE_API_KEY both work."""
+        keys = list(dict.fromkeys([*config.api_keys, *env.api_keys()]))
+        return cls(
+            engine_address=config.tokenizer_address(index % max(1, config.num_tokenizers)),
+            model_name=config.served_model_name,
+            host=config.host,
+            port=config.port,
+            curve=config.curve,
+            index=index,
+            api_keys=keys,
+            auth_exempt_paths=list(config.auth_exempt_paths),
+            max_body_bytes=config.max_body_bytes,
+            max_n=config.max_n,
+            metrics_dir=config.metrics_dir,
+        )

@@ -1,0 +1,167 @@
+"""The generation endpoints: POST /v1/completions and /v1/chat/completions.
+
+A request is decoded (400 on any wrong type), planned (requests.py: defaults, ranges,
+fan-out of n and batched prompts), run (generate.EngineStreams) and answered whole or as SSE.
+
+Streaming holds back the response headers until every choice has heard from the engine:
+the engine's verdicts on admission (400 prompt too long, 429 over the admission limits) then
+become real HTTP statuses instead of an error inside a 200 stream. After the headers, an
+engine failure is an error event followed by ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from zeroserve.api_proc import responses
+from zeroserve.api_proc.config import ApiConfig
+from zeroserve.api_proc.engine_state import EngineMonitor
+from zeroserve.api_proc.errors import ApiError, from_decode_error, from_error_info
+from zeroserve.api_proc.generate import ChoiceState, EngineStreams, LogprobEntry, TokenTexts, logprob_entries
+from zeroserve.api_proc.metrics import ApiMetrics
+from zeroserve.api_proc.protocol import ChatCompletionRequest, CompletionRequest
+from zeroserve.api_proc.requests import GenerationPlan, chat_plan, completion_plan
+from zeroserve.shared.messages import TextDelta
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # proxies must not buffer the stream
+}
+_decoders: dict[type, msgspec.json.Decoder] = {}
+
+
+@dataclass
+class ApiState:
+    """What the handlers share in one api process."""
+
+    config: ApiConfig
+    client: Any  # EngineClient or a test double with the same methods
+    monitor: EngineMonitor
+    metrics: ApiMetrics
+    token_texts: TokenTexts
+    started: int
+
+
+STATE = web.AppKey("zeroserve_api_state", ApiState)
+
+
+async def read_body(request: web.Request, kind: type, config: ApiConfig) -> Any:
+    """The body decoded into a Struct: 413 over the size limit, 400 for bad JSON or types."""
+    if request.content_length is not None and request.content_length > config.max_body_bytes:
+        raise ApiError(413, f"The request body is {request.content_length} bytes; the limit is "
+                            f"{config.max_body_bytes}. Send a smaller request.")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, f"The request body is over the limit of {config.max_body_bytes} bytes. "
+                            "Send a smaller request.") from None
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        decoder = _decoders[kind] = msgspec.json.Decoder(kind)
+    try:
+        return decoder.decode(raw)
+    except msgspec.DecodeError as e:
+        raise from_decode_error(e) from None
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    state: ApiState = request.app[STATE]
+    body = await read_body(request, CompletionRequest, state.config)
+    plan = completion_plan(body, state.config, await state.monitor.limits())
+    return await run_plan(request, state, plan)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state: ApiState = request.app[STATE]
+    body = await read_body(request, ChatCompletionRequest, state.config)
+    plan = chat_plan(body, state.config, await state.monitor.limits())
+    return await run_plan(request, state, plan)
+
+
+async def run_plan(request: web.Request, state: ApiState, plan: GenerationPlan) -> web.StreamResponse:
+    arrival = time.monotonic()
+    choices = [
+        ChoiceState(i, arrival, state.metrics, counts_prompt=(i % plan.n == 0), echo=plan.echo,
+                    echo_text=plan.prompt_texts[plan.prompt_index(i)] if plan.echo else None)
+        for i in range(len(plan.requests))
+    ]
+    config = state.config
+    async with EngineStreams(state.client, plan.requests, config.request_timeout_s,
+                             config.engine_stall_timeout_s) as streams:
+        if plan.stream:
+            return await _stream(request, state, plan, choices, streams)
+        return await _whole(state, plan, choices, streams)
+
+
+async def _entries(state: ApiState, plan: GenerationPlan, choice: ChoiceState,
+                   delta: TextDelta) -> list[LogprobEntry] | None:
+    if plan.logprobs is None:
+        return None
+    return await logprob_entries(delta, state.token_texts, choice.offset)
+
+
+async def _whole(state: ApiState, plan: GenerationPlan, choices: list[ChoiceState],
+                 streams: EngineStreams) -> web.Response:
+    async for i, delta in streams:
+        if delta.error is not None:
+            raise from_error_info(delta.error, state.config.retry_after_s)
+        entries = await _entries(state, plan, choices[i], delta)
+        choices[i].apply(delta, time.monotonic())
+        if entries:
+            choices[i].logprobs.extend(entries)
+    body = responses.chat_body(plan, choices) if plan.chat else responses.completion_body(plan, choices)
+    return web.Response(body=responses.encode(body), content_type="application/json")
+
+
+async def _stream(request: web.Request, state: ApiState, plan: GenerationPlan, choices: list[ChoiceState],
+                  streams: EngineStreams) -> web.StreamResponse:
+    held: list[tuple[int, TextDelta]] = []
+    heard: set[int] = set()
+    async for i, delta in streams:
+        if delta.error is not None:
+            raise from_error_info(delta.error, state.config.retry_after_s)  # nothing sent yet: a status
+        held.append((i, delta))
+        heard.add(i)
+        if len(heard) == len(choices):
+            break
+
+    response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+    try:
+        await response.prepare(request)
+        if plan.chat:
+            for c in choices:
+                await response.write(responses.sse(responses.chat_role_chunk(plan, c.index)))
+        for i, delta in held:
+            await _send_delta(response, state, plan, choices[i], delta)
+        failed = False
+        async for i, delta in streams:
+            if delta.error is not None:
+                await response.write(responses.error_event(from_error_info(delta.error, state.config.retry_after_s)))
+                failed = True
+                break
+            await _send_delta(response, state, plan, choices[i], delta)
+        if plan.include_usage and not failed:
+            await response.write(responses.sse(responses.usage_chunk(plan, choices)))
+        await response.write(responses.SSE_DONE)
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the client left; leaving EngineStreams aborts what still runs
+    return response
+
+
+async def _send_delta(response: web.StreamResponse, state: ApiState, plan: GenerationPlan,
+                      choice: ChoiceState, delta: TextDelta) -> None:
+    entries = await _entries(state, plan, choice, delta)
+    text = choice.apply(delta, time.monotonic())
+    if not text and not entries and delta.finish_reason is None:
+        return  # nothing to say (e.g. a first message that only carries the prompt length)
+    make = responses.chat_chunk if plan.chat else responses.completion_chunk
+    chunk = make(plan, choice.index, text, entries, delta.finish_reason, delta.stop_reason)
+    await response.write(responses.sse(chunk))
+

@@ -1,0 +1,202 @@
+"""ModelRunner: one model, its paged KV cache, and one step at a time.
+
+    runner = ModelRunner(RunnerConfig(model=path, device="cpu"))
+    result = runner.execute(plan)       # StepPlan -> StepResult
+
+A step: apply the plan's diffs to the per-request state (input_batch.RequestStates), build
+flat inputs, run the model, compute logits only for the rows that sample, sample, append
+each sampled token to its request. The forward is a pure function of (input_ids, positions,
+kv_caches, attention metadata) -> hidden states, which is what CUDA-graph capture of decode
+batches hooks into (``self.forward``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from zeroserve.gpu_worker.input_batch import PlanError, RequestStates, build_inputs
+from zeroserve.gpu_worker.kv_cache import KVCacheSpec, allocate_kv_cache, cpu_num_blocks, cuda_num_blocks
+from zeroserve.gpu_worker.loader import ModelConfig, load_checkpoint
+from zeroserve.gpu_worker.models import build_model
+from zeroserve.gpu_worker.sampler import Sampler, SamplingBatch, make_generator
+from zeroserve.kernels import get_kernels
+from zeroserve.kernels.metadata import AttentionMetadata
+from zeroserve.shared import env
+from zeroserve.shared.messages import StepPlan, StepResult
+
+__all__ = ["ModelRunner", "PlanError", "RunnerConfig"]
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    model: str | None = None  # GGUF file or HF folder; None = the packaged SmolLM2 GGUF
+    dtype: str = "auto"  # auto: float32 on CPU (no fast bf16 there), bfloat16 on GPU
+    device: str = "cpu"
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # explicit size of the KV cache, else from memory
+    kv_cache_memory_gb: float | None = None  # CPU: default 2 GiB; GPU: overrides utilization
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    kernel_backend: str | None = None  # "torch" | "triton"; None: by device (env override)
+    enforce_eager: bool = False  # GPU: no CUDA graphs
+    load_format: str = "auto"  # auto | hf | gguf | dummy (random weights, config from the file)
+    seed: int = 0
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+class ModelRunner:
+    def __init__(self, config: RunnerConfig):
+        from zeroserve.shared.model_files import resolve_model
+
+        start = time.perf_counter()
+        self.config = config
+        self.device = torch.device(config.device)
+        if self.device.type == "cpu":
+            env.set_cpu_thread_env()
+            if env.num_threads() > 0:
+                torch.set_num_threads(env.num_threads())
+        elif self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(config.seed)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.ops = get_kernels(config.kernel_backend, str(self.device))
+
+        path = resolve_model(config.model)
+        self.model_config: ModelConfig
+        self.model_config, weights = load_checkpoint(
+            path, dtype=self.dtype, device=self.device, load_format=config.load_format, seed=config.seed
+        )
+        cfg = self.model_config
+        self.max_model_len = config.max_model_len or cfg.max_position_embeddings
+        if self.max_model_len > cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} is more than the model's max_position_embeddings="
+                f"{cfg.max_position_embeddings}; lower --max-model-len"
+            )
+        self.model = build_model(cfg, self.ops, self.max_model_len)
+        self.model.load_weights(weights, self.device)
+        self.model.eval()
+        self.vocab_size = cfg.vocab_size
+        self.eos_token_ids = list(cfg.eos_token_ids)
+        self.block_size = config.block_size
+
+        self.kv_spec = KVCacheSpec(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+                                   config.block_size, self.dtype)
+        self.num_kv_blocks = self._size_kv_cache()
+        if self.num_kv_blocks < 1:
+            raise RuntimeError(
+                f"no room for the KV cache ({self.kv_spec.bytes_per_block} bytes per block); raise "
+                "kv_cache_memory_gb / gpu_memory_utilization or use a smaller model"
+            )
+        if self.num_kv_blocks * self.block_size < self.max_model_len:
+            log.warning("the KV cache holds %d tokens: max_model_len lowered from %d",
+                        self.num_kv_blocks * self.block_size, self.max_model_len)
+            self.max_model_len = self.num_kv_blocks * self.block_size
+        self.kv_caches = allocate_kv_cache(self.kv_spec, self.num_kv_blocks, self.device)
+        self.requests = RequestStates(self.num_kv_blocks, self.block_size, self.max_model_len,
+                                      lambda seed: make_generator(seed, self.device))
+        self.sampler = Sampler()
+        # Hook for CUDA graphs: a capture of decode buckets replaces this callable.
+        self.forward = self.model.forward
+        self.load_time_s = time.perf_counter() - start
+        log.info("model ready in %.1f s: %s, %s on %s, %d KV blocks of %d tokens (%.2f GiB)",
+                 self.load_time_s, cfg.architecture, str(self.dtype).removeprefix("torch."), self.device,
+                 self.num_kv_blocks, self.block_size, self.num_kv_blocks * self.kv_spec.bytes_per_block / 2**30)
+
+    # ------------------------------------------------------------------ setup
+
+    def _size_kv_cache(self) -> int:
+        c = self.config
+        if c.num_kv_blocks is not None:
+            return c.num_kv_blocks
+        if self.device.type == "cuda":
+            self._profile_run()
+            return cuda_num_blocks(self.kv_spec, self.device, c.gpu_memory_utilization, c.kv_cache_memory_gb,
+                                   c.max_num_seqs, self.max_model_len)
+        return cpu_num_blocks(self.kv_spec, c.kv_cache_memory_gb, c.max_num_seqs, self.max_model_len)
+
+    @torch.inference_mode()
+    def _profile_run(self) -> None:
+        """A forward over max_num_batched_tokens tokens (and their logits) with a throwaway
+        cache, so the allocator's peak shows what activations need."""
+        num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len * self.config.max_num_seqs)
+        num_seqs = max(1, min(self.config.max_num_seqs, num_tokens))
+        query_lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
+        bs = self.block_size
+        blocks_per_seq = [-(-n // bs) for n in query_lens]
+        caches = allocate_kv_cache(self.kv_spec, sum(blocks_per_seq), self.device)
+        tables, slots, first = [], [], 0
+        for n, nb in zip(query_lens, blocks_per_seq):
+            tables.append(list(range(first, first + nb)))
+            slots.extend((first + p // bs) * bs + p % bs for p in range(n))
+            first += nb
+        meta = AttentionMetadata.build(query_lens, query_lens, tables, slots, self.device)
+        ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in query_lens])
+        torch.cuda.reset_peak_memory_stats(self.device)
+        hidden = self.model(ids, positions, caches, meta)
+        self.model.compute_logits(hidden[: num_seqs])
+        del caches, hidden
+
+    # ------------------------------------------------------------------ step
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Run one step. Raises PlanError (state unchanged) for a plan that does not match the
+        worker's state; the worker process turns any exception into StepResult.error."""
+        start = time.perf_counter()
+        scheduled = self.requests.apply(plan)
+        if not scheduled:
+            return StepResult(plan.step_id, [], [], None, time.perf_counter() - start)
+        inputs = build_inputs(scheduled, self.block_size, self.device)
+        hidden = self.forward(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        token_ids: list[int] = []
+        logprobs = None
+        if inputs.sampling:
+            logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
+            token_ids, logprobs = self._sample(logits, inputs.sampling)
+        RequestStates.advance(scheduled, token_ids)
+        return StepResult(
+            step_id=plan.step_id,
+            request_ids=[s.request_id for s in inputs.sampling],
+            sampled_token_ids=token_ids,
+            logprobs=logprobs,
+            step_time_s=time.perf_counter() - start,
+        )
+
+    def _sample(self, logits: torch.Tensor, states) -> tuple[list[int], list | None]:
+        batch = SamplingBatch.build(
+            [s.params for s in states],
+            [s.token_ids[: s.num_prompt_tokens] for s in states],
+            [s.token_ids[s.num_prompt_tokens :] for s in states],
+            [s.generator for s in states],
+            self.eos_token_ids,
+            self.device,
+        )
+        out = self.sampler.sample(logits, batch)
+        wants_logprobs = any(s.params.logprobs is not None for s in states)
+        return out.token_ids, (list(out.logprobs) if wants_logprobs else None)
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def num_requests(self) -> int:
+        """Requests the worker holds state for (tests: finished_ids frees them)."""
+        return len(self.requests)

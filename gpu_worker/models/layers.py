@@ -1,0 +1,219 @@
+"""Layers shared by the decoder-only families (Llama, Qwen2, Qwen3).
+
+Everything runs on a flat batch: ``T`` tokens from many sequences laid end to end, no batch
+dimension and no padding (see kernels/metadata.py). Hot ops go through the kernel interface
+(``ops = get_kernels(...)``); the projections are plain ``F.linear`` so BLAS / cuBLAS does the
+FLOPs. Projections that read the same input are merged into one matmul:
+
+    qkv_proj     [(Hq + 2 Hkv) * D, H]   rows: q | k | v
+    gate_up_proj [2 I, H]                rows: gate | up
+
+Weights start on the ``meta`` device; the model's ``load_weights`` fills them from the
+Hugging Face-named tensors (packing q/k/v and gate/up as it goes).
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zeroserve.kernels.metadata import AttentionMetadata
+
+KVCache = torch.Tensor  # one layer: [2, num_blocks, block_size, Hkv, D] (K pool, V pool)
+
+
+def _param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b). W: [out_features, in_features], as Hugging Face stores it."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = _param(out_features, in_features)
+        self.bias = _param(out_features) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm; with ``residual`` it adds first and returns (normed, new residual)."""
+
+    def __init__(self, size: int, eps: float, ops: ModuleType):
+        super().__init__()
+        self.eps, self.ops = eps, ops
+        self.weight = _param(size)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return self.ops.rms_norm(x, self.weight, self.eps, residual)
+
+
+# --------------------------------------------------------------------------- rotary
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """Inverse frequencies [D/2] fp32, computed exactly as Hugging Face does (same ops, same
+    order), so cos/sin match bit for bit. Supports plain, "linear" and "llama3" scaling."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float) / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    rope_type = (scaling or {}).get("rope_type", "default")
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / float(scaling["factor"])
+    if rope_type == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_context = float(scaling["original_max_position_embeddings"])
+        low_freq_wavelen, high_freq_wavelen = old_context / low, old_context / high
+        wavelen = 2 * math.pi / inv_freq
+        # long wavelengths (low frequencies) are slowed down by `factor`, short ones kept,
+        # and the band between them interpolated smoothly
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    raise ValueError(
+        f"rope scaling type {rope_type!r} is not supported (zeroserve implements default, "
+        "linear and llama3); serve a model without it or add it to models/layers.py"
+    )
+
+
+def build_cos_sin_cache(
+    head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None
+) -> torch.Tensor:
+    """[max_positions, D] fp32: cos(pos * inv_freq) in the first D/2 columns, sin in the last."""
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float), inv_freq)  # (P, D/2)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Holds the cos/sin cache (one per model, shared by every layer)."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None,
+                 ops: ModuleType):
+        super().__init__()
+        self.ops = ops
+        cache = build_cos_sin_cache(head_dim, max_positions, theta, scaling)
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        return self.ops.rotary(positions, q, k, self.cos_sin_cache)
+
+
+# --------------------------------------------------------------------------- attention, MLP
+
+
+class Attention(nn.Module):
+    """Self-attention over the paged KV cache: project, (per-head q/k norm), rotate, store
+    the new K/V through the slot mapping, attend over the whole context, project back."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rotary: RotaryEmbedding,
+        ops: ModuleType,
+        *,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        qk_norm_eps: float | None = None,
+    ):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        self.scale = head_dim**-0.5
+        self.ops = ops
+        self.qkv_proj = Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = Linear(self.q_size, hidden_size, bias=o_bias)
+        self.rotary = [rotary]  # a list: shared, not registered once per layer
+        if qk_norm_eps is not None:  # Qwen3: RMSNorm over each head's D values
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps, ops)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps, ops)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """positions: [T]; x: [T, H] -> [T, H]."""
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
+        q, k = self.rotary[0](positions, q, k)
+        self.ops.write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        out = self.ops.paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)  # (T, Hq, D)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)), gate and up in one matmul."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, ops: ModuleType):
+        super().__init__()
+        self.ops = ops
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size)
+        self.down_proj = Linear(intermediate_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+# --------------------------------------------------------------------------- weight loading
+
+# Our packed parameter -> the Hugging Face tensors it concatenates (along dim 0), in order.
+PACKED = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+
+
+def hf_sources(param_name: str) -> list[str]:
+    """The HF tensor names one of our parameters is made of, e.g.
+    'model.layers.0.self_attn.qkv_proj.bias' -> [...q_proj.bias, ...k_proj.bias, ...v_proj.bias]."""
+    for packed, parts in PACKED.items():
+        marker = f".{packed}."
+        if marker in param_name:
+            return [param_name.replace(marker, f".{part}.") for part in parts]
+    return [param_name]
+
+
+def load_packed_weights(
+    module: nn.Module, weights: dict[str, torch.Tensor], device: torch.device | str, skip: set[str] = frozenset()
+) -> None:
+    """Fill every parameter of ``module`` from HF-named ``weights`` (which it empties as it
+    goes, so peak memory stays near one copy of the model). Raises KeyError / ValueError
+    naming the tensor when one is missing or has the wrong shape."""
+    for name, param in list(module.named_parameters()):
+        if name in skip:
+            continue
+        sources = hf_sources(name)
+        missing = [s for s in sources if s not in weights]
+        if missing:
+            raise KeyError(f"checkpoint has no tensor {missing[0]!r}, needed for {name}")
+        parts = [weights.pop(s) for s in sources]
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ValueError(f"{name}: checkpoint gives shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}")
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        owner._parameters[attr] = nn.Parameter(tensor.to(device).contiguous(), requires_grad=False)

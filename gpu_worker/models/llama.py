@@ -1,0 +1,110 @@
+"""Llama (also SmolLM2, Mistral without sliding window): the reference decoder-only wiring.
+
+Qwen2 and Qwen3 reuse it and change one knob each (qkv bias, per-head q/k norm).
+
+    input_ids [T] -> embed -> N x DecoderLayer -> norm -> hidden [T, H]
+    DecoderLayer: h = x + attn(norm(x));  out = h + mlp(norm(h))
+    (the residual adds are fused into the next RMSNorm: rms_norm(x, w, eps, residual))
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zeroserve.gpu_worker.loader import ModelConfig
+from zeroserve.kernels.metadata import AttentionMetadata
+
+from .layers import Attention, GatedMLP, KVCache, Linear, RMSNorm, RotaryEmbedding, _param, load_packed_weights
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, ops: ModuleType, *, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.self_attn = Attention(
+            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, rotary, ops,
+            qkv_bias=qkv_bias, o_bias=cfg.o_proj_bias, qk_norm_eps=cfg.rms_norm_eps if qk_norm else None,
+        )
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, ops)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: ModuleType, max_positions: int, *, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.embed_tokens = nn.Module()
+        self.embed_tokens.weight = _param(cfg.vocab_size, cfg.hidden_size)
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, ops)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, self.rotary, ops, qkv_bias=qkv_bias, qk_norm=qk_norm)
+            for _ in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata
+    ) -> torch.Tensor:
+        hidden = F.embedding(input_ids, self.embed_tokens.weight)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """forward(input_ids [T], positions [T], kv_caches, meta) -> hidden [T, H] is a pure
+    function of its inputs (the KV cache is written in place), so decode steps can be
+    captured as CUDA graphs; compute_logits runs only on the rows that sample."""
+
+    qkv_bias: bool | None = None  # None: as the config says (attention_bias)
+    qk_norm: bool = False
+
+    def __init__(self, cfg: ModelConfig, ops: ModuleType, max_positions: int | None = None):
+        super().__init__()
+        self.config = cfg
+        qkv_bias = cfg.attention_bias if self.qkv_bias is None else self.qkv_bias
+        max_positions = max_positions or cfg.max_position_embeddings
+        self.model = LlamaModel(cfg, ops, max_positions, qkv_bias=qkv_bias, qk_norm=self.qk_norm)
+        # tied: the head reads embed_tokens' weight (set in load_weights), no parameter of its own
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, H] -> logits [B, V]."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def load_weights(self, weights: dict[str, torch.Tensor], device: torch.device | str) -> None:
+        """Take the HF-named tensors (the dict is emptied) and move the rest of the model
+        (the rotary cache) to ``device``."""
+        if self.lm_head is None:
+            weights.pop("lm_head.weight", None)
+        load_packed_weights(self, weights, device)
+        if weights:
+            raise ValueError(f"checkpoint tensors not used by the model: {sorted(weights)[:5]}")
+        self.to(device)

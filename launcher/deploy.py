@@ -1,0 +1,204 @@
+"""`zeroserve deploy supervisord|systemd --out DIR [serve flags]`: production launch files.
+
+Both render one shared engine config (zeroserve.json) and one program/unit per process,
+each running ``zeroserve proc ROLE --config FILE --index N``: the same commands
+`zeroserve serve` uses. Secrets (API keys) go in an environment file, never in the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+from zeroserve.shared.config import EngineConfig, write_config
+
+# (role, start priority); workers load weights first, the api comes up last
+ROLE_ORDER = (("worker", 10), ("scheduler", 20), ("tokenizer", 30), ("api", 40))
+
+
+def add_parser(sub) -> None:
+    from zeroserve.launcher.engine_args import add_engine_args
+
+    p = sub.add_parser("deploy", help="render supervisord or systemd files for a production launch",
+                       description="Render a supervisord config or systemd units that run each zeroserve process on its own.")
+    p.add_argument("kind", choices=["supervisord", "systemd"])
+    p.add_argument("--out", required=True, help="directory to write the files into")
+    p.add_argument("--user", default="zeroserve", help="systemd: the dedicated user the units run as")
+    p.add_argument("--config-dir", default="/etc/zeroserve", help="systemd: where the config and env file will be installed")
+    add_engine_args(p)
+
+
+def executable() -> str:
+    script = os.path.join(os.path.dirname(sys.executable), "zeroserve")
+    return script if os.path.exists(script) else f"{sys.executable} -m zeroserve.launcher.cli"
+
+
+def role_instances(config: EngineConfig) -> list[tuple[str, int, int]]:
+    counts = {"worker": 1, "scheduler": 1, "tokenizer": config.num_tokenizers, "api": config.api_workers}
+    return [(role, i, prio) for role, prio in ROLE_ORDER for i in range(counts[role])]
+
+
+def _write(path: str, text: str, mode: int = 0o644) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, mode)
+
+
+def env_file_text(api_keys: list[str]) -> str:
+    lines = ["# zeroserve secrets: read by every process (systemd EnvironmentFile / supervisord environment)"]
+    lines.append(f"ZEROSERVE_API_KEY={','.join(api_keys)}" if api_keys else "# ZEROSERVE_API_KEY=key1,key2")
+    return "\n".join(lines) + "\n"
+
+
+def render_supervisord(config: EngineConfig, out: str, api_keys: list[str]) -> list[str]:
+    config_path = os.path.join(out, "zeroserve.json")
+    logs = os.path.join(out, "logs")
+    os.makedirs(logs, exist_ok=True)
+    write_config(config, config_path)
+    env = {"OMP_WAIT_POLICY": "PASSIVE", "PROMETHEUS_MULTIPROC_DIR": config.metrics_dir, "PYTHONUNBUFFERED": "1"}
+    if api_keys:
+        env["ZEROSERVE_API_KEY"] = ",".join(api_keys)
+    environment = ",".join(f'{k}="{v}"' for k, v in env.items())
+    parts = [
+        "; rendered by `zeroserve deploy supervisord`; start with: supervisord -c " + os.path.join(out, "supervisord.conf"),
+        "[supervisord]",
+        f"logfile={os.path.join(logs, 'supervisord.log')}",
+        f"pidfile={os.path.join(out, 'supervisord.pid')}",
+        "nodaemon=false",
+        "",
+        "[unix_http_server]",
+        f"file={os.path.join(out, 'supervisor.sock')}",
+        "chmod=0700",
+        "",
+        "[rpcinterface:supervisor]",
+        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+        "",
+        "[supervisorctl]",
+        f"serverurl=unix://{os.path.join(out, 'supervisor.sock')}",
+        "",
+    ]
+    names = []
+    for role, index, priority in role_instances(config):
+        name = role if index == 0 else f"{role}-{index}"
+        names.append(name)
+        parts += [
+            f"[program:{name}]",
+            f"command={executable()} proc {role} --config {shlex.quote(config_path)} --index {index}",
+            f"priority={priority}",
+            "autostart=true",
+            "autorestart=true",
+            "startsecs=1",
+            "startretries=10",
+            "stopsignal=TERM",
+            f"stopwaitsecs={130 if role in ('api', 'tokenizer') else 15}",
+            "stopasgroup=true",
+            "killasgroup=true",
+            f"environment={environment},ZEROSERVE_NO_PDEATHSIG=\"1\"",
+            f"stdout_logfile={os.path.join(logs, name + '.log')}",
+            "redirect_stderr=true",
+            "",
+        ]
+    parts += ["[group:zeroserve]", f"programs={','.join(names)}", ""]
+    conf = os.path.join(out, "supervisord.conf")
+    _write(conf, "\n".join(parts), 0o600)
+    return [conf, config_path]
+
+
+def render_systemd(config: EngineConfig, out: str, api_keys: list[str], user: str, config_dir: str) -> list[str]:
+    installed_config = os.path.join(config_dir, "zeroserve.json")
+    env_path = os.path.join(config_dir, "zeroserve.env")
+    write_config(config, os.path.join(out, "zeroserve.json"))
+    _write(os.path.join(out, "zeroserve.env"), env_file_text(api_keys), 0o600)
+    files = [os.path.join(out, "zeroserve.json"), os.path.join(out, "zeroserve.env")]
+    units = []
+    for role, index, _ in role_instances(config):
+        unit = f"zeroserve-{role}-{index}.service"
+        units.append(unit)
+        after = {"worker": "network-online.target", "scheduler": "zeroserve-worker-0.service",
+                 "tokenizer": "zeroserve-scheduler-0.service", "api": "zeroserve-tokenizer-0.service"}[role]
+        text = f"""# rendered by `zeroserve deploy systemd`
+[Unit]
+Description=zeroserve {role} #{index} ({config.served_model_name})
+PartOf=zeroserve.target
+After={after}
+Wants=network-online.target
+
+[Service]
+Type=simple
+User={user}
+Group={user}
+ExecStart={executable()} proc {role} --config {installed_config} --index {index}
+EnvironmentFile=-{env_path}
+Environment=OMP_WAIT_POLICY=PASSIVE
+Environment=PYTHONUNBUFFERED=1
+Environment=ZEROSERVE_NO_PDEATHSIG=1
+Environment=PROMETHEUS_MULTIPROC_DIR={config.metrics_dir}
+RuntimeDirectory={os.path.basename(config.run_dir)}
+RuntimeDirectoryMode=0700
+RuntimeDirectoryPreserve=yes
+Restart=always
+RestartSec=2
+KillSignal=SIGTERM
+TimeoutStopSec={130 if role in ('api', 'tokenizer') else 15}
+NoNewPrivileges=yes
+PrivateTmp=yes
+ProtectSystem=strict
+ProtectHome=read-only
+ProtectKernelTunables=yes
+ProtectControlGroups=yes
+RestrictSUIDSGID=yes
+ReadWritePaths={config.run_dir}
+
+[Install]
+WantedBy=zeroserve.target
+"""
+        path = os.path.join(out, unit)
+        _write(path, text)
+        files.append(path)
+    target = f"""# rendered by `zeroserve deploy systemd`
+[Unit]
+Description=zeroserve: {config.served_model_name} on {config.host}:{config.port}
+Wants={' '.join(units)}
+After=network-online.target
+
+[Install]
+WantedBy=multi-user.target
+"""
+    _write(os.path.join(out, "zeroserve.target"), target)
+    files.append(os.path.join(out, "zeroserve.target"))
+    readme = f"""Install (as root):
+  useradd --system --no-create-home --shell /usr/sbin/nologin {user}
+  install -d -m 0750 -o root -g {user} {config_dir}
+  install -m 0640 -o root -g {user} zeroserve.json {installed_config}
+  install -m 0640 -o root -g {user} zeroserve.env {env_path}   # put ZEROSERVE_API_KEY here
+  cp zeroserve*.service zeroserve.target /etc/systemd/system/ && systemctl daemon-reload
+  systemctl enable --now zeroserve.target
+"""
+    _write(os.path.join(out, "INSTALL.txt"), readme)
+    return files
+
+
+def run(args: argparse.Namespace) -> int:
+    from zeroserve.launcher.engine_args import config_from_args
+
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    api_keys = list(args.api_key)
+    args.api_key = []  # keys go to the environment, not the config file
+    if args.kind == "systemd":
+        run_dir = args.run_dir or "/run/zeroserve"
+    else:
+        run_dir = args.run_dir or os.path.join(out, "run")
+    config = config_from_args(args, run_dir=run_dir)
+    if args.kind == "supervisord":
+        os.makedirs(config.metrics_dir, mode=0o700, exist_ok=True)
+        files = render_supervisord(config, out, api_keys)
+    else:
+        files = render_systemd(config, out, api_keys, args.user, args.config_dir)
+    for f in files:
+        print(f)
+    return 0
+
