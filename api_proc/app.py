@@ -25,11 +25,11 @@ from zeroserve.api_proc import responses
 from zeroserve.api_proc.auth import auth_middleware
 from zeroserve.api_proc.config import ApiConfig
 from zeroserve.api_proc.engine_state import EngineMonitor
-from zeroserve.api_proc.errors import ApiError, bad_request, error_response
+from zeroserve.api_proc.errors import ApiError, error_response, from_error_info
 from zeroserve.api_proc.generate import TokenTexts
 from zeroserve.api_proc.metrics import CONTENT_TYPE, ApiMetrics
 from zeroserve.api_proc.protocol import DetokenizeBody, TokenizeBody
-from zeroserve.api_proc.requests import check_model, new_request_id, tokenize_request
+from zeroserve.api_proc.requests import check_model, check_token_ids, new_request_id, tokenize_request
 from zeroserve.api_proc.serving import STATE, ApiState, chat_completions, completions, read_body
 from zeroserve.shared.messages import DetokenizeRequest
 
@@ -86,8 +86,8 @@ async def models(request: web.Request) -> web.Response:
 async def _engine_call(state: ApiState, coro: Any) -> Any:
     try:
         return await asyncio.wait_for(coro, state.config.engine_stall_timeout_s)
-    except (TimeoutError, asyncio.TimeoutError, ConnectionError, OSError) as e:
-        log.warning("engine call failed: %s", type(e).__name__)
+    except Exception as e:  # timeout or transport trouble; CancelledError (client gone) passes
+        log.warning("engine call failed: %s: %s", type(e).__name__, e)
         raise ApiError(503, "The engine is unavailable; retry shortly.", code="engine_unavailable") from None
 
 
@@ -96,7 +96,7 @@ async def tokenize(request: web.Request) -> web.Response:
     body = await read_body(request, TokenizeBody, state.config)
     res = await _engine_call(state, state.client.tokenize(tokenize_request(body, state.config)))
     if res.error is not None:
-        raise ApiError(res.error.status, res.error.message, param=res.error.param, code=res.error.code)
+        raise from_error_info(res.error, state.config.retry_after_s)
     max_model_len = res.max_model_len or state.monitor.info.get("max_model_len", 0)
     return _json({"count": len(res.token_ids), "max_model_len": max_model_len, "tokens": res.token_ids,
                   "token_strs": None})
@@ -106,12 +106,11 @@ async def detokenize(request: web.Request) -> web.Response:
     state: ApiState = request.app[STATE]
     body = await read_body(request, DetokenizeBody, state.config)
     check_model(body.model, state.config)
-    if any(t < 0 for t in body.tokens):
-        raise bad_request("Token ids must be non-negative.", "tokens")
+    check_token_ids(body.tokens, "tokens", await state.monitor.limits())
     req = DetokenizeRequest(request_id=new_request_id("detok"), token_ids=body.tokens)
     res = await _engine_call(state, state.client.detokenize(req))
     if res.error is not None:
-        raise ApiError(res.error.status, res.error.message, param=res.error.param or "tokens", code=res.error.code)
+        raise from_error_info(res.error, state.config.retry_after_s)
     return _json({"prompt": res.text})
 
 
@@ -127,7 +126,7 @@ async def ready(request: web.Request) -> web.Response:
     return _json({"status": "ready"})
 
 
-async def metrics(request: web.Request) -> web.Response:
+async def metrics_endpoint(request: web.Request) -> web.Response:
     state: ApiState = request.app[STATE]
     return web.Response(body=state.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
@@ -136,17 +135,17 @@ def _json(obj: object, status: int = 200) -> web.Response:
     return web.Response(status=status, body=responses.encode(obj), content_type="application/json")
 
 
-def create_app(config: ApiConfig, client: Any, metrics_: ApiMetrics | None = None) -> web.Application:
+def create_app(config: ApiConfig, client: Any, metrics: ApiMetrics | None = None) -> web.Application:
     """The application for one api process. The engine monitor (pings for /ready, /metrics
     and max_model_len) runs while the app does."""
     monitor = EngineMonitor(client, config.ping_interval_s, config.ping_timeout_s)
-    if metrics_ is None:
-        metrics_ = ApiMetrics(config.model_name, lambda: monitor.info, config.metrics_dir)
+    if metrics is None:
+        metrics = ApiMetrics(config.model_name, lambda: monitor.info, config.metrics_dir)
     app = web.Application(
         client_max_size=config.max_body_bytes,
         middlewares=[openai_errors, auth_middleware(config.api_keys, config.auth_exempt_paths)],
     )
-    app[STATE] = ApiState(config=config, client=client, monitor=monitor, metrics=metrics_,
+    app[STATE] = ApiState(config=config, client=client, monitor=monitor, metrics=metrics,
                           token_texts=TokenTexts(client), started=int(time.time()))
 
     async def monitor_ctx(app: web.Application):
@@ -162,5 +161,5 @@ def create_app(config: ApiConfig, client: Any, metrics_: ApiMetrics | None = Non
     app.router.add_post("/detokenize", detokenize)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", metrics_endpoint)
     return app

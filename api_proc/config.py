@@ -11,7 +11,7 @@ from zeroserve.shared.config import CurveKeys, EngineConfig
 
 
 class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
-    engine_address: str  # tokenizer_proc's ROUTER (ipc:// or tcp://)
+    engine_address: str | list[str]  # tokenizer_proc ROUTER(s), ipc:// or tcp://; EngineClient spreads over them
     model_name: str  # the served name: what /v1/models lists and `model` must match
     host: str = "127.0.0.1"
     port: int = 8000
@@ -20,7 +20,7 @@ class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     # auth: Bearer keys; empty = no auth. Exempt paths never need a key (probes, scrapes).
     api_keys: list[str] = []
-    auth_exempt_paths: list[str] = ["/health", "/ready", "/metrics"]
+    auth_exempt_paths: list[str] = msgspec.field(default_factory=lambda: ["/health", "/ready", "/metrics"])
 
     # limits on a request; over them is a 4xx before anything reaches the engine
     max_body_bytes: int = 4 * 1024 * 1024
@@ -53,11 +53,11 @@ class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     @classmethod
     def from_engine(cls, config: EngineConfig, index: int = 0) -> ApiConfig:
-        """The api process #index of a deployment. Api processes are spread over the
-        tokenizer frontends round robin; keys from the config and ZEROSERVE_API_KEY both work."""
+        """The api process #index of a deployment. It talks to every tokenizer frontend (the
+        client picks one per request id); keys from the config and ZEROSERVE_API_KEY both work."""
         keys = list(dict.fromkeys([*config.api_keys, *env.api_keys()]))
         return cls(
-            engine_address=config.tokenizer_address(index % max(1, config.num_tokenizers)),
+            engine_address=config.tokenizer_addresses if config.num_tokenizers > 1 else config.tokenizer_address(0),
             model_name=config.served_model_name,
             host=config.host,
             port=config.port,

@@ -32,7 +32,8 @@ class EngineMonitor:
 
     @property
     def info(self) -> dict:
-        return dict(self.latest.info) if self.latest is not None else {}
+        """The latest Pong.info (read only), {} before the first answer."""
+        return self.latest.info if self.latest is not None else {}
 
     async def refresh(self) -> Pong | None:
         """Ping now (one ping in flight however many callers wait); None if no answer."""
@@ -62,7 +63,8 @@ class EngineMonitor:
             raise ApiError(503, "The engine is not ready yet (it has not reported its model). Retry shortly.",
                            headers={"Retry-After": "1"}) from None
         vocab_size = info.get("vocab_size", 0)
-        return EngineLimits(max_model_len=max_model_len, vocab_size=int(vocab_size) if isinstance(vocab_size, int) else 0)
+        return EngineLimits(max_model_len=max_model_len,
+                            vocab_size=vocab_size if isinstance(vocab_size, int) else 0)
 
     async def readiness(self) -> tuple[bool, str]:
         """(ready, why not): draining, unreachable, loading, or a worker down."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections import OrderedDict
 from typing import Any, NamedTuple
 
@@ -85,7 +86,7 @@ class EngineStreams:
         first = None if self.first_timeout_s is None else loop.time() + self.first_timeout_s + self.stall_timeout_s
         stream = None
         try:
-            async with asyncio.timeout(first) as guard:
+            async with asyncio.timeout_at(first) as guard:
                 stream = self.client.stream(request)
                 async for delta in stream:
                     self.queue.put_nowait((index, delta))
@@ -176,13 +177,16 @@ class ChoiceState:
 
 class TokenTexts:
     """Token id -> the token decoded on its own, for top-logprob alternatives (the engine
-    sends their ids only). Learned from sampled tokens, else asked of the engine once; LRU."""
+    sends their ids only). Learned from sampled tokens, else asked of the engine once (one
+    request per id in flight however many choices want it); LRU. A failed lookup gives ""
+    and is not cached."""
 
     def __init__(self, client: Any, capacity: int = 1 << 16, timeout_s: float = 10.0):
         self.client = client
         self.capacity = capacity
         self.timeout_s = timeout_s
         self.cache: OrderedDict[int, str] = OrderedDict()
+        self._pending: dict[int, asyncio.Future] = {}
         self._sem = asyncio.Semaphore(64)
 
     def learn(self, token_ids: list[int], texts: list[str]) -> None:
@@ -193,31 +197,53 @@ class TokenTexts:
             self.cache.popitem(last=False)
 
     async def _fetch(self, token_id: int) -> str:
-        async with self._sem:
-            req = DetokenizeRequest(request_id=f"detok-{token_id}-{id(self)}", token_ids=[token_id])
-            res = await asyncio.wait_for(self.client.detokenize(req), self.timeout_s)
-        return res.text if res.error is None else ""
+        try:
+            async with self._sem:
+                req = DetokenizeRequest(request_id=f"detok-{uuid.uuid4().hex}", token_ids=[token_id])
+                res = await asyncio.wait_for(self.client.detokenize(req), self.timeout_s)
+        except Exception as e:  # a missing alternative's text must not fail the completion
+            log.warning("detokenizing token %d for logprobs failed: %s", token_id, type(e).__name__)
+            return ""
+        if res.error is not None:
+            return ""
+        self.learn([token_id], [res.text])
+        return res.text
+
+    async def _text(self, token_id: int) -> str:
+        fut = self._pending.get(token_id)
+        if fut is None:
+            fut = self._pending[token_id] = asyncio.ensure_future(self._fetch(token_id))
+            fut.add_done_callback(lambda _, t=token_id: self._pending.pop(t, None))
+        return await asyncio.shield(fut)
 
     async def lookup(self, token_ids: set[int]) -> dict[int, str]:
-        missing = [t for t in token_ids if t not in self.cache]
+        found = {t: self.cache[t] for t in token_ids if t in self.cache}
+        missing = [t for t in token_ids if t not in found]
         if missing:
-            texts = await asyncio.gather(*(self._fetch(t) for t in missing))
-            self.learn(missing, list(texts))
-        return {t: self.cache.get(t, "") for t in token_ids}
+            found.update(zip(missing, await asyncio.gather(*(self._text(t) for t in missing))))
+        return found
 
 
 async def logprob_entries(delta: TextDelta, texts: TokenTexts, offset: int) -> list[LogprobEntry]:
-    """The delta's tokens with their logprobs; offset: characters of the choice so far."""
+    """The delta's tokens with their logprobs; offset: characters of the choice so far.
+
+    Token texts come with the delta (token_texts, top_token_texts); ids without one are
+    looked up through ``texts``."""
     if not delta.logprobs:
         return []
     ids = delta.token_ids
     if len(delta.token_texts) == len(ids):
         texts.learn(ids, delta.token_texts)
-    wanted = set(ids) | {alt.token_id for lp in delta.logprobs for alt in lp.top}
+    top_texts = delta.top_token_texts
+    if top_texts is None or len(top_texts) != len(delta.logprobs) or any(
+            len(t) != len(lp.top) for t, lp in zip(top_texts, delta.logprobs)):
+        top_texts = None
+    wanted = set(ids) if top_texts is not None else set(ids) | {a.token_id for lp in delta.logprobs for a in lp.top}
     known = await texts.lookup(wanted)
     entries = []
-    for token_id, lp in zip(ids, delta.logprobs):
+    for i, (token_id, lp) in enumerate(zip(ids, delta.logprobs)):
         token = known[token_id]
-        entries.append(LogprobEntry(token, lp.logprob, [(known[a.token_id], a.logprob) for a in lp.top], offset))
+        alt_texts = top_texts[i] if top_texts is not None else [known[a.token_id] for a in lp.top]
+        entries.append(LogprobEntry(token, lp.logprob, [(t, a.logprob) for t, a in zip(alt_texts, lp.top)], offset))
         offset += len(token)
     return entries

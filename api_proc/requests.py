@@ -5,10 +5,10 @@ Choice order, as OpenAI and vLLM number them: prompt p, sample j -> choice p * n
 request id f"{request_id}-{choice}". With a seed, sample j uses seed + j, so the n choices
 differ while a batch of prompts gives each prompt what it would get alone.
 
-max_tokens left out means "as many as the context leaves": the API sends max_tokens =
-max_model_len (explicit values above max_model_len are refused here), and the engine reads
-max_tokens == max_model_len as "clamp to max_model_len - prompt_len"; any smaller max_tokens
-that does not fit beside the prompt is the engine's 400.
+max_tokens left out means "as many as the context leaves": the API sends max_tokens = 0,
+which tokenizer_proc resolves to max_model_len - prompt_len once the prompt is tokenized.
+An explicit max_tokens above max_model_len is refused here; one that does not fit beside
+the prompt is the engine's 400 (context_length_exceeded), passed through.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def check_model(model: str | None, config: ApiConfig) -> None:
     if model is not None and model != config.model_name:
         raise ApiError(
             404,
-            f"The model `{model}` does not exist. This server serves `{config.model_name}` (see GET /v1/models).",
+            f"The model `{model[:100]}` does not exist. This server serves `{config.model_name}` (see GET /v1/models).",
             param="model",
             code="model_not_found",
         )
@@ -107,9 +107,9 @@ def _stop_strings(stop: str | list[str] | None, config: ApiConfig) -> list[str]:
     return stops
 
 
-def _token_ids(ids: list[int], param: str, limits: EngineLimits) -> None:
+def check_token_ids(ids: list[int], param: str, limits: EngineLimits) -> None:
     for t in ids:
-        if t < 0 or (limits.vocab_size and t >= limits.vocab_size):
+        if not 0 <= t <= INT64_MAX or (limits.vocab_size and t >= limits.vocab_size):
             hint = f" [0, {limits.vocab_size})" if limits.vocab_size else " (non-negative)"
             raise bad_request(f"Token id {t} in {param} is outside the vocabulary{hint}.", param)
 
@@ -124,7 +124,7 @@ def sampling_params(
         _finite(body.top_p, "top_p")
         if not 0.0 < body.top_p <= 1.0:
             raise bad_request(f"top_p must be in (0, 1], got {body.top_p}.", "top_p")
-    if body.top_k is not None and body.top_k < -1:
+    if body.top_k is not None and not -1 <= body.top_k <= INT64_MAX:
         raise bad_request(f"top_k must be -1 or 0 (disabled) or a positive number, got {body.top_k}.", "top_k")
     _between(body.min_p, 0.0, 1.0, "min_p")
     _between(body.presence_penalty, -2.0, 2.0, "presence_penalty")
@@ -149,9 +149,9 @@ def sampling_params(
     stop_ids = list(body.stop_token_ids or [])
     if len(stop_ids) > config.max_stop_token_ids:
         raise bad_request(f"At most {config.max_stop_token_ids} stop_token_ids are allowed.", "stop_token_ids")
-    _token_ids(stop_ids, "stop_token_ids", limits)
+    check_token_ids(stop_ids, "stop_token_ids", limits)
     return SamplingParams(
-        max_tokens=max_tokens if max_tokens is not None else limits.max_model_len,
+        max_tokens=max_tokens if max_tokens is not None else 0,  # 0: the rest of the context
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=max(0, body.top_k or 0),
@@ -227,7 +227,7 @@ def completion_prompts(prompt: str | list, config: ApiConfig, limits: EngineLimi
         raise bad_request("prompt must not be empty.", "prompt")
     kinds = {type(x) for x in prompt}
     if kinds == {int}:
-        _token_ids(prompt, "prompt", limits)
+        check_token_ids(prompt, "prompt", limits)
         return [{"prompt_token_ids": list(prompt)}]
     if len(kinds) != 1:
         raise bad_request(
@@ -236,13 +236,14 @@ def completion_prompts(prompt: str | list, config: ApiConfig, limits: EngineLimi
             "prompt",
         )
     if len(prompt) > config.max_prompts:
-        raise bad_request(f"At most {config.max_prompts} prompts are allowed in one request, got {len(prompt)}.", "prompt")
+        raise bad_request(f"At most {config.max_prompts} prompts are allowed in one request, got {len(prompt)}.",
+                          "prompt")
     if kinds == {str}:
         return [{"prompt": p} for p in prompt]
     for ids in prompt:
         if not ids:
             raise bad_request("A token-id prompt must not be empty.", "prompt")
-        _token_ids(ids, "prompt", limits)
+        check_token_ids(ids, "prompt", limits)
     return [{"prompt_token_ids": list(ids)} for ids in prompt]
 
 

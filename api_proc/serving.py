@@ -85,12 +85,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def run_plan(request: web.Request, state: ApiState, plan: GenerationPlan) -> web.StreamResponse:
-    arrival = time.monotonic()
-    choices = [
-        ChoiceState(i, arrival, state.metrics, counts_prompt=(i % plan.n == 0), echo=plan.echo,
-                    echo_text=plan.prompt_texts[plan.prompt_index(i)] if plan.echo else None)
-        for i in range(len(plan.requests))
-    ]
+    choices = new_choices(plan, state.metrics)
     config = state.config
     async with EngineStreams(state.client, plan.requests, config.request_timeout_s,
                              config.engine_stall_timeout_s) as streams:
@@ -99,23 +94,60 @@ async def run_plan(request: web.Request, state: ApiState, plan: GenerationPlan) 
         return await _whole(state, plan, choices, streams)
 
 
-async def _entries(state: ApiState, plan: GenerationPlan, choice: ChoiceState,
+async def _entries(token_texts: TokenTexts, plan: GenerationPlan, choice: ChoiceState,
                    delta: TextDelta) -> list[LogprobEntry] | None:
     if plan.logprobs is None:
         return None
-    return await logprob_entries(delta, state.token_texts, choice.offset)
+    return await logprob_entries(delta, token_texts, choice.offset)
+
+
+async def collect_body(plan: GenerationPlan, choices: list[ChoiceState], streams: EngineStreams,
+                       token_texts: TokenTexts, retry_after_s: int) -> dict:
+    """Run every choice to its end and build the whole (non-streaming) response body."""
+    async for i, delta in streams:
+        if delta.error is not None:
+            raise from_error_info(delta.error, retry_after_s)
+        entries = await _entries(token_texts, plan, choices[i], delta)
+        choices[i].apply(delta, time.monotonic())
+        if entries:
+            choices[i].logprobs.extend(entries)
+    return responses.chat_body(plan, choices) if plan.chat else responses.completion_body(plan, choices)
+
+
+def new_choices(plan: GenerationPlan, metrics: ApiMetrics | None) -> list[ChoiceState]:
+    arrival = time.monotonic()
+    return [
+        ChoiceState(i, arrival, metrics, counts_prompt=(i % plan.n == 0), echo=plan.echo,
+                    echo_text=plan.prompt_texts[plan.prompt_index(i)] if plan.echo else None)
+        for i in range(len(plan.requests))
+    ]
+
+
+async def complete_body(client: Any, config: ApiConfig, limits: Any, url: str, body: bytes,
+                        token_texts: TokenTexts) -> dict:
+    """A non-streaming POST body for ``url`` (/v1/completions or /v1/chat/completions) run to
+    its response body, exactly as the HTTP endpoint answers it (batch jobs use this).
+    Raises ApiError with the status and message the endpoint would return."""
+    kind = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}.get(url)
+    if kind is None:
+        raise ApiError(400, f"url {url!r} is not supported; use /v1/completions or /v1/chat/completions")
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        decoder = _decoders[kind] = msgspec.json.Decoder(kind)
+    try:
+        parsed = decoder.decode(body)
+    except msgspec.DecodeError as e:
+        raise from_decode_error(e) from None
+    plan = chat_plan(parsed, config, limits) if kind is ChatCompletionRequest else completion_plan(parsed, config, limits)
+    if plan.stream:
+        raise ApiError(400, "stream is not supported here", param="stream")
+    async with EngineStreams(client, plan.requests, config.request_timeout_s, config.engine_stall_timeout_s) as streams:
+        return await collect_body(plan, new_choices(plan, None), streams, token_texts, config.retry_after_s)
 
 
 async def _whole(state: ApiState, plan: GenerationPlan, choices: list[ChoiceState],
                  streams: EngineStreams) -> web.Response:
-    async for i, delta in streams:
-        if delta.error is not None:
-            raise from_error_info(delta.error, state.config.retry_after_s)
-        entries = await _entries(state, plan, choices[i], delta)
-        choices[i].apply(delta, time.monotonic())
-        if entries:
-            choices[i].logprobs.extend(entries)
-    body = responses.chat_body(plan, choices) if plan.chat else responses.completion_body(plan, choices)
+    body = await collect_body(plan, choices, streams, state.token_texts, state.config.retry_after_s)
     return web.Response(body=responses.encode(body), content_type="application/json")
 
 
@@ -157,7 +189,7 @@ async def _stream(request: web.Request, state: ApiState, plan: GenerationPlan, c
 
 async def _send_delta(response: web.StreamResponse, state: ApiState, plan: GenerationPlan,
                       choice: ChoiceState, delta: TextDelta) -> None:
-    entries = await _entries(state, plan, choice, delta)
+    entries = await _entries(state.token_texts, plan, choice, delta)
     text = choice.apply(delta, time.monotonic())
     if not text and not entries and delta.finish_reason is None:
         return  # nothing to say (e.g. a first message that only carries the prompt length)

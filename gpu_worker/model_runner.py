@@ -22,6 +22,7 @@ from zeroserve.gpu_worker.input_batch import PlanError, RequestStates, build_inp
 from zeroserve.gpu_worker.kv_cache import KVCacheSpec, allocate_kv_cache, cpu_num_blocks, cuda_num_blocks
 from zeroserve.gpu_worker.loader import ModelConfig, load_checkpoint
 from zeroserve.gpu_worker.models import build_model
+from zeroserve.gpu_worker.models.layers import onednn_linear_available
 from zeroserve.gpu_worker.sampler import Sampler, SamplingBatch, make_generator
 from zeroserve.kernels import get_kernels
 from zeroserve.kernels.metadata import AttentionMetadata
@@ -41,8 +42,8 @@ class RunnerConfig:
     dtype: str = "auto"  # auto: float32 on CPU (no fast bf16 there), bfloat16 on GPU
     device: str = "cpu"
     block_size: int = 16
-    num_kv_blocks: int | None = None  # explicit size of the KV cache, else from memory
-    kv_cache_memory_gb: float | None = None  # CPU: default 2 GiB; GPU: overrides utilization
+    num_kv_blocks: int | None = None  # explicit size of the KV cache, else (None or 0) from memory
+    kv_cache_memory_gb: float | None = None  # CPU: default (None or 0) 2 GiB; GPU: overrides utilization
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_num_batched_tokens: int = 2048
@@ -72,7 +73,7 @@ class ModelRunner:
             env.set_cpu_thread_env()
             if env.num_threads() > 0:
                 torch.set_num_threads(env.num_threads())
-        elif self.device.type == "cuda":
+        elif self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)
         torch.manual_seed(config.seed)
         self.dtype = resolve_dtype(config.dtype, self.device)
@@ -93,6 +94,8 @@ class ModelRunner:
         self.model = build_model(cfg, self.ops, self.max_model_len)
         self.model.load_weights(weights, self.device)
         self.model.eval()
+        if onednn_linear_available(self.device, self.dtype):
+            self.model.pack_for_cpu()
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = list(cfg.eos_token_ids)
         self.block_size = config.block_size
@@ -116,21 +119,22 @@ class ModelRunner:
         # Hook for CUDA graphs: a capture of decode buckets replaces this callable.
         self.forward = self.model.forward
         self.load_time_s = time.perf_counter() - start
-        log.info("model ready in %.1f s: %s, %s on %s, %d KV blocks of %d tokens (%.2f GiB)",
+        log.info("model ready in %.1f s: %s, %s on %s, %d KV blocks of %d tokens (%.1f MiB)",
                  self.load_time_s, cfg.architecture, str(self.dtype).removeprefix("torch."), self.device,
-                 self.num_kv_blocks, self.block_size, self.num_kv_blocks * self.kv_spec.bytes_per_block / 2**30)
+                 self.num_kv_blocks, self.block_size, self.num_kv_blocks * self.kv_spec.bytes_per_block / 2**20)
 
     # ------------------------------------------------------------------ setup
 
     def _size_kv_cache(self) -> int:
         c = self.config
-        if c.num_kv_blocks is not None:
+        if c.num_kv_blocks:  # None or 0: size from memory
             return c.num_kv_blocks
+        memory_gb = c.kv_cache_memory_gb or None
         if self.device.type == "cuda":
             self._profile_run()
-            return cuda_num_blocks(self.kv_spec, self.device, c.gpu_memory_utilization, c.kv_cache_memory_gb,
+            return cuda_num_blocks(self.kv_spec, self.device, c.gpu_memory_utilization, memory_gb,
                                    c.max_num_seqs, self.max_model_len)
-        return cpu_num_blocks(self.kv_spec, c.kv_cache_memory_gb, c.max_num_seqs, self.max_model_len)
+        return cpu_num_blocks(self.kv_spec, memory_gb, c.max_num_seqs, self.max_model_len)
 
     @torch.inference_mode()
     def _profile_run(self) -> None:

@@ -59,6 +59,7 @@ class PlanBuilder:
         self.active: dict[str, _Request] = {}  # arrival order
         self.outputs: dict[str, list[int]] = {}
         self.finish_reasons: dict[str, str] = {}
+        self.block_ids: dict[str, list[int]] = {}  # finished requests' blocks (freed, K/V kept until reused)
         self._finished_since_plan: list[str] = []
         self._step_id = 0
 
@@ -147,6 +148,7 @@ class PlanBuilder:
                 finished.append(rid)
                 self.finish_reasons[rid] = reason
                 self.outputs[rid] = req.output
+                self.block_ids[rid] = req.block_ids
                 self.free_blocks.extend(req.block_ids)
                 del self.active[rid]
                 self._finished_since_plan.append(rid)

@@ -67,6 +67,8 @@ class Heartbeat(threading.Thread):
 
 def serve(config: EngineConfig, rank: int) -> None:
     env.set_cpu_thread_env()
+    if config.num_threads > 0:  # --num-threads wins over the environment
+        os.environ["ZEROSERVE_NUM_THREADS"] = str(config.num_threads)
     started = time.monotonic()
     from zeroserve.gpu_worker.model_runner import ModelRunner
 

@@ -6,10 +6,11 @@ for seeded requests), builds a :class:`SamplingBatch` for the rows that sample t
 logits ``[B, V]``. The ops are the pure functions of ``kernels.reference.sampling``; their
 order is vLLM v1's:
 
-    raw logits ──────────────────────────────────────────────► logprobs (log_softmax, top-N)
-        └─ min_tokens: EOS + stop ids -inf ─ penalties ─┬─► argmax            (greedy rows)
-                                                        └─► /T ─ min_p ─ top_k ─ top_p
-                                                            ─ softmax ─ exponential race
+    raw logits ──────────────────────────────────────► logprobs (log_softmax, top-N)
+      └─ min_tokens mask (EOS, stop ids) ─ penalties ─┬─► argmax            (greedy rows)
+                                                      └─► /T ─ min_p ─ top_k ─ top_p
+                                                          ─ softmax ─ exponential race
+
 Only the work some row asks for runs: a topk (never a full-vocabulary sort, save for rows
 whose top-p nucleus is wider than 1024 tokens) only when a row has top_k / top_p, and a bare
 argmax when the whole batch is greedy with nothing else to do.
@@ -17,12 +18,14 @@ argmax when the whole batch is greedy with nothing else to do.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
-from zeroserve.kernels.reference import sampling as ops
+from zeroserve.kernels.reference import sampling as reference_ops
 from zeroserve.kernels.reference.sampling import GREEDY_TEMPERATURE_EPS, make_generator
 from zeroserve.shared.messages import SamplingParams, TokenLogprobs, TopLogprob
 
@@ -51,13 +54,13 @@ class SamplingBatch:
     temperature: torch.Tensor | None  # fp32 [B]; None when all rows are greedy or T == 1
     min_p: torch.Tensor | None  # fp32 [B]
     top_k: torch.Tensor | None  # int64 [B], <= 0 off
-    max_top_k: int
+    max_top_k: int  # largest top_k of the random rows, 0 if none
     top_p: torch.Tensor | None  # fp32 [B], 1 off
     # penalties, None unless some row has one
     presence: torch.Tensor | None  # fp32 [B]
     frequency: torch.Tensor | None  # fp32 [B]
     repetition: torch.Tensor | None  # fp32 [B]
-    prompt_tokens: tuple[torch.Tensor, torch.Tensor] | None
+    prompt_tokens: tuple[torch.Tensor, torch.Tensor] | None  # empty without repetition penalty
     output_tokens: tuple[torch.Tensor, torch.Tensor] | None
     # min_tokens: tokens to hide this step (EOS and stop ids of rows short of min_tokens)
     banned_tokens: tuple[torch.Tensor, torch.Tensor] | None
@@ -109,27 +112,22 @@ class SamplingBatch:
                     "params; pass one entry per sampling row, in the same order"
                 )
         greedy = [is_greedy(p) for p in params]
-        random_rows = [not g for g in greedy]
-        temps = [p.temperature for p in params]
-        top_ks = [p.top_k for p in params]
-        top_ps = [p.top_p for p in params]
-        min_ps = [p.min_p for p in params]
+        # Greedy rows take the argmax; their filters are switched off so that they cost
+        # nothing in the random path they share with the other rows (e.g. a top-p sort).
+        temps = [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)]
+        top_ks = [0 if g else p.top_k for p, g in zip(params, greedy, strict=True)]
+        top_ps = [1.0 if g else p.top_p for p, g in zip(params, greedy, strict=True)]
+        min_ps = [0.0 if g else p.min_p for p, g in zip(params, greedy, strict=True)]
         presence = [p.presence_penalty for p in params]
         frequency = [p.frequency_penalty for p in params]
         repetition = [p.repetition_penalty for p in params]
 
-        # Filtering only matters for rows that sample at random.
-        def used(values: list[float | int], off) -> bool:
-            return any(r and off(v) for r, v in zip(random_rows, values, strict=True))
-
-        use_temperature = used(temps, lambda t: t != 1.0)
-        use_min_p = used(min_ps, lambda m: m > 0.0)
-        use_top_k = used(top_ks, lambda k: k > 0)
-        use_top_p = used(top_ps, lambda p: p < 1.0)
-        use_penalties = any(
-            pr != 0.0 or fr != 0.0 or rp != 1.0
-            for pr, fr, rp in zip(presence, frequency, repetition, strict=True)
-        )
+        use_temperature = any(t != 1.0 for t in temps)
+        use_min_p = any(m > 0.0 for m in min_ps)
+        use_top_k = any(k > 0 for k in top_ks)
+        use_top_p = any(q < 1.0 for q in top_ps)
+        use_repetition = any(rp != 1.0 for rp in repetition)
+        use_penalties = use_repetition or any(x != 0.0 for x in presence + frequency)
 
         # One host-to-device copy for every per-row scalar (top_k < 2**24, exact in fp32).
         packed = torch.tensor(
@@ -149,7 +147,7 @@ class SamplingBatch:
             rows, ids = torch.tensor(banned, dtype=torch.int64).to(device).unbind(1)
             banned_tokens = (rows, ids)
 
-        seeded = [g if r else None for g, r in zip(generators, random_rows, strict=True)]
+        seeded = [None if g else gen for gen, g in zip(generators, greedy, strict=True)]
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         return cls(
             num_rows=num_rows,
@@ -159,13 +157,20 @@ class SamplingBatch:
             temperature=temp_t if use_temperature else None,
             min_p=min_p_t if use_min_p else None,
             top_k=top_k_t.long() if use_top_k else None,
-            max_top_k=max((k for k, r in zip(top_ks, random_rows, strict=True) if r), default=0),
+            max_top_k=max(top_ks, default=0),
             top_p=top_p_t if use_top_p else None,
             presence=pres_t if use_penalties else None,
             frequency=freq_t if use_penalties else None,
             repetition=rep_t if use_penalties else None,
-            prompt_tokens=ops.flatten_token_ids(prompt_ids, device) if use_penalties else None,
-            output_tokens=ops.flatten_token_ids(output_ids, device) if use_penalties else None,
+            # the prompt only matters to the repetition penalty
+            prompt_tokens=(
+                reference_ops.flatten_token_ids(prompt_ids if use_repetition else [], device)
+                if use_penalties
+                else None
+            ),
+            output_tokens=(
+                reference_ops.flatten_token_ids(output_ids, device) if use_penalties else None
+            ),
             banned_tokens=banned_tokens,
             generators=seeded if any(g is not None for g in seeded) else None,
             logprob_rows=logprob_rows,
@@ -189,7 +194,18 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Stateless; one per worker. sample() runs the step's sampling for a SamplingBatch."""
+    """One per worker; no state between steps. sample() runs a SamplingBatch's step.
+
+    ops: the module of sampling ops (the torch reference by default); a faster backend with
+    the same functions (e.g. Triton filters) is chosen here, once, at construction.
+    """
+
+    def __init__(self, ops: ModuleType | None = None) -> None:
+        self.ops = ops if ops is not None else reference_ops
+        # max_k (the largest top_k, known on the host) spares the torch ops a device sync; a
+        # backend whose filters need no host-side k may leave the parameter out.
+        params = inspect.signature(self.ops.apply_top_k_top_p).parameters
+        self._pass_max_k = "max_k" in params
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits: ``[B, V]`` (any float dtype; computed in fp32), one row per batch row.
@@ -211,50 +227,56 @@ class Sampler:
             sampled = self._sample_random(processed, batch)
             if batch.any_greedy:
                 sampled = torch.where(batch.greedy, processed.argmax(dim=-1), sampled)
+        # queue the logprob kernels before the first device-to-host copy waits for them all
+        logprobs = self._logprobs(raw, sampled, batch)
+        return SamplerOutput(sampled.tolist(), self._to_messages(logprobs, batch), sampled)
 
-        token_ids = sampled.tolist()
-        return SamplerOutput(token_ids, self._logprobs(raw, sampled, batch), sampled)
-
-    @staticmethod
-    def _process(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    def _process(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """min_tokens masking and penalties: what greedy and random rows both see."""
         num_rows, vocab = logits.shape
         if batch.banned_tokens is not None:
-            logits = ops.mask_tokens(logits, *batch.banned_tokens)
+            logits = self.ops.mask_tokens(logits, *batch.banned_tokens)
         if batch.needs_penalties:
-            counts = ops.scatter_token_counts(*batch.output_tokens, num_rows, vocab)
-            prompt_mask = ops.scatter_token_mask(*batch.prompt_tokens, num_rows, vocab)
-            logits = ops.apply_penalties(
+            counts = self.ops.scatter_token_counts(*batch.output_tokens, num_rows, vocab)
+            prompt_mask = self.ops.scatter_token_mask(*batch.prompt_tokens, num_rows, vocab)
+            logits = self.ops.apply_penalties(
                 logits, counts, prompt_mask, batch.presence, batch.frequency, batch.repetition
             )
         return logits
 
-    @staticmethod
-    def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    def _sample_random(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         if batch.temperature is not None:
-            logits = ops.apply_temperature(logits, batch.temperature)
+            logits = self.ops.apply_temperature(logits, batch.temperature)
         if batch.min_p is not None:
-            logits = ops.apply_min_p(logits, batch.min_p)
-        logits = ops.apply_top_k_top_p(logits, batch.top_k, batch.top_p, batch.max_top_k)
-        return ops.sample_from_probs(logits.softmax(dim=-1), batch.generators)
+            logits = self.ops.apply_min_p(logits, batch.min_p)
+        max_k = {"max_k": batch.max_top_k} if self._pass_max_k else {}
+        logits = self.ops.apply_top_k_top_p(logits, batch.top_k, batch.top_p, **max_k)
+        return self.ops.sample_from_probs(logits.softmax(dim=-1), batch.generators)
 
-    @staticmethod
     def _logprobs(
-        raw: torch.Tensor, sampled: torch.Tensor, batch: SamplingBatch
-    ) -> list[TokenLogprobs | None]:
+        self, raw: torch.Tensor, sampled: torch.Tensor, batch: SamplingBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """vLLM's default "raw_logprobs": log_softmax of the model's logits, before any
-        penalty, mask or temperature."""
-        out: list[TokenLogprobs | None] = [None] * batch.num_rows
+        penalty, mask or temperature. Returns (token logprob [R], top values [R, N], top
+        ids [R, N]) for the R rows that asked, N their largest request; None if none did."""
         if not batch.logprob_rows:
-            return out
+            return None
         rows = batch.logprob_rows_tensor
         if rows is not None:  # only some rows asked: skip the others' log_softmax
             raw, sampled = raw.index_select(0, rows), sampled.index_select(0, rows)
-        chosen, top_values, top_ids = ops.gather_logprobs(
-            ops.compute_logprobs(raw), sampled, max(batch.num_top_logprobs)
+        return self.ops.gather_logprobs(
+            self.ops.compute_logprobs(raw), sampled, max(batch.num_top_logprobs)
         )
-        chosen_l, values_l, ids_l = chosen.tolist(), top_values.tolist(), top_ids.tolist()
+
+    @staticmethod
+    def _to_messages(
+        logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, batch: SamplingBatch
+    ) -> list[TokenLogprobs | None]:
+        out: list[TokenLogprobs | None] = [None] * batch.num_rows
+        if logprobs is None:
+            return out
+        chosen, values, ids = (t.tolist() for t in logprobs)
         for j, (row, n) in enumerate(zip(batch.logprob_rows, batch.num_top_logprobs, strict=True)):
-            top = [TopLogprob(ids_l[j][m], values_l[j][m]) for m in range(min(n, len(ids_l[j])))]
-            out[row] = TokenLogprobs(chosen_l[j], top)
+            top = [TopLogprob(ids[j][m], values[j][m]) for m in range(min(n, len(ids[j])))]
+            out[row] = TokenLogprobs(chosen[j], top)
         return out

@@ -9,7 +9,8 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Limits of one scheduler. ``num_blocks`` comes from the workers' WorkerReady.
 
     max_num_batched_tokens: tokens computed per step over all requests (decodes count 1).
-    max_num_seqs: requests running at once (holding KV blocks).
+    max_num_seqs: requests running at once (holding KV blocks). The scheduler runs at most
+        max_num_batched_tokens of them, so that every running request advances every step.
     max_waiting_requests / max_waiting_tokens: admission limits on the waiting queue (None =
         no limit); a request over them is refused with HTTP 429. The token limit counts the
         tokens the waiting requests still have to prefill and never refuses a request that

@@ -42,11 +42,11 @@ class Request:
         "request_id", "prompt_token_ids", "all_token_ids", "params", "arrival_time", "priority",
         "deadline", "cache_salt", "sort_key", "status", "block_ids", "num_computed_tokens",
         "block_keys", "num_cached_blocks", "num_cached_tokens", "started", "sent_first_delta",
-        "known_to_workers", "stop_token_ids", "eos_token_ids", "max_tokens", "min_tokens",
-        "num_prompt_tokens", "num_preemptions", "_root_key",
+        "known_to_workers", "stop_token_ids", "stop_set", "max_len", "min_len", "num_prompt_tokens",
+        "num_preemptions", "_root_key",
     )  # fmt: skip
 
-    def __init__(self, req: EngineRequest, sort_key: tuple, eos_token_ids: frozenset[int]) -> None:
+    def __init__(self, req: EngineRequest, sort_key: tuple, eos_token_ids: frozenset[int], max_model_len: int) -> None:
         params: SamplingParams = req.params
         self.request_id = req.request_id
         self.prompt_token_ids = req.prompt_token_ids
@@ -67,10 +67,11 @@ class Request:
         self.started = False  # scheduled at least once: the deadline no longer applies
         self.sent_first_delta = False
         self.known_to_workers = False  # workers hold its state: tell them when it goes
+        # Finish checks as token counts, precomputed: one comparison each per sampled token.
         self.stop_token_ids = frozenset(params.stop_token_ids)
-        self.eos_token_ids = frozenset() if params.ignore_eos else eos_token_ids
-        self.max_tokens = params.max_tokens
-        self.min_tokens = params.min_tokens
+        self.stop_set = self.stop_token_ids if params.ignore_eos else self.stop_token_ids | eos_token_ids
+        self.min_len = self.num_prompt_tokens + params.min_tokens  # no stop before this many tokens
+        self.max_len = min(self.num_prompt_tokens + params.max_tokens, max_model_len)  # "length" here
         self.num_preemptions = 0
         self._root_key = root_key(req.cache_salt)
 

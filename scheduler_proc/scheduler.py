@@ -11,7 +11,7 @@ How ``schedule`` fills a step (token budget ``max_num_batched_tokens``, cap ``ma
     running, best sort_key first          waiting heap, best first
     [ d d p d d ... d ]  -- 1. ------>    2. admit while budget, seqs and blocks allow
       d: decode, 1 token each; p: a running prefill, chunked to the budget left after
-      reserving one token per decode behind it (decodes first, for inter-token latency)
+      reserving one token per request behind it (decodes never starve behind a prefill)
     out of blocks -> preempt running[-1] (lowest priority, latest arrival) by recompute,
       and admit no waiting request this step
 
@@ -74,6 +74,8 @@ class Scheduler:
     def __init__(self, cfg: SchedulerConfig) -> None:
         self.cfg = cfg
         self.block_size = cfg.block_size
+        # one token each per step at least: more seats than budget would stall some of them
+        self.max_num_seqs = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.blocks = BlockManager(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.waiting = WaitingQueue()
         self.running: list[Request] = []  # sorted by sort_key
@@ -100,7 +102,7 @@ class Scheduler:
         check_admission(self.cfg, req, self.waiting)
         aging = self.cfg.priority_aging_s
         score = req.priority if aging is None else req.priority + req.arrival_time / aging
-        r = Request(req, (score, req.arrival_time, next(self._seq)), self._eos)
+        r = Request(req, (score, req.arrival_time, next(self._seq)), self._eos, self.cfg.max_model_len)
         if self.cfg.enable_prefix_caching:
             r.update_block_keys(self.block_size)
         self._requests[r.request_id] = r
@@ -152,63 +154,15 @@ class Scheduler:
         self._expire_deadlines(time.time() if now is None else now)
         bs, bm, running = self.block_size, self.blocks, self.running
         caching = self.cfg.enable_prefix_caching
-        budget = self.cfg.max_num_batched_tokens
-        num_sampling = 0
-        keyed: list[int] = []
+        keyed: list[int] = []  # blocks keyed this step
         running_data: list[RunningRequestData] = []
         new_data: list[NewRequestData] = []
-        preempted = False
-
-        # 1. Running requests, best first. Decodes behind a running prefill keep one token
-        #    each; they are counted only when a step meets a running prefill (-1: not yet).
-        num_decodes = -1
-        i = 0
-        while i < len(running) and budget > 0:
-            r = running[i]
-            num_computed = r.num_computed_tokens
-            remaining = len(r.all_token_ids) - num_computed
-            if remaining == 1:  # decode: a new block exactly when the last one is full
-                num_new = 1
-                need = 1 if num_computed % bs == 0 else 0
-                if num_decodes > 0:
-                    num_decodes -= 1
-            else:  # the next chunk of a prefill
-                if num_decodes < 0:
-                    num_decodes = sum(1 for q in running[i + 1 :] if len(q.all_token_ids) - q.num_computed_tokens == 1)
-                num_new = min(remaining, budget - num_decodes)
-                if num_new <= 0:
-                    i += 1
-                    continue
-                need = (num_computed + num_new + bs - 1) // bs - len(r.block_ids)
-            if need > 0:
-                fresh = bm.take(need)
-                while fresh is None:  # out of blocks: preempt from the back, maybe r itself
-                    victim = running.pop()
-                    if victim is not r and num_decodes > 0 and (
-                            len(victim.all_token_ids) - victim.num_computed_tokens == 1):  # fmt: skip
-                        num_decodes -= 1
-                    self._preempt(victim)
-                    preempted = True
-                    if victim is r:
-                        break
-                    fresh = bm.take(need)
-                if fresh is None:
-                    break
-                r.block_ids += fresh
-            else:
-                fresh = []
-            running_data.append(RunningRequestData(r.request_id, fresh, num_new))
-            budget -= num_new
-            r.num_computed_tokens = num_computed = num_computed + num_new
-            if num_computed == len(r.all_token_ids):
-                num_sampling += 1
-            if caching and num_computed // bs > r.num_cached_blocks:
-                self._cache_full_blocks(r, keyed)
-            i += 1
+        # 1. Running requests, best first (decodes, then chunks of running prefills).
+        budget, num_sampling, preempted = self._schedule_running(running_data, keyed)
 
         # 2. Waiting requests, best first, while budget, seats and blocks last (no skipping
         #    ahead: a big request at the head is not starved by small ones behind it).
-        max_seqs, waiting = self.cfg.max_num_seqs, self.waiting
+        max_seqs, waiting = self.max_num_seqs, self.waiting
         while not preempted and budget > 0 and len(running) < max_seqs:
             r = waiting.peek()
             if r is None:
@@ -255,6 +209,61 @@ class Scheduler:
         self.tokens_scheduled_last_step = self.cfg.max_num_batched_tokens - budget
         return plan
 
+    def _schedule_running(self, out: list[RunningRequestData], keyed: list[int]) -> tuple[int, int, bool]:
+        """Step 1 of schedule(): running requests, best first; returns (budget left, number
+        sampling, whether a request was preempted).
+
+        A running prefill's chunk leaves one token of the budget for every request behind
+        it, so decodes are never crowded out; as there are no more running requests than
+        tokens in the budget, every running request computes at least one token every step. Out of blocks, the
+        request at the back of ``running`` is preempted (maybe r itself): the loop walks
+        forward, so the victim has not been scheduled in this step.
+        """
+        bs, bm, running = self.block_size, self.blocks, self.running
+        caching = self.cfg.enable_prefix_caching
+        budget = self.cfg.max_num_batched_tokens
+        num_sampling = 0
+        preempted = False
+        n, i = len(running), 0
+        while i < n and budget > 0:
+            r = running[i]
+            i += 1
+            num_computed = r.num_computed_tokens
+            remaining = len(r.all_token_ids) - num_computed
+            if remaining == 1:
+                if num_computed % bs:  # fast path: a decode with room in its last block
+                    out.append(RunningRequestData(r.request_id, [], 1))
+                    r.num_computed_tokens = num_computed = num_computed + 1
+                    budget -= 1
+                    num_sampling += 1
+                    if caching and num_computed % bs == 0:
+                        self._cache_full_blocks(r, keyed)
+                    continue
+                num_new = need = 1
+            else:  # the next chunk of a prefill
+                num_new = min(remaining, budget - (n - i))
+                if num_new <= 0:
+                    continue
+                need = (num_computed + num_new + bs - 1) // bs - len(r.block_ids)
+            fresh = bm.take(need) if need > 0 else []
+            while fresh is None:
+                victim = running.pop()
+                n -= 1
+                self._preempt(victim)
+                preempted = True
+                if victim is r:
+                    return budget, num_sampling, preempted
+                fresh = bm.take(need)
+            r.block_ids += fresh
+            out.append(RunningRequestData(r.request_id, fresh, num_new))
+            budget -= num_new
+            r.num_computed_tokens = num_computed = num_computed + num_new
+            if num_computed == len(r.all_token_ids):
+                num_sampling += 1
+            if caching and num_computed // bs > r.num_cached_blocks:
+                self._cache_full_blocks(r, keyed)
+        return budget, num_sampling, preempted
+
     def update_from_output(self, result: StepResult) -> list[TokenDelta]:
         """Append the sampled tokens, finish requests, return one delta per request that sampled.
 
@@ -271,31 +280,32 @@ class Scheduler:
             requests = inflight.requests(self._requests)
             return self._fail(requests, inflight.keyed_blocks, f"The engine step failed: {result.error}")
         live, lps, tokens = self._requests, result.logprobs, result.sampled_token_ids
-        max_model_len = self.cfg.max_model_len
         deltas: list[TokenDelta] = []
         finished: list[Request] = []
         applied = 0
         for idx, rid in enumerate(result.request_ids):
             r = live.get(rid)
-            if r is None or r.status != _RUNNING:
+            if r is None:
                 continue  # aborted since the plan
             all_tokens = r.all_token_ids
             if r.num_computed_tokens != len(all_tokens):
-                continue  # not sampling in this step: ignore rather than corrupt its tokens
+                continue  # not sampling in this step (an id re-used after an abort is WAITING, at 0)
             applied += 1
             token = tokens[idx]
             all_tokens.append(token)
-            num_output = len(all_tokens) - r.num_prompt_tokens
             finish = stop_reason = None
-            if num_output >= r.min_tokens and (token in r.stop_token_ids or token in r.eos_token_ids):
+            if token in r.stop_set and len(all_tokens) >= r.min_len:
                 finish = "stop"
                 if token in r.stop_token_ids:
                     stop_reason = token
-            elif num_output >= r.max_tokens or len(all_tokens) >= max_model_len:
+            elif len(all_tokens) >= r.max_len:  # max_tokens or max_model_len reached
                 finish = "length"
             lp = None if lps is None or lps[idx] is None else [lps[idx]]
             if r.sent_first_delta:
-                deltas.append(TokenDelta(rid, [token], lp, finish, stop_reason))
+                if finish is None and lp is None:  # the common case, with the fewest arguments
+                    deltas.append(TokenDelta(rid, [token]))
+                else:
+                    deltas.append(TokenDelta(rid, [token], lp, finish, stop_reason))
             else:
                 r.sent_first_delta = True
                 deltas.append(TokenDelta(rid, [token], lp, finish, stop_reason, None,
@@ -303,6 +313,7 @@ class Scheduler:
             if finish is not None:
                 finished.append(r)
         if finished:
+            finished.sort(key=_by_sort_key)  # free order (LRU order) independent of result order
             for r in finished:
                 self._finish(r)
             self.running[:] = [r for r in self.running if r.status == _RUNNING]
@@ -341,7 +352,7 @@ class Scheduler:
     def check_invariants(self) -> None:
         """Assert the bookkeeping is consistent (tests; O(blocks + requests))."""
         bs, refs = self.block_size, [0] * self.blocks.num_blocks
-        assert len(self.running) <= self.cfg.max_num_seqs
+        assert len(self.running) <= self.max_num_seqs
         assert [r.sort_key for r in self.running] == sorted(r.sort_key for r in self.running), "running unsorted"
         for r in self.running:
             assert r.status == _RUNNING and self._requests.get(r.request_id) is r, r

@@ -37,6 +37,13 @@ _NUMPY = {
 _U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 
 
+def _utf8(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace")
+
+
 class _Cursor:
     """A read position over the mapped file; every read checks the bounds."""
 
@@ -58,17 +65,32 @@ class _Cursor:
 
     def string(self) -> str:
         n = self.u64()
-        raw = self.buf[self.take(n) : self.pos]
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return raw.decode("utf-8", errors="replace")
+        return _utf8(self.buf[self.take(n) : self.pos])
+
+    def strings(self, count: int) -> list[str]:
+        """An array of strings (a vocabulary: ~100k of them), in one tight loop."""
+        buf, pos, end, unpack, out = self.buf, self.pos, len(self.buf), _U64.unpack_from, []
+        for _ in range(count):
+            if pos + 8 > end:
+                break
+            n = unpack(buf, pos)[0]
+            pos += 8
+            if pos + n > end:
+                break
+            out.append(_utf8(buf[pos : pos + n]))
+            pos += n
+        else:
+            self.pos = pos
+            return out
+        raise TokenizerLoadError(f"{self.path}: truncated or corrupt GGUF metadata at byte {pos}")
 
     def value(self, vtype: int) -> Any:
         if vtype == T.STRING:
             return self.string()
         if vtype == T.ARRAY:
             etype, count = self.u32(), self.u64()
+            if etype == T.STRING:
+                return self.strings(count)
             if etype in _NUMPY:
                 dtype = np.dtype(_NUMPY[etype])
                 start = self.take(count * dtype.itemsize)

@@ -3,7 +3,8 @@
 Files read (only tokenizer.json is required):
 
     tokenizer.json           the tokenizers pipeline, vocabulary and added tokens (the truth)
-    tokenizer_config.json    bos/eos/unk/pad tokens, add_bos_token/add_eos_token, chat_template
+    tokenizer_config.json    bos/eos/unk/pad tokens, chat_template (add_bos_token/add_eos_token
+                             are ignored, as transformers 5 does: the post-processor decides)
     special_tokens_map.json  legacy named special tokens (fills what tokenizer_config lacks)
     chat_template.jinja      the chat template (transformers >= 4.43 writes it here), or
     chat_template.json       {"chat_template": ...}
@@ -103,10 +104,10 @@ def load_hf_tokenizer(folder: str) -> TokenizerSpec:
     if missing:
         backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in missing])
 
-    # tokenizer.json's post-processor decides BOS/EOS unless the config states the flags.
-    if "add_bos_token" in config or "add_eos_token" in config or backend.post_processor is None:
-        set_post_processor(backend, special.get("bos_token"), bool(config.get("add_bos_token", False)),
-                           special.get("eos_token"), bool(config.get("add_eos_token", False)))
+    # BOS/EOS come from tokenizer.json's post-processor alone: transformers 5 ignores the
+    # add_bos_token/add_eos_token flags of tokenizer_config.json when tokenizer.json exists.
+    if backend.post_processor is None:
+        set_post_processor(backend, special.get("bos_token"), False, special.get("eos_token"), False)
 
     model_config = _read_json(folder, "config.json")
     generation = _read_json(folder, "generation_config.json")

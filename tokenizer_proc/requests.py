@@ -6,6 +6,7 @@ import msgspec
 
 from zeroserve.shared.messages import ErrorInfo, GenerateRequest, SamplingParams, TextDelta, TokenDelta
 from zeroserve.tokenizer_proc.detokenizer import IncrementalDetokenizer
+from zeroserve.tokenizer_proc.errors import TokenizerError
 from zeroserve.tokenizer_proc.stop_strings import StopChecker
 
 
@@ -27,8 +28,11 @@ def build_prompt(tokenizer, req: GenerateRequest, max_model_len: int, vocab_size
     if req.messages is not None:
         try:
             text = tokenizer.apply_chat_template(req.messages, add_generation_prompt=req.add_generation_prompt)
-        except Exception as e:  # the template's own raise_exception, or a malformed conversation
-            raise PromptError(f"the chat template could not render these messages: {e}", param="messages") from None
+        except TokenizerError as e:  # the template's own raise_exception, or a malformed conversation
+            raise PromptError(e.message, param=e.param or "messages") from None
+        except Exception:  # never leak internals; the message says what to fix
+            raise PromptError("the chat template could not render these messages; check roles and content",
+                              param="messages") from None
         ids = tokenizer.encode(text, add_special_tokens=False)
         param = "messages"
     elif req.prompt is not None:

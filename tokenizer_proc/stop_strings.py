@@ -8,6 +8,9 @@ the next text shows it cannot match (or at flush, when the request ends otherwis
     checker = StopChecker(["\\nUser:"], include_stop_str_in_output=False)
     checker.feed("Sure.\\nUs")   -> ("Sure.", False, None)     "\\nUs" held back
     checker.feed("er: hi")      -> ("", True, "\\nUser:")     cut before the stop string
+
+A request that ends for another reason passes its last text with final=True (or calls
+flush()) to get the held tail back.
 """
 
 from __future__ import annotations
@@ -33,23 +36,32 @@ class StopChecker:
     def held_text(self) -> str:
         return self._held
 
-    def feed(self, text: str) -> tuple[str, bool, str | None]:
-        """New text in -> (text to emit now, stopped, the stop string matched or None)."""
+    def feed(self, text: str, final: bool = False) -> tuple[str, bool, str | None]:
+        """New text in -> (text to emit now, stopped, the stop string matched or None).
+
+        final: this is the request's last text (it ended for another reason): a stop string
+        in it still counts, and otherwise the held tail is released too.
+        """
         if self.matched is not None:
             return "", True, self.matched
+        if final:
+            emit, stopped, matched = self.feed(text)
+            return (emit, True, matched) if stopped else (emit + self.flush(), False, None)
         if not self.stop:
             return text, False, None
         buf = self._held + text
-        # Earliest match wins; at the same position the longer stop string.
-        best: tuple[int, int, str] | None = None
+        # The match that ENDS first wins (ties: the one starting first): that is the first stop
+        # string a reader of the stream sees complete, so the result does not depend on how the
+        # text was cut into deltas.
+        best: tuple[int, int, str] | None = None  # (end, start, stop string)
         for s in self.stop:
             i = buf.find(s)
-            if i >= 0 and (best is None or (i, -len(s)) < (best[0], -best[1])):
-                best = (i, len(s), s)
+            if i >= 0 and (best is None or (i + len(s), i) < best[:2]):
+                best = (i + len(s), i, s)
         if best is not None:
-            i, n, s = best
+            end, start, s = best
             self.matched, self._held = s, ""
-            return buf[: i + n] if self.include_stop_str_in_output else buf[:i], True, s
+            return buf[:end] if self.include_stop_str_in_output else buf[:start], True, s
         keep = self._open_suffix(buf)
         self._held = buf[len(buf) - keep :] if keep else ""
         return buf[: len(buf) - keep], False, None

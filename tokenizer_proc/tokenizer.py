@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, processors
 
 from .chat_template import ChatTemplate
-from .errors import TokenizerLoadError
+from .errors import ChatTemplateError, TokenizerLoadError
 
 
 @dataclass
@@ -37,7 +37,6 @@ class TokenizerSpec:
     eos_token_ids: list[int]
     model_max_length: int | None = None
     source: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 @lru_cache(maxsize=1)
@@ -69,8 +68,8 @@ def set_post_processor(backend: BackendTokenizer, bos: str | None, add_bos: bool
 
 
 class Tokenizer:
-    """Encode, decode and render chat prompts for one model. Thread-compatible, not mutated
-    after construction (token text caches aside)."""
+    """Encode, decode and render chat prompts for one model. Not changed after construction
+    (the per-token text/bytes caches aside)."""
 
     def __init__(self, spec: TokenizerSpec):
         self.backend = spec.backend
@@ -95,7 +94,10 @@ class Tokenizer:
         self.chat_template: str | None = spec.chat_template
         self._template = ChatTemplate(spec.chat_template) if spec.chat_template else None
         self._byte_decoder = _byte_decoder(self.backend)
+        # byte-level BPE: every token spells raw bytes, so token_bytes is exact
+        self.is_byte_level: bool = self._byte_decoder is not None
         self._token_text: dict[int, str] = {}
+        self._token_bytes: dict[int, bytes] = {}
 
     def __repr__(self) -> str:
         return (f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, bos={self.bos_token_id}, "
@@ -140,6 +142,13 @@ class Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes a token stands for (OpenAI logprobs "bytes"): exact for byte-level and
         byte-fallback ("<0xE2>") tokens, the UTF-8 of token_text otherwise."""
+        raw = self._token_bytes.get(token_id)
+        if raw is None:
+            raw = self._raw_bytes(token_id)
+            self._token_bytes[token_id] = raw
+        return raw
+
+    def _raw_bytes(self, token_id: int) -> bytes:
         piece = self.backend.id_to_token(token_id)
         if piece is not None and token_id not in self.special_token_ids:
             if self._byte_decoder is not None and all(c in self._byte_decoder for c in piece):
@@ -159,8 +168,6 @@ class Tokenizer:
         kwargs become template variables (tools=..., enable_thinking=...). Raises
         ChatTemplateError when the model has no template or the template fails.
         """
-        from .errors import ChatTemplateError
-
         if self._template is None:
             raise ChatTemplateError(
                 f"the model {os.path.basename(self.source) or self.source!r} has no chat template; "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import os
 import sys
@@ -50,6 +51,10 @@ class Generator:
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.max_len = getattr(model.config, "max_position_embeddings", 2048)
+        # transformers 5 renamed `past_key_values` to `cache`; accept either.
+        params = inspect.signature(model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.forward_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     def encode_prompt(self, body: dict, chat: bool) -> list[int]:
         if chat:
@@ -74,8 +79,9 @@ class Generator:
     def step(self, state: dict) -> int:
         """One forward (the whole prompt first, then one token) and one sampled token id."""
         ids = state["pending"]
-        out = self.model(torch.tensor([ids]), past_key_values=state.get("cache"), use_cache=True)
-        state["cache"] = out.past_key_values
+        kw = {self.cache_kw: state.get("cache"), **self.forward_kw}
+        out = self.model(torch.tensor([ids]), use_cache=True, **kw)
+        state["cache"] = out["cache"] if "cache" in out else out["past_key_values"]
         logits = out.logits[0, -1].float()
         if len(state["generated"]) < state["min_tokens"] and not state["ignore_eos"]:
             logits[list(self.eos_ids)] = float("-inf")
@@ -230,6 +236,11 @@ def main(argv: list[str] | None = None) -> None:
     server = Server(Generator(model, tokenizer), args.served_model_name or model_display_name(path))
     print(f"hf_server: serving {server.model_name} on http://{args.host}:{args.port}", flush=True)
     web.run_app(server.app(), host=args.host, port=args.port, print=None)
+    # Shut down gracefully above; skip the interpreter teardown, which with torch loaded
+    # takes seconds on a busy machine and has nothing left to save.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

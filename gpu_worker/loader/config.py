@@ -10,7 +10,13 @@ from typing import Any, Literal
 
 import msgspec
 
-from .errors import InvalidConfigError, MissingTensorError, ShapeMismatchError, UnexpectedTensorError, UnknownArchitectureError
+from .errors import (
+    InvalidConfigError,
+    MissingTensorError,
+    ShapeMismatchError,
+    UnexpectedTensorError,
+    UnknownArchitectureError,
+)
 
 Architecture = Literal["llama", "qwen2", "qwen3"]
 

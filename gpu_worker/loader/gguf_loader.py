@@ -145,6 +145,12 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
 
     hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
     head_dim = int(key("attention.key_length", hidden // heads))
+    rotary_dim = int(key("rope.dimension_count", head_dim))
+    if rotary_dim != head_dim:
+        raise UnknownArchitectureError(
+            f"{path}: partial rotary ({arch}.rope.dimension_count={rotary_dim} < head_dim {head_dim}) "
+            "is not supported", path=path,
+        )
     theta = float(key("rope.freq_base", 10000.0))
     context = int(key("context_length", 2048))
     embd = g.tensors.get("token_embd.weight")
@@ -156,7 +162,8 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     rope_scaling = None
     scaling_type = key("rope.scaling.type", "none")
     if scaling_type == "linear" or (scaling_type == "none" and key("rope.scale_linear", 1.0) != 1.0):
-        rope_scaling = {"rope_type": "linear", "factor": float(key("rope.scaling.factor", key("rope.scale_linear", 1.0)))}
+        factor = key("rope.scaling.factor", key("rope.scale_linear", 1.0))
+        rope_scaling = {"rope_type": "linear", "factor": float(factor)}
     elif scaling_type == "yarn":
         rope_scaling = {"rope_type": "yarn", "factor": float(key("rope.scaling.factor")),
                         "original_max_position_embeddings": int(key("rope.scaling.original_context_length", context))}
@@ -173,34 +180,40 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
                 f"{path}: tensor {ROPE_FREQS!r} is not llama3 rope scaling ({e})", path=path, tensor=ROPE_FREQS
             ) from None
 
-    types = Counter(Q(t.ggml_type).name for t in g.tensors.values() if len(t.ne) == 2 and t.ggml_type in Q._value2member_map_)
+    types = Counter(t.type_name for t in g.tensors.values() if len(t.ne) == 2)
     try:
-        quantization = LlamaFileType(md["general.file_type"]).name.removeprefix("MOSTLY_")
+        quantization = LlamaFileType(md["general.file_type"]).name.removeprefix("MOSTLY_").removeprefix("ALL_")
     except (KeyError, ValueError):
-        quantization = types.most_common(1)[0][0] if types else None
-    eos = [md[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in md]
-    return ModelConfig(
-        architecture=arch,
-        vocab_size=int(vocab),
-        hidden_size=hidden,
-        intermediate_size=int(key("feed_forward_length")),
-        num_hidden_layers=int(key("block_count")),
-        num_attention_heads=heads,
-        num_key_value_heads=int(key("attention.head_count_kv", heads)),
-        head_dim=head_dim,
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta=theta,
-        rope_scaling=rope_scaling,
-        max_position_embeddings=context,
-        tie_word_embeddings="output.weight" not in g.tensors,
-        attention_bias=arch == "qwen2" or "blk.0.attn_q.bias" in g.tensors,
-        o_proj_bias=arch != "qwen2" and "blk.0.attn_output.bias" in g.tensors,
-        bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=list(dict.fromkeys(int(e) for e in eos)),
-        torch_dtype="bfloat16" if "BF16" in types else "float16" if "F16" in types else "float32",
-        quantization=quantization,
-        format="gguf",
-    )
+        quantization = "GUESSED"
+    if quantization == "GUESSED":  # no file type: the commonest matrix type other than F32
+        quantization = next((name for name, _ in types.most_common() if name != "F32"), "F32")
+    # llama.cpp stops on any end-of-generation token: eos, and end-of-turn/-message where set
+    eos = [md[f"tokenizer.ggml.{k}_token_id"] for k in ("eos", "eot", "eom") if f"tokenizer.ggml.{k}_token_id" in md]
+    try:
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(key("feed_forward_length")),
+            num_hidden_layers=int(key("block_count")),
+            num_attention_heads=heads,
+            num_key_value_heads=int(key("attention.head_count_kv", heads)),
+            head_dim=head_dim,
+            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=context,
+            tie_word_embeddings="output.weight" not in g.tensors,
+            attention_bias=arch == "qwen2" or "blk.0.attn_q.bias" in g.tensors,
+            o_proj_bias=arch != "qwen2" and "blk.0.attn_output.bias" in g.tensors,
+            bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=list(dict.fromkeys(int(e) for e in eos)),
+            torch_dtype="bfloat16" if "BF16" in types else "float16" if "F16" in types else "float32",
+            quantization=quantization,
+            format="gguf",
+        )
+    except (TypeError, ValueError) as e:
+        raise InvalidConfigError(f"{path}: invalid GGUF metadata: {e}", path=path) from None
 
 
 def _dequantize(g: GGUFFile, info: GGUFTensorInfo) -> np.ndarray:
@@ -246,7 +259,8 @@ def load_gguf_weights(
                 permute[f"model.layers.{i}.self_attn.q_proj.{kind}"] = cfg.num_attention_heads
                 permute[f"model.layers.{i}.self_attn.k_proj.{kind}"] = cfg.num_key_value_heads
     weights: dict[str, torch.Tensor] = {}
-    with progress_bar(sum(i.nbytes for i in infos.values()), progress, f"dequantizing {os.path.basename(g.path)}") as bar:
+    total = sum(i.nbytes for i in infos.values())
+    with progress_bar(total, progress, f"dequantizing {os.path.basename(g.path)}") as bar:
         for name, info in infos.items():
             w = _dequantize(g, info)
             if name in permute:

@@ -48,6 +48,12 @@ def _read_json(path: str, *, required: bool) -> dict[str, Any] | None:
 def read_hf_config(folder: str) -> ModelConfig:
     """config.json (+ EOS ids from generation_config.json when present) -> ModelConfig."""
     config_path = os.path.join(folder, "config.json")
+    ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf")) if os.path.isdir(folder) else []
+    if ggufs and not os.path.isfile(config_path):
+        raise MissingConfigError(
+            f"{config_path}: not found, but the folder holds {ggufs[0]}: pass that file as the model",
+            path=config_path,
+        )
     cfg = _read_json(config_path, required=True)
     generation = _read_json(os.path.join(folder, "generation_config.json"), required=False)
     return config_from_hf(cfg, generation, config_path)

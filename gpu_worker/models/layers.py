@@ -32,16 +32,41 @@ def _param(*shape: int) -> nn.Parameter:
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b). W: [out_features, in_features], as Hugging Face stores it."""
+    """y = x W^T (+ b). W: [out_features, in_features], as Hugging Face stores it.
+
+    On CPU in fp32, ``pack_for_cpu()`` reorders W once into oneDNN's blocked layout and drops
+    the original: MKL's sgemm repacks W on every call, which at decode sizes (few rows,
+    e.g. the 49152 x 576 lm_head) costs more than the multiply itself.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = _param(out_features, in_features)
         self.bias = _param(out_features) if bias else None
+        self.packed: torch.Tensor | None = None
+
+    def pack_for_cpu(self) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+        self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+def onednn_linear_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether Linear.pack_for_cpu works here (fp32 on CPU, a torch built with oneDNN)."""
+    if device.type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        w, x = torch.randn(8, 4), torch.randn(3, 4)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return bool(torch.allclose(out, F.linear(x, w), atol=1e-5))
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class RMSNorm(nn.Module):

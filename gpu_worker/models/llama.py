@@ -86,8 +86,7 @@ class LlamaForCausalLM(nn.Module):
         qkv_bias = cfg.attention_bias if self.qkv_bias is None else self.qkv_bias
         max_positions = max_positions or cfg.max_position_embeddings
         self.model = LlamaModel(cfg, ops, max_positions, qkv_bias=qkv_bias, qk_norm=self.qk_norm)
-        # tied: the head reads embed_tokens' weight (set in load_weights), no parameter of its own
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)  # tied: shares embed_tokens' weight
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata
@@ -96,15 +95,23 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, H] -> logits [B, V]."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return self.lm_head(hidden)
 
     def load_weights(self, weights: dict[str, torch.Tensor], device: torch.device | str) -> None:
         """Take the HF-named tensors (the dict is emptied) and move the rest of the model
         (the rotary cache) to ``device``."""
-        if self.lm_head is None:
+        tied = self.config.tie_word_embeddings
+        if tied:
             weights.pop("lm_head.weight", None)
-        load_packed_weights(self, weights, device)
+        load_packed_weights(self, weights, device, skip={"lm_head.weight"} if tied else set())
+        if tied:
+            self.lm_head.weight = self.model.embed_tokens.weight
         if weights:
             raise ValueError(f"checkpoint tensors not used by the model: {sorted(weights)[:5]}")
         self.to(device)
+
+    def pack_for_cpu(self) -> None:
+        """Every projection (and the head) in oneDNN's layout; see layers.Linear."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack_for_cpu()

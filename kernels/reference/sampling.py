@@ -1,9 +1,9 @@
 """Torch reference sampling ops: pure functions over batched tensors.
 
 Shapes: B rows (requests that sample this step), V vocabulary. ``logits`` are fp32 ``[B, V]``;
-per-request parameters are ``[B]`` tensors on the same device. Every op returns a new tensor
-and leaves its inputs alone, so a faster backend (Triton) can replace any of them behind the
-same signature. Definitions follow vLLM / OpenAI exactly (see each docstring).
+per-request parameters are ``[B]`` tensors on the same device. No op modifies its inputs (one
+with nothing to do may return its input as is), so a faster backend (Triton) can replace any
+of them behind the same signature. Definitions follow vLLM / OpenAI (see each docstring).
 
 Order the sampler applies them in (vLLM v1's):
 
@@ -14,8 +14,10 @@ Order the sampler applies them in (vLLM v1's):
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 # Below this a temperature counts as greedy (vLLM's _SAMPLING_EPS): logits / 1e-6 overflow
@@ -34,11 +36,13 @@ def flatten_token_ids(
     token_ids: Sequence[Sequence[int]], device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged per-row token ids -> (row index, token id), both int64 ``[total]`` on device."""
-    lengths = torch.tensor([len(ids) for ids in token_ids], dtype=torch.int64)
-    flat = torch.empty((2, int(lengths.sum())), dtype=torch.int64)  # (row; token id)
-    flat[0] = torch.repeat_interleave(torch.arange(len(token_ids)), lengths)
-    flat[1] = torch.tensor([t for ids in token_ids for t in ids], dtype=torch.int64)
-    rows, ids = flat.to(device).unbind(0)  # one host-to-device copy
+    lengths = np.fromiter(map(len, token_ids), dtype=np.int64, count=len(token_ids))
+    total = int(lengths.sum())
+    flat = np.empty((2, total), dtype=np.int64)  # (row; token id)
+    flat[0] = np.repeat(np.arange(len(token_ids), dtype=np.int64), lengths)
+    # numpy reads Python ints ~3x faster than torch.tensor(list); this runs every step
+    flat[1] = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=total)
+    rows, ids = torch.from_numpy(flat).to(device).unbind(0)  # one host-to-device copy
     return rows, ids
 
 
@@ -83,7 +87,7 @@ def token_mask(
 
 def mask_tokens(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Set ``logits[rows[i], ids[i]] = -inf`` (min_tokens hides EOS / stop ids this way)."""
-    return logits.index_put((rows, ids), torch.tensor(float("-inf"), device=logits.device))
+    return logits.index_put((rows, ids), logits.new_full((), float("-inf")))
 
 
 def apply_penalties(

@@ -22,16 +22,28 @@ from zeroserve.shared import env
 TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
+# Read once, when the kernel modules are imported: the same moment @triton.jit decides between
+# a GPU kernel and an interpreted one, so the two never disagree (tests/kernels/conftest.py
+# sets the variable only while it imports these modules).
+INTERPRET = env.triton_interpret()
+
+
 def interpreting() -> bool:
-    """Whether kernels were decorated for the CPU interpreter (TRITON_INTERPRET=1)."""
-    return env.triton_interpret()
+    """Whether kernels were decorated for the CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return INTERPRET
+
+
+# Precision of tl.dot on fp32 operands: three TF32 products (error ~1e-6 relative, on tensor
+# cores). Plain TF32 (1e-3) is too coarse for the fp32 checks; "ieee" FMA dots of a 64x64x128
+# tile take ptxas minutes to compile and spill registers. The interpreter ignores this.
+FP32_DOT = tl.constexpr("tf32x3")
 
 
 def dot_in_fp32(dtype: torch.dtype) -> bool:
-    """Run tl.dot on fp32 operands (exact, slower) rather than on the 16-bit input dtype.
+    """Run tl.dot on fp32 operands (see FP32_DOT) rather than on the 16-bit input dtype.
 
-    fp32 caches stay fp32 (with IEEE precision, not TF32); bf16 under the interpreter is cast
-    up because numpy cannot multiply bf16; fp16 and bf16 on a GPU use tensor cores.
+    fp32 caches stay fp32; bf16 under the interpreter is cast up because numpy cannot
+    multiply bf16; fp16 and bf16 on a GPU feed tensor cores directly (fp32 accumulation).
     """
     return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
 

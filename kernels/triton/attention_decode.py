@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zeroserve.kernels.triton._common import device_sms, dot_in_fp32, last_dim_contiguous, next_pow2
+from zeroserve.kernels.triton._common import FP32_DOT, device_sms, dot_in_fp32, last_dim_contiguous, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -75,7 +75,7 @@ def _decode_split_kernel(
         k_off = block * stride_kb + in_block * stride_kt + kv_head * stride_kh
         k = tl.load(k_cache_ptr + k_off[:, None] + d[None, :], mask=kv_mask, other=0.0)  # (N, D)
         if DOT_F32:
-            qk = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+            qk = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=FP32_DOT)
         else:
             qk = tl.dot(q, tl.trans(k))  # (G, N), fp32 accumulate
         qk = tl.where(p_mask[None, :], qk * scale_log2e, float("-inf"))
@@ -87,7 +87,7 @@ def _decode_split_kernel(
         v_off = block * stride_vb + in_block * stride_vt + kv_head * stride_vh
         v = tl.load(v_cache_ptr + v_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
         if DOT_F32:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            pv = tl.dot(p, v.to(tl.float32), input_precision=FP32_DOT)
         else:
             pv = tl.dot(p.to(v_cache_ptr.dtype.element_ty), v)
         acc = acc * alpha[:, None] + pv
@@ -164,8 +164,9 @@ def decode_attention(
     """q: [S, Hq, D] (one token per sequence) -> [S, Hq, D] in q's dtype.
 
     k_cache, v_cache: [N, bs, Hkv, D]; block_tables: [S, W] int32; seq_lens: [S] int32 (context
-    after this step, new token included; 0 = padding row, output zeros). ``split_len`` (a
-    multiple of ``block_n``) overrides the automatic split size (tests use it).
+    after this step, new token included; 0 = padding row, output zeros). ``max_seq_len`` must
+    bound every seq_len (the grid covers only that much). ``split_len`` (a multiple of
+    ``block_n``) overrides the automatic split size (tests use it).
     """
     num_seqs, hq, head_dim = q.shape
     _, page_size, hkv, _ = k_cache.shape
@@ -174,6 +175,7 @@ def decode_attention(
         return out
     q = last_dim_contiguous(q)
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "KV cache needs a contiguous head dim"
+    assert block_tables.stride(-1) == 1, "block table rows must be contiguous"
     group = hq // hkv
     d_pad = max(16, next_pow2(head_dim))
     if split_len is None:

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zeroserve.kernels.triton._common import dot_in_fp32, last_dim_contiguous, next_pow2
+from zeroserve.kernels.triton._common import FP32_DOT, dot_in_fp32, last_dim_contiguous, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -41,7 +41,7 @@ def _attend_tile(
     k_off = block * stride_kb + in_block * stride_kt + kv_head * stride_kh
     k = tl.load(k_cache_ptr + k_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
     if DOT_F32:
-        qk = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        qk = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=FP32_DOT)
     else:
         qk = tl.dot(q, tl.trans(k))
     qk = qk * scale_log2e
@@ -56,7 +56,7 @@ def _attend_tile(
     v_off = block * stride_vb + in_block * stride_vt + kv_head * stride_vh
     v = tl.load(v_cache_ptr + v_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
     if DOT_F32:
-        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        pv = tl.dot(p, v.to(tl.float32), input_precision=FP32_DOT)
     else:
         pv = tl.dot(p.to(v_cache_ptr.dtype.element_ty), v)
     acc = acc * alpha[:, None] + pv
@@ -146,12 +146,17 @@ def extend_attention(
     block_tables: torch.Tensor,
     max_query_len: int,
     scale: float,
-    block_n: int = 64,
+    block_n: int | None = None,
 ) -> torch.Tensor:
     """q: [T, Hq, D] flat ragged batch -> [T, Hq, D]; see the module docstring for layout.
 
     query_start_loc: [S+1] int32; seq_lens: [S] int32; block_tables: [S, W] int32.
     """
+    fp32 = dot_in_fp32(k_cache.dtype)
+    if block_n is None:
+        # fp32 tiles are twice the bytes and 3xTF32 triples the dot's temporaries: a narrower
+        # key tile and no pipelining keep shared memory within sm_80's 163 KiB
+        block_n = 32 if fp32 else 64
     num_tokens, hq, head_dim = q.shape
     _, page_size, hkv, _ = k_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -160,6 +165,7 @@ def extend_attention(
         return out
     q = last_dim_contiguous(q)
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "KV cache needs a contiguous head dim"
+    assert block_tables.stride(-1) == 1, "block table rows must be contiguous"
     group = hq // hkv
     block_m, group_pad = extend_tile_rows(group)
     grid = (triton.cdiv(max_query_len, block_m), num_seqs, hkv)
@@ -173,7 +179,7 @@ def extend_attention(
         GROUP=group, GROUP_PAD=group_pad,
         HEAD_DIM=head_dim, D_PAD=max(16, next_pow2(head_dim)),
         PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_F32=dot_in_fp32(k_cache.dtype),
-        num_warps=4, num_stages=2,
+        DOT_F32=fp32,
+        num_warps=4, num_stages=1 if fp32 else 2,
     )
     return out

@@ -26,8 +26,8 @@ import triton.language as tl
 
 from zeroserve.kernels.reference.sampling import GREEDY_TEMPERATURE_EPS
 
-KEY_BELOW_ALL = -(2**40)  # int64 sentinels outside every int32 key
-KEY_ABOVE_ALL = 2**40
+KEY_BELOW_ALL = tl.constexpr(-(2**40))  # int64 sentinels outside every int32 key
+KEY_ABOVE_ALL = tl.constexpr(2**40)
 
 
 @triton.jit

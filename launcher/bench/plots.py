@@ -101,6 +101,8 @@ def plot_sweep(sweep: dict, path: str) -> None:
                 ax.plot([r["concurrency"] for r in runs], [r[key] for r in runs], marker="o", label=target["name"])
         ax.set(xlabel="max concurrency", ylabel=unit, title=title)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sweep["concurrency"], [str(c) for c in sweep["concurrency"]])
+        ax.minorticks_off()
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()

@@ -111,7 +111,7 @@ async def probe_fields(
     """Send one short request with every optional field; on a 400/422 drop the fields the
     error names (else ignore_eos+min_tokens, then stream_options) and try again.
     Returns (fields kept, fields dropped)."""
-    fields, dropped = list(cfg.fields), []
+    fields, dropped, refusals = list(cfg.fields), [], []
     short = dataclasses.replace(req, output_len=min(req.output_len, 4))
     headers = headers_for(cfg.api_key)
     while True:
@@ -120,13 +120,16 @@ async def probe_fields(
             break
         named = [f for f in fields if f in res.error_detail]
         drop = named or ([f for f in fields if f in ("ignore_eos", "min_tokens")] or fields[:1])
-        warnings.add(
+        refusals.append(
             f"the server refused the request with {', '.join(drop)} ({res.status}: "
             f"{res.error_detail[:160].strip()}); dropping {'it' if len(drop) == 1 else 'them'}"
             + ("; outputs may end before --output-len" if "stream_options" not in drop else "")
         )
         fields = [f for f in fields if f not in drop]
         dropped += drop
+    if res.status not in (400, 422):  # only now is it sure that the fields, not the request, were refused
+        for msg in refusals:
+            warnings.add(msg)
     if res.error == "connection":
         raise RuntimeError(f"cannot reach {url}: {res.error_detail}")
     if not res.success:

@@ -11,7 +11,7 @@ import time
 
 import zmq
 
-from zeroserve.shared.client import EngineClient
+from zeroserve.shared.client import EngineClient, EngineError
 from zeroserve.shared.messages import SamplingParams
 from tests.conftest import start_server
 
@@ -73,20 +73,21 @@ def test_kill_worker_fails_in_flight_then_recovers_and_no_orphans():
             assert end["end"] - killed_at < 2.0, f"request ended {end['end'] - killed_at:.2f}s after the kill"
 
         # the supervisor restarts the worker; the engine serves again within 60 s
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            status, _ = server.get("/ready", timeout=2)
-            if status == 200:
-                break
-            time.sleep(0.5)
-        else:
-            raise AssertionError("engine not ready again within 60s:\n" + server.log())
-
         async def phase2():
             async with EngineClient(server.tokenizer_address) as client:
-                return await client.complete(prompt="Hello again", params=SamplingParams(temperature=0, max_tokens=8))
+                deadline = time.monotonic() + 60
+                while True:
+                    try:
+                        return await client.complete(prompt="Hello again", params=SamplingParams(temperature=0, max_tokens=8))
+                    except EngineError as e:
+                        assert e.info.status == 503, e.info
+                        if time.monotonic() > deadline:
+                            raise AssertionError("engine not serving again within 60s:\n" + server.log())
+                        await asyncio.sleep(0.5)
 
         assert asyncio.run(phase2())["usage"]["completion_tokens"] == 8
+        status, _ = server.get("/ready", timeout=5)
+        assert status == 200
         assert role_pid(server, "worker") != worker
         children = set(children) | set(server.children())
     finally:

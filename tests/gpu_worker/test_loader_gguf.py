@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType as Q
 
 from zeroserve.gpu_worker.loader import (
     CorruptCheckpointError,
+    InvalidConfigError,
     MissingTensorError,
     ShapeMismatchError,
     UnexpectedTensorError,
@@ -126,7 +127,8 @@ def write_gguf(path, model, arch: str, *, qtypes=None, drop=(), extra=None, meta
         if name in drop:
             continue
         arr = t.detach().numpy()
-        n_head = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(name.split(".")[2:3][0] if name.startswith("blk.") else "")
+        kind = name.split(".")[2] if name.startswith("blk.") else ""
+        n_head = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(kind)
         if arch == "llama" and n_head:
             arr = llama_cpp_permute(arr, n_head)
         qtype = qtypes.get(name, Q.F32)
@@ -169,14 +171,15 @@ def test_f32_gguf_loads_as_the_state_dict(tmp_path, arch, tied):
     assert load_model_config(str(path)) == cfg
 
 
-@pytest.mark.parametrize("qtype", [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K])
+@pytest.mark.parametrize("qtype", [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K],
+                         ids=lambda q: q.name)
 def test_quant_types_dequantize(tmp_path, qtype):
     """Row layout and block sizes per type (K types need rows of 256), also through the Q/K unpermute."""
     model = tiny_model("llama", hidden_size=256, intermediate_size=256, num_hidden_layers=1)
     quantized = ["token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.ffn_down.weight"]
     expected = write_gguf(tmp_path / "q.gguf", model, "llama", qtypes=dict.fromkeys(quantized, qtype))
     cfg, weights = load_checkpoint(str(tmp_path / "q.gguf"), dtype=torch.float32)
-    assert cfg.quantization == (qtype.name if qtype not in (Q.F16, Q.BF16) else cfg.quantization)
+    assert cfg.quantization == qtype.name
     for name, want in expected.items():
         assert torch.equal(weights[name], torch.from_numpy(want)), name
     if qtype in (Q.Q8_0, Q.F16, Q.BF16):  # close to the original weights too
@@ -207,8 +210,8 @@ def llama3_rope_freqs(head_dim, theta, factor, low, high, orig):
     return np.array(out, dtype=np.float32)
 
 
-@pytest.mark.parametrize("head_dim,theta,factor,low,high", [(128, 500000.0, 8.0, 1.0, 4.0), (64, 500000.0, 32.0, 1.0, 4.0),
-                                                            (128, 10000.0, 16.0, 2.0, 8.0)])
+@pytest.mark.parametrize("head_dim,theta,factor,low,high",
+                         [(128, 500000.0, 8.0, 1.0, 4.0), (64, 500000.0, 32.0, 1.0, 4.0), (128, 10000.0, 16.0, 2.0, 8.0)])
 def test_llama3_rope_scaling_recovered_from_rope_freqs(head_dim, theta, factor, low, high):
     got = rope_scaling_from_freqs(llama3_rope_freqs(head_dim, theta, factor, low, high, 8192), head_dim, theta, 8192)
     assert got["rope_type"] == "llama3" and got["original_max_position_embeddings"] == 8192
@@ -221,8 +224,7 @@ def test_llama3_rope_scaling_recovered_from_rope_freqs(head_dim, theta, factor, 
 
 
 def test_rope_freqs_tensor_becomes_config(tmp_path):
-    model = tiny_model("llama", hidden_size=256, num_attention_heads=4, rope_theta=500000.0)
-    model.config.rope_parameters["rope_theta"] = 500000.0
+    model = tiny_model("llama", hidden_size=256, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
     freqs = llama3_rope_freqs(64, 500000.0, 32.0, 1.0, 4.0, 8192)
     write_gguf(tmp_path / "m.gguf", model, "llama", rope_freqs=freqs)
     cfg, weights = load_checkpoint(str(tmp_path / "m.gguf"))
@@ -295,6 +297,22 @@ def test_truncated_gguf(tmp_path, llama):
         f.truncate(200)  # now inside the metadata
     with pytest.raises(CorruptCheckpointError, match="header ends early"):
         load_checkpoint(str(path))
+
+
+def test_bad_metadata(tmp_path):
+    path = tmp_path / "m.gguf"
+    model = tiny_model("qwen2")
+    model.config.num_key_value_heads = 3  # 4 query heads cannot share 3 KV heads
+    write_gguf(path, model, "qwen2")
+    with pytest.raises(InvalidConfigError, match="num_key_value_heads=3") as err:
+        load_model_config(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_progress_bar_on_stderr(tmp_path, capfd):
+    write_gguf(tmp_path / "m.gguf", tiny_model("qwen3"), "qwen3")
+    load_checkpoint(str(tmp_path / "m.gguf"), progress=True)
+    assert "dequantizing m.gguf" in capfd.readouterr().err
 
 
 def test_not_gguf(tmp_path):

@@ -178,6 +178,9 @@ def test_missing_config(tmp_path):
     with pytest.raises(MissingConfigError, match="config.json") as err:
         load_checkpoint(folder)
     assert err.value.path == os.path.join(folder, "config.json")
+    (tmp_path / "model.Q8_0.gguf").write_bytes(b"GGUF")
+    with pytest.raises(MissingConfigError, match="model.Q8_0.gguf: pass that file"):
+        load_model_config(folder)
 
 
 def test_unknown_architecture(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -214,7 +216,9 @@ def test_logprobs_are_raw_log_softmax_and_top_n_sorted():
               SamplingParams(temperature=0.0, presence_penalty=2.0, logprobs=0),
               SamplingParams(top_k=3, logprobs=50)]
     gens = [make_generator(1), None, None, None]
+    before = logits.clone()
     out = SAMPLER.sample(logits, build(params, [[1, 2]] * 4, [[3]] * 4, gens))
+    assert torch.equal(logits, before)
     raw = logits.log_softmax(-1)
     assert out.logprobs[1] is None
     for row, n in ((0, 5), (2, 0), (3, 20)):
@@ -254,3 +258,23 @@ def test_build_skips_unused_work():
 def test_build_rejects_mismatched_lists():
     with pytest.raises(ValueError, match="output_ids has 1 entries for 2 params"):
         SamplingBatch.build([SamplingParams()] * 2, [[], []], [[]], [None, None], EOS, "cpu")
+
+
+def test_sampler_uses_the_ops_backend_it_was_given():
+    calls = []
+
+    def spy_top_k_top_p(logits, k, p, max_k=None):
+        calls.append((k.tolist(), p, max_k))
+        return ops.apply_top_k_top_p(logits, k, p, max_k)
+
+    backend = types.SimpleNamespace(**{n: getattr(ops, n) for n in dir(ops) if n[0] != "_"})
+    backend.apply_top_k_top_p = spy_top_k_top_p
+    params = [SamplingParams(top_k=3), SamplingParams(temperature=0.0, top_k=7)]
+    out = Sampler(backend).sample(random_logits(2), build(params))
+    assert calls == [([3, 0], None, 3)]  # the greedy row's top_k is switched off
+    assert len(out.token_ids) == 2
+
+    # a backend without max_k (filters that need no host-side k) is called without it
+    backend.apply_top_k_top_p = lambda logits, k, p: spy_top_k_top_p(logits, k, p)
+    Sampler(backend).sample(random_logits(2), build(params))
+    assert calls[1] == ([3, 0], None, None)

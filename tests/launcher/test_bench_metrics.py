@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from zeroserve.launcher.bench.client import SSEParser, build_payload
+from zeroserve.launcher.bench.client import RequestResult, SSEParser, build_payload
 from zeroserve.launcher.bench.datasets import (
     BenchRequest,
     WordsCounter,
@@ -18,7 +18,7 @@ from zeroserve.launcher.bench.datasets import (
     text_of_length,
 )
 from zeroserve.launcher.bench.metrics import compute_metrics, meets_slos, parse_goodput, percentile, tpot
-from zeroserve.launcher.bench.runner import RequestResult, arrival_gaps
+from zeroserve.launcher.bench.runner import arrival_gaps
 
 
 def ok(ttft, itl, out_tokens, prompt_tokens=10, expected_out=None):
@@ -130,21 +130,30 @@ def test_random_dataset_lengths_and_distinct_prefixes():
     ]
 
 
-def test_text_of_length_is_exact_with_a_real_tokenizer():
+def _digit_splitting_counter():
+    """A WordLevel tokenizer over the benchmark's words that splits numbers into digits, as
+    SmolLM2's and Llama 3's do."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
+    from zeroserve.launcher.bench.datasets import WORDS, _Wrapped
+
     vocab = {"[UNK]": 0}
-    for word in "the of and to in is was for on that with".split():  # a few words, the rest UNK
-        vocab[word] = len(vocab)
+    for word in WORDS + list("0123456789"):
+        vocab.setdefault(word, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    return tok, _Wrapped(tok, "test")
 
-    from zeroserve.launcher.bench.datasets import _Wrapped
 
-    counter = _Wrapped(tok, "test")
+def test_text_of_length_is_exact_with_a_real_tokenizer():
+    tok, counter = _digit_splitting_counter()
     for n in (1, 17, 64):
         text, counted = text_of_length(n, counter, random.Random(n))
         assert counted == n == len(tok.encode(text).ids)
+    # The distinct number leading each random prompt is several tokens: still counted in.
+    for r in random_dataset(5, input_len=20, output_len=3, counter=counter, seed=1):
+        assert r.prompt_len == 20 == len(tok.encode(r.prompt).ids)
+        assert r.prompt.split()[0].isdigit()
 
 
 def test_chat_dataset_shares_system_prompts_and_grows_history():

@@ -4,7 +4,7 @@ The fake server runs in a thread with its own event loop on a free loopback port
 one token per SSE chunk (a short sleep between chunks), with usage at the end when asked.
 Modes: "ok"; "strict" refuses ignore_eos/min_tokens with a 400 (as OpenAI does), and without
 ignore_eos stops after 3 tokens, like a model hitting EOS; "flaky" answers every 3rd request
-with a 500 and breaks every 4th stream midway.
+with a 500 and breaks every 4th stream midway; "reject" answers every request with a 400.
 """
 
 from __future__ import annotations
@@ -65,6 +65,9 @@ class FakeServer:
             field = "ignore_eos" if "ignore_eos" in body else "min_tokens"
             msg = f"Unrecognized request argument supplied: {field}"
             return web.json_response({"error": {"message": msg, "type": "invalid_request_error"}}, status=400)
+        if self.mode == "reject":
+            self.outcomes.append("http_400")
+            return web.json_response({"error": {"message": "This model's maximum context length is 16"}}, status=400)
         if self.mode == "flaky" and n % 3 == 0:
             self.outcomes.append("http_500")
             return web.json_response({"error": {"message": "boom"}}, status=500)
@@ -139,9 +142,10 @@ def test_serve_writes_every_documented_field(tmp_path, capsys):
     assert res["goodput_fraction"] == 1.0 and res["goodput"] == pytest.approx(res["request_throughput"])
     for metric in ("ttft", "tpot", "itl", "e2el"):
         values = [res[f"{s}_{metric}_ms"] for s in ("min", "median", "p90", "p99", "max")]
-        assert values == sorted(values) and values[0] > 0, metric
+        # A client timestamps chunks per network read, so on a busy machine two chunks can
+        # land in one read: an ITL of 0 is a true client-side measurement.
+        assert values == sorted(values) and values[0] >= 0, metric
         assert res[f"mean_{metric}_ms"] > 0 and res[f"std_{metric}_ms"] >= 0 and res[f"p50_{metric}_ms"] == res[f"median_{metric}_ms"]
-    assert res["min_itl_ms"] >= 1.0  # the fake sleeps 2 ms between tokens
     assert res["mean_e2el_ms"] > res["mean_ttft_ms"]
     reqs = res["per_request"]
     assert len(reqs) == 12 and all(r["success"] and r["output_tokens"] == 6 and len(r["itl_ms"]) == 5 for r in reqs)
@@ -167,6 +171,16 @@ def test_refused_extra_fields_are_dropped_with_a_warning(tmp_path, capsys):
     assert res["total_output_tokens"] == 15 and res["output_len_mismatch"] == 5
     assert any("output length" in w for w in res["warnings"])
     assert server.bodies[-1]["messages"][0]["role"] == "system"
+
+
+def test_a_server_rejecting_every_request_stops_the_run_without_blaming_fields(tmp_path, capsys):
+    with FakeServer(mode="reject") as server:
+        code, res = _serve(server.base_url, tmp_path, "--num-prompts", "3")
+    err = capsys.readouterr().err
+    assert code == 2 and res is None
+    assert "maximum context length" in err and "dropping" not in err
+    # The probe tried with the fields, without ignore_eos/min_tokens, then without any: no more.
+    assert len(server.bodies) == 3 and "stream_options" not in server.bodies[-1]
 
 
 def test_failed_requests_are_counted_by_type(tmp_path):

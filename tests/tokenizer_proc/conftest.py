@@ -14,29 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from zeroserve.shared.model_files import ModelNotFoundError, default_model_path  # noqa: E402
 
-# Texts that stress the pre-tokenizer and the byte-level alphabet.
-TEXTS = [
-    "Hello world",
-    "",
-    " ",
-    "   leading and trailing spaces   ",
-    "tabs\tand\t\ttabs",
-    "line one\nline two\n\n\nthree newlines\r\nwindows\r\n",
-    "digits 0 1 12 123 1234 12345 3.14159 -42 1e10 2024-01-01  1  22",
-    "def f(x):\n    return x ** 2  # square\n\nprint(f(3))\n",
-    "for (int i = 0; i < n; ++i) { a[i] = b[i] * 2; }",
-    "emoji 🎉🚀 👨‍👩‍👧‍👦 ❤️ 🇫🇷",
-    "中文字符测试，日本語のテキスト、한국어 텍스트",
-    "accents: café, naïve, résumé, Ångström, Zürich, São Paulo, ß",
-    "Ελληνικά и русский текст, עברית, العربية",
-    "<|im_start|>user\nHi there!<|im_end|>\n<|im_start|>assistant\n",
-    "<|endoftext|><|im_start|><|im_end|> glued<|im_end|>text",
-    "not special: <|im_start, im_end|>, <im_start>, <|unknown|>",
-    "Don't you'll we've they're I'm it's SHOUTING'S",
-    "mixed\u00a0nbsp\u2009thin\u200bzero-width\ufeffbom",
-    "control \x00\x01\x7f chars",
-    "a" * 300 + " " + "xyz" * 50,
-]
+from tokenizer_testdata import write_sentencepiece_gguf  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -56,9 +34,26 @@ def tokenizer(gguf_path):
 
 @pytest.fixture(scope="session")
 def hf_tokenizer(gguf_path):
-    """transformers' tokenizer for the same GGUF: the reference."""
+    """transformers' tokenizer for the same GGUF: the reference.
+
+    AutoTokenizer resolves this file to TokenizersBackend but first reads the whole GGUF with
+    gguf.GGUFReader for the model config (~20 s on a loaded 2-core box); calling the class
+    directly builds the same tokenizer in ~3 s (test_auto_tokenizer_is_the_same, slow).
+    """
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
-    return transformers.AutoTokenizer.from_pretrained(
-        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path)
-    )
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    return TokenizersBackend.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path))
+
+
+@pytest.fixture(scope="session")
+def sp_gguf(tmp_path_factory) -> str:
+    return write_sentencepiece_gguf(str(tmp_path_factory.mktemp("sp") / "sp.gguf"))
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer(sp_gguf):
+    from zeroserve.tokenizer_proc.tokenizer import load_tokenizer
+
+    return load_tokenizer(sp_gguf)

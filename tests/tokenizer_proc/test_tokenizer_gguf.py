@@ -10,7 +10,7 @@ from zeroserve.tokenizer_proc.errors import TokenizerLoadError
 from zeroserve.tokenizer_proc.gguf_metadata import read_gguf_metadata
 from zeroserve.tokenizer_proc.tokenizer import load_tokenizer
 
-from conftest import TEXTS
+from tokenizer_testdata import TEXTS
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -64,14 +64,48 @@ def test_token_text_and_bytes(tokenizer, hf_tokenizer):
     assert tokenizer.id_to_token(hello[0]) == hf_tokenizer.convert_ids_to_tokens(hello[0])
 
 
-def test_metadata_reader_matches_gguf_package(gguf_path):
+def _assert_same_metadata(path):
     gguf = pytest.importorskip("gguf")
-    reader = gguf.GGUFReader(gguf_path)
-    ours = read_gguf_metadata(gguf_path)
-    theirs = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    ours = read_gguf_metadata(path)
+    theirs = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if not k.startswith("GGUF.")}
     assert ours.keys() == theirs.keys()
     for key, value in theirs.items():
-        assert ours[key] == pytest.approx(value) if isinstance(value, float) else ours[key] == value, key
+        assert ours[key] == (pytest.approx(value) if isinstance(value, float) else value), key
+
+
+def test_metadata_reader_matches_gguf_package(tmp_path):
+    """Every GGUF value type, written by the gguf package and read back by both readers."""
+    gguf = pytest.importorskip("gguf")
+    path = str(tmp_path / "types.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_uint8("t.u8", 255), w.add_int8("t.i8", -128), w.add_uint16("t.u16", 65535)
+    w.add_int16("t.i16", -32768), w.add_uint32("t.u32", 2**32 - 1), w.add_int32("t.i32", -(2**31))
+    w.add_float32("t.f32", 0.5), w.add_bool("t.bool", True), w.add_uint64("t.u64", 2**64 - 1)
+    w.add_int64("t.i64", -(2**63)), w.add_float64("t.f64", 1e-300), w.add_string("t.str", "héllo 🎉")
+    w.add_array("t.strs", ["a", "", "Ġb c", "日本"]), w.add_array("t.ints", [1, -2, 3])
+    w.add_array("t.floats", [0.25, -1.5]), w.add_array("t.bools", [True, False]), w.add_array("t.empty", [])
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    _assert_same_metadata(path)
+    meta = read_gguf_metadata(path)
+    assert meta["t.strs"] == ["a", "", "Ġb c", "日本"] and meta["t.u64"] == 2**64 - 1 and meta["t.bool"] is True
+
+
+@pytest.mark.slow
+def test_metadata_reader_matches_gguf_package_on_smollm2(gguf_path):
+    _assert_same_metadata(gguf_path)
+
+
+@pytest.mark.slow
+def test_auto_tokenizer_is_the_same(gguf_path, hf_tokenizer):
+    """The reference fixture skips AutoTokenizer's config read; check it builds the same thing."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path))
+    assert auto.backend_tokenizer.to_str() == hf_tokenizer.backend_tokenizer.to_str()
+    assert auto.special_tokens_map == hf_tokenizer.special_tokens_map
+    assert auto.chat_template == hf_tokenizer.chat_template
 
 
 def test_load_errors(tmp_path):

@@ -1,0 +1,3 @@
+from zeroserve.api_proc.server import main
+
+main()

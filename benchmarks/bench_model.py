@@ -1,0 +1,186 @@
+"""Model-path benchmark (CPU serving path): decode step time and tokens/s of the ModelRunner
+at several batch sizes, prefill tokens/s, and Hugging Face `generate` beside it, with the
+achieved GFLOP/s against a torch.mm fp32 peak measured in the same run.
+
+    .venv/bin/python benchmarks/bench_model.py                       # SmolLM2-135M, all batches
+    .venv/bin/python benchmarks/bench_model.py --batches 1,64 --no-hf
+
+Decode at context C: each sequence arrives with C - 1 tokens already "cached" (a prefix hit,
+num_computed_tokens = C - 1; the KV values do not change the cost), so no prefill is paid
+before timing; then --steps decode steps are timed. HF gets the same start: generate() is
+handed a DynamicCache already holding C - 1 positions. Weights are random at the model's
+shapes (--load-format dummy; the time does not depend on the values), for both sides.
+
+FLOPs per token: 2 * (matmul parameters, lm_head included, embedding lookup not)
++ attention 4 * Hq * D * context per layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from zeroserve.gpu_worker.model_runner import ModelRunner, RunnerConfig  # noqa: E402
+from zeroserve.shared.messages import NewRequestData, RunningRequestData, SamplingParams, StepPlan  # noqa: E402
+from zeroserve.shared.model_files import resolve_model  # noqa: E402
+
+GREEDY = SamplingParams(max_tokens=1 << 20, temperature=0.0, ignore_eos=True)
+
+
+def mm_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def flops_per_token(cfg, context: int) -> float:
+    h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    qkv = h * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d
+    per_layer = qkv + cfg.num_attention_heads * d * h + 3 * h * i
+    matmul_params = cfg.num_hidden_layers * per_layer + cfg.vocab_size * h
+    attention = cfg.num_hidden_layers * 4 * cfg.num_attention_heads * d * context
+    return 2 * matmul_params + attention
+
+
+# --------------------------------------------------------------------------- zeroserve
+
+
+def bench_decode(runner: ModelRunner, batch: int, context: int, steps: int) -> float:
+    """Median seconds per decode step of `batch` sequences at ~`context` tokens."""
+    bs = runner.block_size
+    blocks_per_seq = -(-(context + steps + 1) // bs)
+    gen = torch.Generator().manual_seed(batch)
+    new = []
+    for i in range(batch):
+        ids = torch.randint(0, runner.vocab_size, (context,), generator=gen).tolist()
+        blocks = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
+        new.append(NewRequestData(f"b{batch}-{i}", ids, blocks, context - 1, 1, GREEDY))
+    runner.execute(StepPlan(0, new=new))  # first decode step (warm-up)
+    running = [RunningRequestData(r.request_id, [], 1) for r in new]
+    times = [runner.execute(StepPlan(1 + s, running=running)).step_time_s for s in range(steps)]
+    runner.execute(StepPlan(steps + 1, finished_ids=[r.request_id for r in new]))
+    return statistics.median(times)
+
+
+def bench_prefill(runner: ModelRunner, num_seqs: int, length: int) -> float:
+    """Seconds for one step prefilling num_seqs prompts of `length` tokens."""
+    bs = runner.block_size
+    per = -(-length // bs)
+    new = [NewRequestData(f"p{i}", [(7 * i + j) % runner.vocab_size for j in range(length)],
+                          list(range(i * per, (i + 1) * per)), 0, length, GREEDY) for i in range(num_seqs)]
+    seconds = runner.execute(StepPlan(0, new=new)).step_time_s
+    runner.execute(StepPlan(1, finished_ids=[r.request_id for r in new]))
+    return seconds
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+def hf_model(cfg):
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=None, eos_token_id=None, pad_token_id=0,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def bench_hf_decode(model, batch: int, context: int, steps: int) -> float:
+    """Seconds per generated token-step of HF generate, starting from a filled cache."""
+    from transformers import DynamicCache
+
+    cfg = model.config
+    cache = DynamicCache(config=cfg)
+    shape = (batch, cfg.num_key_value_heads, context - 1, cfg.head_dim)
+    for layer in range(cfg.num_hidden_layers):
+        cache.update(torch.randn(shape) * 0.1, torch.randn(shape) * 0.1, layer)
+    ids = torch.randint(0, cfg.vocab_size, (batch, context))
+    seconds = _timed(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache,
+                                            max_new_tokens=steps, min_new_tokens=steps, do_sample=False))
+    return seconds / steps
+
+
+def bench_hf_prefill(model, num_seqs: int, length: int) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (num_seqs, length))
+    return _timed(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="GGUF file or HF folder (default: the packaged SmolLM2)")
+    p.add_argument("--batches", default="1,8,32,64,128")
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--steps", type=int, default=8, help="timed decode steps per batch (median reported)")
+    p.add_argument("--hf-steps", type=int, default=3, help="HF generate tokens per batch")
+    p.add_argument("--prefill", default="8x256", help="prefill shape SEQSxLEN, one step")
+    p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's, all cores)")
+    p.add_argument("--load-format", default="dummy", choices=["dummy", "auto"])
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    batches = [int(b) for b in args.batches.split(",")]
+    pre_seqs, pre_len = (int(x) for x in args.prefill.lower().split("x"))
+    path = resolve_model(args.model)
+    blocks_per_seq = -(-(args.context + args.steps + 2) // 16)
+    num_blocks = max(max(batches) * blocks_per_seq, pre_seqs * -(-pre_len // 16))
+    runner = ModelRunner(RunnerConfig(model=path, load_format=args.load_format, num_kv_blocks=num_blocks,
+                                      max_model_len=max(args.context + args.steps + 2, pre_len)))
+    cfg = runner.model_config
+    hf = None if args.no_hf else hf_model(cfg)
+    peak = mm_peak_gflops()
+    print(f"# {os.path.basename(path)} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}), fp32, "
+          f"{torch.get_num_threads()} threads, torch.mm fp32 peak {peak:.1f} GFLOP/s", file=sys.stderr)
+
+    rows = []
+    with torch.inference_mode():
+        for batch in batches:
+            step = bench_decode(runner, batch, args.context, args.steps)
+            gflops = batch * flops_per_token(cfg, args.context) / step / 1e9
+            hf_tps = None
+            if hf is not None:
+                hf_tps = batch / bench_hf_decode(hf, batch, args.context, args.hf_steps)
+            rows.append((f"decode b={batch}", step, batch / step, gflops, hf_tps))
+            print(f"  {rows[-1][0]}: {step * 1e3:.1f} ms/step", file=sys.stderr)
+        seconds = bench_prefill(runner, pre_seqs, pre_len)
+        tokens = pre_seqs * pre_len
+        gflops = tokens * flops_per_token(cfg, pre_len // 2) / seconds / 1e9
+        hf_tps = tokens / bench_hf_prefill(hf, pre_seqs, pre_len) if hf is not None else None
+        rows.append((f"prefill {pre_seqs}x{pre_len}", seconds, tokens / seconds, gflops, hf_tps))
+
+    print(f"\nSmolLM2-135M shapes, context {args.context}, fp32 CPU, {torch.get_num_threads()} threads; "
+          f"torch.mm fp32 peak {peak:.1f} GFLOP/s (2048^3, same run)\n")
+    print("| step | time (ms) | zeroserve tok/s | GFLOP/s | % of mm peak | HF generate tok/s | speedup |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, seconds, tps, gflops, hf_tps in rows:
+        hf_cell = f"{hf_tps:.1f}" if hf_tps else "-"
+        speed = f"{tps / hf_tps:.2f}x" if hf_tps else "-"
+        print(f"| {name} | {seconds * 1e3:.1f} | {tps:.1f} | {gflops:.1f} | {100 * gflops / peak:.0f}% | "
+              f"{hf_cell} | {speed} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

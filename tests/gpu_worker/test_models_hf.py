@@ -1,0 +1,128 @@
+"""Greedy tokens equal Hugging Face transformers' on tiny random models of every family.
+
+Each model is a random transformers model saved with save_pretrained into a temp folder and
+loaded by the ModelRunner through the real loader. HF's generate(do_sample=False) on each
+prompt alone is the reference; the runner is driven by hand-built plans (gpu_worker.offline)
+in the ways the scheduler drives it: one sequence, a ragged batch (all at once and under a
+tight token budget that mixes chunked prefills with decodes), a prefill in 3 chunks, and a
+request whose prefix is already in the cache (num_computed_tokens > 0, blocks reused).
+
+initializer_range=0.2 makes the random models' greedy outputs varied (at 0.02 they repeat
+one token) with a top-2 logit margin ~1e-2, far above fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+torch.set_num_threads(1)  # tiny matmuls: a second thread costs more than it gives
+
+transformers = pytest.importorskip("transformers")
+
+from zeroserve.gpu_worker.model_runner import ModelRunner, RunnerConfig  # noqa: E402
+from zeroserve.gpu_worker.offline import PlanBuilder, generate  # noqa: E402
+from zeroserve.shared.messages import SamplingParams  # noqa: E402
+
+NUM_TOKENS = 32
+BLOCK_SIZE = 8  # small, so prompts and chunks cross block boundaries
+GREEDY = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True)
+PROMPT_LENS = [1, 3, 8, 9, 15, 17, 31, 40]
+
+COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              initializer_range=0.2, rms_norm_eps=1e-6,
+              bos_token_id=None, eos_token_id=None, pad_token_id=None)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32, "rope_theta": 10000.0}
+
+CASES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True)),
+    "llama_rope_llama3": ("LlamaConfig", "LlamaForCausalLM",
+                          dict(tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE)),
+    "llama_untied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=False, head_dim=16)),
+}
+
+
+def hf_greedy(model, prompt: list[int]) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=NUM_TOKENS, min_new_tokens=NUM_TOKENS, do_sample=False,
+                         pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+class Case:
+    def __init__(self, name: str, folder: str):
+        config_cls, model_cls, extra = CASES[name]
+        torch.manual_seed(0)
+        config = getattr(transformers, config_cls)(**COMMON, **extra)
+        self.hf = getattr(transformers, model_cls)(config).eval()
+        self.hf.save_pretrained(folder)
+        gen = torch.Generator().manual_seed(1)
+        self.prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in PROMPT_LENS]
+        # shares the 40-token prompt's first 32 tokens (4 full blocks), then diverges
+        self.prefix_prompt = self.prompts[-1][:32] + [7, 70, 170]
+        with torch.inference_mode():
+            self.expected = [hf_greedy(self.hf, p) for p in self.prompts]
+            self.expected_prefix = hf_greedy(self.hf, self.prefix_prompt)
+        self.runner = ModelRunner(RunnerConfig(model=folder, block_size=BLOCK_SIZE, num_kv_blocks=128))
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory) -> Case:
+    return Case(request.param, str(tmp_path_factory.mktemp(request.param)))
+
+
+def test_outputs_are_varied(case):
+    """Guards the test itself: a model that repeats one token would prove little."""
+    assert len({t for out in case.expected for t in out}) > 40
+
+
+def test_single_sequence(case):
+    assert generate(case.runner, [case.prompts[-1]], GREEDY) == [case.expected[-1]]
+    assert case.runner.num_requests == 0
+
+
+def test_ragged_batch(case):
+    assert generate(case.runner, case.prompts, GREEDY) == case.expected
+    assert case.runner.num_requests == 0
+
+
+def test_ragged_batch_mixed_steps(case):
+    """A 20-token budget: prefills are chunked and share steps with other rows' decodes."""
+    assert generate(case.runner, case.prompts, GREEDY, max_num_batched_tokens=20) == case.expected
+
+
+def test_prefill_in_three_chunks(case):
+    prompt = case.prompts[-1]  # 40 tokens -> chunks of 14, 14, 12
+    builder = PlanBuilder(case.runner.num_kv_blocks, BLOCK_SIZE, max_num_batched_tokens=14)
+    builder.add("chunked", prompt, GREEDY)
+    chunks = []
+    while (plan := builder.schedule()) is not None:
+        chunks += [r.num_new_tokens for r in plan.new] + [r.num_new_tokens for r in plan.running]
+        builder.update(case.runner.execute(plan))
+    assert chunks[:3] == [14, 14, 12] and set(chunks[3:]) == {1}
+    assert builder.outputs["chunked"] == case.expected[-1]
+
+
+def test_prefix_reuse(case):
+    """A second request computes only its tail over blocks the first one filled."""
+    builder = PlanBuilder(case.runner.num_kv_blocks, BLOCK_SIZE)
+    builder.add("first", case.prompts[-1], GREEDY)
+    while (plan := builder.schedule()) is not None:
+        builder.update(case.runner.execute(plan))
+    prefix_blocks = builder.block_ids["first"][:4]  # tokens 0..31
+    builder.add("second", case.prefix_prompt, GREEDY, reuse_blocks=prefix_blocks, num_cached_tokens=32)
+    plan = builder.schedule()
+    assert plan.new[0].num_computed_tokens == 32 and plan.new[0].num_new_tokens == 3
+    assert plan.new[0].block_ids[:4] == prefix_blocks
+    builder.update(case.runner.execute(plan))
+    while (plan := builder.schedule()) is not None:
+        builder.update(case.runner.execute(plan))
+    assert builder.outputs["first"] == case.expected[-1]
+    assert builder.outputs["second"] == case.expected_prefix
