@@ -13,6 +13,7 @@ Two workloads, both keeping 1,000 requests waiting (topped up outside the timed 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import time
 
@@ -95,10 +96,24 @@ def run(workload: str, steps: int, seed: int = 0) -> dict[str, np.ndarray]:
             "tokens": np.array(n_tokens), "running": np.array(n_running)}  # fmt: skip
 
 
+def python_speed_ms() -> float:
+    """A fixed pure-Python loop, to compare machines (and moods of a shared VM): best of 5."""
+    best = float("inf")
+    for _ in range(5):
+        t0, x = time.thread_time_ns(), 0
+        for i in range(1_000_000):
+            x += i
+        best = min(best, (time.thread_time_ns() - t0) / 1e6)
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=2000)
     args = ap.parse_args()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"python speed: a 1M-iteration loop takes {python_speed_ms():.1f} ms; load average {load:.2f}, "
+          f"{os.cpu_count()} CPUs")  # fmt: skip
     print("wall-clock per step (schedule, update, total) and the thread's CPU time (total cpu: not")
     print("counting time the OS gave other processes; the honest number on a shared machine)")
     print(f"{'workload':8} {'part':9} {'mean us':>8} {'p50 us':>8} {'p99 us':>8}   context")

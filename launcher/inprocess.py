@@ -11,6 +11,7 @@ hops), and a convenient way to run the model from Python.
 from __future__ import annotations
 
 import time
+import uuid
 
 from zeroserve.gpu_worker.model_runner import ModelRunner, RunnerConfig
 from zeroserve.scheduler_proc.scheduler import Scheduler, SchedulerConfig
@@ -32,6 +33,7 @@ class InProcessEngine:
         )
         self.scheduler = Scheduler(self.scheduler_config)
         self._next_id = 0
+        self._prefix = uuid.uuid4().hex[:8]  # engines sharing one runner must not reuse ids
         self.num_steps = 0
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
@@ -40,7 +42,7 @@ class InProcessEngine:
         ids = []
         now = time.time()
         for prompt, p in zip(prompts, per_prompt):
-            request_id = f"inproc-{self._next_id}"
+            request_id = f"inproc-{self._prefix}-{self._next_id}"
             self._next_id += 1
             ids.append(request_id)
             self.scheduler.add_request(EngineRequest(request_id=request_id, prompt_token_ids=list(prompt),

@@ -2,28 +2,28 @@
 
 A request's tokens, its KV progress and its block table (block_size 4 here)::
 
-    all_token_ids        p0 p1 p2 p3 | p4 p5 g0 g1 | g2 g3      (p: prompt, g: generated)
-    num_computed_tokens  |<------- KV written ---------->|        10: every token but the last
-    block_ids (table)    [    7     ] [     2     ] [ 9  . . ]
-    block_keys           K0           K1                         one per *full* block of tokens
-    num_cached_blocks    2            (blocks registered in the prefix cache so far)
+    all_token_ids      p0 p1 p2 p3 | p4 p5 g0 g1 | g2 g3       (p: prompt, g: generated)
+    KV written         ########### | ########### | ##          num_computed_tokens = 9
+    block_ids (table)  [    7    ]   [    2    ]   [ 9 . . ]   one block per 4 token slots
+    block_keys         K0            K1                        one per *full* block of tokens
+    num_cached_blocks  2: blocks registered in the prefix cache so far
 
 A decode step computes the one token not yet in KV (g3) and samples the next; a prefill
 step computes a run of prompt tokens (a chunk when the token budget is short) and samples
 only when it reaches the last known token.
 
-Lifecycle::
+Lifecycle (preempted: blocks freed, tokens kept, recomputed when it runs again)::
 
-    add_request -> WAITING --schedule--> RUNNING --EOS/length--> FINISHED
-                     ^  |                  |  \\--abort / error--> FINISHED
-                     |  \\--deadline / abort--> FINISHED
-                     \\---- preempted (blocks freed, tokens kept, recomputed later)
+    add_request --> WAITING ---schedule---> RUNNING ---EOS / length---> FINISHED
+                     |   ^                   |   |
+                     |   +----preempted------+   +---abort / error----> FINISHED
+                     +---deadline / abort-------------------------------> FINISHED
 """
 
 from __future__ import annotations
 
 from zeroserve.scheduler_proc.block_manager import hash_block, root_key
-from zeroserve.shared.messages import EngineRequest, SamplingParams
+from zeroserve.shared.messages import EngineRequest, RunningRequestData, SamplingParams
 
 
 class RequestStatus:
@@ -43,7 +43,7 @@ class Request:
         "deadline", "cache_salt", "sort_key", "status", "block_ids", "num_computed_tokens",
         "block_keys", "num_cached_blocks", "num_cached_tokens", "started", "sent_first_delta",
         "known_to_workers", "stop_token_ids", "stop_set", "max_len", "min_len", "num_prompt_tokens",
-        "num_preemptions", "_root_key",
+        "num_preemptions", "decode_data", "_root_key",
     )  # fmt: skip
 
     def __init__(self, req: EngineRequest, sort_key: tuple, eos_token_ids: frozenset[int], max_model_len: int) -> None:
@@ -73,6 +73,9 @@ class Request:
         self.min_len = self.num_prompt_tokens + params.min_tokens  # no stop before this many tokens
         self.max_len = min(self.num_prompt_tokens + params.max_tokens, max_model_len)  # "length" here
         self.num_preemptions = 0
+        # A plan entry for "decode one token, no new block", the same every such step: built
+        # once and reused (plans are immutable messages; nobody may mutate its empty list).
+        self.decode_data = RunningRequestData(req.request_id, [], 1)
         self._root_key = root_key(req.cache_salt)
 
     @property

@@ -43,6 +43,7 @@ from zeroserve.shared.messages import (
     StepPlan,
     StepResult,
     TokenDelta,
+    TokenLogprobs,
 )
 
 __all__ = ["AdmissionError", "Scheduler", "SchedulerConfig"]
@@ -114,11 +115,9 @@ class Scheduler:
         r = self._requests.get(request_id)
         if r is None:
             return False
-        if r.status == _WAITING:
+        if r.status == _WAITING:  # holds no blocks; the workers do not know it (or forgot it)
             del self._requests[request_id]
             self.waiting.remove(r)
-            if r.known_to_workers:  # cannot happen today (preemption tells them), kept for safety
-                self._finished_ids.append(request_id)
         else:
             self.running.remove(r)
             self._finish(r)
@@ -232,7 +231,7 @@ class Scheduler:
             remaining = len(r.all_token_ids) - num_computed
             if remaining == 1:
                 if num_computed % bs:  # fast path: a decode with room in its last block
-                    out.append(RunningRequestData(r.request_id, [], 1))
+                    out.append(r.decode_data)
                     r.num_computed_tokens = num_computed = num_computed + 1
                     budget -= 1
                     num_sampling += 1
@@ -281,6 +280,7 @@ class Scheduler:
             return self._fail(requests, inflight.keyed_blocks, f"The engine step failed: {result.error}")
         live, lps, tokens = self._requests, result.logprobs, result.sampled_token_ids
         deltas: list[TokenDelta] = []
+        append = deltas.append
         finished: list[Request] = []
         applied = 0
         for idx, rid in enumerate(result.request_ids):
@@ -293,25 +293,13 @@ class Scheduler:
             applied += 1
             token = tokens[idx]
             all_tokens.append(token)
-            finish = stop_reason = None
-            if token in r.stop_set and len(all_tokens) >= r.min_len:
-                finish = "stop"
-                if token in r.stop_token_ids:
-                    stop_reason = token
-            elif len(all_tokens) >= r.max_len:  # max_tokens or max_model_len reached
-                finish = "length"
-            lp = None if lps is None or lps[idx] is None else [lps[idx]]
-            if r.sent_first_delta:
-                if finish is None and lp is None:  # the common case, with the fewest arguments
-                    deltas.append(TokenDelta(rid, [token]))
-                else:
-                    deltas.append(TokenDelta(rid, [token], lp, finish, stop_reason))
-            else:
-                r.sent_first_delta = True
-                deltas.append(TokenDelta(rid, [token], lp, finish, stop_reason, None,
-                                         r.num_prompt_tokens, r.num_cached_tokens))  # fmt: skip
-            if finish is not None:
-                finished.append(r)
+            if token in r.stop_set or len(all_tokens) >= r.max_len or lps is not None or not r.sent_first_delta:
+                delta = self._delta(r, token, None if lps is None else lps[idx])
+                append(delta)
+                if delta.finish_reason is not None:
+                    finished.append(r)
+            else:  # the common case: one more token, nothing else to say
+                append(TokenDelta(rid, [token]))
         if finished:
             finished.sort(key=_by_sort_key)  # free order (LRU order) independent of result order
             for r in finished:
@@ -322,6 +310,28 @@ class Scheduler:
             if missing:  # failing them beats leaving them stuck forever
                 deltas += self._fail(missing, [], "The worker returned no token for this request.")
         return deltas
+
+    @staticmethod
+    def _delta(r: Request, token: int, logprobs: TokenLogprobs | None) -> TokenDelta:
+        """The delta for r's new last token ``token``, deciding whether r finishes.
+
+        "stop": an EOS (unless ignore_eos) or stop token id once min_tokens are out;
+        stop_reason is the token id for stop_token_ids, None for EOS. "length": max_tokens
+        or max_model_len reached. A stop token on the last allowed token is a "stop".
+        """
+        finish = stop_reason = None
+        num_tokens = len(r.all_token_ids)
+        if token in r.stop_set and num_tokens >= r.min_len:
+            finish = "stop"
+            if token in r.stop_token_ids:
+                stop_reason = token
+        elif num_tokens >= r.max_len:
+            finish = "length"
+        lp = None if logprobs is None else [logprobs]
+        if r.sent_first_delta:
+            return TokenDelta(r.request_id, [token], lp, finish, stop_reason)
+        r.sent_first_delta = True
+        return TokenDelta(r.request_id, [token], lp, finish, stop_reason, None, r.num_prompt_tokens, r.num_cached_tokens)
 
     def reset_kv_cache(self) -> None:
         """The workers restarted with an empty KV cache: requeue every running request (it is
@@ -362,7 +372,8 @@ class Scheduler:
                 refs[b] += 1
         waiting = list(self.waiting)
         for r in waiting:
-            assert not r.block_ids and r.num_computed_tokens == 0 and self._requests.get(r.request_id) is r, r
+            assert not r.block_ids and r.num_computed_tokens == 0 and not r.known_to_workers, r
+            assert self._requests.get(r.request_id) is r, r
         assert len(waiting) == self.waiting.num_requests
         assert sum(len(r.all_token_ids) for r in waiting) == self.waiting.num_tokens
         assert len(self._requests) == len(waiting) + len(self.running), "a request is lost or duplicated"
@@ -410,10 +421,9 @@ class Scheduler:
         for r in requests:
             if r.status != _RUNNING:
                 continue
-            first = not r.sent_first_delta
+            prompt, cached = (0, 0) if r.sent_first_delta else (r.num_prompt_tokens, r.num_cached_tokens)
             r.sent_first_delta = True
-            deltas.append(TokenDelta(r.request_id, [], None, "error", None, error,
-                                     r.num_prompt_tokens if first else 0, r.num_cached_tokens if first else 0))  # fmt: skip
+            deltas.append(TokenDelta(r.request_id, [], None, "error", None, error, prompt, cached))
             self._finish(r)
         self.running[:] = [r for r in self.running if r.status == _RUNNING]
         return deltas

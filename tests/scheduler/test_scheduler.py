@@ -327,3 +327,23 @@ def test_stats_snapshot():
     st = s.stats()
     assert (st.num_running, st.num_waiting, st.kv_cache_usage, st.num_free_blocks) == (0, 0, 0.0, 10)
     assert (st.prefix_cache_queries, st.prefix_cache_hits) == (20, 8)
+
+
+def test_preempted_request_resumes_with_its_generated_tokens_and_a_prefix_hit():
+    s = make_sched(num_blocks=5)
+    d = Driver(s)
+    s.add_request(make_request("a", list(range(100, 108)), max_tokens=6))  # needs 4 blocks at the end
+    s.add_request(make_request("b", list(range(200, 206)), max_tokens=8))  # needs 4 blocks at the end
+    b_blocks = d.step().new[1].block_ids
+    while "b" not in d.plans[-1].finished_ids:  # pool of 5 runs out: b (later arrival) is preempted
+        d.step()
+    generated = list(d.tokens["b"])
+    assert len(generated) == 3 and s.request("b").num_computed_tokens == 0
+    resumed = None
+    while resumed is None:
+        d.step()
+        resumed = next((n for n in d.plans[-1].new if n.request_id == "b"), None)
+    assert resumed.token_ids == list(range(200, 206)) + generated, "resumed with every known token"
+    assert resumed.num_computed_tokens == 4 and resumed.block_ids[0] == b_blocks[0], "its first block survived"
+    d.run()
+    assert len(d.tokens["b"]) == 8 and d.finish["b"] == "length"
