@@ -70,6 +70,9 @@ class RequestStates:
     def __contains__(self, request_id: str) -> bool:
         return request_id in self.requests
 
+    def clear(self) -> None:
+        self.requests.clear()
+
     # ------------------------------------------------------------------ checks
 
     def _check_blocks(self, request_id: str, block_ids: list[int]) -> None:

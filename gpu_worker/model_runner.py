@@ -94,8 +94,9 @@ class ModelRunner:
         self.model = build_model(cfg, self.ops, self.max_model_len)
         self.model.load_weights(weights, self.device)
         self.model.eval()
-        if onednn_linear_available(self.device, self.dtype):
-            self.model.pack_for_cpu()
+        # CPU fp32: projections move to oneDNN's packed layout at the first step (not here, so
+        # whoever holds the runner can still edit runner.model's weights until then)
+        self._pack_weights = onednn_linear_available(self.device, self.dtype)
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = list(cfg.eos_token_ids)
         self.block_size = config.block_size
@@ -116,8 +117,11 @@ class ModelRunner:
         self.requests = RequestStates(self.num_kv_blocks, self.block_size, self.max_model_len,
                                       lambda seed: make_generator(seed, self.device))
         self.sampler = Sampler()
-        # Hook for CUDA graphs: a capture of decode buckets replaces this callable.
+        # forward(input_ids, positions, kv_caches, meta) -> hidden; on CUDA, captured decode
+        # graphs take its place (same signature, eager fallback for other batches)
         self.forward = self.model.forward
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self._capture_cuda_graphs()
         self.load_time_s = time.perf_counter() - start
         log.info("model ready in %.1f s: %s, %s on %s, %d KV blocks of %d tokens (%.1f MiB)",
                  self.load_time_s, cfg.architecture, str(self.dtype).removeprefix("torch."), self.device,
@@ -135,6 +139,23 @@ class ModelRunner:
             return cuda_num_blocks(self.kv_spec, self.device, c.gpu_memory_utilization, memory_gb,
                                    c.max_num_seqs, self.max_model_len)
         return cpu_num_blocks(self.kv_spec, memory_gb, c.max_num_seqs, self.max_model_len)
+
+    def _capture_cuda_graphs(self) -> None:
+        from zeroserve.gpu_worker.cuda_graphs import DecodeGraphs
+
+        graphs = DecodeGraphs(
+            self.model.forward, self.kv_caches, max_batch=min(256, self.config.max_num_seqs),
+            max_blocks_per_seq=-(-self.max_model_len // self.block_size), max_model_len=self.max_model_len,
+            hidden_size=self.model_config.hidden_size, dtype=self.dtype, device=self.device,
+        )
+        with torch.inference_mode():
+            graphs.capture()
+        self.forward = graphs
+
+    def reset(self) -> None:
+        """Forget every request (the worker calls this after a failed step; the scheduler
+        starts over). The KV cache keeps its contents; the scheduler owns which blocks mean what."""
+        self.requests.clear()
 
     @torch.inference_mode()
     def _profile_run(self) -> None:
@@ -166,6 +187,9 @@ class ModelRunner:
         """Run one step. Raises PlanError (state unchanged) for a plan that does not match the
         worker's state; the worker process turns any exception into StepResult.error."""
         start = time.perf_counter()
+        if self._pack_weights:
+            self.model.pack_for_cpu()
+            self._pack_weights = False
         scheduled = self.requests.apply(plan)
         if not scheduled:
             return StepResult(plan.step_id, [], [], None, time.perf_counter() - start)

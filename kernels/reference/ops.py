@@ -78,7 +78,8 @@ def write_kv(
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """The first ``length`` tokens of one sequence: [length, Hkv, D]."""
     num_blocks_used = -(-length // cache.shape[1])
-    return cache[block_table[:num_blocks_used].long()].flatten(0, 1)[:length]
+    rows = cache.view(cache.shape[0], -1).index_select(0, block_table[:num_blocks_used].long())
+    return rows.view(-1, *cache.shape[2:])[:length]
 
 
 def _decode_attention(
@@ -90,21 +91,24 @@ def _decode_attention(
     max_seq_len: int,
     scale: float,
 ) -> torch.Tensor:
-    """One query token per sequence, batched. q: [S, Hq, D] -> [S, Hq, D]."""
+    """One query token per sequence, batched. q: [S, Hq, D] -> [S, Hq, D].
+
+    Blocks are gathered with one index_select into (S, Hkv, L, D) views, and the g query heads
+    sharing a KV head act as g query rows of one SDPA call: no transposed copies, no repeats.
+    """
     s, hq, d = q.shape
-    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
+    num_blocks, block_size, hkv = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
     width = -(-max_seq_len // block_size)
-    table = block_tables[:, :width].long()
-    k = k_cache[table].flatten(1, 2)[:, :max_seq_len]  # (S, L, Hkv, D)
-    v = v_cache[table].flatten(1, 2)[:, :max_seq_len]
+    length = width * block_size
+    table = block_tables[:, :width].reshape(-1).long()
+    k = k_cache.view(num_blocks, -1).index_select(0, table).view(s, length, hkv, d).transpose(1, 2)  # (S, Hkv, L, D)
+    v = v_cache.view(num_blocks, -1).index_select(0, table).view(s, length, hkv, d).transpose(1, 2)
+    if k.dtype != torch.float32:
+        k, v = k.float(), v.float()
     qg = q.view(s, hkv, group, d).float()  # (S, Hkv, g, D)
-    scores = torch.einsum("shgd,slhd->shgl", qg, k.float()) * scale  # (S, Hkv, g, L)
-    pos = torch.arange(max_seq_len, device=q.device)
-    masked = pos.view(1, 1, 1, -1) >= seq_lens.view(-1, 1, 1, 1)
-    scores = scores.masked_fill(masked, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("shgl,slhd->shgd", probs, v.float())
+    visible = torch.arange(length, device=q.device) < seq_lens.view(-1, 1)  # (S, L)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=visible.view(s, 1, 1, length), scale=scale)
     return out.reshape(s, hq, d).to(q.dtype)
 
 

@@ -131,6 +131,15 @@ def test_finished_ids_free_state(runner):
     assert runner.num_requests == 0
 
 
+def test_reset_forgets_every_request(runner):
+    runner.execute(StepPlan(0, new=[new("a", [1, 2, 3], [0]), new("b", [4, 5], [1])]))
+    runner.reset()
+    assert runner.num_requests == 0
+    with pytest.raises(PlanError):
+        runner.execute(StepPlan(1, running=[RunningRequestData("a", [], 1)]))
+    assert runner.execute(StepPlan(2, new=[new("a", [1, 2, 3], [0])])).request_ids == ["a"]
+
+
 def test_seeded_sampling_depends_only_on_the_seed(runner):
     seeded = SamplingParams(max_tokens=12, temperature=1.0, seed=1234, ignore_eos=True)
     alone = generate(runner, [[7, 8, 9]], seeded)[0]

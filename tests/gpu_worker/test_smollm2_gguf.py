@@ -60,7 +60,7 @@ def runner(gguf_path) -> ModelRunner:
 
 
 @pytest.fixture(scope="module")
-def params(runner) -> SamplingParams:
+def params() -> SamplingParams:
     # min_tokens: both sides hide EOS for all 32 tokens, as HF's min_new_tokens does
     return SamplingParams(max_tokens=NUM_TOKENS, min_tokens=NUM_TOKENS, temperature=0.0)
 
