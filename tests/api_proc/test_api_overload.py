@@ -70,9 +70,36 @@ def test_eight_streaming_clients_hang_up_and_everything_is_freed(zeroserve_serve
 
 @pytest.fixture(scope="module")
 def tiny_server():
-    server = start_server("--max-num-seqs", "1", "--max-waiting-requests", "1", "--num-kv-blocks", "256", api_key=None)
+    """Auth off, tiny admission limits, 2 tokenizer and 2 api processes, tcp transport with CURVE."""
+    base_port = free_port_range(70)
+    server = start_server("--max-num-seqs", "1", "--max-waiting-requests", "1", "--num-kv-blocks", "256",
+                          "--num-tokenizers", "2", "--api-workers", "2",
+                          "--transport", "tcp", "--base-port", str(base_port), api_key=None)
+    server.base_port = base_port
     yield server
     assert server.stop() == 0, server.log()
+
+
+def free_port_range(span: int) -> int:
+    """A base port with `span` free ports after it (internal tcp sockets use base + 0..60)."""
+    import random
+    import socket
+
+    for _ in range(50):
+        base = random.randrange(20000, 60000)
+        try:
+            socks = []
+            for offset in (0, 1, 50, 60):
+                s = socket.socket()
+                s.bind(("127.0.0.1", base + offset))
+                socks.append(s)
+            for s in socks:
+                s.close()
+            return base
+        except OSError:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
 
 
 def test_admission_limit_gives_429_with_retry_after_at_once(tiny_server):
@@ -106,4 +133,50 @@ def test_admission_limit_gives_429_with_retry_after_at_once(tiny_server):
     status, body = server.post("/v1/completions", {"prompt": "third", "max_tokens": 4, "temperature": 0})
     assert status == 200 and body["usage"]["completion_tokens"] == 4
     status, _ = server.get("/v1/models")
+    assert status == 200
+
+
+def test_two_tokenizers_and_two_api_processes_share_the_load(tiny_server):
+    """Sequential requests (max_num_seqs is 1 here) land on both tokenizers and both api processes."""
+    texts = set()
+    for i in range(6):
+        status, body = tiny_server.post("/v1/completions", {"prompt": f"Number {i}:", "max_tokens": 3, "temperature": 0})
+        assert status == 200, body
+        texts.add(body["choices"][0]["text"])
+    assert len(texts) > 1
+    procs = tiny_server.children()
+    names = []
+    for pid in procs:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            parts = f.read().split(b"\0")
+        names.append(parts[parts.index(b"proc") + 1])
+    assert names.count(b"tokenizer") == 2 and names.count(b"api") == 2
+
+
+def test_tcp_transport_refuses_peers_without_the_curve_key(tiny_server):
+    """Internal sockets on tcp require CURVE: a plain peer, or one with a key of its own, gets nothing."""
+    import msgspec
+    import zmq
+
+    from zeroserve.shared.messages import Ping
+
+    ctx = zmq.Context()
+    try:
+        plain = ctx.socket(zmq.DEALER)
+        plain.connect(f"tcp://127.0.0.1:{tiny_server.base_port}")
+        stranger = ctx.socket(zmq.DEALER)
+        server_public, _ = zmq.curve_keypair()  # not the server's key
+        stranger.curve_publickey, stranger.curve_secretkey = zmq.curve_keypair()
+        stranger.curve_serverkey = server_public
+        stranger.connect(f"tcp://127.0.0.1:{tiny_server.base_port}")
+        for sock in (plain, stranger):
+            sock.setsockopt(zmq.LINGER, 0)
+            try:
+                sock.send(msgspec.msgpack.encode(Ping(sent_at=0.0, request_id="probe")), zmq.NOBLOCK)
+            except zmq.Again:
+                continue  # not even connected: refused
+            assert sock.poll(2000) == 0, "an unauthenticated peer got an answer"
+    finally:
+        ctx.destroy(0)
+    status, _ = tiny_server.get("/ready")
     assert status == 200
