@@ -68,14 +68,7 @@ def bench_chain(model: str, batches: list[int], input_len: int, output_len: int,
     async def main() -> dict[int, float]:
         out = {}
         async with EngineClient(f"ipc://{run_dir}/tokenizer-0.sock") as client:
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline:
-                try:
-                    if (await client.ping(0.5)).ready:
-                        break
-                except asyncio.TimeoutError:
-                    pass
-                await asyncio.sleep(0.3)
+            await client.wait_ready(300)
             await client.complete(prompt_token_ids=prompts_for(1, 8, vocab, 99)[0], params=SamplingParams(temperature=0, max_tokens=4))
             for batch in batches:
                 jobs = [{"prompt_token_ids": p, "params": params} for p in prompts_for(batch, input_len, vocab)]

@@ -93,7 +93,7 @@ class ModelRunner:
             )
         self.model = build_model(cfg, self.ops, self.max_model_len)
         self.model.load_weights(weights, self.device)
-        self.model.eval()
+        self.model.train(False)  # inference only (no dropout layers anyway)
         # CPU fp32: projections move to oneDNN's packed layout at the first step (not here, so
         # whoever holds the runner can still edit runner.model's weights until then)
         self._pack_weights = onednn_linear_available(self.device, self.dtype)

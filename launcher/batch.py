@@ -170,17 +170,10 @@ async def run_batch(args: argparse.Namespace, address: str | list[str], curve, a
     if summary.skipped:
         print(f"zeroserve batch: resuming: {summary.skipped} line(s) already in {args.output}", file=sys.stderr)
     async with EngineClient(address, curve) as client:
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                pong = await client.ping(timeout=1.0)
-                if pong.ready:
-                    break
-            except asyncio.TimeoutError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"zeroserve batch: the engine at {address} is not ready")
-            await asyncio.sleep(0.3)
+        try:
+            pong = await client.wait_ready(600)
+        except TimeoutError as e:
+            raise SystemExit(f"zeroserve batch: {e}") from None
         if api_config is None:
             from zeroserve.api_proc.config import ApiConfig
 

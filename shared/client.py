@@ -237,6 +237,20 @@ class EngineClient:
     async def detokenize(self, req: DetokenizeRequest, timeout: float = 30.0) -> TokenizeResult:
         return await self._call(self._pick(req.request_id), req, req.request_id, timeout)
 
+    async def wait_ready(self, timeout_s: float = 600.0, poll_s: float = 0.3) -> Pong:
+        """Ping until the engine says it can take work; raises TimeoutError after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                pong = await self.ping(timeout=1.0)
+                if pong.ready:
+                    return pong
+            except asyncio.TimeoutError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the engine at {self.addresses[0]} was not ready after {timeout_s:.0f}s")
+            await asyncio.sleep(poll_s)
+
     async def ping(self, timeout: float = 1.0) -> Pong:
         """Ask tokenizer 0 how the engine is; raises asyncio.TimeoutError when nobody answers."""
         request_id = uuid.uuid4().hex
