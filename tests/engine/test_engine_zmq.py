@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
 
 import pytest
 import torch
 
 from zeroserve.shared.client import EngineClient, EngineError
 from zeroserve.shared.messages import SamplingParams
-from zeroserve.shared.model_files import default_model_path
 
 PROMPTS = [
     "The capital of France is",
@@ -26,20 +24,20 @@ def run(coro):
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
+def tokenizer(gguf_path):
     from zeroserve.tokenizer_proc.tokenizer import load_tokenizer
 
-    return load_tokenizer(default_model_path())
+    return load_tokenizer(gguf_path)
 
 
 @pytest.fixture(scope="module")
-def reference_tokens(tokenizer):
+def reference_tokens(tokenizer, gguf_path):
     """Greedy tokens of the in-process engine (same scheduler and runner, no processes)."""
     from zeroserve.gpu_worker.model_runner import ModelRunner, RunnerConfig
     from zeroserve.launcher.inprocess import InProcessEngine
 
     torch.set_num_threads(2)
-    engine = InProcessEngine(None, runner=ModelRunner(RunnerConfig(model=default_model_path(), max_model_len=2048, num_kv_blocks=512)))
+    engine = InProcessEngine(None, runner=ModelRunner(RunnerConfig(model=gguf_path, max_model_len=2048, num_kv_blocks=512)))
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     out = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
     return dict(zip(PROMPTS, out))

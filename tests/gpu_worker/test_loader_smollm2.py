@@ -3,34 +3,20 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 import torch
 
 from zeroserve.gpu_worker.loader import expected_shapes, load_checkpoint, load_model_config
-from zeroserve.shared.model_files import ModelNotFoundError, default_model_path
 
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")
-def gguf_path() -> str:
-    try:
-        return default_model_path()
-    except ModelNotFoundError as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="module")
-def reference(gguf_path):
-    """transformers' own load of the file (~30 s on 2 cores): done once for the module."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=torch.float32
-    )
-    return model.config, model.state_dict()
+def reference(hf_smollm2):
+    return hf_smollm2.config, hf_smollm2.state_dict()
 
 
 def test_config_matches_transformers(gguf_path, reference):

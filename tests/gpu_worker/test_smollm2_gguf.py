@@ -23,7 +23,6 @@ from zeroserve.gpu_worker.model_runner import ModelRunner, RunnerConfig  # noqa:
 from zeroserve.gpu_worker.offline import generate  # noqa: E402
 from zeroserve.shared import env  # noqa: E402
 from zeroserve.shared.messages import SamplingParams  # noqa: E402
-from zeroserve.shared.model_files import ModelNotFoundError, default_model_path  # noqa: E402
 
 NUM_TOKENS = 32
 RAW_PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
@@ -32,14 +31,6 @@ CHATS = [
     [{"role": "system", "content": "You are a terse assistant."},
      {"role": "user", "content": "Name three primary colors."}],
 ]
-
-
-@pytest.fixture(scope="module")
-def gguf_path() -> str:
-    try:
-        return default_model_path()
-    except ModelNotFoundError as e:
-        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +64,7 @@ def _file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _hf_outputs(path: str, prompts: list[list[int]], eos_token_ids: list[int]) -> list[list[int]]:
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
-    ).eval()
+def _hf_outputs(model, prompts: list[list[int]], eos_token_ids: list[int]) -> list[list[int]]:
     outputs = []
     with torch.inference_mode():
         for ids in prompts:
@@ -89,7 +76,7 @@ def _hf_outputs(path: str, prompts: list[list[int]], eos_token_ids: list[int]) -
 
 
 @pytest.fixture(scope="module")
-def expected(gguf_path, prompts, runner) -> list[list[int]]:
+def expected(request, gguf_path, prompts, runner) -> list[list[int]]:
     try:
         tf_version = version("transformers")
     except PackageNotFoundError:
@@ -100,7 +87,7 @@ def expected(gguf_path, prompts, runner) -> list[list[int]]:
     if os.path.isfile(cache):
         with open(cache) as f:
             return json.load(f)
-    outputs = _hf_outputs(gguf_path, prompts, runner.eos_token_ids)
+    outputs = _hf_outputs(request.getfixturevalue("hf_smollm2"), prompts, runner.eos_token_ids)
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     with open(cache + ".tmp", "w") as f:
         json.dump(outputs, f)

@@ -12,17 +12,8 @@ import pytest
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from zeroserve.shared.model_files import ModelNotFoundError, default_model_path  # noqa: E402
 
 from tokenizer_testdata import write_sentencepiece_gguf  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def gguf_path() -> str:
-    try:
-        return default_model_path()
-    except ModelNotFoundError as e:
-        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="session")
