@@ -48,7 +48,7 @@ class RunnerConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
-    kernel_backend: str | None = None  # "torch" | "triton"; None: by device (env override)
+    kernel_backend: str | None = None  # "torch" | "cpu" | "triton"; None: by device (env override)
     enforce_eager: bool = False  # GPU: no CUDA graphs
     load_format: str = "auto"  # auto | hf | gguf | dummy (random weights, config from the file)
     seed: int = 0

@@ -38,7 +38,7 @@ def add_engine_args(parser: argparse.ArgumentParser, with_model: bool = True) ->
     g.add_argument("--num-kv-blocks", type=int, default=0, help="KV blocks to allocate (default: sized from memory)")
     g.add_argument("--kv-cache-memory-gb", type=float, default=0.0, help="CPU: memory for the KV cache in GiB")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="GPU: fraction of memory for weights + KV cache")
-    g.add_argument("--kernel-backend", default=None, choices=["torch", "triton"], help="kernel implementation (default: by device)")
+    g.add_argument("--kernel-backend", default=None, choices=["torch", "cpu", "triton"], help="kernel implementation (default: cpu on CPU, triton on CUDA)")
     g.add_argument("--enforce-eager", action="store_true", help="GPU: do not capture CUDA graphs")
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights at the model's shape")
     g.add_argument("--num-threads", type=int, default=0, help="CPU: torch threads in the worker (default: all cores)")

@@ -32,7 +32,7 @@ def cache_dir() -> str:
 
 
 def kernel_backend() -> str | None:
-    """ZEROSERVE_KERNELS=torch|triton overrides the automatic choice (tests use it)."""
+    """ZEROSERVE_KERNELS=torch|cpu|triton overrides the automatic choice (tests use it)."""
     return _str("ZEROSERVE_KERNELS")
 
 

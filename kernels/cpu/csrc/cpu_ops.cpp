@@ -1,0 +1,505 @@
+// zeroserve CPU kernels (fp32): paged attention over the block pools, and the small fused
+// ops around it. Built at first use by kernels/cpu/build.py (g++ -O3 -march=native -fopenmp)
+// and called through ctypes with raw pointers; the Python wrappers in kernels/cpu/ops.py
+// check shapes, dtypes and contiguity before any pointer gets here.
+//
+// Threads: OpenMP. The library links libgomp.so.1, the soname of the runtime torch has
+// already loaded, so these kernels share torch's thread pool and torch.set_num_threads.
+//
+// Layouts (see kernels/reference/ops.py for the contracts):
+//   q, out          [T, Hq, D]
+//   k_cache/v_cache [N, bs, Hkv, D]      token (block b, offset o): row (b*bs + o), Hkv*D floats
+//   block_tables    [S, table_stride] int32
+//   seq_lens        [S] int32            context length after this step
+//   query_start     [S+1] int32          tokens of sequence s: query_start[s] .. query_start[s+1]
+//
+// With AVX2+FMA (and head_dim % 8 == 0) the inner loops use intrinsics; otherwise (or when
+// built with -DZS_SCALAR, which the tests do) the same algorithm runs on plain loops.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <omp.h>
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(ZS_SCALAR)
+#include <immintrin.h>
+#define ZS_AVX2 1
+#endif
+
+namespace {
+
+// exp(x) for x <= 0 (softmax after subtracting the max), without libm: 2^n * p(r) with
+// n = round(x / ln2), r = x - n ln2 in two parts (Cody-Waite), p the degree-6 Taylor
+// polynomial; relative error ~2e-7 on [-87, 0]; x < -87 gives ~1e-38 (as good as 0).
+inline float exp_neg(float x) {
+    x = std::max(x, -87.0f);
+    const float n = std::nearbyint(x * 1.44269504088896341f);
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.3888889e-3f;
+    p = p * r + 8.3333333e-3f;
+    p = p * r + 4.1666667e-2f;
+    p = p * r + 1.6666667e-1f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    return p * scale;
+}
+
+// The geometry of one attention call, shared by every work item.
+struct Geometry {
+    const float* k_cache;
+    const float* v_cache;
+    int64_t block_size, num_heads, num_kv_heads, group, dim, row_stride;
+    float scale;
+};
+
+// A block further down the table, fetched a slice at a time while this one is computed on:
+// spread over the head loop, the prefetches overlap the arithmetic instead of queueing up.
+struct Ahead {
+    const char* base = nullptr;
+    int64_t bytes = 0;
+    void slice(int64_t part, int64_t parts) const {
+        if (base == nullptr) return;
+        const int64_t lines = (bytes + 63) / 64;
+        for (int64_t i = part * lines / parts; i < (part + 1) * lines / parts; ++i) __builtin_prefetch(base + 64 * i);
+    }
+};
+
+// --------------------------------------------------------------------------- primitives
+// scores_block: scores[r][col + o] = scale * q_r . k_o(head of r) for the n tokens of a block
+// values_block: acc[r] += sum_o p[r][col + o] * v_o(head of r)
+// softmax_row:  p = exp(s - max) in place; returns (max, sum)
+
+#ifdef ZS_AVX2
+
+inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+inline float hmax(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// [sum(a0), ..., sum(a7)]
+inline __m256 hsum8(const __m256* a) {
+    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+inline __m256 exp_neg8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.3888889e-3f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3333333e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1666667e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666667e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+void scores_block(const Geometry& g, const float* __restrict q, const float* __restrict kblk, int64_t n,
+                  float* __restrict scores, int64_t ld, int64_t col, const Ahead& ahead) {
+    const int64_t nv = g.dim / 8;
+    const __m256 scale = _mm256_set1_ps(g.scale);
+    const int64_t parts = (n / 8) * g.num_heads;
+    int64_t o = 0;
+    if (parts == 0) ahead.slice(0, 1);
+    for (; o + 8 <= n; o += 8) {  // 8 keys at a time: 8 accumulators, one transpose-add at the end
+        const float* k8 = kblk + o * g.row_stride;
+        for (int64_t r = 0; r < g.num_heads; ++r) {
+            ahead.slice((o / 8) * g.num_heads + r, parts);
+            const float* qr = q + r * g.dim;
+            const float* k = k8 + (r / g.group) * g.dim;
+            __m256 acc[8];
+            for (int t = 0; t < 8; ++t) acc[t] = _mm256_setzero_ps();
+            for (int64_t i = 0; i < nv; ++i) {
+                const __m256 qv = _mm256_loadu_ps(qr + 8 * i);
+                for (int t = 0; t < 8; ++t)
+                    acc[t] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + t * g.row_stride + 8 * i), acc[t]);
+            }
+            _mm256_storeu_ps(scores + r * ld + col + o, _mm256_mul_ps(hsum8(acc), scale));
+        }
+    }
+    for (; o < n; ++o) {
+        const float* k1 = kblk + o * g.row_stride;
+        for (int64_t r = 0; r < g.num_heads; ++r) {
+            const float* qr = q + r * g.dim;
+            const float* k = k1 + (r / g.group) * g.dim;
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t i = 0; i < nv; ++i)
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * i), _mm256_loadu_ps(k + 8 * i), acc);
+            scores[r * ld + col + o] = hsum(acc) * g.scale;
+        }
+    }
+}
+
+inline void softmax_row(float* __restrict s, int64_t n, float* max_out, float* sum_out) {
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + t));
+    float m = hmax(mv);
+    for (; t < n; ++t) m = std::max(m, s[t]);
+    const __m256 mb = _mm256_set1_ps(m);
+    __m256 sv = _mm256_setzero_ps();
+    for (t = 0; t + 8 <= n; t += 8) {
+        const __m256 e = exp_neg8(_mm256_sub_ps(_mm256_loadu_ps(s + t), mb));
+        _mm256_storeu_ps(s + t, e);
+        sv = _mm256_add_ps(sv, e);
+    }
+    float sum = hsum(sv);
+    for (; t < n; ++t) {
+        s[t] = exp_neg(s[t] - m);
+        sum += s[t];
+    }
+    *max_out = m;
+    *sum_out = sum;
+}
+
+// acc[0 : 8 NV] += sum_o p[o] v_o[0 : 8 NV]: the accumulators stay in registers over the block
+template <int NV>
+inline void weighted_rows(float* __restrict acc, const float* __restrict p, const float* __restrict v,
+                          int64_t stride, int64_t n) {
+    __m256 a[NV];
+    for (int i = 0; i < NV; ++i) a[i] = _mm256_loadu_ps(acc + 8 * i);
+    for (int64_t o = 0; o < n; ++o, v += stride) {
+        const __m256 po = _mm256_broadcast_ss(p + o);
+        for (int i = 0; i < NV; ++i) a[i] = _mm256_fmadd_ps(po, _mm256_loadu_ps(v + 8 * i), a[i]);
+    }
+    for (int i = 0; i < NV; ++i) _mm256_storeu_ps(acc + 8 * i, a[i]);
+}
+
+void values_block(const Geometry& g, float* __restrict acc, const float* __restrict scores, int64_t ld, int64_t col,
+                  const float* __restrict vblk, int64_t n, const Ahead& ahead) {
+    const int64_t nv = g.dim / 8;
+    for (int64_t r = 0; r < g.num_heads; ++r) {
+        ahead.slice(r, g.num_heads);
+        const float* p = scores + r * ld + col;
+        const float* v = vblk + (r / g.group) * g.dim;
+        float* a = acc + r * g.dim;
+        for (int64_t c = 0; c < nv; c += 8) {
+            switch (std::min<int64_t>(8, nv - c)) {
+                case 8: weighted_rows<8>(a + 8 * c, p, v + 8 * c, g.row_stride, n); break;
+                case 7: weighted_rows<7>(a + 8 * c, p, v + 8 * c, g.row_stride, n); break;
+                case 6: weighted_rows<6>(a + 8 * c, p, v + 8 * c, g.row_stride, n); break;
+                case 5: weighted_rows<5>(a + 8 * c, p, v + 8 * c, g.row_stride, n); break;
+                case 4: weighted_rows<4>(a + 8 * c, p, v + 8 * c, g.row_stride, n); break;
+                case 3: weighted_rows<3>(a + 8 * c, p, v + 8 * c, g.row_stride, n); break;
+                case 2: weighted_rows<2>(a + 8 * c, p, v + 8 * c, g.row_stride, n); break;
+                default: weighted_rows<1>(a + 8 * c, p, v + 8 * c, g.row_stride, n); break;
+            }
+        }
+    }
+}
+
+constexpr bool kVectorized = true;
+
+#else  // plain loops
+
+void scores_block(const Geometry& g, const float* __restrict q, const float* __restrict kblk, int64_t n,
+                  float* __restrict scores, int64_t ld, int64_t col, const Ahead& ahead) {
+    ahead.slice(0, 1);
+    for (int64_t o = 0; o < n; ++o) {
+        const float* k1 = kblk + o * g.row_stride;
+        for (int64_t r = 0; r < g.num_heads; ++r) {
+            const float* qr = q + r * g.dim;
+            const float* k = k1 + (r / g.group) * g.dim;
+            float acc = 0.0f;
+            for (int64_t i = 0; i < g.dim; ++i) acc += qr[i] * k[i];
+            scores[r * ld + col + o] = acc * g.scale;
+        }
+    }
+}
+
+inline void softmax_row(float* __restrict s, int64_t n, float* max_out, float* sum_out) {
+    float m = -INFINITY;
+    for (int64_t t = 0; t < n; ++t) m = std::max(m, s[t]);
+    float sum = 0.0f;
+    for (int64_t t = 0; t < n; ++t) {
+        s[t] = exp_neg(s[t] - m);
+        sum += s[t];
+    }
+    *max_out = m;
+    *sum_out = sum;
+}
+
+void values_block(const Geometry& g, float* __restrict acc, const float* __restrict scores, int64_t ld, int64_t col,
+                  const float* __restrict vblk, int64_t n, const Ahead& ahead) {
+    ahead.slice(0, 1);
+    for (int64_t r = 0; r < g.num_heads; ++r) {
+        const float* p = scores + r * ld + col;
+        const float* v = vblk + (r / g.group) * g.dim;
+        float* a = acc + r * g.dim;
+        for (int64_t o = 0; o < n; ++o)
+            for (int64_t i = 0; i < g.dim; ++i) a[i] += p[o] * v[o * g.row_stride + i];
+    }
+}
+
+constexpr bool kVectorized = false;
+
+#endif
+
+// --------------------------------------------------------------------------- attention
+
+#ifndef ZS_PREFETCH_AHEAD
+#define ZS_PREFETCH_AHEAD 2
+#endif
+constexpr int64_t kPrefetchAhead = ZS_PREFETCH_AHEAD;  // blocks
+
+// Every head of one query token over context positions [c0, c1) (c0 a multiple of the block
+// size): acc[r] = sum_t exp(s_rt - m_r) v_t (unnormalized), m[r] = max_t s_rt, l[r] = sum_t exp(s_rt - m_r).
+// Pass 1 walks the K blocks once (all heads of a block while it is in L1), pass 2 the V blocks.
+void attend_range(const Geometry& g, const float* __restrict q, const int32_t* __restrict table, int64_t c0,
+                  int64_t c1, float* __restrict scores, float* __restrict acc, float* __restrict m,
+                  float* __restrict l) {
+    const int64_t len = c1 - c0, bs = g.block_size, block_floats = bs * g.row_stride;
+    // Blocks sit anywhere in the pool: the one kPrefetchAhead further on in the walk (K blocks,
+    // then V blocks) is fetched while this one is computed on.
+    const int64_t first = c0 / bs, blocks = (c1 + bs - 1) / bs - first;
+    auto ahead = [&](int64_t step) {
+        Ahead a;
+        step += kPrefetchAhead;
+        if (step < 2 * blocks) {
+            const int64_t b = first + step % blocks;
+            const float* pool = step < blocks ? g.k_cache : g.v_cache;
+            a.base = reinterpret_cast<const char*>(pool + table[b] * block_floats);
+            a.bytes = (std::min(c1, (b + 1) * bs) - b * bs) * g.row_stride * static_cast<int64_t>(sizeof(float));
+        }
+        return a;
+    };
+    for (int64_t i = 0; i < blocks; ++i) {
+        const int64_t start = (first + i) * bs, n = std::min(bs, c1 - start);
+        scores_block(g, q, g.k_cache + table[first + i] * block_floats, n, scores, len, start - c0, ahead(i));
+    }
+    for (int64_t r = 0; r < g.num_heads; ++r) softmax_row(scores + r * len, len, m + r, l + r);
+    std::fill(acc, acc + g.num_heads * g.dim, 0.0f);
+    for (int64_t i = 0; i < blocks; ++i) {
+        const int64_t start = (first + i) * bs, n = std::min(bs, c1 - start);
+        values_block(g, acc, scores, len, start - c0, g.v_cache + table[first + i] * block_floats, n,
+                     ahead(blocks + i));
+    }
+}
+
+struct Item {
+    int64_t token, seq, c0, c1, partial;  // partial: -1 = write the output directly
+};
+
+}  // namespace
+
+extern "C" {
+
+int zs_abi_version() { return 1; }
+
+int zs_max_threads() { return omp_get_max_threads(); }
+
+int zs_vectorized() { return kVectorized ? 1 : 0; }
+
+// Causal attention of every query token over its sequence's paged context (prefill, chunked
+// prefill after a cached prefix, decode: one loop). Query token i of sequence s sits at
+// position seq_lens[s] - q_len(s) + i and sees positions 0 .. that one.
+//
+// A work item is one token with all its heads (K/V rows are read whole, once). When there are
+// fewer tokens than ~2 per thread (small decode batches), a token's context is also split
+// into ranges of at least `min_split` positions, and the ranges merged (flash-decoding).
+void zs_paged_attention(const float* q, const float* k_cache, const float* v_cache, const int32_t* block_tables,
+                        const int32_t* seq_lens, const int32_t* query_start, float* out, int64_t num_seqs,
+                        int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                        int64_t block_size, int64_t table_stride, float scale, int64_t min_split) {
+    const Geometry g{k_cache, v_cache, block_size, num_heads, num_kv_heads, num_heads / num_kv_heads, head_dim,
+                     num_kv_heads * head_dim, scale};
+    const int64_t threads = omp_get_max_threads();
+    const int64_t want = std::max<int64_t>(1, (2 * threads + num_tokens - 1) / num_tokens);
+    min_split = std::max(block_size, (min_split + block_size - 1) / block_size * block_size);
+
+    std::vector<Item> items;
+    items.reserve(num_tokens);
+    int64_t partials = 0, longest = 1;
+    for (int64_t s = 0; s < num_seqs; ++s) {
+        const int64_t q_len = query_start[s + 1] - query_start[s];
+        for (int64_t t = query_start[s]; t < query_start[s + 1]; ++t) {
+            const int64_t context = seq_lens[s] - q_len + (t - query_start[s]) + 1;
+            if (context <= 0) {  // nothing visible (not produced by a valid plan): zeros
+                std::fill(out + t * num_heads * head_dim, out + (t + 1) * num_heads * head_dim, 0.0f);
+                continue;
+            }
+            const int64_t splits = std::min(want, (context + min_split - 1) / min_split);
+            if (splits <= 1) {
+                items.push_back({t, s, 0, context, -1});
+                longest = std::max(longest, context);
+                continue;
+            }
+            const int64_t chunk = ((context + splits - 1) / splits + block_size - 1) / block_size * block_size;
+            for (int64_t c0 = 0; c0 < context; c0 += chunk) {
+                items.push_back({t, s, c0, std::min(context, c0 + chunk), partials++});
+                longest = std::max(longest, chunk);
+            }
+        }
+    }
+    const int64_t head_floats = num_heads * head_dim;
+    std::vector<float> partial_acc(partials * head_floats), partial_m(partials * num_heads),
+        partial_l(partials * num_heads);
+    const int64_t count = static_cast<int64_t>(items.size());
+
+#pragma omp parallel
+    {
+        std::vector<float> scores(num_heads * longest), m(num_heads), l(num_heads);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < count; ++i) {
+            const Item& it = items[i];
+            const float* qt = q + it.token * head_floats;
+            const int32_t* table = block_tables + it.seq * table_stride;
+            if (it.partial < 0) {
+                float* o = out + it.token * head_floats;
+                attend_range(g, qt, table, it.c0, it.c1, scores.data(), o, m.data(), l.data());
+                for (int64_t r = 0; r < num_heads; ++r) {
+                    const float inv = 1.0f / l[r];
+                    for (int64_t d = 0; d < head_dim; ++d) o[r * head_dim + d] *= inv;
+                }
+            } else {
+                attend_range(g, qt, table, it.c0, it.c1, scores.data(), partial_acc.data() + it.partial * head_floats,
+                             partial_m.data() + it.partial * num_heads, partial_l.data() + it.partial * num_heads);
+            }
+        }
+    }
+    if (partials == 0) return;
+    // merge the ranges of each split token: items of one token are consecutive
+    for (int64_t i = 0; i < count;) {
+        if (items[i].partial < 0) {
+            ++i;
+            continue;
+        }
+        int64_t j = i;
+        while (j < count && items[j].token == items[i].token) ++j;
+        float* o = out + items[i].token * head_floats;
+        for (int64_t r = 0; r < num_heads; ++r) {
+            float mx = -INFINITY;
+            for (int64_t k = i; k < j; ++k) mx = std::max(mx, partial_m[items[k].partial * num_heads + r]);
+            float total = 0.0f;
+            float* orow = o + r * head_dim;
+            std::fill(orow, orow + head_dim, 0.0f);
+            for (int64_t k = i; k < j; ++k) {
+                const int64_t p = items[k].partial;
+                const float w = std::exp(partial_m[p * num_heads + r] - mx);
+                total += w * partial_l[p * num_heads + r];
+                const float* a = partial_acc.data() + p * head_floats + r * head_dim;
+                for (int64_t d = 0; d < head_dim; ++d) orow[d] += w * a[d];
+            }
+            const float inv = 1.0f / total;
+            for (int64_t d = 0; d < head_dim; ++d) orow[d] *= inv;
+        }
+        i = j;
+    }
+}
+
+// --------------------------------------------------------------------------- small ops
+// Rows are independent; the loops over rows run in parallel only when there are enough of
+// them to pay for waking the pool (a decode step of a few sequences stays on one thread).
+
+constexpr int64_t kRowsPerThread = 8;
+
+// out = weight * (x' / rms(x')), x' = x (+ residual, stored to residual_out); rows of `hidden`
+// floats, x and residual `x_stride` / `res_stride` apart (views of wider tensors are fine).
+void zs_rms_norm(const float* x, int64_t x_stride, const float* residual, int64_t res_stride, const float* weight,
+                 float* out, float* residual_out, int64_t rows, int64_t hidden, float eps) {
+#pragma omp parallel for schedule(static) if (rows >= 2 * kRowsPerThread)
+    for (int64_t t = 0; t < rows; ++t) {
+        const float* xr = x + t * x_stride;
+        float* o = out + t * hidden;
+        const float* src = xr;
+        if (residual != nullptr) {
+            const float* rr = residual + t * res_stride;
+            float* ro = residual_out + t * hidden;
+#pragma omp simd
+            for (int64_t i = 0; i < hidden; ++i) ro[i] = xr[i] + rr[i];
+            src = ro;
+        }
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < hidden; ++i) ss += src[i] * src[i];
+        const float inv = 1.0f / std::sqrt(ss / static_cast<float>(hidden) + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < hidden; ++i) o[i] = weight[i] * (src[i] * inv);
+    }
+}
+
+// Neox rotary on q [T, Hq, D] and k [T, Hkv, D] (token rows `q_stride` / `k_stride` apart, heads
+// contiguous), into q_out [T, Hq, D] and k_out [T, Hkv, D]. cos_sin: [P, D], cos | sin halves.
+void zs_rotary(const int64_t* positions, const float* q, int64_t q_stride, const float* k, int64_t k_stride,
+               const float* cos_sin, float* q_out, float* k_out, int64_t tokens, int64_t q_heads, int64_t k_heads,
+               int64_t dim) {
+    const int64_t half = dim / 2;
+#pragma omp parallel for schedule(static) if (tokens >= 2 * kRowsPerThread)
+    for (int64_t t = 0; t < tokens; ++t) {
+        const float* c = cos_sin + positions[t] * dim;
+        const float* sn = c + half;
+        for (int64_t h = 0; h < q_heads + k_heads; ++h) {
+            const float* x = h < q_heads ? q + t * q_stride + h * dim : k + t * k_stride + (h - q_heads) * dim;
+            float* o = h < q_heads ? q_out + (t * q_heads + h) * dim : k_out + (t * k_heads + h - q_heads) * dim;
+#pragma omp simd
+            for (int64_t i = 0; i < half; ++i) {
+                const float x1 = x[i], x2 = x[i + half];
+                o[i] = x1 * c[i] - x2 * sn[i];
+                o[i + half] = x2 * c[i] + x1 * sn[i];
+            }
+        }
+    }
+}
+
+// k/v rows ([T, Hkv*D], `k_stride` / `v_stride` apart) into flat slots of the caches; slot < 0: skip.
+void zs_write_kv(const float* k, int64_t k_stride, const float* v, int64_t v_stride, float* k_cache, float* v_cache,
+                 const int64_t* slots, int64_t tokens, int64_t row) {
+    for (int64_t t = 0; t < tokens; ++t) {
+        if (slots[t] < 0) continue;
+        std::memcpy(k_cache + slots[t] * row, k + t * k_stride, row * sizeof(float));
+        std::memcpy(v_cache + slots[t] * row, v + t * v_stride, row * sizeof(float));
+    }
+}
+
+// out [T, I] = silu(x[:, :I]) * x[:, I:], x rows `x_stride` apart.
+void zs_silu_and_mul(const float* x, int64_t x_stride, float* out, int64_t rows, int64_t inter) {
+#pragma omp parallel for schedule(static) if (rows >= 2 * kRowsPerThread)
+    for (int64_t t = 0; t < rows; ++t) {
+        const float* gate = x + t * x_stride;
+        const float* up = gate + inter;
+        float* o = out + t * inter;
+        int64_t i = 0;
+#ifdef ZS_AVX2
+        const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+        for (; i + 8 <= inter; i += 8) {
+            const __m256 gt = _mm256_loadu_ps(gate + i);
+            const __m256 e = exp_neg8(_mm256_or_ps(gt, sign));  // exp(-|g|)
+            const __m256 pos = _mm256_div_ps(one, _mm256_add_ps(one, e));
+            const __m256 sig = _mm256_blendv_ps(pos, _mm256_mul_ps(e, pos), gt);  // g < 0: e / (1 + e)
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(gt, sig), _mm256_loadu_ps(up + i)));
+        }
+#endif
+        for (; i < inter; ++i) {
+            const float gt = gate[i];
+            const float e = exp_neg(-std::fabs(gt));  // exp(-|g|), no overflow either way
+            const float sig = gt >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+            o[i] = gt * sig * up[i];
+        }
+    }
+}
+
+}  // extern "C"

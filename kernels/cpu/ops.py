@@ -1,0 +1,119 @@
+"""C++ CPU kernels behind the interface of kernels/reference/ops.py (same names, same contracts).
+
+fp32 CPU tensors in the layouts the model produces go to the compiled kernels
+(csrc/cpu_ops.cpp); anything else (another dtype, a layout they do not take) falls back to
+the torch reference, which stays the oracle. Outputs are new tensors, as in the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zeroserve.kernels.cpu import build
+from zeroserve.kernels.metadata import AttentionMetadata
+from zeroserve.kernels.reference import ops as reference
+
+__all__ = ["rms_norm", "rotary", "silu_and_mul", "write_kv", "paged_attention"]
+
+_lib = build.load()  # importing this module raises CpuKernelsUnavailable where there is no build
+_VECTORIZED = bool(_lib.zs_vectorized())  # the AVX2 attention takes head dims that are multiples of 8
+MIN_SPLIT = 256  # a decode with fewer tokens than ~2 per thread splits each context in ranges this long
+F32 = torch.float32
+
+
+def _rows_ok(t: torch.Tensor) -> bool:
+    """fp32 on the CPU, rows of contiguous floats (any row stride)."""
+    return t.dtype == F32 and t.device.type == "cpu" and t.dim() == 2 and t.stride(1) == 1
+
+
+def _heads_ok(t: torch.Tensor) -> bool:
+    """[T, H, D] fp32 on the CPU with each token's heads contiguous (any token stride)."""
+    return (t.dtype == F32 and t.device.type == "cpu" and t.dim() == 3 and t.stride(2) == 1
+            and t.stride(1) == t.shape[2])
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    if not (_rows_ok(x) and weight.dtype == F32 and weight.is_contiguous()
+            and (residual is None or (_rows_ok(residual) and residual.shape == x.shape))):
+        return reference.rms_norm(x, weight, eps, residual)
+    rows, hidden = x.shape
+    out = torch.empty((rows, hidden), dtype=F32)
+    if residual is None:
+        _lib.zs_rms_norm(x.data_ptr(), x.stride(0), None, 0, weight.data_ptr(), out.data_ptr(), None,
+                         rows, hidden, eps)
+        return out
+    residual_out = torch.empty((rows, hidden), dtype=F32)
+    _lib.zs_rms_norm(x.data_ptr(), x.stride(0), residual.data_ptr(), residual.stride(0), weight.data_ptr(),
+                     out.data_ptr(), residual_out.data_ptr(), rows, hidden, eps)
+    return out, residual_out
+
+
+def rotary(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (_heads_ok(q) and _heads_ok(k) and q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2]
+            and q.shape[2] % 2 == 0 and cos_sin_cache.dtype == F32 and cos_sin_cache.is_contiguous()
+            and cos_sin_cache.shape[1] == q.shape[2] and positions.device.type == "cpu"):
+        return reference.rotary(positions, q, k, cos_sin_cache)
+    positions = positions.to(torch.int64).contiguous()
+    tokens, q_heads, dim = q.shape
+    if tokens and not 0 <= int(positions.min()) <= int(positions.max()) < cos_sin_cache.shape[0]:
+        raise IndexError(f"rotary: a position is outside the cos/sin cache of {cos_sin_cache.shape[0]} positions")
+    q_out, k_out = torch.empty((tokens, q_heads, dim), dtype=F32), torch.empty(k.shape, dtype=F32)
+    _lib.zs_rotary(positions.data_ptr(), q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0),
+                   cos_sin_cache.data_ptr(), q_out.data_ptr(), k_out.data_ptr(), tokens, q_heads, k.shape[1], dim)
+    return q_out, k_out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if not (_rows_ok(x) and x.shape[1] % 2 == 0):
+        return reference.silu_and_mul(x)
+    rows, inter = x.shape[0], x.shape[1] // 2
+    out = torch.empty((rows, inter), dtype=F32)
+    _lib.zs_silu_and_mul(x.data_ptr(), x.stride(0), out.data_ptr(), rows, inter)
+    return out
+
+
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    num_blocks, block_size, hkv, dim = k_cache.shape
+    if not (_heads_ok(k) and _heads_ok(v) and k_cache.dtype == F32 and v_cache.dtype == F32
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and k.shape[1:] == (hkv, dim)
+            and v.shape == k.shape and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()):
+        return reference.write_kv(k, v, k_cache, v_cache, slot_mapping)
+    tokens = k.shape[0]
+    if tokens and int(slot_mapping.max()) >= num_blocks * block_size:
+        raise IndexError(f"write_kv: a slot is past the cache's {num_blocks * block_size} slots")
+    _lib.zs_write_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                     slot_mapping.data_ptr(), tokens, hkv * dim)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """q: [T, Hq, D] -> [T, Hq, D]; every row causal over its sequence's paged context."""
+    if not (q.dtype == F32 and k_cache.dtype == F32 and v_cache.dtype == F32 and q.device.type == "cpu"
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and not (_VECTORIZED and q.shape[-1] % 8)):
+        return reference.paged_attention(q, k_cache, v_cache, meta, scale)
+    q = q.contiguous()
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    tables = meta.block_tables.contiguous()
+    out = torch.empty_like(q)
+    _lib.zs_paged_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), meta.seq_lens.data_ptr(),
+        meta.query_start_loc.data_ptr(), out.data_ptr(), meta.num_seqs, num_tokens, num_heads, num_kv_heads,
+        head_dim, block_size, tables.shape[1], scale, MIN_SPLIT,
+    )
+    return out
