@@ -31,8 +31,8 @@ ABI_VERSION = 1
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
 
 _lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_error: str | None = None
+_libs: dict[tuple[str, ...], ctypes.CDLL] = {}  # by extra flags ((): the serving build)
+_errors: dict[tuple[str, ...], str] = {}
 
 
 class CpuKernelsUnavailable(RuntimeError):
@@ -57,19 +57,19 @@ def _cpu_flags() -> str:
     return ""
 
 
-def library_path(compiler: str) -> Path:
+def library_path(compiler: str, flags: list[str]) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.blake2b(digest_size=10)
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), _cpu_flags().encode()):
+    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), version.encode(), _cpu_flags().encode()):
         key.update(part)
     return Path(env.cache_dir()) / "cpu_kernels" / key.hexdigest() / "libzeroserve_cpu.so"
 
 
-def _compile(compiler: str, target: Path) -> None:
+def _compile(compiler: str, flags: list[str], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [compiler, *FLAGS, str(SOURCE), "-o", tmp]
+    cmd = [compiler, *flags, str(SOURCE), "-o", tmp]
     log.info("compiling the CPU kernels (once per machine): %s", " ".join(cmd))
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
@@ -93,34 +93,37 @@ def _bind(lib: ctypes.CDLL) -> None:
         fn.restype = None
 
 
-def load() -> ctypes.CDLL:
-    """The loaded library (building it first if needed); raises CpuKernelsUnavailable."""
-    global _lib, _error
+def load(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """The loaded library (building it first if needed); raises CpuKernelsUnavailable.
+
+    ``extra_flags`` builds a variant (the tests build ``-DZS_SCALAR``, the portable loops)."""
     with _lock:
-        if _lib is not None:
-            return _lib
-        if _error is not None:
-            raise CpuKernelsUnavailable(_error)
+        if extra_flags in _libs:
+            return _libs[extra_flags]
+        if extra_flags in _errors:
+            raise CpuKernelsUnavailable(_errors[extra_flags])
         try:
             import torch  # noqa: F401  (loads torch's libgomp first: the kernels share its pool)
 
             compiler = _compiler()
             if compiler is None:
-                raise CpuKernelsUnavailable("no C++ compiler (g++, c++ or clang++) on PATH")
-            path = library_path(compiler)
+                raise CpuKernelsUnavailable("no C++ compiler (g++, c++ or clang++) on PATH; install one "
+                                            "(apt-get install g++) for the fast CPU kernels")
+            flags = [*FLAGS, *extra_flags]
+            path = library_path(compiler, flags)
             if not path.exists():
-                _compile(compiler, path)
+                _compile(compiler, flags, path)
             lib = ctypes.CDLL(str(path))
             if lib.zs_abi_version() != ABI_VERSION:
                 raise CpuKernelsUnavailable(f"{path} has ABI {lib.zs_abi_version()}, expected {ABI_VERSION}")
             _bind(lib)
         except CpuKernelsUnavailable as exc:
-            _error = str(exc)
+            _errors[extra_flags] = str(exc)
             raise
         except (OSError, subprocess.SubprocessError) as exc:
-            _error = f"building or loading the CPU kernels failed: {exc}"
-            raise CpuKernelsUnavailable(_error) from exc
-        _lib = lib
+            _errors[extra_flags] = f"building or loading the CPU kernels failed: {exc}"
+            raise CpuKernelsUnavailable(_errors[extra_flags]) from exc
+        _libs[extra_flags] = lib
         return lib
 
 

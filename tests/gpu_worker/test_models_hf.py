@@ -126,3 +126,13 @@ def test_prefix_reuse(case):
         builder.update(case.runner.execute(plan))
     assert builder.outputs["first"] == case.expected[-1]
     assert builder.outputs["second"] == case.expected_prefix
+
+
+def test_torch_reference_kernels_give_the_same_tokens(case, tmp_path):
+    """The runner defaults to the C++ CPU kernels; the torch reference (the oracle of the
+    kernel tests) must also reproduce HF through the whole model."""
+    runner = ModelRunner(RunnerConfig(model=case.runner.config.model, block_size=BLOCK_SIZE, num_kv_blocks=128,
+                                      kernel_backend="torch"))
+    assert runner.ops.__name__ == "zeroserve.kernels.reference.ops"
+    assert case.runner.ops.__name__ == "zeroserve.kernels.cpu.ops"
+    assert generate(runner, case.prompts, GREEDY, max_num_batched_tokens=20) == case.expected

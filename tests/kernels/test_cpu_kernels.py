@@ -1,0 +1,220 @@
+"""The C++ CPU kernels (kernels/cpu) against the torch reference, op by op.
+
+Each op runs in two builds: the serving one (AVX2 intrinsics where the CPU has them) and
+``-DZS_SCALAR`` (the portable loops every other CPU gets). Shapes cover what the models
+produce: strided views of the fused qkv / gate_up outputs, GQA groups of 1 to 7, head dims
+that are and are not multiples of 8, blocks shorter than the 8-key tiles, padding slots,
+decode batches, chunked prefills after a cached prefix, and contexts long enough to be split
+across threads and merged.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from zeroserve.kernels import get_kernels
+from zeroserve.kernels.cpu import build
+from zeroserve.kernels.metadata import AttentionMetadata
+from zeroserve.kernels.reference import ops as ref
+
+cpu_ops = pytest.importorskip("zeroserve.kernels.cpu.ops", exc_type=build.CpuKernelsUnavailable)
+
+
+@pytest.fixture(params=["native", "scalar"])
+def ops(request, monkeypatch):
+    """kernels.cpu.ops bound to one build of the library."""
+    if request.param == "scalar":
+        lib = build.load(("-DZS_SCALAR",))
+        assert lib.zs_vectorized() == 0
+        monkeypatch.setattr(cpu_ops, "_lib", lib)
+        monkeypatch.setattr(cpu_ops, "_VECTORIZED", False)
+    return cpu_ops
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 2e-5) -> None:
+    assert a.shape == b.shape
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+# --------------------------------------------------------------------------- small ops
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_rms_norm(ops, rows):
+    gen = torch.Generator().manual_seed(rows)
+    wide = torch.randn(rows, 100, generator=gen)
+    x = wide[:, :90]  # a strided view, as the model's slices are
+    residual, weight = torch.randn(rows, 90, generator=gen), torch.randn(90, generator=gen)
+    _close(ops.rms_norm(x, weight, 1e-6), ref.rms_norm(x, weight, 1e-6))
+    got, got_res = ops.rms_norm(x, weight, 1e-6, residual)
+    want, want_res = ref.rms_norm(x, weight, 1e-6, residual)
+    _close(got, want)
+    assert torch.equal(got_res, want_res)  # the new residual is an exact fp32 add
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 16), (6, 2, 10)])
+def test_rotary_on_qkv_views(ops, heads, kv_heads, dim):
+    from zeroserve.gpu_worker.models.layers import build_cos_sin_cache
+
+    tokens = 13
+    gen = torch.Generator().manual_seed(dim)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen)
+    q = qkv[:, : heads * dim].view(tokens, heads, dim)
+    k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+    cache = build_cos_sin_cache(dim, 512, 10000.0, None)
+    positions = torch.randint(0, 512, (tokens,), generator=gen)
+    for got, want in zip(ops.rotary(positions, q, k, cache), ref.rotary(positions, q, k, cache)):
+        _close(got, want, 1e-5)
+    with pytest.raises(IndexError, match="outside the cos/sin cache"):
+        ops.rotary(torch.tensor([0] * 12 + [512]), q, k, cache)
+
+
+def test_write_kv_skips_padding_and_rejects_bad_slots(ops):
+    gen = torch.Generator().manual_seed(0)
+    k, v = torch.randn(6, 2, 8, generator=gen), torch.randn(6, 2, 8, generator=gen)
+    slots = torch.tensor([5, -1, 17, 0, 39, -1])
+    caches = [torch.zeros(5, 8, 2, 8) for _ in range(4)]
+    ops.write_kv(k, v, caches[0], caches[1], slots)
+    ref.write_kv(k, v, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    assert caches[0].abs().sum() > 0
+    with pytest.raises(IndexError, match="past the cache"):
+        ops.write_kv(k, v, caches[0], caches[1], torch.tensor([0, 1, 2, 3, 4, 40]))
+
+
+@pytest.mark.parametrize("rows,inter", [(1, 1536), (33, 100), (64, 13)])
+def test_silu_and_mul(ops, rows, inter):
+    x = torch.randn(rows, 2 * inter, generator=torch.Generator().manual_seed(rows)) * 6  # both tails of silu
+    _close(ops.silu_and_mul(x), ref.silu_and_mul(x), 1e-5)
+
+
+def test_other_dtypes_fall_back_to_the_reference(ops):
+    x = torch.randn(4, 16, dtype=torch.float64)
+    assert ops.silu_and_mul(x).dtype == torch.float64
+    torch.testing.assert_close(ops.silu_and_mul(x), ref.silu_and_mul(x))
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def _attention_case(query_lens, seq_lens, heads, kv_heads, dim, block_size, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    per_seq = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(per_seq) + 3
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=gen)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=gen)
+    order = torch.randperm(num_blocks, generator=gen).tolist()  # blocks scattered over the pool
+    tables, at = [], 0
+    for n in per_seq:
+        tables.append(order[at : at + n])
+        at += n
+    q = torch.randn(sum(query_lens), heads, dim, generator=gen)
+    meta = AttentionMetadata.build(query_lens, seq_lens, tables, [0] * sum(query_lens))
+    return q, k_cache, v_cache, meta
+
+
+ATTENTION_CASES = {
+    "decode batch, GQA 3": ([1] * 12, [256, 1, 17, 40, 100, 5, 16, 33, 64, 200, 9, 130], 9, 3, 64, 16),
+    "one long decode (split, merged)": ([1], [1500], 8, 2, 128, 16),
+    "two decodes (split)": ([1, 1], [700, 300], 4, 1, 64, 16),
+    "prefill + chunk after prefix + decodes": ([20, 7, 1, 1], [20, 50, 33, 1], 6, 2, 32, 16),
+    "blocks shorter than a key tile": ([3, 1, 1], [11, 19, 4], 7, 1, 16, 5),
+    "head dim not a multiple of 8": ([2, 1], [9, 30], 4, 2, 20, 8),
+    "MHA, group 1": ([4, 1], [4, 77], 4, 4, 64, 16),
+}
+
+
+@pytest.mark.parametrize("name", list(ATTENTION_CASES))
+def test_paged_attention(ops, name):
+    query_lens, seq_lens, heads, kv_heads, dim, block_size = ATTENTION_CASES[name]
+    q, k_cache, v_cache, meta = _attention_case(query_lens, seq_lens, heads, kv_heads, dim, block_size)
+    scale = dim**-0.5
+    _close(ops.paged_attention(q, k_cache, v_cache, meta, scale), ref.paged_attention(q, k_cache, v_cache, meta, scale))
+
+
+def test_split_point_does_not_change_the_result(monkeypatch):
+    """The merge of split ranges is exact up to rounding, wherever the split falls."""
+    q, k_cache, v_cache, meta = _attention_case([1], [1000], 4, 2, 64, 16, seed=3)
+    whole = cpu_ops.paged_attention(q, k_cache, v_cache, meta, 0.125)
+    for split in (16, 100, 999):
+        monkeypatch.setattr(cpu_ops, "MIN_SPLIT", split)
+        _close(cpu_ops.paged_attention(q, k_cache, v_cache, meta, 0.125), whole, 1e-5)
+
+
+def test_extreme_scores_stay_finite():
+    """Softmax subtracts the row max: huge logits neither overflow nor underflow to NaN."""
+    q, k_cache, v_cache, meta = _attention_case([1, 3], [40, 3], 2, 1, 16, 8, seed=5)
+    out = cpu_ops.paged_attention(q * 1e3, k_cache * 10, v_cache, meta, 1.0)
+    assert torch.isfinite(out).all()
+    _close(out, ref.paged_attention(q * 1e3, k_cache * 10, v_cache, meta, 1.0), 1e-4)
+
+
+# --------------------------------------------------------------------------- build and selection
+
+
+def test_cpu_is_the_default_backend_on_cpu():
+    assert get_kernels(None, "cpu") is cpu_ops
+    assert get_kernels("torch", "cpu") is ref
+
+
+def test_threads_follow_torch():
+    lib = build.load()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert lib.zs_max_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert lib.zs_max_threads() == before
+
+
+def _fresh_python(code: str, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, **env_extra}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_without_a_compiler_the_torch_kernels_serve_with_a_warning(tmp_path):
+    """No g++ anywhere (empty PATH, empty cache): get_kernels falls back and says why."""
+    code = (
+        "import logging, sys; logging.basicConfig(level=logging.WARNING)\n"
+        "from zeroserve.kernels import get_kernels\n"
+        "print(get_kernels(None, 'cpu').__name__)\n"
+    )
+    result = _fresh_python(code, {"PATH": str(tmp_path), "CXX": "", "ZEROSERVE_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "zeroserve.kernels.reference.ops"
+    assert "no C++ compiler" in result.stderr and "torch kernels" in result.stderr
+
+
+def test_a_failing_compiler_is_reported(tmp_path):
+    fake = tmp_path / "broken-g++"
+    fake.write_text("#!/bin/sh\necho 'fatal: this compiler is broken' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    code = (
+        "from zeroserve.kernels.cpu import build\n"
+        "try:\n    build.load()\nexcept build.CpuKernelsUnavailable as exc:\n    print('ERR', exc)\n"
+    )
+    result = _fresh_python(code, {"CXX": str(fake), "ZEROSERVE_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    assert "ERR compiling cpu_ops.cpp failed" in result.stdout and "this compiler is broken" in result.stdout
+
+
+def test_concurrent_first_builds_all_load(tmp_path):
+    """Several processes building into one empty cache at once (workers starting together)."""
+    code = (
+        "import torch\nfrom zeroserve.kernels.cpu import build\n"
+        "lib = build.load(); print(lib.zs_abi_version())\n"
+    )
+    env = {**os.environ, "ZEROSERVE_CACHE_DIR": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(3)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in results]
+    assert [out.strip() for out, _ in results] == [str(build.ABI_VERSION)] * 3
+    built = list((tmp_path / "cache" / "cpu_kernels").glob("*/*"))
+    assert [p.name for p in built] == ["libzeroserve_cpu.so"]  # no temporary files left behind
