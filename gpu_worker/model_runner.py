@@ -116,7 +116,7 @@ class ModelRunner:
         self.kv_caches = allocate_kv_cache(self.kv_spec, self.num_kv_blocks, self.device)
         self.requests = RequestStates(self.num_kv_blocks, self.block_size, self.max_model_len,
                                       lambda seed: make_generator(seed, self.device))
-        self.sampler = Sampler()
+        self.sampler = Sampler(argmax=getattr(self.ops, "argmax_rows", None))
         # forward(input_ids, positions, kv_caches, meta) -> hidden; on CUDA, captured decode
         # graphs take its place (same signature, eager fallback for other batches)
         self.forward = self.model.forward

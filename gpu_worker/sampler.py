@@ -200,8 +200,11 @@ class Sampler:
     the same functions (e.g. Triton filters) is chosen here, once, at construction.
     """
 
-    def __init__(self, ops: ModuleType | None = None) -> None:
+    def __init__(self, ops: ModuleType | None = None, argmax=None) -> None:
         self.ops = ops if ops is not None else reference_ops
+        # argmax(logits [B, V]) -> [B]: the kernel backend's when it has one (the CPU kernels
+        # split a batch's rows over threads), else torch's
+        self._argmax = argmax if argmax is not None else (lambda x: x.argmax(dim=-1))
         # max_k (the largest top_k, known on the host) spares the torch ops a device sync; a
         # backend whose filters need no host-side k may leave the parameter out.
         params = inspect.signature(self.ops.apply_top_k_top_p).parameters
@@ -216,13 +219,13 @@ class Sampler:
                 f"{batch.num_rows} rows; pass the last-position logits [rows, vocab]"
             )
         if batch.fast_greedy:
-            sampled = logits.argmax(dim=-1)
+            sampled = self._argmax(logits)
             return SamplerOutput(sampled.tolist(), [None] * batch.num_rows, sampled)
 
         raw = logits.float()
         processed = self._process(raw, batch)
         if batch.all_greedy:
-            sampled = processed.argmax(dim=-1)
+            sampled = self._argmax(processed)
         else:
             sampled = self._sample_random(processed, batch)
             if batch.any_greedy:

@@ -13,7 +13,7 @@ from zeroserve.kernels.cpu import build
 from zeroserve.kernels.metadata import AttentionMetadata
 from zeroserve.kernels.reference import ops as reference
 
-__all__ = ["rms_norm", "rotary", "silu_and_mul", "write_kv", "paged_attention"]
+__all__ = ["rms_norm", "rotary", "silu_and_mul", "write_kv", "paged_attention", "argmax_rows"]
 
 _lib = build.load()  # importing this module raises CpuKernelsUnavailable where there is no build
 _VECTORIZED = bool(_lib.zs_vectorized())  # the AVX2 attention takes head dims that are multiples of 8
@@ -116,4 +116,14 @@ def paged_attention(
         meta.query_start_loc.data_ptr(), out.data_ptr(), meta.num_seqs, num_tokens, num_heads, num_kv_heads,
         head_dim, block_size, tables.shape[1], scale, MIN_SPLIT,
     )
+    return out
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x: [B, V] -> [B] int64, as ``x.argmax(dim=-1)`` (first index on ties, NaN the largest);
+    rows in parallel (torch's argmax runs a decode batch's logits on one thread)."""
+    if not (_rows_ok(x) and x.shape[1] > 0):
+        return x.argmax(dim=-1)
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    _lib.zs_argmax_rows(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], out.data_ptr())
     return out

@@ -93,6 +93,20 @@ def test_silu_and_mul(ops, rows, inter):
     _close(ops.silu_and_mul(x), ref.silu_and_mul(x), 1e-5)
 
 
+def test_argmax_rows_matches_torch(ops):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(70, 1003, generator=gen)[:, :1001]  # strided rows, a tail after the 8-lane part
+    x[1, 17] = x[1, 900] = 50.0  # a tie: the first index wins
+    x[2, 5] = float("nan")  # NaN counts as the largest
+    x[3, 1000] = float("nan")  # in the tail
+    x[4] = float("-inf")
+    x[5, :] = 1.0  # all equal
+    x[6, 1000] = 99.0  # the max in the tail
+    assert torch.equal(ops.argmax_rows(x), x.argmax(dim=-1))
+    small = torch.tensor([[1.0, 3.0, 3.0], [float("nan"), 1.0, 2.0]])
+    assert torch.equal(ops.argmax_rows(small), small.argmax(dim=-1))
+
+
 def test_other_dtypes_fall_back_to_the_reference(ops):
     x = torch.randn(4, 16, dtype=torch.float64)
     assert ops.silu_and_mul(x).dtype == torch.float64

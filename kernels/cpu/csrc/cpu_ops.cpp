@@ -412,16 +412,17 @@ void zs_paged_attention(const float* q, const float* k_cache, const float* v_cac
 }
 
 // --------------------------------------------------------------------------- small ops
-// Rows are independent; the loops over rows run in parallel only when there are enough of
-// them to pay for waking the pool (a decode step of a few sequences stays on one thread).
+// Rows are independent; the loops run in parallel only when there is enough work to pay for
+// waking the pool's sleeping threads (tens of microseconds with OMP_WAIT_POLICY=PASSIVE):
+// a decode step's few hundred KB stays on the calling thread.
 
-constexpr int64_t kRowsPerThread = 8;
+constexpr int64_t kParallelFloats = 1 << 18;
 
 // out = weight * (x' / rms(x')), x' = x (+ residual, stored to residual_out); rows of `hidden`
 // floats, x and residual `x_stride` / `res_stride` apart (views of wider tensors are fine).
 void zs_rms_norm(const float* x, int64_t x_stride, const float* residual, int64_t res_stride, const float* weight,
                  float* out, float* residual_out, int64_t rows, int64_t hidden, float eps) {
-#pragma omp parallel for schedule(static) if (rows >= 2 * kRowsPerThread)
+#pragma omp parallel for schedule(static) if (rows * hidden >= kParallelFloats)
     for (int64_t t = 0; t < rows; ++t) {
         const float* xr = x + t * x_stride;
         float* o = out + t * hidden;
@@ -448,7 +449,7 @@ void zs_rotary(const int64_t* positions, const float* q, int64_t q_stride, const
                const float* cos_sin, float* q_out, float* k_out, int64_t tokens, int64_t q_heads, int64_t k_heads,
                int64_t dim) {
     const int64_t half = dim / 2;
-#pragma omp parallel for schedule(static) if (tokens >= 2 * kRowsPerThread)
+#pragma omp parallel for schedule(static) if (tokens * (q_heads + k_heads) * dim >= kParallelFloats)
     for (int64_t t = 0; t < tokens; ++t) {
         const float* c = cos_sin + positions[t] * dim;
         const float* sn = c + half;
@@ -477,7 +478,7 @@ void zs_write_kv(const float* k, int64_t k_stride, const float* v, int64_t v_str
 
 // out [T, I] = silu(x[:, :I]) * x[:, I:], x rows `x_stride` apart.
 void zs_silu_and_mul(const float* x, int64_t x_stride, float* out, int64_t rows, int64_t inter) {
-#pragma omp parallel for schedule(static) if (rows >= 2 * kRowsPerThread)
+#pragma omp parallel for schedule(static) if (rows * inter >= kParallelFloats / 8)  // exp: compute-bound
     for (int64_t t = 0; t < rows; ++t) {
         const float* gate = x + t * x_stride;
         const float* up = gate + inter;
@@ -500,6 +501,55 @@ void zs_silu_and_mul(const float* x, int64_t x_stride, float* out, int64_t rows,
             o[i] = gt * sig * up[i];
         }
     }
+}
+
+// out[t] = the index of the largest value of row t (the first one on ties; a NaN counts as
+// the largest, as in torch.argmax). Rows of `cols` floats, `stride` apart.
+int64_t argmax_scalar(const float* r, int64_t cols) {
+    float best = r[0];
+    int64_t at = 0;
+    for (int64_t i = 1; i < cols && !std::isnan(best); ++i) {
+        if (r[i] > best || std::isnan(r[i])) {
+            best = r[i];
+            at = i;
+        }
+    }
+    return at;
+}
+
+int64_t argmax_row(const float* r, int64_t cols) {
+#ifdef ZS_AVX2
+    if (cols >= 8) {  // the max 8 lanes at a time, then the first column holding it
+        __m256 mv = _mm256_loadu_ps(r);
+        __m256 nan = _mm256_cmp_ps(mv, mv, _CMP_UNORD_Q);
+        int64_t j = 8;
+        for (; j + 8 <= cols; j += 8) {
+            const __m256 v = _mm256_loadu_ps(r + j);
+            mv = _mm256_max_ps(mv, v);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        float m = hmax(mv);
+        bool has_nan = _mm256_movemask_ps(nan) != 0;
+        for (int64_t k = j; k < cols; ++k) {
+            has_nan = has_nan || std::isnan(r[k]);
+            m = std::max(m, r[k]);
+        }
+        if (has_nan) return argmax_scalar(r, cols);
+        const __m256 mb = _mm256_set1_ps(m);
+        int64_t k = 0;
+        for (; k + 8 <= cols; k += 8)
+            if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(r + k), mb, _CMP_EQ_OQ)) != 0) break;
+        for (; k < cols; ++k)
+            if (r[k] == m) return k;
+        return 0;  // unreachable: m is one of the values
+    }
+#endif
+    return argmax_scalar(r, cols);
+}
+
+void zs_argmax_rows(const float* x, int64_t stride, int64_t rows, int64_t cols, int64_t* out) {
+#pragma omp parallel for schedule(static) if (rows * cols >= 4 * kParallelFloats)
+    for (int64_t t = 0; t < rows; ++t) out[t] = argmax_row(x + t * stride, cols);
 }
 
 }  // extern "C"
