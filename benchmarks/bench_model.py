@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's, all cores)")
     p.add_argument("--load-format", default="dummy", choices=["dummy", "auto"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--kernel-backend", default=None, choices=["torch", "cpu"], help="default: cpu where it builds")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -150,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     blocks_per_seq = -(-(args.context + args.steps + 2) // 16)
     num_blocks = max(max(batches) * blocks_per_seq, pre_seqs * -(-pre_len // 16))
     runner = ModelRunner(RunnerConfig(model=path, load_format=args.load_format, num_kv_blocks=num_blocks,
-                                      max_model_len=max(args.context + args.steps + 2, pre_len)))
+                                      max_model_len=max(args.context + args.steps + 2, pre_len),
+                                      kv_cache_dtype=args.kv_cache_dtype, kernel_backend=args.kernel_backend))
     cfg = runner.model_config
     hf = None if args.no_hf else hf_model(cfg)
     peak = mm_peak_gflops()
@@ -176,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((f"prefill {pre_seqs}x{pre_len}", seconds, tokens / seconds, gflops, hf_tps))
     peak = max(peak, mm_peak_gflops())
 
-    print(f"\n{cfg.architecture} {os.path.basename(path)} shapes, context {args.context}, fp32 CPU, "
+    print(f"\n{cfg.architecture} {os.path.basename(path)} shapes, context {args.context}, fp32 CPU "
+          f"({runner.ops.__name__.split('.')[-2]} kernels, KV cache {str(runner.kv_dtype).removeprefix('torch.')}), "
           f"{torch.get_num_threads()} threads; torch.mm fp32 peak {peak:.1f} GFLOP/s (2048^3, best of the run); "
           f"decode time: best of {args.steps} steps\n")
     print("| step | time (ms) | zeroserve tok/s | GFLOP/s | % of mm peak | HF generate tok/s | speedup |")

@@ -40,6 +40,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class RunnerConfig:
     model: str | None = None  # GGUF file or HF folder; None = the packaged SmolLM2 GGUF
     dtype: str = "auto"  # auto: float32 on CPU (no fast bf16 there), bfloat16 on GPU
+    kv_cache_dtype: str = "auto"  # auto: the compute dtype; CPU: float16/bfloat16 (stored 16-bit, read as fp32)
     device: str = "cpu"
     block_size: int = 16
     num_kv_blocks: int | None = None  # explicit size of the KV cache, else (None or 0) from memory
@@ -101,8 +102,9 @@ class ModelRunner:
         self.eos_token_ids = list(cfg.eos_token_ids)
         self.block_size = config.block_size
 
+        self.kv_dtype = self._kv_cache_dtype()
         self.kv_spec = KVCacheSpec(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
-                                   config.block_size, self.dtype)
+                                   config.block_size, self.kv_dtype)
         self.num_kv_blocks = self._size_kv_cache()
         if self.num_kv_blocks < 1:
             raise RuntimeError(
@@ -123,11 +125,26 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_cuda_graphs()
         self.load_time_s = time.perf_counter() - start
-        log.info("model ready in %.1f s: %s, %s on %s, %d KV blocks of %d tokens (%.1f MiB)",
+        log.info("model ready in %.1f s: %s, %s on %s, %d KV blocks of %d tokens (%.1f MiB, %s), %s kernels",
                  self.load_time_s, cfg.architecture, str(self.dtype).removeprefix("torch."), self.device,
-                 self.num_kv_blocks, self.block_size, self.num_kv_blocks * self.kv_spec.bytes_per_block / 2**20)
+                 self.num_kv_blocks, self.block_size, self.num_kv_blocks * self.kv_spec.bytes_per_block / 2**20,
+                 str(self.kv_dtype).removeprefix("torch."), self.ops.__name__.split(".")[-2])
 
     # ------------------------------------------------------------------ setup
+
+    def _kv_cache_dtype(self) -> torch.dtype:
+        name = self.config.kv_cache_dtype
+        if name == "auto":
+            return self.dtype
+        if name not in DTYPES:
+            raise ValueError(f"kv_cache_dtype {name!r} is not supported; choose auto, {', '.join(DTYPES)}")
+        kv_dtype = DTYPES[name]
+        if kv_dtype != self.dtype and self.device.type != "cpu":
+            raise ValueError(
+                f"kv_cache_dtype {name} differs from the compute dtype {str(self.dtype).removeprefix('torch.')}: "
+                "only the CPU kernels read a KV cache of another dtype; use --kv-cache-dtype auto on GPU"
+            )
+        return kv_dtype
 
     def _size_kv_cache(self) -> int:
         c = self.config

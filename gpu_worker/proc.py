@@ -31,6 +31,7 @@ def runner_config(config: EngineConfig):
     return RunnerConfig(
         model=config.model,
         dtype=config.dtype,
+        kv_cache_dtype=config.kv_cache_dtype,
         device=config.device,
         block_size=config.block_size,
         num_kv_blocks=config.num_kv_blocks or None,

@@ -35,6 +35,9 @@ def add_engine_args(parser: argparse.ArgumentParser, with_model: bool = True) ->
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (auto: float32 on CPU, bfloat16 on GPU)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="KV cache dtype (auto: the compute dtype); on CPU float16 halves the KV memory and the "
+                        "bytes decode attention reads, at ~1e-3 relative error in K/V")
     g.add_argument("--num-kv-blocks", type=int, default=0, help="KV blocks to allocate (default: sized from memory)")
     g.add_argument("--kv-cache-memory-gb", type=float, default=0.0, help="CPU: memory for the KV cache in GiB")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="GPU: fraction of memory for weights + KV cache")
@@ -93,6 +96,7 @@ def config_from_args(args: argparse.Namespace, run_dir: str | None = None) -> En
         enable_prefix_caching=not args.no_prefix_caching,
         device=device,
         dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
         num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_gb=args.kv_cache_memory_gb,
         gpu_memory_utilization=args.gpu_memory_utilization,

@@ -47,6 +47,7 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     # worker
     device: str = "cpu"
     dtype: str = "auto"
+    kv_cache_dtype: str = "auto"  # auto = the compute dtype; CPU: float16 / bfloat16 halve the KV bytes
     num_kv_blocks: int = 0  # 0 = size from memory
     kv_cache_memory_gb: float = 0.0  # CPU: 0 = default
     gpu_memory_utilization: float = 0.9

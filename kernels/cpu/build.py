@@ -27,7 +27,7 @@ from zeroserve.shared import env
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_ops.cpp"
-ABI_VERSION = 1
+ABI_VERSION = 2
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
 
 _lock = threading.Lock()
@@ -84,10 +84,11 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.zs_paged_attention.restype = None
     lib.zs_max_threads.restype = ctypes.c_int
     lib.zs_vectorized.restype = ctypes.c_int
-    lib.zs_paged_attention.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, f32, i64]
+    lib.zs_paged_attention.argtypes = [p, p, p, ctypes.c_int32, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, f32,
+                                       i64]
     lib.zs_rms_norm.argtypes = [p, i64, p, i64, p, p, p, i64, i64, f32]
     lib.zs_rotary.argtypes = [p, p, i64, p, i64, p, p, p, i64, i64, i64, i64]
-    lib.zs_write_kv.argtypes = [p, i64, p, i64, p, p, p, i64, i64]
+    lib.zs_write_kv.argtypes = [p, i64, p, i64, p, p, p, i64, i64, i64]
     lib.zs_silu_and_mul.argtypes = [p, i64, p, i64, i64]
     lib.zs_argmax_rows.argtypes = [p, i64, i64, i64, p]
     for fn in (lib.zs_rms_norm, lib.zs_rotary, lib.zs_write_kv, lib.zs_silu_and_mul, lib.zs_argmax_rows):

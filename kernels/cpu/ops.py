@@ -19,6 +19,7 @@ _lib = build.load()  # importing this module raises CpuKernelsUnavailable where 
 _VECTORIZED = bool(_lib.zs_vectorized())  # the AVX2 attention takes head dims that are multiples of 8
 MIN_SPLIT = 256  # a decode with fewer tokens than ~2 per thread splits each context in ranges this long
 F32 = torch.float32
+CACHE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc CacheType
 
 
 def _rows_ok(t: torch.Tensor) -> bool:
@@ -83,16 +84,21 @@ def write_kv(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
+    """fp32 rows are copied as they are; a 16-bit cache gets them rounded by torch (to nearest
+    even, exactly as the reference stores them), then copied."""
     num_blocks, block_size, hkv, dim = k_cache.shape
-    if not (_heads_ok(k) and _heads_ok(v) and k_cache.dtype == F32 and v_cache.dtype == F32
-            and k_cache.is_contiguous() and v_cache.is_contiguous() and k.shape[1:] == (hkv, dim)
-            and v.shape == k.shape and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()):
+    if not (_heads_ok(k) and _heads_ok(v) and k_cache.dtype in CACHE_TYPES and v_cache.dtype == k_cache.dtype
+            and k_cache.device.type == "cpu" and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and k.shape[1:] == (hkv, dim) and v.shape == k.shape and slot_mapping.dtype == torch.int64
+            and slot_mapping.is_contiguous()):
         return reference.write_kv(k, v, k_cache, v_cache, slot_mapping)
+    if k_cache.dtype != F32:
+        k, v = k.to(k_cache.dtype), v.to(k_cache.dtype)  # new [T, Hkv, D] tensors
     tokens = k.shape[0]
     if tokens and int(slot_mapping.max()) >= num_blocks * block_size:
         raise IndexError(f"write_kv: a slot is past the cache's {num_blocks * block_size} slots")
     _lib.zs_write_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-                     slot_mapping.data_ptr(), tokens, hkv * dim)
+                     slot_mapping.data_ptr(), tokens, hkv * dim, k_cache.element_size())
 
 
 def paged_attention(
@@ -102,9 +108,11 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """q: [T, Hq, D] -> [T, Hq, D]; every row causal over its sequence's paged context."""
-    if not (q.dtype == F32 and k_cache.dtype == F32 and v_cache.dtype == F32 and q.device.type == "cpu"
-            and k_cache.is_contiguous() and v_cache.is_contiguous() and not (_VECTORIZED and q.shape[-1] % 8)):
+    """q: [T, Hq, D] -> [T, Hq, D]; every row causal over its sequence's paged context.
+    The cache may be fp32, fp16 or bf16 (widened to fp32 as it is read)."""
+    if not (q.dtype == F32 and k_cache.dtype in CACHE_TYPES and v_cache.dtype == k_cache.dtype
+            and q.device.type == "cpu" and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and not (_VECTORIZED and q.shape[-1] % 8)):
         return reference.paged_attention(q, k_cache, v_cache, meta, scale)
     q = q.contiguous()
     num_tokens, num_heads, head_dim = q.shape
@@ -112,7 +120,8 @@ def paged_attention(
     tables = meta.block_tables.contiguous()
     out = torch.empty_like(q)
     _lib.zs_paged_attention(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), meta.seq_lens.data_ptr(),
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), CACHE_TYPES[k_cache.dtype], tables.data_ptr(),
+        meta.seq_lens.data_ptr(),
         meta.query_start_loc.data_ptr(), out.data_ptr(), meta.num_seqs, num_tokens, num_heads, num_kv_heads,
         head_dim, block_size, tables.shape[1], scale, MIN_SPLIT,
     )

@@ -136,3 +136,22 @@ def test_torch_reference_kernels_give_the_same_tokens(case, tmp_path):
     assert runner.ops.__name__ == "zeroserve.kernels.reference.ops"
     assert case.runner.ops.__name__ == "zeroserve.kernels.cpu.ops"
     assert generate(runner, case.prompts, GREEDY, max_num_batched_tokens=20) == case.expected
+
+
+def test_float16_kv_cache_stays_close_to_hf(case):
+    """--kv-cache-dtype float16 on the CPU: K/V stored rounded to fp16 (~5e-4 relative), read
+    back as fp32. Not bit-exact (a near tie late in a sequence can flip, as it does in vLLM
+    with a 16-bit cache), but a broken conversion would derail every prompt at once: every
+    prompt agrees with HF for its first 12 tokens and most agree for all 32."""
+    runner = ModelRunner(RunnerConfig(model=case.runner.config.model, block_size=BLOCK_SIZE, num_kv_blocks=128,
+                                      kv_cache_dtype="float16"))
+    assert runner.kv_caches[0].dtype == torch.float16
+    assert runner.kv_spec.bytes_per_block * 2 == case.runner.kv_spec.bytes_per_block
+    outputs = generate(runner, case.prompts, GREEDY, max_num_batched_tokens=20)
+    assert all(got[:12] == want[:12] for got, want in zip(outputs, case.expected))
+    assert sum(got == want for got, want in zip(outputs, case.expected)) >= 6
+
+
+def test_unknown_kv_cache_dtype_is_refused(case):
+    with pytest.raises(ValueError, match="kv_cache_dtype 'fp4' is not supported"):
+        ModelRunner(RunnerConfig(model=case.runner.config.model, num_kv_blocks=8, kv_cache_dtype="fp4"))

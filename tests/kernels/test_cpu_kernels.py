@@ -143,12 +143,39 @@ ATTENTION_CASES = {
 }
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", list(ATTENTION_CASES))
-def test_paged_attention(ops, name):
+def test_paged_attention(ops, name, cache_dtype):
+    """16-bit caches: both sides read the same stored values, widened to fp32."""
     query_lens, seq_lens, heads, kv_heads, dim, block_size = ATTENTION_CASES[name]
     q, k_cache, v_cache, meta = _attention_case(query_lens, seq_lens, heads, kv_heads, dim, block_size)
+    k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
     scale = dim**-0.5
     _close(ops.paged_attention(q, k_cache, v_cache, meta, scale), ref.paged_attention(q, k_cache, v_cache, meta, scale))
+
+
+def test_half_cache_special_values(ops):
+    """fp16 subnormals, the largest finite value, signed zeros: widened exactly (the portable
+    build converts in software)."""
+    special = torch.tensor([6e-8, -6e-8, 1e-5, 65504.0, -65504.0, 0.0, -0.0, 1.5, -2.25, 1e-3])
+    q, k_cache, v_cache, meta = _attention_case([1, 2], [10, 12], 2, 1, 16, 4, seed=9)
+    k_cache = (k_cache * 1e-4).to(torch.float16)  # tiny keys: a well-spread softmax
+    v_cache = special[torch.randint(0, len(special), v_cache.shape, generator=torch.Generator().manual_seed(2))]
+    v_cache = v_cache.to(torch.float16)
+    _close(ops.paged_attention(q, k_cache, v_cache, meta, 1.0), ref.paged_attention(q, k_cache, v_cache, meta, 1.0),
+           1e-3)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
+def test_write_kv_to_a_half_cache_rounds_like_torch(ops, cache_dtype):
+    gen = torch.Generator().manual_seed(1)
+    qkv = torch.randn(5, 48, generator=gen) * 100
+    k, v = qkv[:, 16:32].view(5, 2, 8), qkv[:, 32:].view(5, 2, 8)
+    slots = torch.tensor([3, 9, -1, 0, 20])
+    caches = [torch.zeros(3, 8, 2, 8, dtype=cache_dtype) for _ in range(4)]
+    ops.write_kv(k, v, caches[0], caches[1], slots)
+    ref.write_kv(k, v, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
 
 
 def test_split_point_does_not_change_the_result(monkeypatch):

@@ -52,10 +52,49 @@ inline float exp_neg(float x) {
     return p * scale;
 }
 
+// KV cache element types: fp32, or 16-bit (IEEE half, bfloat16) widened to fp32 as loaded.
+struct f16 {
+    uint16_t bits;
+};
+struct bf16 {
+    uint16_t bits;
+};
+enum CacheType : int32_t { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+inline float to_float(float x) { return x; }
+inline float to_float(bf16 x) {
+    const uint32_t bits = static_cast<uint32_t>(x.bits) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+}
+inline float to_float(f16 x) {  // exact, subnormals, infinities and NaN included
+    const uint32_t sign = static_cast<uint32_t>(x.bits & 0x8000u) << 16;
+    uint32_t exponent = (x.bits >> 10) & 0x1fu, mantissa = x.bits & 0x3ffu, bits;
+    if (exponent == 0x1f) {
+        bits = sign | 0x7f800000u | (mantissa << 13);
+    } else if (exponent != 0) {
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    } else if (mantissa == 0) {
+        bits = sign;
+    } else {  // subnormal: normalize
+        exponent = 113;
+        while ((mantissa & 0x400u) == 0) {
+            mantissa <<= 1;
+            --exponent;
+        }
+        bits = sign | (exponent << 23) | ((mantissa & 0x3ffu) << 13);
+    }
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+}
+
 // The geometry of one attention call, shared by every work item.
+template <typename T>
 struct Geometry {
-    const float* k_cache;
-    const float* v_cache;
+    const T* k_cache;
+    const T* v_cache;
     int64_t block_size, num_heads, num_kv_heads, group, dim, row_stride;
     float scale;
 };
@@ -101,6 +140,13 @@ inline __m256 hsum8(const __m256* a) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const f16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8(const bf16* p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
 inline __m256 exp_neg8(__m256 x) {
     x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
@@ -118,7 +164,8 @@ inline __m256 exp_neg8(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
 
-void scores_block(const Geometry& g, const float* __restrict q, const float* __restrict kblk, int64_t n,
+template <typename T>
+void scores_block(const Geometry<T>& g, const float* __restrict q, const T* __restrict kblk, int64_t n,
                   float* __restrict scores, int64_t ld, int64_t col, const Ahead& ahead) {
     const int64_t nv = g.dim / 8;
     const __m256 scale = _mm256_set1_ps(g.scale);
@@ -126,29 +173,29 @@ void scores_block(const Geometry& g, const float* __restrict q, const float* __r
     int64_t o = 0;
     if (parts == 0) ahead.slice(0, 1);
     for (; o + 8 <= n; o += 8) {  // 8 keys at a time: 8 accumulators, one transpose-add at the end
-        const float* k8 = kblk + o * g.row_stride;
+        const T* k8 = kblk + o * g.row_stride;
         for (int64_t r = 0; r < g.num_heads; ++r) {
             ahead.slice((o / 8) * g.num_heads + r, parts);
             const float* qr = q + r * g.dim;
-            const float* k = k8 + (r / g.group) * g.dim;
+            const T* k = k8 + (r / g.group) * g.dim;
             __m256 acc[8];
             for (int t = 0; t < 8; ++t) acc[t] = _mm256_setzero_ps();
             for (int64_t i = 0; i < nv; ++i) {
                 const __m256 qv = _mm256_loadu_ps(qr + 8 * i);
                 for (int t = 0; t < 8; ++t)
-                    acc[t] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + t * g.row_stride + 8 * i), acc[t]);
+                    acc[t] = _mm256_fmadd_ps(qv, load8(k + t * g.row_stride + 8 * i), acc[t]);
             }
             _mm256_storeu_ps(scores + r * ld + col + o, _mm256_mul_ps(hsum8(acc), scale));
         }
     }
     for (; o < n; ++o) {
-        const float* k1 = kblk + o * g.row_stride;
+        const T* k1 = kblk + o * g.row_stride;
         for (int64_t r = 0; r < g.num_heads; ++r) {
             const float* qr = q + r * g.dim;
-            const float* k = k1 + (r / g.group) * g.dim;
+            const T* k = k1 + (r / g.group) * g.dim;
             __m256 acc = _mm256_setzero_ps();
             for (int64_t i = 0; i < nv; ++i)
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * i), _mm256_loadu_ps(k + 8 * i), acc);
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * i), load8(k + 8 * i), acc);
             scores[r * ld + col + o] = hsum(acc) * g.scale;
         }
     }
@@ -177,36 +224,37 @@ inline void softmax_row(float* __restrict s, int64_t n, float* max_out, float* s
 }
 
 // acc[0 : 8 NV] += sum_o p[o] v_o[0 : 8 NV]: the accumulators stay in registers over the block
-template <int NV>
-inline void weighted_rows(float* __restrict acc, const float* __restrict p, const float* __restrict v,
+template <int NV, typename T>
+inline void weighted_rows(float* __restrict acc, const float* __restrict p, const T* __restrict v,
                           int64_t stride, int64_t n) {
     __m256 a[NV];
     for (int i = 0; i < NV; ++i) a[i] = _mm256_loadu_ps(acc + 8 * i);
     for (int64_t o = 0; o < n; ++o, v += stride) {
         const __m256 po = _mm256_broadcast_ss(p + o);
-        for (int i = 0; i < NV; ++i) a[i] = _mm256_fmadd_ps(po, _mm256_loadu_ps(v + 8 * i), a[i]);
+        for (int i = 0; i < NV; ++i) a[i] = _mm256_fmadd_ps(po, load8(v + 8 * i), a[i]);
     }
     for (int i = 0; i < NV; ++i) _mm256_storeu_ps(acc + 8 * i, a[i]);
 }
 
-void values_block(const Geometry& g, float* __restrict acc, const float* __restrict scores, int64_t ld, int64_t col,
-                  const float* __restrict vblk, int64_t n, const Ahead& ahead) {
+template <typename T>
+void values_block(const Geometry<T>& g, float* __restrict acc, const float* __restrict scores, int64_t ld,
+                  int64_t col, const T* __restrict vblk, int64_t n, const Ahead& ahead) {
     const int64_t nv = g.dim / 8;
     for (int64_t r = 0; r < g.num_heads; ++r) {
         ahead.slice(r, g.num_heads);
         const float* p = scores + r * ld + col;
-        const float* v = vblk + (r / g.group) * g.dim;
+        const T* v = vblk + (r / g.group) * g.dim;
         float* a = acc + r * g.dim;
         for (int64_t c = 0; c < nv; c += 8) {
             switch (std::min<int64_t>(8, nv - c)) {
-                case 8: weighted_rows<8>(a + 8 * c, p, v + 8 * c, g.row_stride, n); break;
-                case 7: weighted_rows<7>(a + 8 * c, p, v + 8 * c, g.row_stride, n); break;
-                case 6: weighted_rows<6>(a + 8 * c, p, v + 8 * c, g.row_stride, n); break;
-                case 5: weighted_rows<5>(a + 8 * c, p, v + 8 * c, g.row_stride, n); break;
-                case 4: weighted_rows<4>(a + 8 * c, p, v + 8 * c, g.row_stride, n); break;
-                case 3: weighted_rows<3>(a + 8 * c, p, v + 8 * c, g.row_stride, n); break;
-                case 2: weighted_rows<2>(a + 8 * c, p, v + 8 * c, g.row_stride, n); break;
-                default: weighted_rows<1>(a + 8 * c, p, v + 8 * c, g.row_stride, n); break;
+                case 8: weighted_rows<8, T>(a + 8 * c, p, v + 8 * c, g.row_stride, n); break;
+                case 7: weighted_rows<7, T>(a + 8 * c, p, v + 8 * c, g.row_stride, n); break;
+                case 6: weighted_rows<6, T>(a + 8 * c, p, v + 8 * c, g.row_stride, n); break;
+                case 5: weighted_rows<5, T>(a + 8 * c, p, v + 8 * c, g.row_stride, n); break;
+                case 4: weighted_rows<4, T>(a + 8 * c, p, v + 8 * c, g.row_stride, n); break;
+                case 3: weighted_rows<3, T>(a + 8 * c, p, v + 8 * c, g.row_stride, n); break;
+                case 2: weighted_rows<2, T>(a + 8 * c, p, v + 8 * c, g.row_stride, n); break;
+                default: weighted_rows<1, T>(a + 8 * c, p, v + 8 * c, g.row_stride, n); break;
             }
         }
     }
@@ -216,16 +264,17 @@ constexpr bool kVectorized = true;
 
 #else  // plain loops
 
-void scores_block(const Geometry& g, const float* __restrict q, const float* __restrict kblk, int64_t n,
+template <typename T>
+void scores_block(const Geometry<T>& g, const float* __restrict q, const T* __restrict kblk, int64_t n,
                   float* __restrict scores, int64_t ld, int64_t col, const Ahead& ahead) {
     ahead.slice(0, 1);
     for (int64_t o = 0; o < n; ++o) {
-        const float* k1 = kblk + o * g.row_stride;
+        const T* k1 = kblk + o * g.row_stride;
         for (int64_t r = 0; r < g.num_heads; ++r) {
             const float* qr = q + r * g.dim;
-            const float* k = k1 + (r / g.group) * g.dim;
+            const T* k = k1 + (r / g.group) * g.dim;
             float acc = 0.0f;
-            for (int64_t i = 0; i < g.dim; ++i) acc += qr[i] * k[i];
+            for (int64_t i = 0; i < g.dim; ++i) acc += qr[i] * to_float(k[i]);
             scores[r * ld + col + o] = acc * g.scale;
         }
     }
@@ -243,15 +292,16 @@ inline void softmax_row(float* __restrict s, int64_t n, float* max_out, float* s
     *sum_out = sum;
 }
 
-void values_block(const Geometry& g, float* __restrict acc, const float* __restrict scores, int64_t ld, int64_t col,
-                  const float* __restrict vblk, int64_t n, const Ahead& ahead) {
+template <typename T>
+void values_block(const Geometry<T>& g, float* __restrict acc, const float* __restrict scores, int64_t ld,
+                  int64_t col, const T* __restrict vblk, int64_t n, const Ahead& ahead) {
     ahead.slice(0, 1);
     for (int64_t r = 0; r < g.num_heads; ++r) {
         const float* p = scores + r * ld + col;
-        const float* v = vblk + (r / g.group) * g.dim;
+        const T* v = vblk + (r / g.group) * g.dim;
         float* a = acc + r * g.dim;
         for (int64_t o = 0; o < n; ++o)
-            for (int64_t i = 0; i < g.dim; ++i) a[i] += p[o] * v[o * g.row_stride + i];
+            for (int64_t i = 0; i < g.dim; ++i) a[i] += p[o] * to_float(v[o * g.row_stride + i]);
     }
 }
 
@@ -269,7 +319,8 @@ constexpr int64_t kPrefetchAhead = ZS_PREFETCH_AHEAD;  // blocks
 // Every head of one query token over context positions [c0, c1) (c0 a multiple of the block
 // size): acc[r] = sum_t exp(s_rt - m_r) v_t (unnormalized), m[r] = max_t s_rt, l[r] = sum_t exp(s_rt - m_r).
 // Pass 1 walks the K blocks once (all heads of a block while it is in L1), pass 2 the V blocks.
-void attend_range(const Geometry& g, const float* __restrict q, const int32_t* __restrict table, int64_t c0,
+template <typename T>
+void attend_range(const Geometry<T>& g, const float* __restrict q, const int32_t* __restrict table, int64_t c0,
                   int64_t c1, float* __restrict scores, float* __restrict acc, float* __restrict m,
                   float* __restrict l) {
     const int64_t len = c1 - c0, bs = g.block_size, block_floats = bs * g.row_stride;
@@ -281,9 +332,9 @@ void attend_range(const Geometry& g, const float* __restrict q, const int32_t* _
         step += kPrefetchAhead;
         if (step < 2 * blocks) {
             const int64_t b = first + step % blocks;
-            const float* pool = step < blocks ? g.k_cache : g.v_cache;
+            const T* pool = step < blocks ? g.k_cache : g.v_cache;
             a.base = reinterpret_cast<const char*>(pool + table[b] * block_floats);
-            a.bytes = (std::min(c1, (b + 1) * bs) - b * bs) * g.row_stride * static_cast<int64_t>(sizeof(float));
+            a.bytes = (std::min(c1, (b + 1) * bs) - b * bs) * g.row_stride * static_cast<int64_t>(sizeof(T));
         }
         return a;
     };
@@ -304,28 +355,12 @@ struct Item {
     int64_t token, seq, c0, c1, partial;  // partial: -1 = write the output directly
 };
 
-}  // namespace
-
-extern "C" {
-
-int zs_abi_version() { return 1; }
-
-int zs_max_threads() { return omp_get_max_threads(); }
-
-int zs_vectorized() { return kVectorized ? 1 : 0; }
-
-// Causal attention of every query token over its sequence's paged context (prefill, chunked
-// prefill after a cached prefix, decode: one loop). Query token i of sequence s sits at
-// position seq_lens[s] - q_len(s) + i and sees positions 0 .. that one.
-//
-// A work item is one token with all its heads (K/V rows are read whole, once). When there are
-// fewer tokens than ~2 per thread (small decode batches), a token's context is also split
-// into ranges of at least `min_split` positions, and the ranges merged (flash-decoding).
-void zs_paged_attention(const float* q, const float* k_cache, const float* v_cache, const int32_t* block_tables,
-                        const int32_t* seq_lens, const int32_t* query_start, float* out, int64_t num_seqs,
-                        int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                        int64_t block_size, int64_t table_stride, float scale, int64_t min_split) {
-    const Geometry g{k_cache, v_cache, block_size, num_heads, num_kv_heads, num_heads / num_kv_heads, head_dim,
+template <typename T>
+void paged_attention(const float* q, const T* k_cache, const T* v_cache, const int32_t* block_tables,
+                     const int32_t* seq_lens, const int32_t* query_start, float* out, int64_t num_seqs,
+                     int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                     int64_t table_stride, float scale, int64_t min_split) {
+    const Geometry<T> g{k_cache, v_cache, block_size, num_heads, num_kv_heads, num_heads / num_kv_heads, head_dim,
                      num_kv_heads * head_dim, scale};
     const int64_t threads = omp_get_max_threads();
     const int64_t want = std::max<int64_t>(1, (2 * threads + num_tokens - 1) / num_tokens);
@@ -411,6 +446,40 @@ void zs_paged_attention(const float* q, const float* k_cache, const float* v_cac
     }
 }
 
+}  // namespace
+
+extern "C" {
+
+int zs_abi_version() { return 2; }
+
+int zs_max_threads() { return omp_get_max_threads(); }
+
+int zs_vectorized() { return kVectorized ? 1 : 0; }
+
+// Causal attention of every query token over its sequence's paged context (prefill, chunked
+// prefill after a cached prefix, decode: one loop). Query token i of sequence s sits at
+// position seq_lens[s] - q_len(s) + i and sees positions 0 .. that one.
+//
+// A work item is one token with all its heads (K/V rows are read whole, once). When there are
+// fewer tokens than ~2 per thread (small decode batches), a token's context is also split
+// into ranges of at least `min_split` positions, and the ranges merged (flash-decoding).
+// cache_type: CacheType of k_cache / v_cache (q and out are fp32).
+void zs_paged_attention(const float* q, const void* k_cache, const void* v_cache, int32_t cache_type,
+                        const int32_t* block_tables, const int32_t* seq_lens, const int32_t* query_start, float* out,
+                        int64_t num_seqs, int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads,
+                        int64_t head_dim, int64_t block_size, int64_t table_stride, float scale, int64_t min_split) {
+#define ZS_ATTEND(T)                                                                                              \
+    paged_attention<T>(q, static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), block_tables, seq_lens, \
+                       query_start, out, num_seqs, num_tokens, num_heads, num_kv_heads, head_dim, block_size,       \
+                       table_stride, scale, min_split)
+    switch (cache_type) {
+        case kF16: ZS_ATTEND(f16); break;
+        case kBF16: ZS_ATTEND(bf16); break;
+        default: ZS_ATTEND(float); break;
+    }
+#undef ZS_ATTEND
+}
+
 // --------------------------------------------------------------------------- small ops
 // Rows are independent; the loops run in parallel only when there is enough work to pay for
 // waking the pool's sleeping threads (tens of microseconds with OMP_WAIT_POLICY=PASSIVE):
@@ -466,13 +535,18 @@ void zs_rotary(const int64_t* positions, const float* q, int64_t q_stride, const
     }
 }
 
-// k/v rows ([T, Hkv*D], `k_stride` / `v_stride` apart) into flat slots of the caches; slot < 0: skip.
-void zs_write_kv(const float* k, int64_t k_stride, const float* v, int64_t v_stride, float* k_cache, float* v_cache,
-                 const int64_t* slots, int64_t tokens, int64_t row) {
+// k/v rows ([T, Hkv*D] elements of `elem` bytes, `k_stride` / `v_stride` elements apart) into
+// flat slots of the caches (same element type); slot < 0: skip.
+void zs_write_kv(const void* k, int64_t k_stride, const void* v, int64_t v_stride, void* k_cache, void* v_cache,
+                 const int64_t* slots, int64_t tokens, int64_t row, int64_t elem) {
+    const char* kb = static_cast<const char*>(k);
+    const char* vb = static_cast<const char*>(v);
+    char* kc = static_cast<char*>(k_cache);
+    char* vc = static_cast<char*>(v_cache);
     for (int64_t t = 0; t < tokens; ++t) {
         if (slots[t] < 0) continue;
-        std::memcpy(k_cache + slots[t] * row, k + t * k_stride, row * sizeof(float));
-        std::memcpy(v_cache + slots[t] * row, v + t * v_stride, row * sizeof(float));
+        std::memcpy(kc + slots[t] * row * elem, kb + t * k_stride * elem, row * elem);
+        std::memcpy(vc + slots[t] * row * elem, vb + t * v_stride * elem, row * elem);
     }
 }
 
