@@ -116,6 +116,9 @@ class RequestStates:
                 )
             if not 0 <= new.num_computed_tokens:
                 raise PlanError(f"request {rid!r}: num_computed_tokens={new.num_computed_tokens} < 0")
+            if not (new.num_prompt_tokens == -1 or 0 <= new.num_prompt_tokens <= len(new.token_ids)):
+                raise PlanError(f"request {rid!r}: num_prompt_tokens={new.num_prompt_tokens} is not in "
+                                f"0..{len(new.token_ids)} (or -1)")
             self._check_blocks(rid, new.block_ids)
             self._check_step(rid, new.num_computed_tokens, new.num_new_tokens, len(new.token_ids), len(new.block_ids))
         for run in plan.running:
@@ -147,7 +150,7 @@ class RequestStates:
             state = RequestState(
                 request_id=new.request_id,
                 token_ids=list(new.token_ids),
-                num_prompt_tokens=len(new.token_ids),
+                num_prompt_tokens=len(new.token_ids) if new.num_prompt_tokens < 0 else new.num_prompt_tokens,
                 block_ids=list(new.block_ids),
                 num_computed_tokens=new.num_computed_tokens,
                 params=params,

@@ -118,7 +118,7 @@ class PlanBuilder:
                 running.append(RunningRequestData(req.request_id, req.new_blocks, num_new))
             else:
                 new.append(NewRequestData(req.request_id, req.prompt + req.output, list(req.block_ids),
-                                          req.num_computed, num_new, req.params))
+                                          req.num_computed, num_new, req.params, len(req.prompt)))
                 req.sent = True
             req.new_blocks = []
             req.num_computed += num_new

@@ -189,7 +189,8 @@ class Scheduler:
                 r.num_cached_tokens = num_computed
             r.known_to_workers = True
             new_data.append(NewRequestData(
-                r.request_id, list(r.all_token_ids), list(r.block_ids), num_computed, num_new, r.params))  # fmt: skip
+                r.request_id, list(r.all_token_ids), list(r.block_ids), num_computed, num_new, r.params,
+                r.num_prompt_tokens))  # fmt: skip
             bisect.insort(running, r, key=_by_sort_key)
             budget -= num_new
             if r.num_computed_tokens == num_tokens:

@@ -192,7 +192,9 @@ class NewRequestData(msgspec.Struct, frozen=True, array_like=True):
 
     token_ids holds every known token (prompt + tokens generated before a preemption);
     the first num_computed_tokens of them are already in the KV cache (prefix hit), and
-    this step computes the next num_new_tokens.
+    this step computes the next num_new_tokens. The first num_prompt_tokens are the prompt
+    (-1: all of them): tokens generated before a preemption stay output for the penalties
+    and min_tokens.
     """
 
     request_id: str
@@ -201,6 +203,7 @@ class NewRequestData(msgspec.Struct, frozen=True, array_like=True):
     num_computed_tokens: int
     num_new_tokens: int
     params: SamplingParams
+    num_prompt_tokens: int = -1
 
 
 class RunningRequestData(msgspec.Struct, frozen=True, array_like=True):

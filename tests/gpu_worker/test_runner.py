@@ -168,3 +168,37 @@ def test_cpu_cache_sizing():
     assert cpu_num_blocks(spec, 8.0, max_num_seqs=2, max_model_len=100) == 2 * 7
     runner_default = cpu_num_blocks(spec, None, 256, 8192)
     assert runner_default * spec.bytes_per_block <= 2 * GiB < (runner_default + 1) * spec.bytes_per_block
+
+
+def _run(runner, rid: str, prompt: list[int], blocks: list[int], steps: int, params: SamplingParams,
+         step0: int = 0, resumed: list[int] = (), num_prompt_tokens: int = -1) -> list[int]:
+    """Send (prompt + resumed) as new, then decode; returns the sampled tokens."""
+    tokens = list(prompt) + list(resumed)
+    r = runner.execute(StepPlan(step0, new=[NewRequestData(rid, tokens, blocks, 0, len(tokens), params,
+                                                           num_prompt_tokens)]))
+    out = list(r.sampled_token_ids)
+    for s in range(1, steps):
+        out += runner.execute(StepPlan(step0 + s, running=[RunningRequestData(rid, [], 1)])).sampled_token_ids
+    return out
+
+
+def test_resumed_request_keeps_its_output_as_output(runner):
+    """After a preemption the scheduler resends prompt + generated tokens as new; with
+    num_prompt_tokens the worker still counts the generated ones as output, so frequency /
+    presence penalties and min_tokens behave as if nothing had happened."""
+    params = SamplingParams(max_tokens=12, temperature=0.0, frequency_penalty=1.5, presence_penalty=1.0,
+                            repetition_penalty=1.3, min_tokens=12, ignore_eos=False)
+    prompt = [5, 9, 5, 17, 33]
+    whole = _run(runner, "a", prompt, [0, 1, 2, 3], 12, params)
+    first = _run(runner, "b", prompt, [4, 5, 6, 7], 5, params, step0=20)
+    rest = _run(runner, "c", prompt, [8, 9, 10, 11], 7, params, step0=40, resumed=first,
+                num_prompt_tokens=len(prompt))
+    assert first + rest == whole
+    # the test can tell: without the split the earlier tokens would count as prompt
+    as_prompt = _run(runner, "d", prompt, [12, 13, 14, 15], 7, params, step0=60, resumed=first)
+    assert first + as_prompt != whole
+
+
+def test_bad_num_prompt_tokens_is_rejected(runner):
+    with pytest.raises(PlanError, match="num_prompt_tokens=9"):
+        runner.execute(StepPlan(0, new=[NewRequestData("x", [1, 2, 3], [0], 0, 3, GREEDY, 9)]))

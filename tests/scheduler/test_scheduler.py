@@ -344,6 +344,7 @@ def test_preempted_request_resumes_with_its_generated_tokens_and_a_prefix_hit():
         d.step()
         resumed = next((n for n in d.plans[-1].new if n.request_id == "b"), None)
     assert resumed.token_ids == list(range(200, 206)) + generated, "resumed with every known token"
+    assert resumed.num_prompt_tokens == 6, "the generated tokens stay output (penalties, min_tokens)"
     assert resumed.num_computed_tokens == 4 and resumed.block_ids[0] == b_blocks[0], "its first block survived"
     d.run()
     assert len(d.tokens["b"]) == 8 and d.finish["b"] == "length"

@@ -485,7 +485,10 @@ void zs_paged_attention(const float* q, const void* k_cache, const void* v_cache
 // waking the pool's sleeping threads (tens of microseconds with OMP_WAIT_POLICY=PASSIVE):
 // a decode step's few hundred KB stays on the calling thread.
 
-constexpr int64_t kParallelFloats = 1 << 18;
+#ifndef ZS_PARALLEL_FLOATS
+#define ZS_PARALLEL_FLOATS (1 << 18)
+#endif
+constexpr int64_t kParallelFloats = ZS_PARALLEL_FLOATS;
 
 // out = weight * (x' / rms(x')), x' = x (+ residual, stored to residual_out); rows of `hidden`
 // floats, x and residual `x_stride` / `res_stride` apart (views of wider tensors are fine).
