@@ -13,6 +13,7 @@ batches hooks into (``self.forward``).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -132,6 +133,25 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ setup
 
+    def _small_linear(self):
+        """The CPU kernels' small-batch linear, when the runner can afford to keep the plain
+        weights beside oneDNN's packed ones (at most 1/8 of the machine's memory); else None."""
+        small = getattr(self.ops, "linear_small", None)
+        if small is None:
+            return None
+        extra = self.model.linear_weight_bytes()
+        try:
+            memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            memory = 0
+        if extra > memory // 8:
+            log.info("batches of 1-4 rows use oneDNN: keeping plain weights too would take %.1f GiB "
+                     "(more than 1/8 of %.1f GiB)", extra / 2**30, memory / 2**30)
+            return None
+        log.info("batches of 1-4 rows stream the plain weights (%.2f GiB kept beside the packed ones)",
+                 extra / 2**30)
+        return small
+
     def _kv_cache_dtype(self) -> torch.dtype:
         name = self.config.kv_cache_dtype
         if name == "auto":
@@ -205,7 +225,7 @@ class ModelRunner:
         worker's state; the worker process turns any exception into StepResult.error."""
         start = time.perf_counter()
         if self._pack_weights:
-            self.model.pack_for_cpu()
+            self.model.pack_for_cpu(self._small_linear())
             self._pack_weights = False
         scheduled = self.requests.apply(plan)
         if not scheduled:

@@ -91,7 +91,9 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.zs_write_kv.argtypes = [p, i64, p, i64, p, p, p, i64, i64, i64]
     lib.zs_silu_and_mul.argtypes = [p, i64, p, i64, i64]
     lib.zs_argmax_rows.argtypes = [p, i64, i64, i64, p]
-    for fn in (lib.zs_rms_norm, lib.zs_rotary, lib.zs_write_kv, lib.zs_silu_and_mul, lib.zs_argmax_rows):
+    lib.zs_linear_small.argtypes = [p, i64, p, p, p, i64, i64, i64]
+    for fn in (lib.zs_rms_norm, lib.zs_rotary, lib.zs_write_kv, lib.zs_silu_and_mul, lib.zs_argmax_rows,
+               lib.zs_linear_small):
         fn.restype = None
 
 

@@ -13,7 +13,7 @@ from zeroserve.kernels.cpu import build
 from zeroserve.kernels.metadata import AttentionMetadata
 from zeroserve.kernels.reference import ops as reference
 
-__all__ = ["rms_norm", "rotary", "silu_and_mul", "write_kv", "paged_attention", "argmax_rows"]
+__all__ = ["rms_norm", "rotary", "silu_and_mul", "write_kv", "paged_attention", "argmax_rows", "linear_small"]
 
 _lib = build.load()  # importing this module raises CpuKernelsUnavailable where there is no build
 _VECTORIZED = bool(_lib.zs_vectorized())  # the AVX2 attention takes head dims that are multiples of 8
@@ -135,4 +135,22 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
         return x.argmax(dim=-1)
     out = torch.empty(x.shape[0], dtype=torch.int64)
     _lib.zs_argmax_rows(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], out.data_ptr())
+    return out
+
+
+SMALL_ROWS = 4  # linear_small takes up to this many rows
+
+
+def linear_small(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``F.linear(x, weight, bias)`` for at most SMALL_ROWS rows, streaming the row-major weight
+    once (decode at batch 1-4 is bound by reading the weights); None when it does not apply
+    (more rows, another dtype or layout), and the caller takes its usual path."""
+    rows = x.shape[0] if x.dim() == 2 else 0
+    if not (1 <= rows <= SMALL_ROWS and _rows_ok(x) and weight.dtype == F32 and weight.is_contiguous()
+            and weight.dim() == 2 and weight.shape[1] == x.shape[1]
+            and (bias is None or (bias.dtype == F32 and bias.is_contiguous()))):
+        return None
+    out = torch.empty((rows, weight.shape[0]), dtype=F32)
+    _lib.zs_linear_small(x.data_ptr(), x.stride(0), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                         out.data_ptr(), rows, weight.shape[0], weight.shape[1])
     return out

@@ -202,3 +202,17 @@ def test_resumed_request_keeps_its_output_as_output(runner):
 def test_bad_num_prompt_tokens_is_rejected(runner):
     with pytest.raises(PlanError, match="num_prompt_tokens=9"):
         runner.execute(StepPlan(0, new=[NewRequestData("x", [1, 2, 3], [0], 0, 3, GREEDY, 9)]))
+
+
+def test_cpu_kernels_keep_plain_weights_for_small_batches(model_dir, runner):
+    """With the C++ kernels the first step packs the projections for oneDNN and keeps the
+    plain weights for the small-batch kernel; the torch backend packs only."""
+    runner.execute(StepPlan(0, new=[new("a", [1, 2, 3], [0])]))
+    assert runner.model.lm_head.packed is not None and runner.model.lm_head.small is not None
+    torch_runner = ModelRunner(RunnerConfig(model=model_dir, load_format="dummy", block_size=BLOCK,
+                                            num_kv_blocks=NUM_BLOCKS, kernel_backend="torch"))
+    torch_runner.execute(StepPlan(0, new=[new("a", [1, 2, 3], [0])]))
+    layer = torch_runner.model.model.layers[0].self_attn.qkv_proj
+    assert layer.packed is not None and layer.small is None and layer.weight is None
+    # same weights (seeded dummy load), two paths: the same greedy tokens
+    assert generate(runner, [[5, 6, 7]], GREEDY) == generate(torch_runner, [[5, 6, 7]], GREEDY)

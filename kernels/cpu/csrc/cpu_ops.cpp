@@ -31,6 +31,14 @@
 
 namespace {
 
+// Loops run in parallel only when there is enough work to pay for waking the pool's sleeping
+// threads (tens of microseconds with OMP_WAIT_POLICY=PASSIVE): a decode step's few hundred KB
+// stays on the calling thread.
+#ifndef ZS_PARALLEL_FLOATS
+#define ZS_PARALLEL_FLOATS (1 << 18)
+#endif
+constexpr int64_t kParallelFloats = ZS_PARALLEL_FLOATS;
+
 // exp(x) for x <= 0 (softmax after subtracting the max), without libm: 2^n * p(r) with
 // n = round(x / ln2), r = x - n ln2 in two parts (Cody-Waite), p the degree-6 Taylor
 // polynomial; relative error ~2e-7 on [-87, 0]; x < -87 gives ~1e-38 (as good as 0).
@@ -446,6 +454,49 @@ void paged_attention(const float* q, const T* k_cache, const T* v_cache, const i
     }
 }
 
+
+// y [M, N] = x [M, K] W^T (+ bias), W [N, K] row-major, for the few rows of a small decode
+// batch (M <= 4): a weight-streaming GEMV. Each thread walks a contiguous range of W's rows,
+// 4 at a time, every weight vector loaded once for all M rows; memory-bound, it reads W at
+// close to the machine's bandwidth where a GEMM kernel built for larger M does not.
+template <int M>
+void linear_small(const float* __restrict x, int64_t x_stride, const float* __restrict w,
+                  const float* __restrict bias, float* __restrict y, int64_t N, int64_t K) {
+    const int64_t groups = (N + 3) / 4;
+#pragma omp parallel for schedule(static) if (N * K >= kParallelFloats)
+    for (int64_t gi = 0; gi < groups; ++gi) {
+        const int64_t n0 = gi * 4, nn = std::min<int64_t>(4, N - n0);
+        float out[M][4] = {};
+        int64_t k = 0;
+#ifdef ZS_AVX2
+        if (nn == 4) {
+            __m256 acc[M][4];
+            for (int m = 0; m < M; ++m)
+                for (int j = 0; j < 4; ++j) acc[m][j] = _mm256_setzero_ps();
+            const float* w0 = w + n0 * K;
+            for (; k + 8 <= K; k += 8) {
+                __m256 wv[4];
+                for (int j = 0; j < 4; ++j) wv[j] = _mm256_loadu_ps(w0 + j * K + k);
+                for (int m = 0; m < M; ++m) {
+                    const __m256 xv = _mm256_loadu_ps(x + m * x_stride + k);
+                    for (int j = 0; j < 4; ++j) acc[m][j] = _mm256_fmadd_ps(xv, wv[j], acc[m][j]);
+                }
+            }
+            for (int m = 0; m < M; ++m)
+                for (int j = 0; j < 4; ++j) out[m][j] = hsum(acc[m][j]);
+        }
+#endif
+        for (int64_t j = 0; j < nn; ++j) {
+            const float* wr = w + (n0 + j) * K;
+            for (int m = 0; m < M; ++m) {
+                float acc = out[m][j];
+                for (int64_t kk = (nn == 4 ? k : 0); kk < K; ++kk) acc += x[m * x_stride + kk] * wr[kk];
+                y[m * N + n0 + j] = acc + (bias != nullptr ? bias[n0 + j] : 0.0f);
+            }
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -481,14 +532,8 @@ void zs_paged_attention(const float* q, const void* k_cache, const void* v_cache
 }
 
 // --------------------------------------------------------------------------- small ops
-// Rows are independent; the loops run in parallel only when there is enough work to pay for
-// waking the pool's sleeping threads (tens of microseconds with OMP_WAIT_POLICY=PASSIVE):
-// a decode step's few hundred KB stays on the calling thread.
+// Rows are independent; the loops run in parallel above kParallelFloats of work.
 
-#ifndef ZS_PARALLEL_FLOATS
-#define ZS_PARALLEL_FLOATS (1 << 18)
-#endif
-constexpr int64_t kParallelFloats = ZS_PARALLEL_FLOATS;
 
 // out = weight * (x' / rms(x')), x' = x (+ residual, stored to residual_out); rows of `hidden`
 // floats, x and residual `x_stride` / `res_stride` apart (views of wider tensors are fine).
@@ -627,6 +672,17 @@ int64_t argmax_row(const float* r, int64_t cols) {
 void zs_argmax_rows(const float* x, int64_t stride, int64_t rows, int64_t cols, int64_t* out) {
 #pragma omp parallel for schedule(static) if (rows * cols >= 4 * kParallelFloats)
     for (int64_t t = 0; t < rows; ++t) out[t] = argmax_row(x + t * stride, cols);
+}
+
+void zs_linear_small(const float* x, int64_t x_stride, const float* w, const float* bias, float* y, int64_t rows,
+                     int64_t N, int64_t K) {
+    switch (rows) {
+        case 1: linear_small<1>(x, x_stride, w, bias, y, N, K); break;
+        case 2: linear_small<2>(x, x_stride, w, bias, y, N, K); break;
+        case 3: linear_small<3>(x, x_stride, w, bias, y, N, K); break;
+        case 4: linear_small<4>(x, x_stride, w, bias, y, N, K); break;
+        default: break;  // the wrapper sends at most 4 rows
+    }
 }
 
 }  // extern "C"
