@@ -96,9 +96,10 @@ class ModelRunner:
         self.model = build_model(cfg, self.ops, self.max_model_len)
         self.model.load_weights(weights, self.device)
         self.model.train(False)  # inference only (no dropout layers anyway)
-        # CPU fp32: projections move to oneDNN's packed layout at the first step (not here, so
+        # CPU fp32: projections are packed (C++ kernels panels, else oneDNN) at the first step (not here, so
         # whoever holds the runner can still edit runner.model's weights until then)
-        self._pack_weights = onednn_linear_available(self.device, self.dtype)
+        self._pack_weights = self.device.type == "cpu" and self.dtype == torch.float32 and (
+            hasattr(self.ops, "PackedLinear") or onednn_linear_available(self.device, self.dtype))
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = list(cfg.eos_token_ids)
         self.block_size = config.block_size
@@ -132,25 +133,6 @@ class ModelRunner:
                  str(self.kv_dtype).removeprefix("torch."), self.ops.__name__.split(".")[-2])
 
     # ------------------------------------------------------------------ setup
-
-    def _small_linear(self):
-        """The CPU kernels' small-batch linear, when the runner can afford to keep the plain
-        weights beside oneDNN's packed ones (at most 1/8 of the machine's memory); else None."""
-        small = getattr(self.ops, "linear_small", None)
-        if small is None:
-            return None
-        extra = self.model.linear_weight_bytes()
-        try:
-            memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (AttributeError, ValueError, OSError):
-            memory = 0
-        if extra > memory // 8:
-            log.info("batches of 1-4 rows use oneDNN: keeping plain weights too would take %.1f GiB "
-                     "(more than 1/8 of %.1f GiB)", extra / 2**30, memory / 2**30)
-            return None
-        log.info("batches of 1-4 rows stream the plain weights (%.2f GiB kept beside the packed ones)",
-                 extra / 2**30)
-        return small
 
     def _kv_cache_dtype(self) -> torch.dtype:
         name = self.config.kv_cache_dtype
@@ -225,7 +207,7 @@ class ModelRunner:
         worker's state; the worker process turns any exception into StepResult.error."""
         start = time.perf_counter()
         if self._pack_weights:
-            self.model.pack_for_cpu(self._small_linear())
+            self.model.pack_for_cpu(self.ops if hasattr(self.ops, "PackedLinear") else None)
             self._pack_weights = False
         scheduled = self.requests.apply(plan)
         if not scheduled:

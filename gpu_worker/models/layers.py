@@ -34,12 +34,12 @@ def _param(*shape: int) -> nn.Parameter:
 class Linear(nn.Module):
     """y = x W^T (+ b). W: [out_features, in_features], as Hugging Face stores it.
 
-    On CPU in fp32, ``pack_for_cpu()`` reorders W once into oneDNN's blocked layout: MKL's
-    sgemm repacks W on every call, which at decode sizes (few rows, e.g. the 49152 x 576
-    lm_head) costs more than the multiply itself. It drops the original, unless given a
-    ``small`` kernel (the CPU kernels' linear_small): then W stays too, and batches of a few
-    rows (memory-bound: they read every weight for little arithmetic) stream it with that
-    kernel instead, ~1.4x faster than oneDNN there.
+    On CPU in fp32, ``pack_for_cpu()`` reorders W once and drops the original. With the C++
+    CPU kernels (``kernels.PackedLinear``), into panels their GEMM streams with prefetching
+    (faster than oneDNN here at every batch size, and bit-identical to it for K <= ~1K);
+    otherwise into oneDNN's blocked layout. Either beats MKL's sgemm, which repacks W on every
+    call and at decode sizes (few rows, e.g. the 49152 x 576 lm_head) spends more on that
+    than on the multiply.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
@@ -47,20 +47,22 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = _param(out_features, in_features)
         self.bias = _param(out_features) if bias else None
-        self.packed: torch.Tensor | None = None
-        self.small = None  # (x, weight, bias) -> y or None
+        self.packed: torch.Tensor | None = None  # oneDNN
+        self.cpu_packed = None  # kernels.cpu PackedLinear
+        self._cpu_linear = None
 
-    def pack_for_cpu(self, small=None) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
-        if small is None:
-            self.weight = None
+    def pack_for_cpu(self, kernels: ModuleType | None = None) -> None:
+        """kernels: the CPU kernel module (its PackedLinear / linear), or None for oneDNN."""
+        if kernels is not None and hasattr(kernels, "PackedLinear"):
+            self.cpu_packed = kernels.PackedLinear(self.weight, self.bias)
+            self._cpu_linear = kernels.linear
         else:
-            self.weight = nn.Parameter(self.weight.detach().contiguous(), requires_grad=False)
-            self.small = small
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+        self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.small is not None and (y := self.small(x, self.weight, self.bias)) is not None:
-            return y
+        if self._cpu_linear is not None:
+            return self._cpu_linear(x, self.cpu_packed)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

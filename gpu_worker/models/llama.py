@@ -110,15 +110,8 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint tensors not used by the model: {sorted(weights)[:5]}")
         self.to(device)
 
-    def pack_for_cpu(self, small=None) -> None:
-        """Every projection (and the head) in oneDNN's layout; see layers.Linear."""
+    def pack_for_cpu(self, kernels: ModuleType | None = None) -> None:
+        """Every projection (and the head) packed for the CPU; see layers.Linear."""
         for module in self.modules():
             if isinstance(module, Linear):
-                module.pack_for_cpu(small)
-
-    def linear_weight_bytes(self) -> int:
-        """Bytes of the projections' weights that are not shared with another tensor (a tied
-        head is the embedding): what keeping them beside the packed copies costs."""
-        embed = self.model.embed_tokens.weight
-        return sum(m.weight.numel() * m.weight.element_size() for m in self.modules()
-                   if isinstance(m, Linear) and m.weight is not None and m.weight is not embed)
+                module.pack_for_cpu(kernels)

@@ -27,7 +27,7 @@ from zeroserve.shared import env
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_ops.cpp"
-ABI_VERSION = 2
+ABI_VERSION = 3
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
 
 _lock = threading.Lock()
@@ -91,9 +91,10 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.zs_write_kv.argtypes = [p, i64, p, i64, p, p, p, i64, i64, i64]
     lib.zs_silu_and_mul.argtypes = [p, i64, p, i64, i64]
     lib.zs_argmax_rows.argtypes = [p, i64, i64, i64, p]
-    lib.zs_linear_small.argtypes = [p, i64, p, p, p, i64, i64, i64]
+    lib.zs_pack_linear.argtypes = [p, p, i64, i64, p, p]
+    lib.zs_linear.argtypes = [p, i64, p, p, p, i64, i64, i64]
     for fn in (lib.zs_rms_norm, lib.zs_rotary, lib.zs_write_kv, lib.zs_silu_and_mul, lib.zs_argmax_rows,
-               lib.zs_linear_small):
+               lib.zs_pack_linear, lib.zs_linear):
         fn.restype = None
 
 

@@ -13,7 +13,8 @@ from zeroserve.kernels.cpu import build
 from zeroserve.kernels.metadata import AttentionMetadata
 from zeroserve.kernels.reference import ops as reference
 
-__all__ = ["rms_norm", "rotary", "silu_and_mul", "write_kv", "paged_attention", "argmax_rows", "linear_small"]
+__all__ = ["rms_norm", "rotary", "silu_and_mul", "write_kv", "paged_attention", "argmax_rows", "PackedLinear",
+           "linear"]
 
 _lib = build.load()  # importing this module raises CpuKernelsUnavailable where there is no build
 _VECTORIZED = bool(_lib.zs_vectorized())  # the AVX2 attention takes head dims that are multiples of 8
@@ -138,19 +139,35 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-SMALL_ROWS = 4  # linear_small takes up to this many rows
+
+class PackedLinear:
+    """A projection's weight [N, K] (and bias) in the panel layout of ``linear``, packed once."""
+
+    PANEL = 16
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        if weight.dtype != F32 or weight.dim() != 2 or (bias is not None and bias.dtype != F32):
+            raise ValueError("PackedLinear takes an fp32 [N, K] weight and an fp32 [N] bias")
+        weight = weight.detach().contiguous()
+        self.out_features, self.in_features = weight.shape
+        panels = -(-self.out_features // self.PANEL)
+        self.panels = torch.empty(panels * self.in_features * self.PANEL, dtype=F32)
+        self.bias = None if bias is None else torch.empty(panels * self.PANEL, dtype=F32)
+        b = None if bias is None else bias.detach().contiguous()
+        _lib.zs_pack_linear(weight.data_ptr(), None if b is None else b.data_ptr(), self.out_features,
+                            self.in_features, self.panels.data_ptr(), None if b is None else self.bias.data_ptr())
 
 
-def linear_small(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """``F.linear(x, weight, bias)`` for at most SMALL_ROWS rows, streaming the row-major weight
-    once (decode at batch 1-4 is bound by reading the weights); None when it does not apply
-    (more rows, another dtype or layout), and the caller takes its usual path."""
-    rows = x.shape[0] if x.dim() == 2 else 0
-    if not (1 <= rows <= SMALL_ROWS and _rows_ok(x) and weight.dtype == F32 and weight.is_contiguous()
-            and weight.dim() == 2 and weight.shape[1] == x.shape[1]
-            and (bias is None or (bias.dtype == F32 and bias.is_contiguous()))):
-        return None
-    out = torch.empty((rows, weight.shape[0]), dtype=F32)
-    _lib.zs_linear_small(x.data_ptr(), x.stride(0), weight.data_ptr(), None if bias is None else bias.data_ptr(),
-                         out.data_ptr(), rows, weight.shape[0], weight.shape[1])
+def linear(x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
+    """``F.linear(x, W, b)`` over W packed by PackedLinear: x [M, K] fp32 -> [M, N]."""
+    if x.dim() != 2 or x.shape[1] != packed.in_features:
+        raise ValueError(f"linear: input of shape {tuple(x.shape)} for a [{packed.out_features}, "
+                         f"{packed.in_features}] weight")
+    if not _rows_ok(x):
+        x = x.to(F32).contiguous()
+    out = torch.empty((x.shape[0], packed.out_features), dtype=F32)
+    if x.shape[0]:
+        _lib.zs_linear(x.data_ptr(), x.stride(0), packed.panels.data_ptr(),
+                       None if packed.bias is None else packed.bias.data_ptr(), out.data_ptr(), x.shape[0],
+                       packed.out_features, packed.in_features)
     return out

@@ -204,15 +204,15 @@ def test_bad_num_prompt_tokens_is_rejected(runner):
         runner.execute(StepPlan(0, new=[NewRequestData("x", [1, 2, 3], [0], 0, 3, GREEDY, 9)]))
 
 
-def test_cpu_kernels_keep_plain_weights_for_small_batches(model_dir, runner):
-    """With the C++ kernels the first step packs the projections for oneDNN and keeps the
-    plain weights for the small-batch kernel; the torch backend packs only."""
+def test_projections_are_packed_at_the_first_step(model_dir, runner):
+    """The C++ kernels' panels by default, oneDNN's layout with the torch kernels; both drop
+    the plain weight and give the same greedy tokens (same seeded dummy weights)."""
     runner.execute(StepPlan(0, new=[new("a", [1, 2, 3], [0])]))
-    assert runner.model.lm_head.packed is not None and runner.model.lm_head.small is not None
+    qkv = runner.model.model.layers[0].self_attn.qkv_proj
+    assert qkv.cpu_packed is not None and qkv.packed is None and qkv.weight is None
     torch_runner = ModelRunner(RunnerConfig(model=model_dir, load_format="dummy", block_size=BLOCK,
                                             num_kv_blocks=NUM_BLOCKS, kernel_backend="torch"))
     torch_runner.execute(StepPlan(0, new=[new("a", [1, 2, 3], [0])]))
-    layer = torch_runner.model.model.layers[0].self_attn.qkv_proj
-    assert layer.packed is not None and layer.small is None and layer.weight is None
-    # same weights (seeded dummy load), two paths: the same greedy tokens
+    qkv = torch_runner.model.model.layers[0].self_attn.qkv_proj
+    assert qkv.packed is not None and qkv.cpu_packed is None and qkv.weight is None
     assert generate(runner, [[5, 6, 7]], GREEDY) == generate(torch_runner, [[5, 6, 7]], GREEDY)

@@ -107,49 +107,44 @@ def test_argmax_rows_matches_torch(ops):
     assert torch.equal(ops.argmax_rows(small), small.argmax(dim=-1))
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
-@pytest.mark.parametrize("out_features,in_features", [(960, 576), (7, 13), (4, 8)])
-def test_linear_small_matches_f_linear(ops, rows, out_features, in_features):
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 64, 97, 200])
+@pytest.mark.parametrize("out_features,in_features", [(960, 576), (7, 13), (16, 8), (33, 1536)])
+def test_packed_linear_matches_f_linear(ops, rows, out_features, in_features):
+    """Row blocks of 1-6 and chunks past 96 rows; panels cut short at N % 16; strided x."""
     gen = torch.Generator().manual_seed(rows * out_features)
     wide = torch.randn(rows, in_features + 3, generator=gen)
     x = wide[:, :in_features]  # rows in_features + 3 apart
     weight = torch.randn(out_features, in_features, generator=gen)
     bias = torch.randn(out_features, generator=gen)
-    _close(ops.linear_small(x, weight, None), torch.nn.functional.linear(x, weight), 1e-4)
-    _close(ops.linear_small(x, weight, bias), torch.nn.functional.linear(x, weight, bias), 1e-4)
+    with_bias, without = ops.PackedLinear(weight, bias), ops.PackedLinear(weight, None)
+    _close(ops.linear(x, with_bias), torch.nn.functional.linear(x, weight, bias), 2e-4)
+    _close(ops.linear(x, without), torch.nn.functional.linear(x, weight), 2e-4)
 
 
-def test_linear_small_declines_what_it_does_not_take(ops):
-    weight = torch.randn(16, 8)
-    assert ops.linear_small(torch.randn(5, 8), weight, None) is None  # more rows: oneDNN's
-    assert ops.linear_small(torch.randn(2, 8, dtype=torch.float64), weight, None) is None
-    assert ops.linear_small(torch.randn(8, 2).t(), weight, None) is None  # columns not contiguous
-    assert ops.linear_small(torch.randn(0, 8), weight, None) is None
+def test_packed_linear_edges(ops):
+    packed = ops.PackedLinear(torch.randn(16, 8), None)
+    assert ops.linear(torch.randn(0, 8), packed).shape == (0, 16)
+    x64 = torch.randn(3, 8, dtype=torch.float64)  # converted to fp32
+    torch.testing.assert_close(ops.linear(x64, packed), ops.linear(x64.float(), packed))
+    with pytest.raises(ValueError, match=r"input of shape \(2, 9\)"):
+        ops.linear(torch.randn(2, 9), packed)
+    with pytest.raises(ValueError, match="fp32"):
+        ops.PackedLinear(torch.randn(4, 4, dtype=torch.float64), None)
 
 
-def test_packed_linear_uses_both_paths():
-    """pack_for_cpu(small): up to 4 rows stream the plain weight, more go to oneDNN; both
-    agree with F.linear."""
-    from zeroserve.gpu_worker.models.layers import Linear, onednn_linear_available
+def test_model_linear_packs_for_the_cpu_kernels():
+    from zeroserve.gpu_worker.models.layers import Linear
 
-    if not onednn_linear_available(torch.device("cpu"), torch.float32):
-        pytest.skip("torch without oneDNN")
     layer = Linear(40, 24, bias=True)
     gen = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(24, 40, generator=gen), torch.randn(24, generator=gen)
     layer.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
     layer.bias = torch.nn.Parameter(bias.clone(), requires_grad=False)
-    calls = []
-
-    def small(x, w, b):
-        calls.append(x.shape[0])
-        return cpu_ops.linear_small(x, w, b)
-
-    layer.pack_for_cpu(small)
-    for rows in (1, 4, 5, 64):
+    layer.pack_for_cpu(cpu_ops)
+    assert layer.weight is None and layer.cpu_packed is not None
+    for rows in (1, 64):
         x = torch.randn(rows, 40, generator=gen)
         _close(layer(x), torch.nn.functional.linear(x, weight, bias), 1e-4)
-    assert calls == [1, 4, 5, 64]  # asked every time; it declines 5 and 64 (oneDNN then)
 
 
 def test_other_dtypes_fall_back_to_the_reference(ops):

@@ -455,53 +455,115 @@ void paged_attention(const float* q, const T* k_cache, const T* v_cache, const i
 }
 
 
-// y [M, N] = x [M, K] W^T (+ bias), W [N, K] row-major, for the few rows of a small decode
-// batch (M <= 4): a weight-streaming GEMV. Each thread walks a contiguous range of W's rows,
-// 4 at a time, every weight vector loaded once for all M rows; memory-bound, it reads W at
-// close to the machine's bandwidth where a GEMM kernel built for larger M does not.
-template <int M>
-void linear_small(const float* __restrict x, int64_t x_stride, const float* __restrict w,
-                  const float* __restrict bias, float* __restrict y, int64_t N, int64_t K) {
-    const int64_t groups = (N + 3) / 4;
-#pragma omp parallel for schedule(static) if (N * K >= kParallelFloats)
-    for (int64_t gi = 0; gi < groups; ++gi) {
-        const int64_t n0 = gi * 4, nn = std::min<int64_t>(4, N - n0);
-        float out[M][4] = {};
-        int64_t k = 0;
+
+// --------------------------------------------------------------------------- projections
+// y [M, N] = x [M, K] W^T + bias, with W packed once into panels of kPanel output columns,
+// [N / kPanel][K][kPanel] (the last panel zero-padded): each panel is one contiguous stream,
+// read once per chunk of kChunkRows rows of x and used by every 6-row block of the chunk.
+// The 6 x 16 micro-kernel keeps 12 accumulators in registers (FMA-bound: 2 panel loads and 6
+// broadcasts per 12 FMAs), and its first row block of a chunk prefetches the next panel, one
+// cache line per k (a panel is K lines), so the weights stream from memory under the
+// arithmetic. Summation is one FMA per k in order, as oneDNN's kernel does for these shapes.
+
+constexpr int64_t kPanel = 16;
+constexpr int64_t kChunkRows = 96;
+
 #ifdef ZS_AVX2
-        if (nn == 4) {
-            __m256 acc[M][4];
-            for (int m = 0; m < M; ++m)
-                for (int j = 0; j < 4; ++j) acc[m][j] = _mm256_setzero_ps();
-            const float* w0 = w + n0 * K;
-            for (; k + 8 <= K; k += 8) {
-                __m256 wv[4];
-                for (int j = 0; j < 4; ++j) wv[j] = _mm256_loadu_ps(w0 + j * K + k);
-                for (int m = 0; m < M; ++m) {
-                    const __m256 xv = _mm256_loadu_ps(x + m * x_stride + k);
-                    for (int j = 0; j < 4; ++j) acc[m][j] = _mm256_fmadd_ps(xv, wv[j], acc[m][j]);
-                }
-            }
-            for (int m = 0; m < M; ++m)
-                for (int j = 0; j < 4; ++j) out[m][j] = hsum(acc[m][j]);
+template <int MR>
+__attribute__((noinline)) void micro_kernel(const float* __restrict x, int64_t xs, const float* __restrict b,
+                                            int64_t K, float* __restrict y, int64_t ys, int64_t ncols,
+                                            const float* __restrict bias, const char* prefetch, int64_t prefetch_lines) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    const float *x0 = x, *x1 = x + xs, *x2 = x + 2 * xs, *x3 = x + 3 * xs, *x4 = x + 4 * xs, *x5 = x + 5 * xs;
+    auto step = [&](int64_t k) {
+        const __m256 b0 = _mm256_loadu_ps(b + k * kPanel), b1 = _mm256_loadu_ps(b + k * kPanel + 8);
+        __m256 a = _mm256_broadcast_ss(x0 + k);
+        c00 = _mm256_fmadd_ps(a, b0, c00);
+        c01 = _mm256_fmadd_ps(a, b1, c01);
+        if (MR > 1) {
+            a = _mm256_broadcast_ss(x1 + k);
+            c10 = _mm256_fmadd_ps(a, b0, c10);
+            c11 = _mm256_fmadd_ps(a, b1, c11);
         }
-#endif
-        for (int64_t j = 0; j < nn; ++j) {
-            const float* wr = w + (n0 + j) * K;
-            for (int m = 0; m < M; ++m) {
-                float acc = out[m][j];
-                for (int64_t kk = (nn == 4 ? k : 0); kk < K; ++kk) acc += x[m * x_stride + kk] * wr[kk];
-                y[m * N + n0 + j] = acc + (bias != nullptr ? bias[n0 + j] : 0.0f);
-            }
+        if (MR > 2) {
+            a = _mm256_broadcast_ss(x2 + k);
+            c20 = _mm256_fmadd_ps(a, b0, c20);
+            c21 = _mm256_fmadd_ps(a, b1, c21);
+        }
+        if (MR > 3) {
+            a = _mm256_broadcast_ss(x3 + k);
+            c30 = _mm256_fmadd_ps(a, b0, c30);
+            c31 = _mm256_fmadd_ps(a, b1, c31);
+        }
+        if (MR > 4) {
+            a = _mm256_broadcast_ss(x4 + k);
+            c40 = _mm256_fmadd_ps(a, b0, c40);
+            c41 = _mm256_fmadd_ps(a, b1, c41);
+        }
+        if (MR > 5) {
+            a = _mm256_broadcast_ss(x5 + k);
+            c50 = _mm256_fmadd_ps(a, b0, c50);
+            c51 = _mm256_fmadd_ps(a, b1, c51);
+        }
+    };
+    int64_t k = 0;
+    for (const int64_t kp = std::min(prefetch_lines, K); k < kp; ++k) {
+        __builtin_prefetch(prefetch + 64 * k, 0, 2);
+        step(k);
+    }
+    for (; k < K; ++k) step(k);
+    __m256 acc[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    if (bias != nullptr) {
+        const __m256 d0 = _mm256_loadu_ps(bias), d1 = _mm256_loadu_ps(bias + 8);
+        for (int r = 0; r < MR; ++r) {
+            acc[r][0] = _mm256_add_ps(acc[r][0], d0);
+            acc[r][1] = _mm256_add_ps(acc[r][1], d1);
+        }
+    }
+    if (ncols == kPanel) {
+        for (int r = 0; r < MR; ++r) {
+            _mm256_storeu_ps(y + r * ys, acc[r][0]);
+            _mm256_storeu_ps(y + r * ys + 8, acc[r][1]);
+        }
+    } else {
+        alignas(32) float tmp[kPanel];
+        for (int r = 0; r < MR; ++r) {
+            _mm256_store_ps(tmp, acc[r][0]);
+            _mm256_store_ps(tmp + 8, acc[r][1]);
+            std::memcpy(y + r * ys, tmp, ncols * sizeof(float));
         }
     }
 }
+
+void row_block(int64_t rows, const float* x, int64_t xs, const float* b, int64_t K, float* y, int64_t ys,
+               int64_t ncols, const float* bias, const char* prefetch, int64_t prefetch_lines) {
+    switch (rows) {
+        case 6: micro_kernel<6>(x, xs, b, K, y, ys, ncols, bias, prefetch, prefetch_lines); break;
+        case 5: micro_kernel<5>(x, xs, b, K, y, ys, ncols, bias, prefetch, prefetch_lines); break;
+        case 4: micro_kernel<4>(x, xs, b, K, y, ys, ncols, bias, prefetch, prefetch_lines); break;
+        case 3: micro_kernel<3>(x, xs, b, K, y, ys, ncols, bias, prefetch, prefetch_lines); break;
+        case 2: micro_kernel<2>(x, xs, b, K, y, ys, ncols, bias, prefetch, prefetch_lines); break;
+        default: micro_kernel<1>(x, xs, b, K, y, ys, ncols, bias, prefetch, prefetch_lines); break;
+    }
+}
+#else
+void row_block(int64_t rows, const float* x, int64_t xs, const float* b, int64_t K, float* y, int64_t ys,
+               int64_t ncols, const float* bias, const char*, int64_t) {
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < ncols; ++j) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < K; ++k) acc += x[r * xs + k] * b[k * kPanel + j];
+            y[r * ys + j] = acc + (bias != nullptr ? bias[j] : 0.0f);
+        }
+}
+#endif
 
 }  // namespace
 
 extern "C" {
 
-int zs_abi_version() { return 2; }
+int zs_abi_version() { return 3; }
 
 int zs_max_threads() { return omp_get_max_threads(); }
 
@@ -674,14 +736,47 @@ void zs_argmax_rows(const float* x, int64_t stride, int64_t rows, int64_t cols, 
     for (int64_t t = 0; t < rows; ++t) out[t] = argmax_row(x + t * stride, cols);
 }
 
-void zs_linear_small(const float* x, int64_t x_stride, const float* w, const float* bias, float* y, int64_t rows,
-                     int64_t N, int64_t K) {
-    switch (rows) {
-        case 1: linear_small<1>(x, x_stride, w, bias, y, N, K); break;
-        case 2: linear_small<2>(x, x_stride, w, bias, y, N, K); break;
-        case 3: linear_small<3>(x, x_stride, w, bias, y, N, K); break;
-        case 4: linear_small<4>(x, x_stride, w, bias, y, N, K); break;
-        default: break;  // the wrapper sends at most 4 rows
+// Panels of W [N, K] (row-major) into out [ceil(N / 16)][K][16]; bias [N] (or null) into
+// bias_out [ceil(N / 16) * 16], zero-padded.
+void zs_pack_linear(const float* w, const float* bias, int64_t N, int64_t K, float* out, float* bias_out) {
+    const int64_t panels = (N + kPanel - 1) / kPanel;
+#pragma omp parallel for schedule(static) if (N * K >= kParallelFloats)
+    for (int64_t p = 0; p < panels; ++p) {
+        float* dst = out + p * K * kPanel;
+        for (int64_t k = 0; k < K; ++k)
+            for (int64_t j = 0; j < kPanel; ++j) {
+                const int64_t n = p * kPanel + j;
+                dst[k * kPanel + j] = n < N ? w[n * K + k] : 0.0f;
+            }
+    }
+    if (bias_out != nullptr)
+        for (int64_t n = 0; n < panels * kPanel; ++n) bias_out[n] = (bias != nullptr && n < N) ? bias[n] : 0.0f;
+}
+
+// y [M, N] (rows N apart) = x [M, K] (rows x_stride apart) W^T + bias (padded, or null).
+void zs_linear(const float* x, int64_t x_stride, const float* packed, const float* bias, float* y, int64_t M,
+               int64_t N, int64_t K) {
+    const int64_t panels = (N + kPanel - 1) / kPanel, panel_floats = K * kPanel;
+    const int64_t panel_lines = panel_floats * static_cast<int64_t>(sizeof(float)) / 64;
+#pragma omp parallel if (M * N * K >= 4 * kParallelFloats)
+    {
+        const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
+        const int64_t p0 = panels * id / threads, p1 = panels * (id + 1) / threads;
+        for (int64_t m0 = 0; m0 < M; m0 += kChunkRows) {
+            const int64_t rows = std::min(kChunkRows, M - m0);
+            const bool last_chunk = m0 + kChunkRows >= M;  // earlier chunks find the panels in cache
+            for (int64_t p = p0; p < p1; ++p) {
+                const float* b = packed + p * panel_floats;
+                const char* next = p + 1 < p1 ? reinterpret_cast<const char*>(b + panel_floats) : nullptr;
+                const int64_t ncols = std::min(kPanel, N - p * kPanel);
+                for (int64_t r0 = 0; r0 < rows; r0 += 6) {
+                    const int64_t lines = (r0 == 0 && last_chunk && next != nullptr) ? panel_lines : 0;
+                    row_block(std::min<int64_t>(6, rows - r0), x + (m0 + r0) * x_stride, x_stride, b, K,
+                              y + (m0 + r0) * N + p * kPanel, N, ncols, bias != nullptr ? bias + p * kPanel : nullptr,
+                              next, lines);
+                }
+            }
+        }
     }
 }
 
