@@ -115,7 +115,7 @@ struct Ahead {
     void slice(int64_t part, int64_t parts) const {
         if (base == nullptr) return;
         const int64_t lines = (bytes + 63) / 64;
-        for (int64_t i = part * lines / parts; i < (part + 1) * lines / parts; ++i) __builtin_prefetch(base + 64 * i);
+        for (int64_t i = part * lines / parts; i < (part + 1) * lines / parts; ++i) __builtin_prefetch(base + 64 * i, 0, ZS_PREFETCH_LOCALITY);
     }
 };
 
@@ -319,6 +319,9 @@ constexpr bool kVectorized = false;
 
 // --------------------------------------------------------------------------- attention
 
+#ifndef ZS_PREFETCH_LOCALITY
+#define ZS_PREFETCH_LOCALITY 3
+#endif
 #ifndef ZS_PREFETCH_AHEAD
 #define ZS_PREFETCH_AHEAD 2
 #endif
