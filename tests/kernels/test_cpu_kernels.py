@@ -22,7 +22,9 @@ from zeroserve.kernels.cpu import build
 from zeroserve.kernels.metadata import AttentionMetadata
 from zeroserve.kernels.reference import ops as ref
 
-cpu_ops = pytest.importorskip("zeroserve.kernels.cpu.ops", exc_type=build.CpuKernelsUnavailable)
+if build._compiler() is None:  # a machine without g++ serves with the torch kernels (tested below)
+    pytest.skip("no C++ compiler here", allow_module_level=True)
+from zeroserve.kernels.cpu import ops as cpu_ops  # noqa: E402  (with a compiler, a failed build fails)
 
 
 @pytest.fixture(params=["native", "scalar"])

@@ -39,6 +39,11 @@ namespace {
 #endif
 constexpr int64_t kParallelFloats = ZS_PARALLEL_FLOATS;
 
+// __builtin_prefetch locality of the attention's look-ahead (3: into L1)
+#ifndef ZS_PREFETCH_LOCALITY
+#define ZS_PREFETCH_LOCALITY 3
+#endif
+
 // exp(x) for x <= 0 (softmax after subtracting the max), without libm: 2^n * p(r) with
 // n = round(x / ln2), r = x - n ln2 in two parts (Cody-Waite), p the degree-6 Taylor
 // polynomial; relative error ~2e-7 on [-87, 0]; x < -87 gives ~1e-38 (as good as 0).
@@ -319,9 +324,6 @@ constexpr bool kVectorized = false;
 
 // --------------------------------------------------------------------------- attention
 
-#ifndef ZS_PREFETCH_LOCALITY
-#define ZS_PREFETCH_LOCALITY 3
-#endif
 #ifndef ZS_PREFETCH_AHEAD
 #define ZS_PREFETCH_AHEAD 2
 #endif
