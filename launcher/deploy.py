@@ -119,6 +119,10 @@ def render_systemd(config: EngineConfig, out: str, api_keys: list[str], user: st
         units.append(unit)
         after = {"worker": "network-online.target", "scheduler": "zeroserve-worker-0.service",
                  "tokenizer": "zeroserve-scheduler-0.service", "api": "zeroserve-tokenizer-0.service"}[role]
+        # the worker compiles the C++ CPU kernels once and caches them: a writable cache
+        # directory under ProtectSystem=strict (the service user has no home)
+        cache = ("CacheDirectory=zeroserve\nEnvironment=ZEROSERVE_CACHE_DIR=/var/cache/zeroserve\n"
+                 if role == "worker" else "")
         text = f"""# rendered by `zeroserve deploy systemd`
 [Unit]
 Description=zeroserve {role} #{index} ({config.served_model_name})
@@ -136,7 +140,7 @@ Environment=OMP_WAIT_POLICY=PASSIVE
 Environment=PYTHONUNBUFFERED=1
 Environment=ZEROSERVE_NO_PDEATHSIG=1
 Environment=PROMETHEUS_MULTIPROC_DIR={config.metrics_dir}
-RuntimeDirectory={os.path.basename(config.run_dir)}
+{cache}RuntimeDirectory={os.path.basename(config.run_dir)}
 RuntimeDirectoryMode=0700
 RuntimeDirectoryPreserve=yes
 Restart=always

@@ -89,6 +89,10 @@ def test_systemd_units_verify_and_are_hardened(tmp_path):
         assert service["ProtectSystem"] == "strict" and service["User"] == "zeroserve"
         assert service["Restart"] == "always"
         assert " proc " in service["ExecStart"] and "--config /etc/zeroserve/zeroserve.json" in service["ExecStart"]
+        if "worker" in unit:  # where the C++ CPU kernels are built and cached, writable under strict
+            assert service["CacheDirectory"] == "zeroserve"
+            with open(os.path.join(out, unit)) as f:
+                assert "Environment=ZEROSERVE_CACHE_DIR=/var/cache/zeroserve" in f.read()
     with open(os.path.join(out, "zeroserve.json")) as f:
         assert "s3cret" not in f.read(), "secrets belong in the environment file"
     with open(os.path.join(out, "zeroserve.env")) as f:
