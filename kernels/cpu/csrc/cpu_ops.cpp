@@ -478,6 +478,8 @@ template <int MR>
 __attribute__((noinline)) void micro_kernel(const float* __restrict x, int64_t xs, const float* __restrict b,
                                             int64_t K, float* __restrict y, int64_t ys, int64_t ncols,
                                             const float* __restrict bias, const char* prefetch, int64_t prefetch_lines) {
+    // Named accumulators and rows written out, not arrays in loops: gcc kept the array form's
+    // accumulators on the stack (measured: 29 against 64 GFLOP/s on one core).
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     const float *x0 = x, *x1 = x + xs, *x2 = x + 2 * xs, *x3 = x + 3 * xs, *x4 = x + 4 * xs, *x5 = x + 5 * xs;
