@@ -13,7 +13,6 @@ batches hooks into (``self.forward``).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -96,10 +95,11 @@ class ModelRunner:
         self.model = build_model(cfg, self.ops, self.max_model_len)
         self.model.load_weights(weights, self.device)
         self.model.train(False)  # inference only (no dropout layers anyway)
-        # CPU fp32: projections are packed (C++ kernels panels, else oneDNN) at the first step (not here, so
-        # whoever holds the runner can still edit runner.model's weights until then)
+        # CPU fp32: projections are packed (the C++ kernels' panels, else oneDNN) at the first step
+        # (not here, so whoever holds the runner can still edit runner.model's weights until then)
+        self._pack_kernels = self.ops if hasattr(self.ops, "PackedLinear") else None
         self._pack_weights = self.device.type == "cpu" and self.dtype == torch.float32 and (
-            hasattr(self.ops, "PackedLinear") or onednn_linear_available(self.device, self.dtype))
+            self._pack_kernels is not None or onednn_linear_available(self.device, self.dtype))
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = list(cfg.eos_token_ids)
         self.block_size = config.block_size
@@ -207,7 +207,7 @@ class ModelRunner:
         worker's state; the worker process turns any exception into StepResult.error."""
         start = time.perf_counter()
         if self._pack_weights:
-            self.model.pack_for_cpu(self.ops if hasattr(self.ops, "PackedLinear") else None)
+            self.model.pack_for_cpu(self._pack_kernels)
             self._pack_weights = False
         scheduled = self.requests.apply(plan)
         if not scheduled:

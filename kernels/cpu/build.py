@@ -130,11 +130,3 @@ def load(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
             raise CpuKernelsUnavailable(_errors[extra_flags]) from exc
         _libs[extra_flags] = lib
         return lib
-
-
-def available() -> bool:
-    try:
-        load()
-        return True
-    except CpuKernelsUnavailable:
-        return False

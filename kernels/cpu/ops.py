@@ -122,9 +122,8 @@ def paged_attention(
     out = torch.empty_like(q)
     _lib.zs_paged_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), CACHE_TYPES[k_cache.dtype], tables.data_ptr(),
-        meta.seq_lens.data_ptr(),
-        meta.query_start_loc.data_ptr(), out.data_ptr(), meta.num_seqs, num_tokens, num_heads, num_kv_heads,
-        head_dim, block_size, tables.shape[1], scale, MIN_SPLIT,
+        meta.seq_lens.data_ptr(), meta.query_start_loc.data_ptr(), out.data_ptr(), meta.num_seqs, num_tokens,
+        num_heads, num_kv_heads, head_dim, block_size, tables.shape[1], scale, MIN_SPLIT,
     )
     return out
 
@@ -137,7 +136,6 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape[0], dtype=torch.int64)
     _lib.zs_argmax_rows(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], out.data_ptr())
     return out
-
 
 
 class PackedLinear:
