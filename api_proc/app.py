@@ -48,12 +48,19 @@ async def openai_errors(request: web.Request, handler):
             raise
         path = request.path[:200]
         if e.status == 404:
-            err = ApiError(404, f"No route {request.method} {path}. See /v1/models, /v1/completions, "
-                                "/v1/chat/completions.", code="not_found")
+            err = ApiError(
+                404,
+                f"No route {request.method} {path}. See /v1/models, /v1/completions, /v1/chat/completions.",
+                code="not_found",
+            )
         elif e.status == 405:
             allowed = e.headers.get("Allow", "")
-            err = ApiError(405, f"Method {request.method} is not allowed on {path}; use {allowed or 'another'}.",
-                           code="method_not_allowed", headers={"Allow": allowed} if allowed else None)
+            err = ApiError(
+                405,
+                f"Method {request.method} is not allowed on {path}; use {allowed or 'another'}.",
+                code="method_not_allowed",
+                headers={"Allow": allowed} if allowed else None,
+            )
         elif e.status == 413:
             err = ApiError(413, "The request body is over the size limit. Send a smaller request.")
         else:
@@ -63,8 +70,12 @@ async def openai_errors(request: web.Request, handler):
         raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path[:200])
-        return error_response(ApiError(500, "Internal server error; the request was not completed. "
-                                            "Retry, and report it if it persists."))
+        return error_response(
+            ApiError(
+                500,
+                "Internal server error; the request was not completed. Retry, and report it if it persists.",
+            )
+        )
 
 
 async def models(request: web.Request) -> web.Response:
@@ -98,8 +109,14 @@ async def tokenize(request: web.Request) -> web.Response:
     if res.error is not None:
         raise from_error_info(res.error, state.config.retry_after_s)
     max_model_len = res.max_model_len or state.monitor.info.get("max_model_len", 0)
-    return _json({"count": len(res.token_ids), "max_model_len": max_model_len, "tokens": res.token_ids,
-                  "token_strs": None})
+    return _json(
+        {
+            "count": len(res.token_ids),
+            "max_model_len": max_model_len,
+            "tokens": res.token_ids,
+            "token_strs": None,
+        }
+    )
 
 
 async def detokenize(request: web.Request) -> web.Response:
@@ -145,8 +162,14 @@ def create_app(config: ApiConfig, client: Any, metrics: ApiMetrics | None = None
         client_max_size=config.max_body_bytes,
         middlewares=[openai_errors, auth_middleware(config.api_keys, config.auth_exempt_paths)],
     )
-    app[STATE] = ApiState(config=config, client=client, monitor=monitor, metrics=metrics,
-                          token_texts=TokenTexts(client), started=int(time.time()))
+    app[STATE] = ApiState(
+        config=config,
+        client=client,
+        monitor=monitor,
+        metrics=metrics,
+        token_texts=TokenTexts(client),
+        started=int(time.time()),
+    )
 
     async def monitor_ctx(app: web.Application):
         monitor.start()

@@ -11,7 +11,9 @@ from zeroserve.shared.config import CurveKeys, EngineConfig
 
 
 class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
-    engine_address: str | list[str]  # tokenizer_proc ROUTER(s), ipc:// or tcp://; EngineClient spreads over them
+    engine_address: (
+        str | list[str]
+    )  # tokenizer_proc ROUTER(s), ipc:// or tcp://; EngineClient spreads over them
     model_name: str  # the served name: what /v1/models lists and `model` must match
     host: str = "127.0.0.1"
     port: int = 8000
@@ -57,7 +59,9 @@ class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
         client picks one per request id); keys from the config and ZEROSERVE_API_KEY both work."""
         keys = list(dict.fromkeys([*config.api_keys, *env.api_keys()]))
         return cls(
-            engine_address=config.tokenizer_addresses if config.num_tokenizers > 1 else config.tokenizer_address(0),
+            engine_address=config.tokenizer_addresses
+            if config.num_tokenizers > 1
+            else config.tokenizer_address(0),
             model_name=config.served_model_name,
             host=config.host,
             port=config.port,

@@ -60,11 +60,15 @@ class EngineMonitor:
         try:
             max_model_len = int(info["max_model_len"])
         except (KeyError, TypeError, ValueError):
-            raise ApiError(503, "The engine is not ready yet (it has not reported its model). Retry shortly.",
-                           headers={"Retry-After": "1"}) from None
+            raise ApiError(
+                503,
+                "The engine is not ready yet (it has not reported its model). Retry shortly.",
+                headers={"Retry-After": "1"},
+            ) from None
         vocab_size = info.get("vocab_size", 0)
-        return EngineLimits(max_model_len=max_model_len,
-                            vocab_size=vocab_size if isinstance(vocab_size, int) else 0)
+        return EngineLimits(
+            max_model_len=max_model_len, vocab_size=vocab_size if isinstance(vocab_size, int) else 0
+        )
 
     async def readiness(self) -> tuple[bool, str]:
         """(ready, why not): draining, unreachable, loading, or a worker down."""

@@ -45,7 +45,9 @@ class ApiError(Exception):
         self.message = message
         self.param = param
         self.code = code
-        self.type = type or _TYPE_BY_STATUS.get(status, "invalid_request_error" if status < 500 else "server_error")
+        self.type = type or _TYPE_BY_STATUS.get(
+            status, "invalid_request_error" if status < 500 else "server_error"
+        )
         self.headers = headers or {}
 
     def body(self) -> dict:
@@ -66,7 +68,9 @@ def from_error_info(info: ErrorInfo, retry_after_s: int) -> ApiError:
     """The engine's verdict on one request (400 bad prompt, 429 admission, 5xx worker trouble)."""
     status = info.status if 400 <= info.status <= 599 else 500
     headers = {"Retry-After": str(retry_after_s)} if status == 429 else None
-    return ApiError(status, info.message, param=info.param, code=info.code, type=info.type or None, headers=headers)
+    return ApiError(
+        status, info.message, param=info.param, code=info.code, type=info.type or None, headers=headers
+    )
 
 
 _AT_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")

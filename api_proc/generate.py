@@ -25,7 +25,9 @@ log = logging.getLogger("zeroserve.api")
 
 
 def _lost(request_id: str, why: str) -> TextDelta:
-    info = ErrorInfo(status=503, type="server_error", message=f"{why}; retry the request.", code="engine_unavailable")
+    info = ErrorInfo(
+        status=503, type="server_error", message=f"{why}; retry the request.", code="engine_unavailable"
+    )
     return TextDelta(request_id=request_id, text="", finish_reason="error", error=info)
 
 
@@ -46,8 +48,13 @@ class EngineStreams:
     no limit); after that, a gap over stall_timeout_s means the engine lost the request.
     """
 
-    def __init__(self, client: Any, requests: list[GenerateRequest], first_timeout_s: float | None,
-                 stall_timeout_s: float):
+    def __init__(
+        self,
+        client: Any,
+        requests: list[GenerateRequest],
+        first_timeout_s: float | None,
+        stall_timeout_s: float,
+    ):
         self.client = client
         self.requests = requests
         self.first_timeout_s = first_timeout_s
@@ -83,7 +90,11 @@ class EngineStreams:
 
     async def _pump(self, index: int, request: GenerateRequest) -> None:
         loop = asyncio.get_running_loop()
-        first = None if self.first_timeout_s is None else loop.time() + self.first_timeout_s + self.stall_timeout_s
+        first = (
+            None
+            if self.first_timeout_s is None
+            else loop.time() + self.first_timeout_s + self.stall_timeout_s
+        )
         stream = None
         try:
             async with asyncio.timeout_at(first) as guard:
@@ -93,7 +104,9 @@ class EngineStreams:
                     if delta.finish_reason is not None or delta.error is not None:
                         return
                     guard.reschedule(loop.time() + self.stall_timeout_s)
-            self.queue.put_nowait((index, _lost(request.request_id, "The engine ended the request unfinished")))
+            self.queue.put_nowait(
+                (index, _lost(request.request_id, "The engine ended the request unfinished"))
+            )
         except TimeoutError:
             log.warning("request %s: no word from the engine in time; aborting it", request.request_id)
             self.queue.put_nowait((index, _lost(request.request_id, "The engine did not answer in time")))
@@ -119,8 +132,15 @@ class LogprobEntry(NamedTuple):
 
 
 class ChoiceState:
-    def __init__(self, index: int, arrival: float, metrics: ApiMetrics | None, counts_prompt: bool,
-                 echo_text: str | None = None, echo: bool = False):
+    def __init__(
+        self,
+        index: int,
+        arrival: float,
+        metrics: ApiMetrics | None,
+        counts_prompt: bool,
+        echo_text: str | None = None,
+        echo: bool = False,
+    ):
         self.index = index
         self.arrival = arrival
         self.metrics = metrics
@@ -148,7 +168,9 @@ class ChoiceState:
         if not self._heard:
             self._heard = True
             if self.echo:
-                text = (delta.prompt_text if delta.prompt_text is not None else self.echo_fallback or "") + text
+                text = (
+                    delta.prompt_text if delta.prompt_text is not None else self.echo_fallback or ""
+                ) + text
             if self.metrics is not None:
                 self.metrics.first_message(self.arrival, now)
         if delta.num_prompt_tokens:
@@ -168,8 +190,13 @@ class ChoiceState:
             self.finish_reason = delta.finish_reason
             self.stop_reason = delta.stop_reason
             if self.metrics is not None:
-                self.metrics.finished(self.arrival, now, delta.finish_reason,
-                                      self.num_prompt_tokens if self.counts_prompt else 0, self.completion_tokens)
+                self.metrics.finished(
+                    self.arrival,
+                    now,
+                    delta.finish_reason,
+                    self.num_prompt_tokens if self.counts_prompt else 0,
+                    self.completion_tokens,
+                )
         self.text.append(text)
         self.offset += len(text)
         return text
@@ -235,15 +262,24 @@ async def logprob_entries(delta: TextDelta, texts: TokenTexts, offset: int) -> l
     if len(delta.token_texts) == len(ids):
         texts.learn(ids, delta.token_texts)
     top_texts = delta.top_token_texts
-    if top_texts is None or len(top_texts) != len(delta.logprobs) or any(
-            len(t) != len(lp.top) for t, lp in zip(top_texts, delta.logprobs)):
+    if (
+        top_texts is None
+        or len(top_texts) != len(delta.logprobs)
+        or any(len(t) != len(lp.top) for t, lp in zip(top_texts, delta.logprobs))
+    ):
         top_texts = None
-    wanted = set(ids) if top_texts is not None else set(ids) | {a.token_id for lp in delta.logprobs for a in lp.top}
+    wanted = (
+        set(ids)
+        if top_texts is not None
+        else set(ids) | {a.token_id for lp in delta.logprobs for a in lp.top}
+    )
     known = await texts.lookup(wanted)
     entries = []
     for i, (token_id, lp) in enumerate(zip(ids, delta.logprobs)):
         token = known[token_id]
         alt_texts = top_texts[i] if top_texts is not None else [known[a.token_id] for a in lp.top]
-        entries.append(LogprobEntry(token, lp.logprob, [(t, a.logprob) for t, a in zip(alt_texts, lp.top)], offset))
+        entries.append(
+            LogprobEntry(token, lp.logprob, [(t, a.logprob) for t, a in zip(alt_texts, lp.top)], offset)
+        )
         offset += len(token)
     return entries

@@ -18,19 +18,87 @@ ITL: a delta carrying k tokens after a gap g counts as k intervals of g / k.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as CONTENT_TYPE
+
 LABELS = ["model_name"]
 
-TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-                10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
-ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
-               2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0]
-LATENCY_BUCKETS = [0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
-                   50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
+TTFT_BUCKETS = [
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+]
+ITL_BUCKETS = [
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+]
+LATENCY_BUCKETS = [
+    0.01,
+    0.05,
+    0.1,
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+]
 
 # engine stat (Pong.info key) -> (metric name, help, kind)
 ENGINE_STATS = {
@@ -38,9 +106,16 @@ ENGINE_STATS = {
     "num_waiting": ("zeroserve:num_requests_waiting", "Requests waiting in the engine's queue.", "gauge"),
     "kv_cache_usage": ("zeroserve:kv_cache_usage_perc", "KV-cache usage, 1 = full.", "gauge"),
     "num_preemptions": ("zeroserve:num_preemptions", "Preemptions since the engine started.", "counter"),
-    "prefix_cache_queries": ("zeroserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                             "counter"),
-    "prefix_cache_hits": ("zeroserve:prefix_cache_hits", "Prompt tokens found in the prefix cache.", "counter"),
+    "prefix_cache_queries": (
+        "zeroserve:prefix_cache_queries",
+        "Prompt tokens looked up in the prefix cache.",
+        "counter",
+    ),
+    "prefix_cache_hits": (
+        "zeroserve:prefix_cache_hits",
+        "Prompt tokens found in the prefix cache.",
+        "counter",
+    ),
 }
 
 
@@ -96,16 +171,27 @@ class ApiMetrics:
             return Counter(name, doc, LABELS, registry=reg).labels(model_name)
 
         self.ttft = histogram("zeroserve:time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
-        self.itl = histogram("zeroserve:inter_token_latency_seconds", "Time between output tokens.", ITL_BUCKETS)
-        self.e2e = histogram("zeroserve:e2e_request_latency_seconds", "Request latency, arrival to last token.",
-                             LATENCY_BUCKETS)
-        self.queue_time = histogram("zeroserve:request_queue_time_seconds",
-                                    "Arrival to the engine's first message (upper bound of queueing).",
-                                    LATENCY_BUCKETS)
+        self.itl = histogram(
+            "zeroserve:inter_token_latency_seconds", "Time between output tokens.", ITL_BUCKETS
+        )
+        self.e2e = histogram(
+            "zeroserve:e2e_request_latency_seconds",
+            "Request latency, arrival to last token.",
+            LATENCY_BUCKETS,
+        )
+        self.queue_time = histogram(
+            "zeroserve:request_queue_time_seconds",
+            "Arrival to the engine's first message (upper bound of queueing).",
+            LATENCY_BUCKETS,
+        )
         self.prompt_tokens = counter("zeroserve:prompt_tokens", "Prompt tokens of finished requests.")
         self.generation_tokens = counter("zeroserve:generation_tokens", "Tokens generated.")
-        self._success = Counter("zeroserve:request_success", "Requests finished, by finish reason.",
-                                [*LABELS, "finished_reason"], registry=reg)
+        self._success = Counter(
+            "zeroserve:request_success",
+            "Requests finished, by finish reason.",
+            [*LABELS, "finished_reason"],
+            registry=reg,
+        )
 
     # ------------------------------------------------------------------ recording
 
@@ -119,8 +205,9 @@ class ApiMetrics:
         for _ in range(num_tokens):
             self.itl.observe(max(0.0, gap_s / num_tokens))
 
-    def finished(self, arrival: float, now: float, finish_reason: str, prompt_tokens: int,
-                 generation_tokens: int) -> None:
+    def finished(
+        self, arrival: float, now: float, finish_reason: str, prompt_tokens: int, generation_tokens: int
+    ) -> None:
         """One engine request done (each of n choices counts). prompt_tokens: 0 for all but
         one choice of a prompt, as usage counts it."""
         self.e2e.observe(max(0.0, now - arrival))

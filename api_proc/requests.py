@@ -96,13 +96,16 @@ def _between(value: float | None, lo: float, hi: float, param: str) -> None:
 def _stop_strings(stop: str | list[str] | None, config: ApiConfig) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > config.max_stop_strings:
-        raise bad_request(f"At most {config.max_stop_strings} stop strings are allowed, got {len(stops)}.", "stop")
+        raise bad_request(
+            f"At most {config.max_stop_strings} stop strings are allowed, got {len(stops)}.", "stop"
+        )
     for s in stops:
         if not s:
             raise bad_request("Stop strings must not be empty.", "stop")
         if len(s) > config.max_stop_length:
             raise bad_request(
-                f"Stop strings may be at most {config.max_stop_length} characters long, got one of {len(s)}.", "stop"
+                f"Stop strings may be at most {config.max_stop_length} characters long, got one of {len(s)}.",
+                "stop",
             )
     return stops
 
@@ -115,8 +118,13 @@ def check_token_ids(ids: list[int], param: str, limits: EngineLimits) -> None:
 
 
 def sampling_params(
-    body: SamplingFields, config: ApiConfig, limits: EngineLimits, *, max_tokens: int | None,
-    logprobs: int | None, max_tokens_param: str = "max_tokens",
+    body: SamplingFields,
+    config: ApiConfig,
+    limits: EngineLimits,
+    *,
+    max_tokens: int | None,
+    logprobs: int | None,
+    max_tokens_param: str = "max_tokens",
 ) -> SamplingParams:
     """Range-checked SamplingParams; max_tokens None means the rest of the context."""
     _between(body.temperature, 0.0, 2.0, "temperature")
@@ -125,14 +133,18 @@ def sampling_params(
         if not 0.0 < body.top_p <= 1.0:
             raise bad_request(f"top_p must be in (0, 1], got {body.top_p}.", "top_p")
     if body.top_k is not None and not -1 <= body.top_k <= INT64_MAX:
-        raise bad_request(f"top_k must be -1 or 0 (disabled) or a positive number, got {body.top_k}.", "top_k")
+        raise bad_request(
+            f"top_k must be -1 or 0 (disabled) or a positive number, got {body.top_k}.", "top_k"
+        )
     _between(body.min_p, 0.0, 1.0, "min_p")
     _between(body.presence_penalty, -2.0, 2.0, "presence_penalty")
     _between(body.frequency_penalty, -2.0, 2.0, "frequency_penalty")
     if body.repetition_penalty is not None:
         _finite(body.repetition_penalty, "repetition_penalty")
         if body.repetition_penalty <= 0.0:
-            raise bad_request(f"repetition_penalty must be > 0, got {body.repetition_penalty}.", "repetition_penalty")
+            raise bad_request(
+                f"repetition_penalty must be > 0, got {body.repetition_penalty}.", "repetition_penalty"
+            )
     if max_tokens is not None:
         if max_tokens < 1:
             raise bad_request(f"{max_tokens_param} must be at least 1, got {max_tokens}.", max_tokens_param)
@@ -143,12 +155,16 @@ def sampling_params(
                 max_tokens_param,
             )
     if body.min_tokens is not None and not 0 <= body.min_tokens <= (max_tokens or limits.max_model_len):
-        raise bad_request(f"min_tokens must be between 0 and max_tokens, got {body.min_tokens}.", "min_tokens")
+        raise bad_request(
+            f"min_tokens must be between 0 and max_tokens, got {body.min_tokens}.", "min_tokens"
+        )
     if body.seed is not None and not INT64_MIN <= body.seed <= INT64_MAX:
         raise bad_request("seed must fit in a signed 64-bit integer.", "seed")
     stop_ids = list(body.stop_token_ids or [])
     if len(stop_ids) > config.max_stop_token_ids:
-        raise bad_request(f"At most {config.max_stop_token_ids} stop_token_ids are allowed.", "stop_token_ids")
+        raise bad_request(
+            f"At most {config.max_stop_token_ids} stop_token_ids are allowed.", "stop_token_ids"
+        )
     check_token_ids(stop_ids, "stop_token_ids", limits)
     return SamplingParams(
         max_tokens=max_tokens if max_tokens is not None else 0,  # 0: the rest of the context
@@ -194,25 +210,33 @@ def _seeded(params: SamplingParams, j: int) -> SamplingParams:
 
 
 def _fan_out(
-    request_id: str, body: SamplingFields, config: ApiConfig, params: SamplingParams, n: int,
-    prompts: list[dict], *, return_prompt: bool = False,
+    request_id: str,
+    body: SamplingFields,
+    config: ApiConfig,
+    params: SamplingParams,
+    n: int,
+    prompts: list[dict],
+    *,
+    return_prompt: bool = False,
 ) -> list[GenerateRequest]:
     stop = _stop_strings(body.stop, config)
     out = []
     for p, prompt in enumerate(prompts):
         for j in range(n):
-            out.append(GenerateRequest(
-                request_id=f"{request_id}-{p * n + j}",
-                params=_seeded(params, j),
-                stop=stop,
-                include_stop_str_in_output=bool(body.include_stop_str_in_output),
-                skip_special_tokens=body.skip_special_tokens is not False,
-                priority=body.priority or 0,
-                deadline_s=config.request_timeout_s,
-                cache_salt=body.cache_salt,
-                return_prompt=return_prompt,
-                **prompt,
-            ))
+            out.append(
+                GenerateRequest(
+                    request_id=f"{request_id}-{p * n + j}",
+                    params=_seeded(params, j),
+                    stop=stop,
+                    include_stop_str_in_output=bool(body.include_stop_str_in_output),
+                    skip_special_tokens=body.skip_special_tokens is not False,
+                    priority=body.priority or 0,
+                    deadline_s=config.request_timeout_s,
+                    cache_salt=body.cache_salt,
+                    return_prompt=return_prompt,
+                    **prompt,
+                )
+            )
     return out
 
 
@@ -236,8 +260,9 @@ def completion_prompts(prompt: str | list, config: ApiConfig, limits: EngineLimi
             "prompt",
         )
     if len(prompt) > config.max_prompts:
-        raise bad_request(f"At most {config.max_prompts} prompts are allowed in one request, got {len(prompt)}.",
-                          "prompt")
+        raise bad_request(
+            f"At most {config.max_prompts} prompts are allowed in one request, got {len(prompt)}.", "prompt"
+        )
     if kinds == {str}:
         return [{"prompt": p} for p in prompt]
     for ids in prompt:
@@ -285,7 +310,9 @@ def chat_messages(messages: list[ChatMessageIn], config: ApiConfig) -> list[Chat
     if not messages:
         raise bad_request("messages must hold at least one message.", "messages")
     if len(messages) > config.max_messages:
-        raise bad_request(f"At most {config.max_messages} messages are allowed, got {len(messages)}.", "messages")
+        raise bad_request(
+            f"At most {config.max_messages} messages are allowed, got {len(messages)}.", "messages"
+        )
     out = []
     for i, m in enumerate(messages):
         if m.role not in CHAT_ROLES:
@@ -300,7 +327,7 @@ def chat_messages(messages: list[ChatMessageIn], config: ApiConfig) -> list[Chat
                 if part.type != "text" or part.text is None:
                     raise bad_request(
                         f"Content parts of type `{part.type[:64]}` are not supported: this model takes text "
-                        "parts ({\"type\": \"text\", \"text\": ...}) only.",
+                        'parts ({"type": "text", "text": ...}) only.',
                         f"messages[{i}].content",
                     )
                 texts.append(part.text)
@@ -320,7 +347,9 @@ def chat_plan(body: ChatCompletionRequest, config: ApiConfig, limits: EngineLimi
     logprobs = (top or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    params = sampling_params(body, config, limits, max_tokens=max_tokens, logprobs=logprobs, max_tokens_param=param)
+    params = sampling_params(
+        body, config, limits, max_tokens=max_tokens, logprobs=logprobs, max_tokens_param=param
+    )
     messages = chat_messages(body.messages, config)
     request_id = new_request_id("chatcmpl")
     prompt = {"messages": messages, "add_generation_prompt": body.add_generation_prompt is not False}

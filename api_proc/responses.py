@@ -140,24 +140,46 @@ def _chunk(plan: GenerationPlan, choice: dict) -> dict:
     return chunk
 
 
-def completion_chunk(plan: GenerationPlan, index: int, text: str, entries: list[LogprobEntry] | None,
-                     finish_reason: str | None, stop_reason: str | int | None) -> dict:
-    return _chunk(plan, {
-        "index": index,
-        "text": text,
-        "logprobs": completion_logprobs(entries) if entries is not None else None,
-        "finish_reason": finish_reason,
-        "stop_reason": stop_reason,
-    })
+def completion_chunk(
+    plan: GenerationPlan,
+    index: int,
+    text: str,
+    entries: list[LogprobEntry] | None,
+    finish_reason: str | None,
+    stop_reason: str | int | None,
+) -> dict:
+    return _chunk(
+        plan,
+        {
+            "index": index,
+            "text": text,
+            "logprobs": completion_logprobs(entries) if entries is not None else None,
+            "finish_reason": finish_reason,
+            "stop_reason": stop_reason,
+        },
+    )
 
 
 def chat_role_chunk(plan: GenerationPlan, index: int) -> dict:
-    return _chunk(plan, {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None})
+    return _chunk(
+        plan,
+        {
+            "index": index,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        },
+    )
 
 
-def chat_chunk(plan: GenerationPlan, index: int, text: str, entries: list[LogprobEntry] | None,
-               finish_reason: str | None, stop_reason: str | int | None) -> dict:
+def chat_chunk(
+    plan: GenerationPlan,
+    index: int,
+    text: str,
+    entries: list[LogprobEntry] | None,
+    finish_reason: str | None,
+    stop_reason: str | int | None,
+) -> dict:
     choice: dict = {
         "index": index,
         "delta": {"content": text} if text or finish_reason is None else {},

@@ -57,8 +57,14 @@ class ApiProcess:
         try:
             self.app = create_app(self.config, self.client)
             self.runner = await serve_app(self.app, self.config)
-            log.info("api %d serving %s on http://%s:%d (engine at %s)", self.config.index, self.config.model_name,
-                     self.config.host, self.config.port, self.config.engine_address)
+            log.info(
+                "api %d serving %s on http://%s:%d (engine at %s)",
+                self.config.index,
+                self.config.model_name,
+                self.config.host,
+                self.config.port,
+                self.config.engine_address,
+            )
             await asyncio.Event().wait()
         finally:
             await self._cleanup()

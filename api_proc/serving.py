@@ -54,13 +54,18 @@ STATE = web.AppKey("zeroserve_api_state", ApiState)
 async def read_body(request: web.Request, kind: type, config: ApiConfig) -> Any:
     """The body decoded into a Struct: 413 over the size limit, 400 for bad JSON or types."""
     if request.content_length is not None and request.content_length > config.max_body_bytes:
-        raise ApiError(413, f"The request body is {request.content_length} bytes; the limit is "
-                            f"{config.max_body_bytes}. Send a smaller request.")
+        raise ApiError(
+            413,
+            f"The request body is {request.content_length} bytes; the limit is "
+            f"{config.max_body_bytes}. Send a smaller request.",
+        )
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise ApiError(413, f"The request body is over the limit of {config.max_body_bytes} bytes. "
-                            "Send a smaller request.") from None
+        raise ApiError(
+            413,
+            f"The request body is over the limit of {config.max_body_bytes} bytes. Send a smaller request.",
+        ) from None
     decoder = _decoders.get(kind)
     if decoder is None:
         decoder = _decoders[kind] = msgspec.json.Decoder(kind)
@@ -87,22 +92,29 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def run_plan(request: web.Request, state: ApiState, plan: GenerationPlan) -> web.StreamResponse:
     choices = new_choices(plan, state.metrics)
     config = state.config
-    async with EngineStreams(state.client, plan.requests, config.request_timeout_s,
-                             config.engine_stall_timeout_s) as streams:
+    async with EngineStreams(
+        state.client, plan.requests, config.request_timeout_s, config.engine_stall_timeout_s
+    ) as streams:
         if plan.stream:
             return await _stream(request, state, plan, choices, streams)
         return await _whole(state, plan, choices, streams)
 
 
-async def _entries(token_texts: TokenTexts, plan: GenerationPlan, choice: ChoiceState,
-                   delta: TextDelta) -> list[LogprobEntry] | None:
+async def _entries(
+    token_texts: TokenTexts, plan: GenerationPlan, choice: ChoiceState, delta: TextDelta
+) -> list[LogprobEntry] | None:
     if plan.logprobs is None:
         return None
     return await logprob_entries(delta, token_texts, choice.offset)
 
 
-async def collect_body(plan: GenerationPlan, choices: list[ChoiceState], streams: EngineStreams,
-                       token_texts: TokenTexts, retry_after_s: int) -> dict:
+async def collect_body(
+    plan: GenerationPlan,
+    choices: list[ChoiceState],
+    streams: EngineStreams,
+    token_texts: TokenTexts,
+    retry_after_s: int,
+) -> dict:
     """Run every choice to its end and build the whole (non-streaming) response body."""
     async for i, delta in streams:
         if delta.error is not None:
@@ -117,14 +129,21 @@ async def collect_body(plan: GenerationPlan, choices: list[ChoiceState], streams
 def new_choices(plan: GenerationPlan, metrics: ApiMetrics | None) -> list[ChoiceState]:
     arrival = time.monotonic()
     return [
-        ChoiceState(i, arrival, metrics, counts_prompt=(i % plan.n == 0), echo=plan.echo,
-                    echo_text=plan.prompt_texts[plan.prompt_index(i)] if plan.echo else None)
+        ChoiceState(
+            i,
+            arrival,
+            metrics,
+            counts_prompt=(i % plan.n == 0),
+            echo=plan.echo,
+            echo_text=plan.prompt_texts[plan.prompt_index(i)] if plan.echo else None,
+        )
         for i in range(len(plan.requests))
     ]
 
 
-async def complete_body(client: Any, config: ApiConfig, limits: Any, url: str, body: bytes,
-                        token_texts: TokenTexts) -> dict:
+async def complete_body(
+    client: Any, config: ApiConfig, limits: Any, url: str, body: bytes, token_texts: TokenTexts
+) -> dict:
     """A non-streaming POST body for ``url`` (/v1/completions or /v1/chat/completions) run to
     its response body, exactly as the HTTP endpoint answers it (batch jobs use this).
     Raises ApiError with the status and message the endpoint would return."""
@@ -138,21 +157,33 @@ async def complete_body(client: Any, config: ApiConfig, limits: Any, url: str, b
         parsed = decoder.decode(body)
     except msgspec.DecodeError as e:
         raise from_decode_error(e) from None
-    plan = chat_plan(parsed, config, limits) if kind is ChatCompletionRequest else completion_plan(parsed, config, limits)
+    plan = (
+        chat_plan(parsed, config, limits)
+        if kind is ChatCompletionRequest
+        else completion_plan(parsed, config, limits)
+    )
     if plan.stream:
         raise ApiError(400, "stream is not supported here", param="stream")
-    async with EngineStreams(client, plan.requests, config.request_timeout_s, config.engine_stall_timeout_s) as streams:
+    async with EngineStreams(
+        client, plan.requests, config.request_timeout_s, config.engine_stall_timeout_s
+    ) as streams:
         return await collect_body(plan, new_choices(plan, None), streams, token_texts, config.retry_after_s)
 
 
-async def _whole(state: ApiState, plan: GenerationPlan, choices: list[ChoiceState],
-                 streams: EngineStreams) -> web.Response:
+async def _whole(
+    state: ApiState, plan: GenerationPlan, choices: list[ChoiceState], streams: EngineStreams
+) -> web.Response:
     body = await collect_body(plan, choices, streams, state.token_texts, state.config.retry_after_s)
     return web.Response(body=responses.encode(body), content_type="application/json")
 
 
-async def _stream(request: web.Request, state: ApiState, plan: GenerationPlan, choices: list[ChoiceState],
-                  streams: EngineStreams) -> web.StreamResponse:
+async def _stream(
+    request: web.Request,
+    state: ApiState,
+    plan: GenerationPlan,
+    choices: list[ChoiceState],
+    streams: EngineStreams,
+) -> web.StreamResponse:
     held: list[tuple[int, TextDelta]] = []
     heard: set[int] = set()
     async for i, delta in streams:
@@ -174,7 +205,9 @@ async def _stream(request: web.Request, state: ApiState, plan: GenerationPlan, c
         failed = False
         async for i, delta in streams:
             if delta.error is not None:
-                await response.write(responses.error_event(from_error_info(delta.error, state.config.retry_after_s)))
+                await response.write(
+                    responses.error_event(from_error_info(delta.error, state.config.retry_after_s))
+                )
                 failed = True
                 break
             await _send_delta(response, state, plan, choices[i], delta)
@@ -187,8 +220,9 @@ async def _stream(request: web.Request, state: ApiState, plan: GenerationPlan, c
     return response
 
 
-async def _send_delta(response: web.StreamResponse, state: ApiState, plan: GenerationPlan,
-                      choice: ChoiceState, delta: TextDelta) -> None:
+async def _send_delta(
+    response: web.StreamResponse, state: ApiState, plan: GenerationPlan, choice: ChoiceState, delta: TextDelta
+) -> None:
     entries = await _entries(state.token_texts, plan, choice, delta)
     text = choice.apply(delta, time.monotonic())
     if not text and not entries and delta.finish_reason is None:
@@ -196,4 +230,3 @@ async def _send_delta(response: web.StreamResponse, state: ApiState, plan: Gener
     make = responses.chat_chunk if plan.chat else responses.completion_chunk
     chunk = make(plan, choice.index, text, entries, delta.finish_reason, delta.stop_reason)
     await response.write(responses.sse(chunk))
-

@@ -29,7 +29,9 @@ def prompts_for(batch: int, input_len: int, vocab: int, seed: int = 0) -> list[l
     return [[rng.randrange(100, vocab - 100) for _ in range(input_len)] for _ in range(batch)]
 
 
-def bench_in_process(model: str, batches: list[int], input_len: int, output_len: int, threads: int) -> dict[int, float]:
+def bench_in_process(
+    model: str, batches: list[int], input_len: int, output_len: int, threads: int
+) -> dict[int, float]:
     import torch
 
     from zeroserve.gpu_worker.model_runner import ModelRunner, RunnerConfig
@@ -42,7 +44,9 @@ def bench_in_process(model: str, batches: list[int], input_len: int, output_len:
     out = {}
     for batch in batches:
         engine = InProcessEngine(None, runner=runner, max_num_seqs=128)
-        engine.generate(prompts_for(2, 8, runner.vocab_size, 99), SamplingParams(temperature=0, max_tokens=4))  # warm-up
+        engine.generate(
+            prompts_for(2, 8, runner.vocab_size, 99), SamplingParams(temperature=0, max_tokens=4)
+        )  # warm-up
         prompts = prompts_for(batch, input_len, runner.vocab_size)
         start = time.perf_counter()
         results = engine.generate(prompts, params)
@@ -54,14 +58,31 @@ def bench_in_process(model: str, batches: list[int], input_len: int, output_len:
     return out
 
 
-def bench_chain(model: str, batches: list[int], input_len: int, output_len: int, threads: int, vocab: int) -> dict[int, float]:
+def bench_chain(
+    model: str, batches: list[int], input_len: int, output_len: int, threads: int, vocab: int
+) -> dict[int, float]:
     from zeroserve.shared.client import EngineClient
     from zeroserve.shared.messages import SamplingParams
 
     run_dir = tempfile.mkdtemp(prefix="zs-bench-")
     env = dict(os.environ, ZEROSERVE_NUM_THREADS=str(threads))
-    cmd = [sys.executable, "-m", "zeroserve.launcher.cli", "serve", model, "--api-workers", "0", "--run-dir", run_dir,
-           "--max-model-len", "2048", "--num-kv-blocks", "4096", "--max-num-seqs", "128"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "zeroserve.launcher.cli",
+        "serve",
+        model,
+        "--api-workers",
+        "0",
+        "--run-dir",
+        run_dir,
+        "--max-model-len",
+        "2048",
+        "--num-kv-blocks",
+        "4096",
+        "--max-num-seqs",
+        "128",
+    ]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
 
@@ -69,9 +90,14 @@ def bench_chain(model: str, batches: list[int], input_len: int, output_len: int,
         out = {}
         async with EngineClient(f"ipc://{run_dir}/tokenizer-0.sock") as client:
             await client.wait_ready(300)
-            await client.complete(prompt_token_ids=prompts_for(1, 8, vocab, 99)[0], params=SamplingParams(temperature=0, max_tokens=4))
+            await client.complete(
+                prompt_token_ids=prompts_for(1, 8, vocab, 99)[0],
+                params=SamplingParams(temperature=0, max_tokens=4),
+            )
             for batch in batches:
-                jobs = [{"prompt_token_ids": p, "params": params} for p in prompts_for(batch, input_len, vocab)]
+                jobs = [
+                    {"prompt_token_ids": p, "params": params} for p in prompts_for(batch, input_len, vocab)
+                ]
                 start = time.perf_counter()
                 n = 0
                 async for _, res in client.generate_many(jobs, max_concurrency=batch):
@@ -90,7 +116,9 @@ def bench_chain(model: str, batches: list[int], input_len: int, output_len: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=None)
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--input-len", type=int, default=128)
@@ -105,7 +133,9 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     inproc = bench_in_process(model, batches, args.input_len, args.output_len, args.threads)
     chain = bench_chain(model, batches, args.input_len, args.output_len, args.threads, vocab)
-    print(f"\nprompt {args.input_len} tokens, {args.output_len} output tokens each, greedy, {args.threads} torch threads\n")
+    print(
+        f"\nprompt {args.input_len} tokens, {args.output_len} output tokens each, greedy, {args.threads} torch threads\n"
+    )
     print("| batch | in-process tok/s | process chain tok/s | chain / in-process |")
     print("|---:|---:|---:|---:|")
     for b in batches:

@@ -83,8 +83,17 @@ def bench_prefill(runner: ModelRunner, num_seqs: int, length: int) -> float:
     """Seconds for one step prefilling num_seqs prompts of `length` tokens."""
     bs = runner.block_size
     per = -(-length // bs)
-    new = [NewRequestData(f"p{i}", [(7 * i + j) % runner.vocab_size for j in range(length)],
-                          list(range(i * per, (i + 1) * per)), 0, length, GREEDY) for i in range(num_seqs)]
+    new = [
+        NewRequestData(
+            f"p{i}",
+            [(7 * i + j) % runner.vocab_size for j in range(length)],
+            list(range(i * per, (i + 1) * per)),
+            0,
+            length,
+            GREEDY,
+        )
+        for i in range(num_seqs)
+    ]
     seconds = runner.execute(StepPlan(0, new=new)).step_time_s
     runner.execute(StepPlan(1, finished_ids=[r.request_id for r in new]))
     return seconds
@@ -97,11 +106,20 @@ def hf_model(cfg):
     import transformers
 
     config = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=None, eos_token_id=None, pad_token_id=0,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
     )
     return transformers.LlamaForCausalLM(config).eval()
 
@@ -126,14 +144,23 @@ def bench_hf_decode(model, batch: int, context: int, steps: int) -> float:
         cache.update(torch.randn(shape) * 0.1, torch.randn(shape) * 0.1, layer)
     ids = torch.randint(0, cfg.vocab_size, (batch, context))
     clock = StepClock()
-    model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=steps + 1,
-                   min_new_tokens=steps + 1, do_sample=False, logits_processor=LogitsProcessorList([clock]))
+    model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        past_key_values=cache,
+        max_new_tokens=steps + 1,
+        min_new_tokens=steps + 1,
+        do_sample=False,
+        logits_processor=LogitsProcessorList([clock]),
+    )
     return min(b - a for a, b in zip(clock.times, clock.times[1:]))
 
 
 def bench_hf_prefill(model, num_seqs: int, length: int) -> float:
     ids = torch.randint(0, model.config.vocab_size, (num_seqs, length))
-    return _timed(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False))
+    return _timed(
+        lambda: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False)
+    )
 
 
 # --------------------------------------------------------------------------- main
@@ -145,13 +172,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,8,32,64,128")
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per batch (best reported)")
-    p.add_argument("--hf-steps", type=int, default=6, help="timed HF generate steps per batch (best reported)")
+    p.add_argument(
+        "--hf-steps", type=int, default=6, help="timed HF generate steps per batch (best reported)"
+    )
     p.add_argument("--prefill", default="8x256", help="prefill shape SEQSxLEN, one step")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's, all cores)")
     p.add_argument("--load-format", default="dummy", choices=["dummy", "auto"])
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--kernel-backend", default=None, choices=["torch", "cpu"], help="default: cpu where it builds")
+    p.add_argument(
+        "--kernel-backend", default=None, choices=["torch", "cpu"], help="default: cpu where it builds"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,14 +192,24 @@ def main(argv: list[str] | None = None) -> int:
     path = resolve_model(args.model)
     blocks_per_seq = -(-(args.context + args.steps + 2) // 16)
     num_blocks = max(max(batches) * blocks_per_seq, pre_seqs * -(-pre_len // 16))
-    runner = ModelRunner(RunnerConfig(model=path, load_format=args.load_format, num_kv_blocks=num_blocks,
-                                      max_model_len=max(args.context + args.steps + 2, pre_len),
-                                      kv_cache_dtype=args.kv_cache_dtype, kernel_backend=args.kernel_backend))
+    runner = ModelRunner(
+        RunnerConfig(
+            model=path,
+            load_format=args.load_format,
+            num_kv_blocks=num_blocks,
+            max_model_len=max(args.context + args.steps + 2, pre_len),
+            kv_cache_dtype=args.kv_cache_dtype,
+            kernel_backend=args.kernel_backend,
+        )
+    )
     cfg = runner.model_config
     hf = None if args.no_hf else hf_model(cfg)
     peak = mm_peak_gflops()
-    print(f"# {os.path.basename(path)} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}), fp32, "
-          f"{torch.get_num_threads()} threads, torch.mm fp32 peak {peak:.1f} GFLOP/s", file=sys.stderr)
+    print(
+        f"# {os.path.basename(path)} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}), fp32, "
+        f"{torch.get_num_threads()} threads, torch.mm fp32 peak {peak:.1f} GFLOP/s",
+        file=sys.stderr,
+    )
     # a shared machine: every time is the best of several runs, and so is the peak
 
     rows = []
@@ -180,8 +221,11 @@ def main(argv: list[str] | None = None) -> int:
             if hf is not None:
                 hf_tps = batch / bench_hf_decode(hf, batch, args.context, args.hf_steps)
             rows.append((f"decode b={batch}", step, batch / step, gflops, hf_tps))
-            print(f"  {rows[-1][0]}: best {step * 1e3:.1f} ms/step, median {median * 1e3:.1f}"
-                  + (f"; HF {hf_tps:.1f} tok/s" if hf_tps else ""), file=sys.stderr)
+            print(
+                f"  {rows[-1][0]}: best {step * 1e3:.1f} ms/step, median {median * 1e3:.1f}"
+                + (f"; HF {hf_tps:.1f} tok/s" if hf_tps else ""),
+                file=sys.stderr,
+            )
         seconds = bench_prefill(runner, pre_seqs, pre_len)
         tokens = pre_seqs * pre_len
         gflops = step_flops(cfg, tokens, (pre_len + 1) / 2, pre_seqs) / seconds / 1e9  # causal: ~half
@@ -189,17 +233,21 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((f"prefill {pre_seqs}x{pre_len}", seconds, tokens / seconds, gflops, hf_tps))
     peak = max(peak, mm_peak_gflops())
 
-    print(f"\n{cfg.architecture} {os.path.basename(path)} shapes, context {args.context}, fp32 CPU "
-          f"({runner.ops.__name__.split('.')[-2]} kernels, KV cache {str(runner.kv_dtype).removeprefix('torch.')}), "
-          f"{torch.get_num_threads()} threads; torch.mm fp32 peak {peak:.1f} GFLOP/s (2048^3, best of the run); "
-          f"decode time: best of {args.steps} steps\n")
+    print(
+        f"\n{cfg.architecture} {os.path.basename(path)} shapes, context {args.context}, fp32 CPU "
+        f"({runner.ops.__name__.split('.')[-2]} kernels, KV cache {str(runner.kv_dtype).removeprefix('torch.')}), "
+        f"{torch.get_num_threads()} threads; torch.mm fp32 peak {peak:.1f} GFLOP/s (2048^3, best of the run); "
+        f"decode time: best of {args.steps} steps\n"
+    )
     print("| step | time (ms) | zeroserve tok/s | GFLOP/s | % of mm peak | HF generate tok/s | speedup |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, seconds, tps, gflops, hf_tps in rows:
         hf_cell = f"{hf_tps:.1f}" if hf_tps else "-"
         speed = f"{tps / hf_tps:.2f}x" if hf_tps else "-"
-        print(f"| {name} | {seconds * 1e3:.1f} | {tps:.1f} | {gflops:.1f} | {100 * gflops / peak:.0f}% | "
-              f"{hf_cell} | {speed} |")
+        print(
+            f"| {name} | {seconds * 1e3:.1f} | {tps:.1f} | {gflops:.1f} | {100 * gflops / peak:.0f}% | "
+            f"{hf_cell} | {speed} |"
+        )
     return 0
 
 

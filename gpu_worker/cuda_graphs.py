@@ -128,8 +128,13 @@ class DecodeGraphs:
                     self.forward(*args)
                 self.graphs[batch], self.outputs[batch] = self._capture_one(args, stream)
         self.capture_time_s = time.perf_counter() - start
-        log.info("captured %d decode graphs (batch %d..%d) in %.1f s", len(self.graphs),
-                 self.buckets[0], self.buckets[-1], self.capture_time_s)
+        log.info(
+            "captured %d decode graphs (batch %d..%d) in %.1f s",
+            len(self.graphs),
+            self.buckets[0],
+            self.buckets[-1],
+            self.capture_time_s,
+        )
 
     @contextlib.contextmanager
     def _capture_stream(self):

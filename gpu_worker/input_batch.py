@@ -87,7 +87,9 @@ class RequestStates:
     def _check_step(self, request_id: str, start: int, num_new: int, num_known: int, num_blocks: int) -> None:
         end = start + num_new
         if num_new <= 0:
-            raise PlanError(f"request {request_id!r}: num_new_tokens={num_new}; a scheduled request computes >= 1 token")
+            raise PlanError(
+                f"request {request_id!r}: num_new_tokens={num_new}; a scheduled request computes >= 1 token"
+            )
         if end > num_known:
             raise PlanError(
                 f"request {request_id!r}: computing tokens {start}..{end - 1} but the worker knows only "
@@ -117,10 +119,14 @@ class RequestStates:
             if not 0 <= new.num_computed_tokens:
                 raise PlanError(f"request {rid!r}: num_computed_tokens={new.num_computed_tokens} < 0")
             if not (new.num_prompt_tokens == -1 or 0 <= new.num_prompt_tokens <= len(new.token_ids)):
-                raise PlanError(f"request {rid!r}: num_prompt_tokens={new.num_prompt_tokens} is not in "
-                                f"0..{len(new.token_ids)} (or -1)")
+                raise PlanError(
+                    f"request {rid!r}: num_prompt_tokens={new.num_prompt_tokens} is not in "
+                    f"0..{len(new.token_ids)} (or -1)"
+                )
             self._check_blocks(rid, new.block_ids)
-            self._check_step(rid, new.num_computed_tokens, new.num_new_tokens, len(new.token_ids), len(new.block_ids))
+            self._check_step(
+                rid, new.num_computed_tokens, new.num_new_tokens, len(new.token_ids), len(new.block_ids)
+            )
         for run in plan.running:
             rid = run.request_id
             if rid in seen:
@@ -133,8 +139,13 @@ class RequestStates:
                     "(never sent as new, or already finished)"
                 )
             self._check_blocks(rid, run.new_block_ids)
-            self._check_step(rid, state.num_computed_tokens, run.num_new_tokens, len(state.token_ids),
-                             len(state.block_ids) + len(run.new_block_ids))
+            self._check_step(
+                rid,
+                state.num_computed_tokens,
+                run.num_new_tokens,
+                len(state.token_ids),
+                len(state.block_ids) + len(run.new_block_ids),
+            )
 
     # ------------------------------------------------------------------ state
 

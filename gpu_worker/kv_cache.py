@@ -50,8 +50,12 @@ def cpu_num_blocks(spec: KVCacheSpec, memory_gb: float | None, max_num_seqs: int
 
 
 def cuda_num_blocks(
-    spec: KVCacheSpec, device: torch.device, gpu_memory_utilization: float, memory_gb: float | None,
-    max_num_seqs: int, max_model_len: int,
+    spec: KVCacheSpec,
+    device: torch.device,
+    gpu_memory_utilization: float,
+    memory_gb: float | None,
+    max_num_seqs: int,
+    max_model_len: int,
 ) -> int:
     """Blocks that fit in ``gpu_memory_utilization`` of the GPU's total memory, after what is
     in use now (weights, other processes) and the peak the profile forward left in the

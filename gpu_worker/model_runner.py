@@ -40,7 +40,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class RunnerConfig:
     model: str | None = None  # GGUF file or HF folder; None = the packaged SmolLM2 GGUF
     dtype: str = "auto"  # auto: float32 on CPU (no fast bf16 there), bfloat16 on GPU
-    kv_cache_dtype: str = "auto"  # auto: the compute dtype; CPU: float16/bfloat16 (stored 16-bit, read as fp32)
+    kv_cache_dtype: str = (
+        "auto"  # auto: the compute dtype; CPU: float16/bfloat16 (stored 16-bit, read as fp32)
+    )
     device: str = "cpu"
     block_size: int = 16
     num_kv_blocks: int | None = None  # explicit size of the KV cache, else (None or 0) from memory
@@ -98,15 +100,19 @@ class ModelRunner:
         # CPU fp32: projections are packed (the C++ kernels' panels, else oneDNN) at the first step
         # (not here, so whoever holds the runner can still edit runner.model's weights until then)
         self._pack_kernels = self.ops if hasattr(self.ops, "PackedLinear") else None
-        self._pack_weights = self.device.type == "cpu" and self.dtype == torch.float32 and (
-            self._pack_kernels is not None or onednn_linear_available(self.device, self.dtype))
+        self._pack_weights = (
+            self.device.type == "cpu"
+            and self.dtype == torch.float32
+            and (self._pack_kernels is not None or onednn_linear_available(self.device, self.dtype))
+        )
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = list(cfg.eos_token_ids)
         self.block_size = config.block_size
 
         self.kv_dtype = self._kv_cache_dtype()
-        self.kv_spec = KVCacheSpec(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
-                                   config.block_size, self.kv_dtype)
+        self.kv_spec = KVCacheSpec(
+            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, config.block_size, self.kv_dtype
+        )
         self.num_kv_blocks = self._size_kv_cache()
         if self.num_kv_blocks < 1:
             raise RuntimeError(
@@ -114,12 +120,19 @@ class ModelRunner:
                 "kv_cache_memory_gb / gpu_memory_utilization or use a smaller model"
             )
         if self.num_kv_blocks * self.block_size < self.max_model_len:
-            log.warning("the KV cache holds %d tokens: max_model_len lowered from %d",
-                        self.num_kv_blocks * self.block_size, self.max_model_len)
+            log.warning(
+                "the KV cache holds %d tokens: max_model_len lowered from %d",
+                self.num_kv_blocks * self.block_size,
+                self.max_model_len,
+            )
             self.max_model_len = self.num_kv_blocks * self.block_size
         self.kv_caches = allocate_kv_cache(self.kv_spec, self.num_kv_blocks, self.device)
-        self.requests = RequestStates(self.num_kv_blocks, self.block_size, self.max_model_len,
-                                      lambda seed: make_generator(seed, self.device))
+        self.requests = RequestStates(
+            self.num_kv_blocks,
+            self.block_size,
+            self.max_model_len,
+            lambda seed: make_generator(seed, self.device),
+        )
         self.sampler = Sampler(argmax=getattr(self.ops, "argmax_rows", None))
         # forward(input_ids, positions, kv_caches, meta) -> hidden; on CUDA, captured decode
         # graphs take its place (same signature, eager fallback for other batches)
@@ -127,10 +140,18 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_cuda_graphs()
         self.load_time_s = time.perf_counter() - start
-        log.info("model ready in %.1f s: %s, %s on %s, %d KV blocks of %d tokens (%.1f MiB, %s), %s kernels",
-                 self.load_time_s, cfg.architecture, str(self.dtype).removeprefix("torch."), self.device,
-                 self.num_kv_blocks, self.block_size, self.num_kv_blocks * self.kv_spec.bytes_per_block / 2**20,
-                 str(self.kv_dtype).removeprefix("torch."), self.ops.__name__.split(".")[-2])
+        log.info(
+            "model ready in %.1f s: %s, %s on %s, %d KV blocks of %d tokens (%.1f MiB, %s), %s kernels",
+            self.load_time_s,
+            cfg.architecture,
+            str(self.dtype).removeprefix("torch."),
+            self.device,
+            self.num_kv_blocks,
+            self.block_size,
+            self.num_kv_blocks * self.kv_spec.bytes_per_block / 2**20,
+            str(self.kv_dtype).removeprefix("torch."),
+            self.ops.__name__.split(".")[-2],
+        )
 
     # ------------------------------------------------------------------ setup
 
@@ -155,17 +176,28 @@ class ModelRunner:
         memory_gb = c.kv_cache_memory_gb or None
         if self.device.type == "cuda":
             self._profile_run()
-            return cuda_num_blocks(self.kv_spec, self.device, c.gpu_memory_utilization, memory_gb,
-                                   c.max_num_seqs, self.max_model_len)
+            return cuda_num_blocks(
+                self.kv_spec,
+                self.device,
+                c.gpu_memory_utilization,
+                memory_gb,
+                c.max_num_seqs,
+                self.max_model_len,
+            )
         return cpu_num_blocks(self.kv_spec, memory_gb, c.max_num_seqs, self.max_model_len)
 
     def _capture_cuda_graphs(self) -> None:
         from zeroserve.gpu_worker.cuda_graphs import DecodeGraphs
 
         graphs = DecodeGraphs(
-            self.model.forward, self.kv_caches, max_batch=min(256, self.config.max_num_seqs),
-            max_blocks_per_seq=-(-self.max_model_len // self.block_size), max_model_len=self.max_model_len,
-            hidden_size=self.model_config.hidden_size, dtype=self.dtype, device=self.device,
+            self.model.forward,
+            self.kv_caches,
+            max_batch=min(256, self.config.max_num_seqs),
+            max_blocks_per_seq=-(-self.max_model_len // self.block_size),
+            max_model_len=self.max_model_len,
+            hidden_size=self.model_config.hidden_size,
+            dtype=self.dtype,
+            device=self.device,
         )
         with torch.inference_mode():
             graphs.capture()
@@ -196,7 +228,7 @@ class ModelRunner:
         positions = torch.cat([torch.arange(n, device=self.device) for n in query_lens])
         torch.cuda.reset_peak_memory_stats(self.device)
         hidden = self.model(ids, positions, caches, meta)
-        self.model.compute_logits(hidden[: num_seqs])
+        self.model.compute_logits(hidden[:num_seqs])
         del caches, hidden
 
     # ------------------------------------------------------------------ step

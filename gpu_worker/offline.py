@@ -79,13 +79,17 @@ class PlanBuilder:
         if not prompt_ids:
             raise ValueError(f"request {request_id!r}: empty prompt")
         if num_cached_tokens > len(reuse_blocks) * self.block_size or num_cached_tokens >= len(prompt_ids):
-            raise ValueError("num_cached_tokens must fit in reuse_blocks and leave >= 1 prompt token to compute")
+            raise ValueError(
+                "num_cached_tokens must fit in reuse_blocks and leave >= 1 prompt token to compute"
+            )
         for b in reuse_blocks:
             try:
                 self.free_blocks.remove(b)
             except ValueError:
                 raise ValueError(f"block {b} is not free; only free blocks can be reused") from None
-        self.active[request_id] = _Request(request_id, list(prompt_ids), params, list(reuse_blocks), num_cached_tokens)
+        self.active[request_id] = _Request(
+            request_id, list(prompt_ids), params, list(reuse_blocks), num_cached_tokens
+        )
 
     @property
     def has_unfinished(self) -> bool:
@@ -117,8 +121,17 @@ class PlanBuilder:
             if req.sent:
                 running.append(RunningRequestData(req.request_id, req.new_blocks, num_new))
             else:
-                new.append(NewRequestData(req.request_id, req.prompt + req.output, list(req.block_ids),
-                                          req.num_computed, num_new, req.params, len(req.prompt)))
+                new.append(
+                    NewRequestData(
+                        req.request_id,
+                        req.prompt + req.output,
+                        list(req.block_ids),
+                        req.num_computed,
+                        num_new,
+                        req.params,
+                        len(req.prompt),
+                    )
+                )
                 req.sent = True
             req.new_blocks = []
             req.num_computed += num_new

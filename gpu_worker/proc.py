@@ -101,8 +101,16 @@ def serve(config: EngineConfig, rank: int) -> None:
                     result = runner.execute(msg)
                 except Exception as e:  # report, never die silently: the scheduler fails the step
                     log.exception("step %d failed", msg.step_id)
-                    sock.send(codec.encode(StepResult(
-                        step_id=msg.step_id, request_ids=[], sampled_token_ids=[], error=f"{type(e).__name__}: {e}")))
+                    sock.send(
+                        codec.encode(
+                            StepResult(
+                                step_id=msg.step_id,
+                                request_ids=[],
+                                sampled_token_ids=[],
+                                error=f"{type(e).__name__}: {e}",
+                            )
+                        )
+                    )
                     # state may be half-applied: forget every request and announce a fresh start
                     runner.reset()
                     sock.send(codec.encode(ready))

@@ -104,8 +104,7 @@ class SamplingBatch:
         min_tokens (also with ignore_eos).
         """
         num_rows = len(params)
-        for name, seq in (("prompt_ids", prompt_ids), ("output_ids", output_ids),
-                          ("generators", generators)):
+        for name, seq in (("prompt_ids", prompt_ids), ("output_ids", output_ids), ("generators", generators)):
             if len(seq) != num_rows:
                 raise ValueError(
                     f"SamplingBatch.build: {name} has {len(seq)} entries for {num_rows} "
@@ -168,9 +167,7 @@ class SamplingBatch:
                 if use_penalties
                 else None
             ),
-            output_tokens=(
-                reference_ops.flatten_token_ids(output_ids, device) if use_penalties else None
-            ),
+            output_tokens=(reference_ops.flatten_token_ids(output_ids, device) if use_penalties else None),
             banned_tokens=banned_tokens,
             generators=seeded if any(g is not None for g in seeded) else None,
             logprob_rows=logprob_rows,
@@ -267,9 +264,7 @@ class Sampler:
         rows = batch.logprob_rows_tensor
         if rows is not None:  # only some rows asked: skip the others' log_softmax
             raw, sampled = raw.index_select(0, rows), sampled.index_select(0, rows)
-        return self.ops.gather_logprobs(
-            self.ops.compute_logprobs(raw), sampled, max(batch.num_top_logprobs)
-        )
+        return self.ops.gather_logprobs(self.ops.compute_logprobs(raw), sampled, max(batch.num_top_logprobs))
 
     @staticmethod
     def _to_messages(

@@ -48,7 +48,7 @@ class AttentionMetadata:
         slot_mapping: list[int],
         device: torch.device | str = "cpu",
         pad_blocks_to: int | None = None,
-    ) -> "AttentionMetadata":
+    ) -> AttentionMetadata:
         """From host lists; block tables padded with block 0 to the longest row."""
         width = max([len(b) for b in block_tables] + [pad_blocks_to or 1])
         table = torch.zeros((len(block_tables), width), dtype=torch.int32)

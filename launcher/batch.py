@@ -27,15 +27,24 @@ URLS = ("/v1/completions", "/v1/chat/completions")
 def add_parser(sub) -> None:
     from zeroserve.launcher.engine_args import add_engine_args
 
-    p = sub.add_parser("batch", help="run an OpenAI batch-format JSONL file through the engine",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "batch",
+        help="run an OpenAI batch-format JSONL file through the engine",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("input", help="input JSONL (OpenAI batch format)")
     p.add_argument("output", help="output JSONL; existing results are kept and their custom_ids skipped")
-    p.add_argument("--address", default=None,
-                   help="a running engine's tokenizer socket (e.g. ipc:///run/zeroserve/tokenizer-0.sock); "
-                        "default: start an engine for the job on MODEL")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="a running engine's tokenizer socket (e.g. ipc:///run/zeroserve/tokenizer-0.sock); "
+        "default: start an engine for the job on MODEL",
+    )
     p.add_argument("--max-concurrency", type=int, default=64, help="requests in flight at once (default 64)")
-    p.add_argument("--model", dest="model", default=None, help="model for a self-started engine (default: SmolLM2)")
+    p.add_argument(
+        "--model", dest="model", default=None, help="model for a self-started engine (default: SmolLM2)"
+    )
     add_engine_args(p, with_model=False)
 
 
@@ -116,12 +125,17 @@ def output_line(custom_id: str, status: int, body: dict) -> dict:
     if status != 200:
         err = body.get("error", {})
         error = {"code": err.get("code") or err.get("type"), "message": err.get("message")}
-    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
-            "response": {"status_code": status, "request_id": uuid.uuid4().hex, "body": body}, "error": error}
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": custom_id,
+        "response": {"status_code": status, "request_id": uuid.uuid4().hex, "body": body},
+        "error": error,
+    }
 
 
-async def run_jobs(jobs: list[Job], out, client, api_config, limits, max_concurrency: int, summary: Summary,
-                   progress) -> None:
+async def run_jobs(
+    jobs: list[Job], out, client, api_config, limits, max_concurrency: int, summary: Summary, progress
+) -> None:
     from zeroserve.api_proc.errors import ApiError
     from zeroserve.api_proc.generate import TokenTexts
     from zeroserve.api_proc.serving import complete_body
@@ -168,7 +182,9 @@ async def run_batch(args: argparse.Namespace, address: str | list[str], curve, a
     todo = [j for j in jobs if j.custom_id not in finished]
     summary = Summary(skipped=len(jobs) - len(todo))
     if summary.skipped:
-        print(f"zeroserve batch: resuming: {summary.skipped} line(s) already in {args.output}", file=sys.stderr)
+        print(
+            f"zeroserve batch: resuming: {summary.skipped} line(s) already in {args.output}", file=sys.stderr
+        )
     async with EngineClient(address, curve) as client:
         try:
             pong = await client.wait_ready(600)
@@ -178,19 +194,26 @@ async def run_batch(args: argparse.Namespace, address: str | list[str], curve, a
             from zeroserve.api_proc.config import ApiConfig
 
             api_config = ApiConfig(engine_address=address, model_name=str(pong.info.get("model_name", "")))
-        limits = EngineLimits(max_model_len=int(pong.info["max_model_len"]), vocab_size=int(pong.info["vocab_size"]))
-        with open(args.output, "a", encoding="utf-8") as out, \
-                tqdm(total=len(todo), desc="batch", unit="req", file=sys.stderr, dynamic_ncols=True) as progress:
-            task = asyncio.ensure_future(run_jobs(todo, out, client, api_config, limits, args.max_concurrency,
-                                                  summary, progress))
+        limits = EngineLimits(
+            max_model_len=int(pong.info["max_model_len"]), vocab_size=int(pong.info["vocab_size"])
+        )
+        with (
+            open(args.output, "a", encoding="utf-8") as out,
+            tqdm(total=len(todo), desc="batch", unit="req", file=sys.stderr, dynamic_ncols=True) as progress,
+        ):
+            task = asyncio.ensure_future(
+                run_jobs(todo, out, client, api_config, limits, args.max_concurrency, summary, progress)
+            )
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, task.cancel)
             try:
                 await task
             except asyncio.CancelledError:
-                print("\nzeroserve batch: interrupted; finished results are saved, run again to resume",
-                      file=sys.stderr)
+                print(
+                    "\nzeroserve batch: interrupted; finished results are saved, run again to resume",
+                    file=sys.stderr,
+                )
                 summary.failed = -1
     return summary
 
@@ -219,7 +242,9 @@ def run(args: argparse.Namespace) -> int:
     if summary.failed < 0:
         return 130
     elapsed = time.monotonic() - summary.started
-    print(f"zeroserve batch: {summary.done} done, {summary.failed} failed, {summary.skipped} skipped (already done); "
-          f"{summary.tokens} completion tokens in {elapsed:.1f}s ({summary.tokens / max(elapsed, 1e-9):.1f} tok/s)",
-          file=sys.stderr)
+    print(
+        f"zeroserve batch: {summary.done} done, {summary.failed} failed, {summary.skipped} skipped (already done); "
+        f"{summary.tokens} completion tokens in {elapsed:.1f}s ({summary.tokens / max(elapsed, 1e-9):.1f} tok/s)",
+        file=sys.stderr,
+    )
     return 0

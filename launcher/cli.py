@@ -23,8 +23,11 @@ PROC_ROLES = ("api", "tokenizer", "scheduler", "worker")
 def add_serve_parser(sub) -> None:
     from zeroserve.launcher.engine_args import add_engine_args
 
-    p = sub.add_parser("serve", help="serve a model behind the OpenAI-compatible HTTP API",
-                       description="Start every zeroserve process on this machine and serve MODEL over HTTP.")
+    p = sub.add_parser(
+        "serve",
+        help="serve a model behind the OpenAI-compatible HTTP API",
+        description="Start every zeroserve process on this machine and serve MODEL over HTTP.",
+    )
     add_engine_args(p)
 
 

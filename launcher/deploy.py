@@ -21,12 +21,19 @@ ROLE_ORDER = (("worker", 10), ("scheduler", 20), ("tokenizer", 30), ("api", 40))
 def add_parser(sub) -> None:
     from zeroserve.launcher.engine_args import add_engine_args
 
-    p = sub.add_parser("deploy", help="render supervisord or systemd files for a production launch",
-                       description="Render a supervisord config or systemd units that run each zeroserve process on its own.")
+    p = sub.add_parser(
+        "deploy",
+        help="render supervisord or systemd files for a production launch",
+        description="Render a supervisord config or systemd units that run each zeroserve process on its own.",
+    )
     p.add_argument("kind", choices=["supervisord", "systemd"])
     p.add_argument("--out", required=True, help="directory to write the files into")
     p.add_argument("--user", default="zeroserve", help="systemd: the dedicated user the units run as")
-    p.add_argument("--config-dir", default="/etc/zeroserve", help="systemd: where the config and env file will be installed")
+    p.add_argument(
+        "--config-dir",
+        default="/etc/zeroserve",
+        help="systemd: where the config and env file will be installed",
+    )
     add_engine_args(p)
 
 
@@ -58,12 +65,17 @@ def render_supervisord(config: EngineConfig, out: str, api_keys: list[str]) -> l
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
     write_config(config, config_path)
-    env = {"OMP_WAIT_POLICY": "PASSIVE", "PROMETHEUS_MULTIPROC_DIR": config.metrics_dir, "PYTHONUNBUFFERED": "1"}
+    env = {
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "PROMETHEUS_MULTIPROC_DIR": config.metrics_dir,
+        "PYTHONUNBUFFERED": "1",
+    }
     if api_keys:
         env["ZEROSERVE_API_KEY"] = ",".join(api_keys)
     environment = ",".join(f'{k}="{v}"' for k, v in env.items())
     parts = [
-        "; rendered by `zeroserve deploy supervisord`; start with: supervisord -c " + os.path.join(out, "supervisord.conf"),
+        "; rendered by `zeroserve deploy supervisord`; start with: supervisord -c "
+        + os.path.join(out, "supervisord.conf"),
         "[supervisord]",
         f"logfile={os.path.join(logs, 'supervisord.log')}",
         f"pidfile={os.path.join(out, 'supervisord.pid')}",
@@ -96,7 +108,7 @@ def render_supervisord(config: EngineConfig, out: str, api_keys: list[str]) -> l
             f"stopwaitsecs={130 if role in ('api', 'tokenizer') else 15}",
             "stopasgroup=true",
             "killasgroup=true",
-            f"environment={environment},ZEROSERVE_NO_PDEATHSIG=\"1\"",
+            f'environment={environment},ZEROSERVE_NO_PDEATHSIG="1"',
             f"stdout_logfile={os.path.join(logs, name + '.log')}",
             "redirect_stderr=true",
             "",
@@ -107,7 +119,9 @@ def render_supervisord(config: EngineConfig, out: str, api_keys: list[str]) -> l
     return [conf, config_path]
 
 
-def render_systemd(config: EngineConfig, out: str, api_keys: list[str], user: str, config_dir: str) -> list[str]:
+def render_systemd(
+    config: EngineConfig, out: str, api_keys: list[str], user: str, config_dir: str
+) -> list[str]:
     installed_config = os.path.join(config_dir, "zeroserve.json")
     env_path = os.path.join(config_dir, "zeroserve.env")
     write_config(config, os.path.join(out, "zeroserve.json"))
@@ -117,12 +131,19 @@ def render_systemd(config: EngineConfig, out: str, api_keys: list[str], user: st
     for role, index, _ in role_instances(config):
         unit = f"zeroserve-{role}-{index}.service"
         units.append(unit)
-        after = {"worker": "network-online.target", "scheduler": "zeroserve-worker-0.service",
-                 "tokenizer": "zeroserve-scheduler-0.service", "api": "zeroserve-tokenizer-0.service"}[role]
+        after = {
+            "worker": "network-online.target",
+            "scheduler": "zeroserve-worker-0.service",
+            "tokenizer": "zeroserve-scheduler-0.service",
+            "api": "zeroserve-tokenizer-0.service",
+        }[role]
         # the worker compiles the C++ CPU kernels once and caches them: a writable cache
         # directory under ProtectSystem=strict (the service user has no home)
-        cache = ("CacheDirectory=zeroserve\nEnvironment=ZEROSERVE_CACHE_DIR=/var/cache/zeroserve\n"
-                 if role == "worker" else "")
+        cache = (
+            "CacheDirectory=zeroserve\nEnvironment=ZEROSERVE_CACHE_DIR=/var/cache/zeroserve\n"
+            if role == "worker"
+            else ""
+        )
         text = f"""# rendered by `zeroserve deploy systemd`
 [Unit]
 Description=zeroserve {role} #{index} ({config.served_model_name})
@@ -146,7 +167,7 @@ RuntimeDirectoryPreserve=yes
 Restart=always
 RestartSec=2
 KillSignal=SIGTERM
-TimeoutStopSec={130 if role in ('api', 'tokenizer') else 15}
+TimeoutStopSec={130 if role in ("api", "tokenizer") else 15}
 NoNewPrivileges=yes
 PrivateTmp=yes
 ProtectSystem=strict
@@ -165,7 +186,7 @@ WantedBy=zeroserve.target
     target = f"""# rendered by `zeroserve deploy systemd`
 [Unit]
 Description=zeroserve: {config.served_model_name} on {config.host}:{config.port}
-Wants={' '.join(units)}
+Wants={" ".join(units)}
 After=network-online.target
 
 [Install]
@@ -205,4 +226,3 @@ def run(args: argparse.Namespace) -> int:
     for f in files:
         print(f)
     return 0
-

@@ -16,12 +16,17 @@ import time
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "generate", help="generate a completion for one prompt, in this process",
+        "generate",
+        help="generate a completion for one prompt, in this process",
         description="Load MODEL in this process and print the completion of --prompt on stdout.",
     )
-    p.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: the packaged SmolLM2)")
+    p.add_argument(
+        "--model", default=None, help="GGUF file or Hugging Face folder (default: the packaged SmolLM2)"
+    )
     p.add_argument("--prompt", required=True, help="the prompt text")
-    p.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
+    p.add_argument(
+        "--chat", action="store_true", help="send the prompt as a user message through the chat template"
+    )
     p.add_argument("--system", default=None, help="with --chat: a system message first")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -54,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         path = resolve_model(args.model)
         tokenizer = load_tokenizer(path)
         if args.chat:
-            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            messages = [{"role": "system", "content": args.system}] if args.system else []
             prompt_ids = tokenizer.encode_chat(messages + [{"role": "user", "content": args.prompt}])
         else:
             prompt_ids = tokenizer.encode(args.prompt)
@@ -71,18 +76,35 @@ def run(args: argparse.Namespace) -> int:
     block_size = 16
     total = len(prompt_ids) + max_tokens
     try:
-        runner = ModelRunner(RunnerConfig(
-            model=path, device=args.device or default_device(), dtype=args.dtype, block_size=block_size,
-            num_kv_blocks=-(-total // block_size), max_model_len=total, max_num_seqs=1,
-        ))
+        runner = ModelRunner(
+            RunnerConfig(
+                model=path,
+                device=args.device or default_device(),
+                dtype=args.dtype,
+                block_size=block_size,
+                num_kv_blocks=-(-total // block_size),
+                max_model_len=total,
+                max_num_seqs=1,
+            )
+        )
     except (CheckpointError, ValueError) as e:
         return _fail(str(e))
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed)
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
     eos = sorted(set(runner.eos_token_ids) | set(tokenizer.eos_token_ids))
-    builder = PlanBuilder(runner.num_kv_blocks, block_size, max_num_batched_tokens=max(total, 2048),
-                          max_model_len=runner.max_model_len, eos_token_ids=eos)
+    builder = PlanBuilder(
+        runner.num_kv_blocks,
+        block_size,
+        max_num_batched_tokens=max(total, 2048),
+        max_model_len=runner.max_model_len,
+        eos_token_ids=eos,
+    )
     builder.add("generate", prompt_ids, params)
     detok = IncrementalDetokenizer(tokenizer, prompt_ids)
     emitted = 0
@@ -105,7 +127,9 @@ def run(args: argparse.Namespace) -> int:
     output = builder.outputs["generate"]
     decode_s = end - (first_token_at or end)
     rate = (len(output) - 1) / decode_s if len(output) > 1 and decode_s > 0 else 0.0
-    print(f"{len(prompt_ids)} prompt tokens, {len(output)} generated ({builder.finish_reasons['generate']}); "
-          f"time to first token {(first_token_at or end) - start:.2f} s, {rate:.1f} tokens/s",
-          file=sys.stderr)
+    print(
+        f"{len(prompt_ids)} prompt tokens, {len(output)} generated ({builder.finish_reasons['generate']}); "
+        f"time to first token {(first_token_at or end) - start:.2f} s, {rate:.1f} tokens/s",
+        file=sys.stderr,
+    )
     return 0

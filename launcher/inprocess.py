@@ -19,8 +19,14 @@ from zeroserve.shared.messages import EngineRequest, SamplingParams
 
 
 class InProcessEngine:
-    def __init__(self, runner_config: RunnerConfig, max_num_seqs: int = 128, max_num_batched_tokens: int = 2048,
-                 enable_prefix_caching: bool = True, runner: ModelRunner | None = None):
+    def __init__(
+        self,
+        runner_config: RunnerConfig,
+        max_num_seqs: int = 128,
+        max_num_batched_tokens: int = 2048,
+        enable_prefix_caching: bool = True,
+        runner: ModelRunner | None = None,
+    ):
         self.runner = runner or ModelRunner(runner_config)
         self.scheduler_config = SchedulerConfig(
             num_blocks=self.runner.num_kv_blocks,
@@ -36,7 +42,9 @@ class InProcessEngine:
         self._prefix = uuid.uuid4().hex[:8]  # engines sharing one runner must not reuse ids
         self.num_steps = 0
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[list[int]]:
         """Run every prompt to completion (continuous batching); output token ids per prompt."""
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         ids = []
@@ -45,8 +53,11 @@ class InProcessEngine:
             request_id = f"inproc-{self._prefix}-{self._next_id}"
             self._next_id += 1
             ids.append(request_id)
-            self.scheduler.add_request(EngineRequest(request_id=request_id, prompt_token_ids=list(prompt),
-                                                     params=p, arrival_time=now))
+            self.scheduler.add_request(
+                EngineRequest(
+                    request_id=request_id, prompt_token_ids=list(prompt), params=p, arrival_time=now
+                )
+            )
         outputs: dict[str, list[int]] = {i: [] for i in ids}
         pending = set(ids)
         while pending:

@@ -76,8 +76,15 @@ class Supervisor:
         os.makedirs(config.metrics_dir, mode=0o700, exist_ok=True)
         for f in os.listdir(config.metrics_dir):  # stale multiprocess metrics of an earlier run
             os.unlink(os.path.join(config.metrics_dir, f))
-        order = [("worker", 1), ("scheduler", 1), ("tokenizer", config.num_tokenizers), ("api", config.api_workers)]
-        self.children = [Child(role, i, proc_command(role, self.config_path, i)) for role, n in order for i in range(n)]
+        order = [
+            ("worker", 1),
+            ("scheduler", 1),
+            ("tokenizer", config.num_tokenizers),
+            ("api", config.api_workers),
+        ]
+        self.children = [
+            Child(role, i, proc_command(role, self.config_path, i)) for role, n in order for i in range(n)
+        ]
         self.stopping = False
         self.env = child_env(config)
 
@@ -115,8 +122,14 @@ class Supervisor:
             child.backoff_s = min(child.backoff_s * 2, BACKOFF_MAX_S)
             child.restart_at = now + delay
             level = logging.ERROR if delay >= 8 else logging.WARNING
-            log.log(level, "%s exited with code %s; restarting in %.0fs%s", child.name, code, delay,
-                    " (crash loop: check the log above)" if delay >= 8 else "")
+            log.log(
+                level,
+                "%s exited with code %s; restarting in %.0fs%s",
+                child.name,
+                code,
+                delay,
+                " (crash loop: check the log above)" if delay >= 8 else "",
+            )
 
     async def wait_ready(self, timeout_s: float = 600.0) -> None:
         """Block until tokenizer 0 reports a ready engine; raise if a child keeps failing."""
@@ -129,7 +142,7 @@ class Supervisor:
                     pong = await client.ping(timeout=0.5)
                     if pong.ready:
                         return
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 waited = time.monotonic() - started
                 if waited > timeout_s:
@@ -139,7 +152,11 @@ class Supervisor:
                     raise RuntimeError(f"{', '.join(bad)} failed to start 3 times; see the log above")
                 if waited - last_note > 10:
                     last_note = waited
-                    print(f"zeroserve: waiting for the engine to load ({waited:.0f}s)...", file=sys.stderr, flush=True)
+                    print(
+                        f"zeroserve: waiting for the engine to load ({waited:.0f}s)...",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 await asyncio.sleep(0.2)
 
     async def supervise(self) -> None:
@@ -200,8 +217,12 @@ def serve(config: EngineConfig) -> int:
             log.error("%s", ready.exception())
             return 1
         if not stop.is_set():
-            print(f"zeroserve: serving {config.served_model_name} on http://{config.host}:{config.port} "
-                  f"(OpenAI API under /v1)", file=sys.stderr, flush=True)
+            print(
+                f"zeroserve: serving {config.served_model_name} on http://{config.host}:{config.port} "
+                f"(OpenAI API under /v1)",
+                file=sys.stderr,
+                flush=True,
+            )
             watcher = asyncio.ensure_future(sup.supervise())
             await stop.wait()
             watcher.cancel()

@@ -28,7 +28,9 @@ class AdmissionError(Exception):
 
     def to_error_info(self) -> ErrorInfo:
         kind = "rate_limit_error" if self.status == 429 else "invalid_request_error"
-        return ErrorInfo(status=self.status, type=kind, message=self.message, param=self.param, code=self.code)
+        return ErrorInfo(
+            status=self.status, type=kind, message=self.message, param=self.param, code=self.code
+        )
 
 
 def check_admission(cfg: SchedulerConfig, req: EngineRequest, waiting: WaitingQueue) -> None:
@@ -97,7 +99,9 @@ class WaitingQueue:
 
     def __iter__(self) -> Iterator[Request]:
         """Live waiting requests, best first (for tests and debugging; O(n log n))."""
-        return iter(sorted((r for _, r in self._heap if r.status == RequestStatus.WAITING), key=lambda r: r.sort_key))
+        return iter(
+            sorted((r for _, r in self._heap if r.status == RequestStatus.WAITING), key=lambda r: r.sort_key)
+        )
 
     def push(self, req: Request) -> None:
         req.status = RequestStatus.WAITING

@@ -205,13 +205,19 @@ class BlockManager:
             ref, key = self.ref_cnt[block], self.block_key[block]
             assert ref >= 0, f"block {block} has ref count {ref}"
             if expected_refs is not None:
-                assert ref == expected_refs[block], f"block {block}: ref {ref}, tables hold {expected_refs[block]}"
+                assert ref == expected_refs[block], (
+                    f"block {block}: ref {ref}, tables hold {expected_refs[block]}"
+                )
             if key is not None:
                 assert self._cached.get(key) == block, f"block {block} keyed but not in the cache map"
         for block in free:
-            assert self.ref_cnt[block] == 0 and self.block_key[block] is None, f"free block {block} in use or keyed"
+            assert self.ref_cnt[block] == 0 and self.block_key[block] is None, (
+                f"free block {block} in use or keyed"
+            )
         for block in cached_free:
-            assert self.ref_cnt[block] == 0 and self.block_key[block] is not None, f"cached-free block {block}"
+            assert self.ref_cnt[block] == 0 and self.block_key[block] is not None, (
+                f"cached-free block {block}"
+            )
         for key, block in self._cached.items():
             assert self.block_key[block] == key, f"cache map points at block {block} with another key"
         in_use = sum(1 for r in self.ref_cnt if r > 0)

@@ -41,4 +41,6 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
             if value is not None and value < 1:
                 raise ValueError(f"SchedulerConfig.{name} must be >= 1 or None (no limit), got {value}")
         if self.priority_aging_s is not None and not self.priority_aging_s > 0:
-            raise ValueError(f"SchedulerConfig.priority_aging_s must be > 0 or None, got {self.priority_aging_s}")
+            raise ValueError(
+                f"SchedulerConfig.priority_aging_s must be > 0 or None, got {self.priority_aging_s}"
+            )

@@ -27,7 +27,6 @@ import zmq.asyncio
 from zeroserve.scheduler_proc.scheduler import AdmissionError, Scheduler, SchedulerConfig
 from zeroserve.shared.config import EngineConfig
 from zeroserve.shared.ipc import Codec, bind, recv_router, start_authenticator
-from zeroserve.shared.proc_main import parse_proc_args, run_actor
 from zeroserve.shared.messages import (
     Abort,
     EngineRequest,
@@ -43,6 +42,7 @@ from zeroserve.shared.messages import (
     TokenDeltas,
     WorkerReady,
 )
+from zeroserve.shared.proc_main import parse_proc_args, run_actor
 
 log = logging.getLogger("zeroserve.scheduler")
 
@@ -93,12 +93,22 @@ class SchedulerProcess:
 
     def on_request(self, identity: bytes, req: EngineRequest) -> None:
         if self.scheduler is None:
-            self.reply_error(identity, req.request_id, ErrorInfo(
-                503, "service_unavailable", "the model worker is not ready yet (loading or restarting); retry shortly"))
+            self.reply_error(
+                identity,
+                req.request_id,
+                ErrorInfo(
+                    503,
+                    "service_unavailable",
+                    "the model worker is not ready yet (loading or restarting); retry shortly",
+                ),
+            )
             return
         if req.request_id in self.owner:
-            self.reply_error(identity, req.request_id, ErrorInfo(
-                400, "invalid_request_error", f"duplicate request id {req.request_id!r}"))
+            self.reply_error(
+                identity,
+                req.request_id,
+                ErrorInfo(400, "invalid_request_error", f"duplicate request id {req.request_id!r}"),
+            )
             return
         try:
             self.scheduler.add_request(req)
@@ -144,22 +154,30 @@ class SchedulerProcess:
             self.fail_all("the model worker restarted; the request was lost")
         cfg = self.config
         max_model_len = ready.max_model_len
-        self.scheduler = Scheduler(SchedulerConfig(
-            num_blocks=ready.num_kv_blocks,
-            block_size=ready.block_size,
-            max_num_seqs=cfg.max_num_seqs,
-            max_num_batched_tokens=cfg.max_num_batched_tokens,
-            max_model_len=max_model_len,
-            eos_token_ids=tuple(ready.eos_token_ids),
-            max_waiting_requests=cfg.max_waiting_requests,
-            max_waiting_tokens=cfg.max_waiting_tokens,
-            enable_prefix_caching=cfg.enable_prefix_caching,
-        ))
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                num_blocks=ready.num_kv_blocks,
+                block_size=ready.block_size,
+                max_num_seqs=cfg.max_num_seqs,
+                max_num_batched_tokens=cfg.max_num_batched_tokens,
+                max_model_len=max_model_len,
+                eos_token_ids=tuple(ready.eos_token_ids),
+                max_waiting_requests=cfg.max_waiting_requests,
+                max_waiting_tokens=cfg.max_waiting_tokens,
+                enable_prefix_caching=cfg.enable_prefix_caching,
+            )
+        )
         self.worker_identity = identity
         self.worker_ready = ready
         self.worker_seen = time.monotonic()
-        log.info("worker rank %d ready: %d KV blocks of %d tokens, max_model_len %d (loaded in %.1fs)",
-                 ready.rank, ready.num_kv_blocks, ready.block_size, max_model_len, ready.load_time_s)
+        log.info(
+            "worker rank %d ready: %d KV blocks of %d tokens, max_model_len %d (loaded in %.1fs)",
+            ready.rank,
+            ready.num_kv_blocks,
+            ready.block_size,
+            max_model_len,
+            ready.load_time_s,
+        )
         self.wake.set()
 
     def on_worker_dead(self, why: str) -> None:
@@ -173,9 +191,14 @@ class SchedulerProcess:
     def fail_all(self, message: str) -> None:
         by_owner: dict[bytes, list[TokenDelta]] = {}
         for request_id, identity in self.owner.items():
-            by_owner.setdefault(identity, []).append(TokenDelta(
-                request_id=request_id, token_ids=[], finish_reason="error",
-                error=ErrorInfo(503, "service_unavailable", message)))
+            by_owner.setdefault(identity, []).append(
+                TokenDelta(
+                    request_id=request_id,
+                    token_ids=[],
+                    finish_reason="error",
+                    error=ErrorInfo(503, "service_unavailable", message),
+                )
+            )
         for identity, deltas in by_owner.items():
             self.front.send_multipart([identity, self.encoder.encode(TokenDeltas(deltas))])
         self.owner.clear()
@@ -238,13 +261,18 @@ class SchedulerProcess:
                     del self.tokenizer_seen[identity]
                     orphans = [r for r, owner in self.owner.items() if owner == identity]
                     if orphans:
-                        log.warning("tokenizer %r went silent; aborting its %d request(s)", identity, len(orphans))
+                        log.warning(
+                            "tokenizer %r went silent; aborting its %d request(s)", identity, len(orphans)
+                        )
                     for request_id in orphans:
                         self.on_abort(request_id)
 
     async def run(self) -> None:
-        log.info("scheduler listening on %s (tokenizers) and %s (workers)",
-                 self.config.scheduler_address, self.config.worker_address)
+        log.info(
+            "scheduler listening on %s (tokenizers) and %s (workers)",
+            self.config.scheduler_address,
+            self.config.worker_address,
+        )
         await asyncio.gather(self.front_loop(), self.worker_loop(), self.step_loop(), self.watchdog_loop())
 
 

@@ -46,7 +46,9 @@ class Request:
         "num_preemptions", "decode_data", "_root_key",
     )  # fmt: skip
 
-    def __init__(self, req: EngineRequest, sort_key: tuple, eos_token_ids: frozenset[int], max_model_len: int) -> None:
+    def __init__(
+        self, req: EngineRequest, sort_key: tuple, eos_token_ids: frozenset[int], max_model_len: int
+    ) -> None:
         params: SamplingParams = req.params
         self.request_id = req.request_id
         self.prompt_token_ids = req.prompt_token_ids

@@ -294,7 +294,12 @@ class Scheduler:
             applied += 1
             token = tokens[idx]
             all_tokens.append(token)
-            if token in r.stop_set or len(all_tokens) >= r.max_len or lps is not None or not r.sent_first_delta:
+            if (
+                token in r.stop_set
+                or len(all_tokens) >= r.max_len
+                or lps is not None
+                or not r.sent_first_delta
+            ):
                 delta = self._delta(r, token, None if lps is None else lps[idx])
                 append(delta)
                 if delta.finish_reason is not None:
@@ -332,13 +337,17 @@ class Scheduler:
         if r.sent_first_delta:
             return TokenDelta(r.request_id, [token], lp, finish, stop_reason)
         r.sent_first_delta = True
-        return TokenDelta(r.request_id, [token], lp, finish, stop_reason, None, r.num_prompt_tokens, r.num_cached_tokens)
+        return TokenDelta(
+            r.request_id, [token], lp, finish, stop_reason, None, r.num_prompt_tokens, r.num_cached_tokens
+        )
 
     def reset_kv_cache(self) -> None:
         """The workers restarted with an empty KV cache: requeue every running request (it is
         recomputed from its tokens) and forget the prefix cache. Fail the lost step first."""
         if self._inflight is not None:
-            raise RuntimeError("reset_kv_cache() with a step in flight: pass it a StepResult with error first")
+            raise RuntimeError(
+                "reset_kv_cache() with a step in flight: pass it a StepResult with error first"
+            )
         while self.running:
             self._preempt(self.running.pop())
         self.blocks.reset_prefix_cache()
@@ -364,11 +373,15 @@ class Scheduler:
         """Assert the bookkeeping is consistent (tests; O(blocks + requests))."""
         bs, refs = self.block_size, [0] * self.blocks.num_blocks
         assert len(self.running) <= self.max_num_seqs
-        assert [r.sort_key for r in self.running] == sorted(r.sort_key for r in self.running), "running unsorted"
+        assert [r.sort_key for r in self.running] == sorted(r.sort_key for r in self.running), (
+            "running unsorted"
+        )
         for r in self.running:
             assert r.status == _RUNNING and self._requests.get(r.request_id) is r, r
             assert len(r.block_ids) == -(-r.num_computed_tokens // bs), f"block table does not cover KV: {r}"
-            assert r.num_computed_tokens < len(r.all_token_ids) or self._inflight, f"nothing left to compute: {r}"
+            assert r.num_computed_tokens < len(r.all_token_ids) or self._inflight, (
+                f"nothing left to compute: {r}"
+            )
             for b in r.block_ids:
                 refs[b] += 1
         waiting = list(self.waiting)
@@ -432,4 +445,6 @@ class Scheduler:
     def _expire_deadlines(self, now: float) -> None:
         for r in self.waiting.expire(now):
             del self._requests[r.request_id]
-            self._outputs.append(TokenDelta(r.request_id, [], None, "timeout", None, None, r.num_prompt_tokens, 0))
+            self._outputs.append(
+                TokenDelta(r.request_id, [], None, "timeout", None, None, r.num_prompt_tokens, 0)
+            )

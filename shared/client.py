@@ -72,7 +72,7 @@ class EngineClient:
         self.tasks: list[asyncio.Task] = []
         self.identity = f"client-{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
 
-    async def __aenter__(self) -> "EngineClient":
+    async def __aenter__(self) -> EngineClient:
         await self.start()
         return self
 
@@ -130,9 +130,16 @@ class EngineClient:
             now = time.monotonic()
             for request_id, (i, queue) in list(self.streams.items()):
                 if now - self.last_seen[i] > self.heartbeat_timeout_s:
-                    queue.put_nowait(TextDelta(
-                        request_id=request_id, text="", finish_reason="error",
-                        error=ErrorInfo(503, "service_unavailable", "the engine stopped responding; retry the request")))
+                    queue.put_nowait(
+                        TextDelta(
+                            request_id=request_id,
+                            text="",
+                            finish_reason="error",
+                            error=ErrorInfo(
+                                503, "service_unavailable", "the engine stopped responding; retry the request"
+                            ),
+                        )
+                    )
 
     async def _call(self, index: int, msg: Any, request_id: str, timeout: float) -> Any:
         fut = asyncio.get_running_loop().create_future()
@@ -206,11 +213,16 @@ class EngineClient:
             "token_ids": token_ids,
             "finish_reason": last.finish_reason if last else None,
             "stop_reason": last.stop_reason if last else None,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(token_ids),
-                      "total_tokens": prompt_tokens + len(token_ids)},
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": len(token_ids),
+                "total_tokens": prompt_tokens + len(token_ids),
+            },
         }
 
-    async def generate_many(self, requests: Iterable[dict[str, Any]], max_concurrency: int = 64) -> AsyncIterator[tuple[int, dict[str, Any] | EngineError]]:
+    async def generate_many(
+        self, requests: Iterable[dict[str, Any]], max_concurrency: int = 64
+    ) -> AsyncIterator[tuple[int, dict[str, Any] | EngineError]]:
         """Run many ``complete(**kwargs)`` with at most max_concurrency in flight; yields
         (index, result or EngineError) in completion order."""
         semaphore = asyncio.Semaphore(max_concurrency)
@@ -245,7 +257,7 @@ class EngineClient:
                 pong = await self.ping(timeout=1.0)
                 if pong.ready:
                     return pong
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the engine at {self.addresses[0]} was not ready after {timeout_s:.0f}s")

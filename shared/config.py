@@ -108,7 +108,9 @@ def read_config(path: str) -> EngineConfig:
         with open(path, "rb") as f:
             return msgspec.json.decode(f.read(), type=EngineConfig)
     except FileNotFoundError:
-        raise SystemExit(f"config file {path} not found: start the engine with `zeroserve serve`, "
-                         "or render one with `zeroserve deploy`") from None
+        raise SystemExit(
+            f"config file {path} not found: start the engine with `zeroserve serve`, "
+            "or render one with `zeroserve deploy`"
+        ) from None
     except msgspec.ValidationError as e:
         raise SystemExit(f"config file {path} is invalid: {e}") from None

@@ -58,7 +58,9 @@ class Codec(Generic[T]):
         self.bad_frames += 1
         now = time.monotonic()
         if now - self._last_log > 5.0:  # a flood of garbage must not flood the log
-            log.warning("%s: dropped %d bad frame(s) so far; latest: %s", self.name, self.bad_frames, why[:200])
+            log.warning(
+                "%s: dropped %d bad frame(s) so far; latest: %s", self.name, self.bad_frames, why[:200]
+            )
             self._last_log = now
 
 
@@ -85,7 +87,7 @@ def bind(ctx: zmq.Context, kind: int, address: str, curve: CurveKeys | None = No
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a reply to a vanished peer is dropped, not raised
     _secure(sock, curve, server=True)
     if address.startswith("ipc://"):
-        path = address[len("ipc://"):]
+        path = address[len("ipc://") :]
         if os.path.exists(path):
             os.unlink(path)  # a stale socket file from a crashed predecessor
     sock.bind(address)

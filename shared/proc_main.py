@@ -10,7 +10,8 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from zeroserve.shared import env
 from zeroserve.shared.config import EngineConfig, read_config
@@ -20,8 +21,17 @@ log = logging.getLogger("zeroserve")
 
 def parse_proc_args(role: str, argv: list[str] | None = None) -> tuple[EngineConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog=f"zeroserve proc {role}")
-    parser.add_argument("--config", required=True, help="the engine config file (JSON) written by `zeroserve serve` or `zeroserve deploy`")
-    parser.add_argument("--index", type=int, default=0, help="which instance of this role (tokenizer / api number, worker rank)")
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="the engine config file (JSON) written by `zeroserve serve` or `zeroserve deploy`",
+    )
+    parser.add_argument(
+        "--index",
+        type=int,
+        default=0,
+        help="which instance of this role (tokenizer / api number, worker rank)",
+    )
     args = parser.parse_args(argv)
     setup_logging(role if args.index == 0 else f"{role}-{args.index}")
     return read_config(args.config), args

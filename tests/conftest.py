@@ -62,8 +62,12 @@ class Server:
             return e.code, e.read()
 
     def post(self, path: str, body: dict, timeout: float = 60.0) -> tuple[int, dict]:
-        req = urllib.request.Request(self.base_url + path, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.base_url + path,
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         if self.api_key:
             req.add_header("Authorization", f"Bearer {self.api_key}")
         try:
@@ -98,7 +102,11 @@ def start_server(*extra: str, api_key: str | None = API_KEY, ready_timeout: floa
     args = ["serve", "--port", str(port), "--run-dir", run_dir, "--max-model-len", "2048", *extra]
     if api_key:
         args += ["--api-key", api_key]
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", ZEROSERVE_NUM_THREADS=os.environ.get("ZEROSERVE_NUM_THREADS", "2"))
+    env = dict(
+        os.environ,
+        OMP_WAIT_POLICY="PASSIVE",
+        ZEROSERVE_NUM_THREADS=os.environ.get("ZEROSERVE_NUM_THREADS", "2"),
+    )
     env.pop("ZEROSERVE_API_KEY", None)
     log = open(log_path, "w")
     proc = subprocess.Popen(zeroserve_command() + args, stdout=log, stderr=subprocess.STDOUT, env=env)

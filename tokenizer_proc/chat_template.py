@@ -47,7 +47,9 @@ def _raise_exception(message: str):
 
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _strftime_now(fmt: str) -> str:
@@ -55,8 +57,9 @@ def _strftime_now(fmt: str) -> str:
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -90,8 +93,12 @@ class ChatTemplate:
         except jinja2.TemplateSyntaxError as e:
             self._compile_error = f"the model's chat template does not compile (line {e.lineno}: {e.message})"
 
-    def render(self, messages: Sequence, add_generation_prompt: bool = True,
-               variables: Mapping[str, Any] | None = None) -> str:
+    def render(
+        self,
+        messages: Sequence,
+        add_generation_prompt: bool = True,
+        variables: Mapping[str, Any] | None = None,
+    ) -> str:
         """The prompt text for messages. variables: bos_token, eos_token, tools, ... ."""
         if self._compiled is None:
             raise ChatTemplateError(self._compile_error or "no chat template")
@@ -101,7 +108,9 @@ class ChatTemplate:
                 raise ChatTemplateError(f"messages[{i}] is a {type(message).__name__}, expected an object")
         context = {"tools": None, "documents": None, **_plain(dict(variables or {}))}
         try:
-            return self._compiled.render(messages=chat, add_generation_prompt=add_generation_prompt, **context)
+            return self._compiled.render(
+                messages=chat, add_generation_prompt=add_generation_prompt, **context
+            )
         except TemplateRaised as e:
             raise ChatTemplateError(f"the chat template rejected the messages: {e.message}") from e
         except jinja2.TemplateError as e:  # undefined values, sandbox violations, ...

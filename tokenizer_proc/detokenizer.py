@@ -50,7 +50,9 @@ def _fresh_decode(data: bytes) -> str:
 class IncrementalDetokenizer:
     """Text of one request's output, token by token. Not thread-safe; one per request."""
 
-    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int] = (), skip_special_tokens: bool = True):
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int] = (), skip_special_tokens: bool = True
+    ):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         context = list(prompt_token_ids[-_PROMPT_CONTEXT:]) if prompt_token_ids else []
@@ -112,19 +114,25 @@ class IncrementalDetokenizer:
 
     def _texts(self) -> tuple[str, str]:
         decode, skip = self.tokenizer.backend.decode, self.skip_special_tokens
-        return decode(self._ids[: self._read_offset], skip_special_tokens=skip), decode(self._ids, skip_special_tokens=skip)
+        return decode(self._ids[: self._read_offset], skip_special_tokens=skip), decode(
+            self._ids, skip_special_tokens=skip
+        )
 
     def _release(self, prefix_text: str, new_text: str) -> str:
         # The prefix ended on a character boundary when it was released, so the window's text
         # starts with the prefix's text; what follows is new.
-        delta = new_text[len(prefix_text):]
+        delta = new_text[len(prefix_text) :]
         self._ids = self._ids[self._read_offset :]  # the released ids are the next prefix
         self._read_offset = len(self._ids)
         return delta
 
 
-def detokenize(tokenizer: Tokenizer, prompt_token_ids: Sequence[int], output_token_ids: Sequence[int],
-               skip_special_tokens: bool = True) -> str:
+def detokenize(
+    tokenizer: Tokenizer,
+    prompt_token_ids: Sequence[int],
+    output_token_ids: Sequence[int],
+    skip_special_tokens: bool = True,
+) -> str:
     """The output text all at once, equal to the streamed concatenation."""
     detok = IncrementalDetokenizer(tokenizer, prompt_token_ids, skip_special_tokens)
     return detok.push(output_token_ids) + detok.flush()

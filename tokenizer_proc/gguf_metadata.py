@@ -26,13 +26,30 @@ from .errors import TokenizerLoadError
 
 _MAGIC = b"GGUF"
 _SCALAR = {
-    T.UINT8: "<B", T.INT8: "<b", T.UINT16: "<H", T.INT16: "<h", T.UINT32: "<I", T.INT32: "<i",
-    T.FLOAT32: "<f", T.BOOL: "<?", T.UINT64: "<Q", T.INT64: "<q", T.FLOAT64: "<d",
+    T.UINT8: "<B",
+    T.INT8: "<b",
+    T.UINT16: "<H",
+    T.INT16: "<h",
+    T.UINT32: "<I",
+    T.INT32: "<i",
+    T.FLOAT32: "<f",
+    T.BOOL: "<?",
+    T.UINT64: "<Q",
+    T.INT64: "<q",
+    T.FLOAT64: "<d",
 }
 _NUMPY = {
-    T.UINT8: np.uint8, T.INT8: np.int8, T.UINT16: np.uint16, T.INT16: np.int16, T.UINT32: np.uint32,
-    T.INT32: np.int32, T.FLOAT32: np.float32, T.BOOL: np.bool_, T.UINT64: np.uint64,
-    T.INT64: np.int64, T.FLOAT64: np.float64,
+    T.UINT8: np.uint8,
+    T.INT8: np.int8,
+    T.UINT16: np.uint16,
+    T.INT16: np.int16,
+    T.UINT32: np.uint32,
+    T.INT32: np.int32,
+    T.FLOAT32: np.float32,
+    T.BOOL: np.bool_,
+    T.UINT64: np.uint64,
+    T.INT64: np.int64,
+    T.FLOAT64: np.float64,
 }
 _U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 

@@ -22,7 +22,7 @@ so e.g. ``"  1"`` encodes as ``Ġ Ġ 1`` here but ``ĠĠ 1`` there.
 
 from __future__ import annotations
 
-from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.models import BPE
 
@@ -58,8 +58,21 @@ _GPT4O = (
 )
 PRE_TOKENIZER_SPLITS = {
     **dict.fromkeys(
-        ["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
-         "jina-v5-nano", "dbrx", "smaug-bpe"], _LLAMA3),
+        [
+            "llama3",
+            "llama-v3",
+            "llama-bpe",
+            "falcon3",
+            "falcon-h1",
+            "pixtral",
+            "midm-2.0",
+            "lfm2",
+            "jina-v5-nano",
+            "dbrx",
+            "smaug-bpe",
+        ],
+        _LLAMA3,
+    ),
     **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"], _QWEN2),
     "qwen35": _QWEN35,
     "tekken": _TEKKEN,
@@ -124,7 +137,9 @@ def load_gguf_tokenizer(path: str) -> TokenizerSpec:
     )
 
 
-def _merges(meta: dict, vocab: dict[str, int], scores: dict[str, float] | None = None) -> list[tuple[str, str]]:
+def _merges(
+    meta: dict, vocab: dict[str, int], scores: dict[str, float] | None = None
+) -> list[tuple[str, str]]:
     """The file's merges ("a b" strings), or the ones its vocabulary and scores imply."""
     merges = meta.get("tokenizer.ggml.merges")
     if merges is not None:
@@ -166,17 +181,25 @@ def _byte_level_bpe(meta: dict) -> BackendTokenizer:
         tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8")): i
         for i, tok in enumerate(meta["tokenizer.ggml.tokens"])
     }
-    bpe = BPE(vocab=vocab, merges=_merges(meta, vocab), dropout=None, continuing_subword_prefix="",
-              end_of_word_suffix="", fuse_unk=False)
+    bpe = BPE(
+        vocab=vocab,
+        merges=_merges(meta, vocab),
+        dropout=None,
+        continuing_subword_prefix="",
+        end_of_word_suffix="",
+        fuse_unk=False,
+    )
     backend = BackendTokenizer(bpe)
     split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
     if split is None:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(split), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     backend.decoder = decoders.ByteLevel()
     return backend
 
@@ -186,17 +209,28 @@ def _sentencepiece_bpe(meta: dict) -> BackendTokenizer:
     vocab = {tok: i for i, tok in enumerate(tokens)}
     raw_scores = meta.get("tokenizer.ggml.scores")
     scores = dict(zip(tokens, raw_scores)) if raw_scores is not None else None
-    bpe = BPE(vocab=vocab, merges=_merges(meta, vocab, scores), fuse_unk=True, byte_fallback=True, dropout=None)
+    bpe = BPE(
+        vocab=vocab, merges=_merges(meta, vocab, scores), fuse_unk=True, byte_fallback=True, dropout=None
+    )
     backend = BackendTokenizer(bpe)
     backend.normalizer = None
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
-    backend.decoder = decoders.Sequence([
-        decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
-    ])
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme="first", split=False
+    )
+    backend.decoder = decoders.Sequence(
+        [
+            decoders.Replace("\u2581", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
     return backend
 
 
-def _add_gguf_special_tokens(backend: BackendTokenizer, meta: dict, named: dict[str, str], byte_level: bool) -> None:
+def _add_gguf_special_tokens(
+    backend: BackendTokenizer, meta: dict, named: dict[str, str], byte_level: bool
+) -> None:
     """Control tokens and the named specials -> special added tokens; user-defined -> added tokens.
 
     In a byte-level vocabulary every real token is spelled in the byte alphabet, so a "control"
@@ -213,12 +247,18 @@ def _add_gguf_special_tokens(backend: BackendTokenizer, meta: dict, named: dict[
     if control:
         backend.add_special_tokens(control)
     vocab = backend.get_vocab()
-    user = [AddedToken(tok, normalized=False, special=False) for tok, kind in zip(tokens, types)
-            if kind == _USER_DEFINED and tok in vocab]
+    user = [
+        AddedToken(tok, normalized=False, special=False)
+        for tok, kind in zip(tokens, types)
+        if kind == _USER_DEFINED and tok in vocab
+    ]
     if user:
         backend.add_tokens(user)
     added = {t.content for t in backend.get_added_tokens_decoder().values()}
-    missing = [AddedToken(tok, normalized=False, special=True) for tok in dict.fromkeys(named.values())
-               if tok not in added]
+    missing = [
+        AddedToken(tok, normalized=False, special=True)
+        for tok in dict.fromkeys(named.values())
+        if tok not in added
+    ]
     if missing:
         backend.add_special_tokens(missing)

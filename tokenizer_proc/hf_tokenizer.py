@@ -74,9 +74,12 @@ def _ids(value) -> list[int]:
 def load_hf_tokenizer(folder: str) -> TokenizerSpec:
     path = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(path):
-        hint = (" (it has only a SentencePiece tokenizer.model: convert it once with transformers' "
-                "AutoTokenizer.from_pretrained(...).save_pretrained(...))"
-                if os.path.isfile(os.path.join(folder, "tokenizer.model")) else "")
+        hint = (
+            " (it has only a SentencePiece tokenizer.model: convert it once with transformers' "
+            "AutoTokenizer.from_pretrained(...).save_pretrained(...))"
+            if os.path.isfile(os.path.join(folder, "tokenizer.model"))
+            else ""
+        )
         raise TokenizerLoadError(f"{folder}: no tokenizer.json{hint}")
     try:
         backend = BackendTokenizer.from_file(path)
@@ -113,8 +116,10 @@ def load_hf_tokenizer(folder: str) -> TokenizerSpec:
     generation = _read_json(folder, "generation_config.json")
     eos_ids = _ids(generation.get("eos_token_id")) if generation else _ids(model_config.get("eos_token_id"))
     text_config = model_config.get("text_config") if isinstance(model_config.get("text_config"), dict) else {}
-    context = next((c.get(k) for c in (model_config, text_config) for k in _CONTEXT_KEYS
-                    if isinstance(c.get(k), int)), None)
+    context = next(
+        (c.get(k) for c in (model_config, text_config) for k in _CONTEXT_KEYS if isinstance(c.get(k), int)),
+        None,
+    )
     return TokenizerSpec(
         backend=backend,
         special_tokens=special,

@@ -32,9 +32,9 @@ from zeroserve.shared.messages import (
     TextDelta,
     TokenDelta,
     TokenDeltas,
+    TokenizerEngineInbox,
     TokenizeRequest,
     TokenizeResult,
-    TokenizerEngineInbox,
     TokenizerInbox,
 )
 from zeroserve.shared.proc_main import parse_proc_args, run_actor
@@ -91,31 +91,48 @@ class TokenizerProcess:
 
     def on_generate(self, identity: bytes, req: GenerateRequest) -> None:
         if self.draining:
-            self.fail(identity, req.request_id, ErrorInfo(503, "service_unavailable", "the server is shutting down"))
+            self.fail(
+                identity, req.request_id, ErrorInfo(503, "service_unavailable", "the server is shutting down")
+            )
             return
         if not self.engine_alive():
-            self.fail(identity, req.request_id, ErrorInfo(
-                503, "service_unavailable", "the engine is not ready (model loading or a worker restarting); retry shortly"))
+            self.fail(
+                identity,
+                req.request_id,
+                ErrorInfo(
+                    503,
+                    "service_unavailable",
+                    "the engine is not ready (model loading or a worker restarting); retry shortly",
+                ),
+            )
             return
         if req.request_id in self.requests:
-            self.fail(identity, req.request_id, ErrorInfo(400, "invalid_request_error", "duplicate request id"))
+            self.fail(
+                identity, req.request_id, ErrorInfo(400, "invalid_request_error", "duplicate request id")
+            )
             return
         try:
-            prompt_ids, params = build_prompt(self.tokenizer, req, self.config.max_model_len, self.config.vocab_size)
+            prompt_ids, params = build_prompt(
+                self.tokenizer, req, self.config.max_model_len, self.config.vocab_size
+            )
         except PromptError as e:
             self.fail(identity, req.request_id, e.info)
             return
         now = time.time()
         self.requests[req.request_id] = RequestState(self.tokenizer, identity, req, prompt_ids)
-        self.engine.send(self.encoder.encode(EngineRequest(
-            request_id=req.request_id,
-            prompt_token_ids=prompt_ids,
-            params=params,
-            arrival_time=now,
-            priority=req.priority,
-            deadline=None if req.deadline_s is None else now + req.deadline_s,
-            cache_salt=req.cache_salt,
-        )))
+        self.engine.send(
+            self.encoder.encode(
+                EngineRequest(
+                    request_id=req.request_id,
+                    prompt_token_ids=prompt_ids,
+                    params=params,
+                    arrival_time=now,
+                    priority=req.priority,
+                    deadline=None if req.deadline_s is None else now + req.deadline_s,
+                    cache_salt=req.cache_salt,
+                )
+            )
+        )
 
     def on_abort(self, msg: Abort) -> None:
         if self.requests.pop(msg.request_id, None) is not None:
@@ -124,42 +141,63 @@ class TokenizerProcess:
     def on_tokenize(self, req: TokenizeRequest) -> TokenizeResult:
         try:
             if req.messages is not None:
-                text = self.tokenizer.apply_chat_template(req.messages, add_generation_prompt=req.add_generation_prompt)
+                text = self.tokenizer.apply_chat_template(
+                    req.messages, add_generation_prompt=req.add_generation_prompt
+                )
                 ids = self.tokenizer.encode(text, add_special_tokens=False)
             else:
                 ids = self.tokenizer.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
         except Exception as e:
-            return TokenizeResult(request_id=req.request_id, error=ErrorInfo(400, "invalid_request_error", str(e)))
-        return TokenizeResult(request_id=req.request_id, token_ids=ids, max_model_len=self.config.max_model_len)
+            return TokenizeResult(
+                request_id=req.request_id, error=ErrorInfo(400, "invalid_request_error", str(e))
+            )
+        return TokenizeResult(
+            request_id=req.request_id, token_ids=ids, max_model_len=self.config.max_model_len
+        )
 
     def on_detokenize(self, req: DetokenizeRequest) -> TokenizeResult:
         bad = [t for t in req.token_ids if not 0 <= t < self.config.vocab_size]
         if bad:
-            return TokenizeResult(request_id=req.request_id, error=ErrorInfo(
-                400, "invalid_request_error", f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})",
-                param="tokens"))
-        return TokenizeResult(request_id=req.request_id, token_ids=req.token_ids,
-                              text=self.tokenizer.decode(req.token_ids, skip_special_tokens=False))
+            return TokenizeResult(
+                request_id=req.request_id,
+                error=ErrorInfo(
+                    400,
+                    "invalid_request_error",
+                    f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})",
+                    param="tokens",
+                ),
+            )
+        return TokenizeResult(
+            request_id=req.request_id,
+            token_ids=req.token_ids,
+            text=self.tokenizer.decode(req.token_ids, skip_special_tokens=False),
+        )
 
     def pong(self, ping: Ping) -> Pong:
         s = self.stats
         alive = self.engine_alive()
-        return Pong(sent_at=ping.sent_at, role="tokenizer", ready=alive and not self.draining, request_id=ping.request_id, info={
-            "model_name": self.config.served_model_name,
-            "max_model_len": self.config.max_model_len,
-            "vocab_size": self.config.vocab_size,
-            "workers_ready": alive,
-            "draining": self.draining,
-            "num_running": s.num_running,
-            "num_waiting": s.num_waiting,
-            "kv_cache_usage": s.kv_cache_usage,
-            "prefix_cache_queries": s.prefix_cache_queries,
-            "prefix_cache_hits": s.prefix_cache_hits,
-            "num_preemptions": s.num_preemptions,
-            "num_kv_blocks": s.num_kv_blocks,
-            "num_free_blocks": s.num_free_blocks,
-            "bad_frames": self.front_codec.bad_frames + self.engine_codec.bad_frames,
-        })
+        return Pong(
+            sent_at=ping.sent_at,
+            role="tokenizer",
+            ready=alive and not self.draining,
+            request_id=ping.request_id,
+            info={
+                "model_name": self.config.served_model_name,
+                "max_model_len": self.config.max_model_len,
+                "vocab_size": self.config.vocab_size,
+                "workers_ready": alive,
+                "draining": self.draining,
+                "num_running": s.num_running,
+                "num_waiting": s.num_waiting,
+                "kv_cache_usage": s.kv_cache_usage,
+                "prefix_cache_queries": s.prefix_cache_queries,
+                "prefix_cache_hits": s.prefix_cache_hits,
+                "num_preemptions": s.num_preemptions,
+                "num_kv_blocks": s.num_kv_blocks,
+                "num_free_blocks": s.num_free_blocks,
+                "bad_frames": self.front_codec.bad_frames + self.engine_codec.bad_frames,
+            },
+        )
 
     # ------------------------------------------------------------------ inbox: scheduler
     async def engine_loop(self) -> None:
@@ -199,8 +237,13 @@ class TokenizerProcess:
             if was_alive and not alive:
                 log.error("scheduler went silent; failing %d in-flight request(s)", len(self.requests))
                 for request_id, state in list(self.requests.items()):
-                    self.fail(state.owner, request_id, ErrorInfo(503, "service_unavailable",
-                                                                 "the scheduler process stopped responding; retry"))
+                    self.fail(
+                        state.owner,
+                        request_id,
+                        ErrorInfo(
+                            503, "service_unavailable", "the scheduler process stopped responding; retry"
+                        ),
+                    )
                 self.requests.clear()
             was_alive = alive
 

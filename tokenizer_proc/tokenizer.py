@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers import decoders, processors
+from tokenizers import processors
 
 from .chat_template import ChatTemplate
 from .errors import ChatTemplateError, TokenizerLoadError
@@ -46,7 +46,11 @@ def bytes_to_unicode() -> dict[int, str]:
     Printable Latin-1 bytes stand for themselves; the other 68 (controls, space, ...) are
     shifted to U+0100.. so that no token holds whitespace or control characters.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table = {b: chr(b) for b in printable}
     shifted = 0
     for b in range(256):
@@ -56,14 +60,18 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def set_post_processor(backend: BackendTokenizer, bos: str | None, add_bos: bool, eos: str | None, add_eos: bool) -> None:
+def set_post_processor(
+    backend: BackendTokenizer, bos: str | None, add_bos: bool, eos: str | None, add_eos: bool
+) -> None:
     """Make ``encode(add_special_tokens=True)`` add BOS / EOS as the model's config says."""
     add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
     single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
     pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
     special = [(tok, backend.token_to_id(tok)) for tok, on in ((bos, add_bos), (eos, add_eos)) if on]
     if any(token_id is None for _, token_id in special):
-        raise TokenizerLoadError(f"special token {[t for t, i in special if i is None]} is not in the vocabulary")
+        raise TokenizerLoadError(
+            f"special token {[t for t, i in special if i is None]} is not in the vocabulary"
+        )
     backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
 
@@ -100,8 +108,10 @@ class Tokenizer:
         self._token_bytes: dict[int, bytes] = {}
 
     def __repr__(self) -> str:
-        return (f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, bos={self.bos_token_id}, "
-                f"eos={self.eos_token_ids}, add_bos={self.add_bos})")
+        return (
+            f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, bos={self.bos_token_id}, "
+            f"eos={self.eos_token_ids}, add_bos={self.add_bos})"
+        )
 
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
@@ -173,13 +183,15 @@ class Tokenizer:
                 f"the model {os.path.basename(self.source) or self.source!r} has no chat template; "
                 "send a plain prompt to /v1/completions instead"
             )
-        return self._template.render(messages, add_generation_prompt=add_generation_prompt,
-                                     variables={**self.special_tokens, **kwargs})
+        return self._template.render(
+            messages, add_generation_prompt=add_generation_prompt, variables={**self.special_tokens, **kwargs}
+        )
 
     def encode_chat(self, messages: Sequence, add_generation_prompt: bool = True, **kwargs) -> list[int]:
         """Token ids of the rendered chat. No BOS is added: the template writes it when wanted."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs),
-                           add_special_tokens=False)
+        return self.encode(
+            self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_special_tokens=False
+        )
 
 
 def _byte_decoder(backend: BackendTokenizer) -> dict[str, int] | None:

@@ -38,11 +38,15 @@ def encode_prompt(
     the template, which writes its own BOS. Given ids are checked against vocab_size (default:
     the tokenizer's; pass the model's when its embedding is larger).
     """
-    given = [name for name, v in (("prompt", prompt), ("messages", messages),
-                                  ("prompt_token_ids", prompt_token_ids)) if v is not None]
+    given = [
+        name
+        for name, v in (("prompt", prompt), ("messages", messages), ("prompt_token_ids", prompt_token_ids))
+        if v is not None
+    ]
     if len(given) != 1:
         raise TokenizerError(
-            "give exactly one of prompt, messages or prompt_token_ids" + (f" (got {', '.join(given)})" if given else ""),
+            "give exactly one of prompt, messages or prompt_token_ids"
+            + (f" (got {', '.join(given)})" if given else ""),
             param=given[-1] if given else "prompt",
         )
     if prompt_token_ids is not None:

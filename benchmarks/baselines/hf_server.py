@@ -62,7 +62,9 @@ class Generator:
             if not isinstance(messages, list) or not messages:
                 raise ValueError("'messages' must be a non-empty list")
             if self.tokenizer.chat_template:
-                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                text = self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=False
+                )
                 return self.tokenizer.encode(text, add_special_tokens=False)
             text = "".join(f"{m.get('role')}: {m.get('content')}\n" for m in messages) + "assistant:"
             return self.tokenizer.encode(text)
@@ -126,16 +128,24 @@ class Server:
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError("'max_tokens' must be a positive integer")
         if len(prompt_ids) + max_tokens > self.gen.max_len:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                             f"model's context of {self.gen.max_len}")
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                f"model's context of {self.gen.max_len}"
+            )
         stop = body.get("stop") or []
         rng = torch.Generator()
         rng.manual_seed(int(body["seed"]) if body.get("seed") is not None else int(time.time_ns() % 2**31))
         return {
-            "pending": prompt_ids, "generated": [], "max_tokens": max_tokens,
-            "temperature": float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0),
-            "top_p": float(body.get("top_p") or 1.0), "ignore_eos": bool(body.get("ignore_eos")),
-            "min_tokens": int(body.get("min_tokens") or 0), "stop": [stop] if isinstance(stop, str) else list(stop),
+            "pending": prompt_ids,
+            "generated": [],
+            "max_tokens": max_tokens,
+            "temperature": float(
+                body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0
+            ),
+            "top_p": float(body.get("top_p") or 1.0),
+            "ignore_eos": bool(body.get("ignore_eos")),
+            "min_tokens": int(body.get("min_tokens") or 0),
+            "stop": [stop] if isinstance(stop, str) else list(stop),
             "rng": rng,
         }
 
@@ -149,8 +159,12 @@ class Server:
         except (ValueError, TypeError, json.JSONDecodeError) as e:
             return _error(400, str(e))
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:16]}"
-        meta = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(time.time()), "model": self.model_name}
+        meta = {
+            "id": rid,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+        }
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         async with self.lock:
             if not body.get("stream"):
@@ -162,17 +176,27 @@ class Server:
                 choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
                 meta["object"] = "chat.completion" if chat else "text_completion"
                 return web.json_response({**meta, "choices": [choice], "usage": usage})
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            resp = web.StreamResponse(
+                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            )
             await resp.prepare(request)
             try:
                 if chat:
-                    await self._send(resp, meta, {"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                  "finish_reason": None}, include_usage)
+                    await self._send(
+                        resp,
+                        meta,
+                        {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None},
+                        include_usage,
+                    )
                 async for delta, finish in self._generate(state):
                     piece = {"delta": {"content": delta}} if chat else {"text": delta, "logprobs": None}
-                    await self._send(resp, meta, {"index": 0, **piece, "finish_reason": finish}, include_usage)
+                    await self._send(
+                        resp, meta, {"index": 0, **piece, "finish_reason": finish}, include_usage
+                    )
                 if include_usage:
-                    await resp.write(self._event({**meta, "choices": [], "usage": self._usage(prompt_ids, state)}))
+                    await resp.write(
+                        self._event({**meta, "choices": [], "usage": self._usage(prompt_ids, state)})
+                    )
                 await resp.write(b"data: [DONE]\n\n")
             except (ConnectionResetError, asyncio.CancelledError):
                 pass  # the client left: stop generating, free the lock
@@ -197,7 +221,7 @@ class Server:
                 text, finish = text[: text.index(hit)], "stop"
             if text.endswith("\ufffd") and finish is None:
                 continue  # half a UTF-8 character: wait for the rest
-            delta, emitted = text[len(emitted):], text
+            delta, emitted = text[len(emitted) :], text
             if delta or finish:
                 yield delta, finish
             if finish:

@@ -47,8 +47,17 @@ def tiny_config_dir() -> str:
     """A 2-layer Llama config with Llama-3's rope scaling, for CPU dry runs."""
     with open(os.path.join(LLAMA3_8B, "config.json")) as f:
         cfg = json.load(f)
-    cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=512, max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+    cfg.update(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     cfg["rope_scaling"] = dict(cfg["rope_scaling"], original_max_position_embeddings=256)
     folder = tempfile.mkdtemp(prefix="zeroserve-tiny-llama-")
     with open(os.path.join(folder, "config.json"), "w") as f:
@@ -86,8 +95,14 @@ def bench_hf(args, config_dir, batches, dtype, rows) -> None:
                 sync(args.device)
                 start = time.perf_counter()
                 with torch.inference_mode():
-                    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                         do_sample=False, pad_token_id=0)
+                    out = model.generate(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        max_new_tokens=n,
+                        min_new_tokens=n,
+                        do_sample=False,
+                        pad_token_id=0,
+                    )
                 sync(args.device)
                 assert out.shape[1] == args.input_len + n, out.shape
                 return time.perf_counter() - start
@@ -96,8 +111,14 @@ def bench_hf(args, config_dir, batches, dtype, rows) -> None:
             prefill = generate(1)
             full = generate(1 + args.output_len)
             decode_s = max(full - prefill, 1e-9)
-            rows.append({"engine": "hf generate", "batch": batch, "tok/s": batch * args.output_len / decode_s,
-                         "ms/step": 1e3 * decode_s / args.output_len})
+            rows.append(
+                {
+                    "engine": "hf generate",
+                    "batch": batch,
+                    "tok/s": batch * args.output_len / decode_s,
+                    "ms/step": 1e3 * decode_s / args.output_len,
+                }
+            )
             print(rows[-1], flush=True)
     finally:
         del model
@@ -114,15 +135,23 @@ def decode_run(runner, batch: int, args) -> dict:
     from zeroserve.gpu_worker.offline import PlanBuilder
     from zeroserve.shared.messages import SamplingParams
 
-    builder = PlanBuilder(runner.num_kv_blocks, runner.block_size,
-                          max_num_batched_tokens=max(2048, args.input_len), max_num_seqs=batch,
-                          max_model_len=runner.max_model_len)
-    params = SamplingParams(max_tokens=args.warmup_steps + args.output_len + 1, temperature=0.0, ignore_eos=True)
+    builder = PlanBuilder(
+        runner.num_kv_blocks,
+        runner.block_size,
+        max_num_batched_tokens=max(2048, args.input_len),
+        max_num_seqs=batch,
+        max_model_len=runner.max_model_len,
+    )
+    params = SamplingParams(
+        max_tokens=args.warmup_steps + args.output_len + 1, temperature=0.0, ignore_eos=True
+    )
     for i, prompt in enumerate(prompts(batch, args.input_len, runner.vocab_size, seed=batch)):
         builder.add(f"r{i}", prompt, params)
     step_times = []
     while (plan := builder.schedule()) is not None:
-        decode = not plan.new and len(plan.running) == batch and all(r.num_new_tokens == 1 for r in plan.running)
+        decode = (
+            not plan.new and len(plan.running) == batch and all(r.num_new_tokens == 1 for r in plan.running)
+        )
         start = time.perf_counter()
         result = runner.execute(plan)
         elapsed = time.perf_counter() - start
@@ -134,8 +163,13 @@ def decode_run(runner, batch: int, args) -> dict:
         raise RuntimeError(f"no decode steps were timed (got {len(step_times)} decode steps)")
     total = sum(timed)
     timed_sorted = sorted(timed)
-    return {"batch": batch, "tok/s": batch * len(timed) / total, "ms/step": 1e3 * total / len(timed),
-            "p50 ms": 1e3 * timed_sorted[len(timed) // 2], "steps": len(timed)}
+    return {
+        "batch": batch,
+        "tok/s": batch * len(timed) / total,
+        "ms/step": 1e3 * total / len(timed),
+        "p50 ms": 1e3 * timed_sorted[len(timed) // 2],
+        "steps": len(timed),
+    }
 
 
 def bench_zeroserve(args, config_dir, batches, report) -> None:
@@ -145,15 +179,27 @@ def bench_zeroserve(args, config_dir, batches, report) -> None:
 
     kernels = args.kernels or ("triton" if args.device == "cuda" else "torch")
     t0 = time.perf_counter()
-    runner = ModelRunner(RunnerConfig(
-        model=config_dir, load_format="dummy", device=args.device, max_model_len=args.max_model_len,
-        max_num_seqs=max(batches), max_num_batched_tokens=max(2048, args.input_len), kernel_backend=kernels,
-        enforce_eager=False, gpu_memory_utilization=0.85,
-    ))
+    runner = ModelRunner(
+        RunnerConfig(
+            model=config_dir,
+            load_format="dummy",
+            device=args.device,
+            max_model_len=args.max_model_len,
+            max_num_seqs=max(batches),
+            max_num_batched_tokens=max(2048, args.input_len),
+            kernel_backend=kernels,
+            enforce_eager=False,
+            gpu_memory_utilization=0.85,
+        )
+    )
     eager_forward = runner.model.forward
     native_graphs = runner.forward != eager_forward
-    report.data["runner"] = {"load_s": round(time.perf_counter() - t0, 1), "kernels": kernels,
-                             "num_kv_blocks": runner.num_kv_blocks, "native_cuda_graphs": native_graphs}
+    report.data["runner"] = {
+        "load_s": round(time.perf_counter() - t0, 1),
+        "kernels": kernels,
+        "num_kv_blocks": runner.num_kv_blocks,
+        "native_cuda_graphs": native_graphs,
+    }
     print(report.data["runner"], flush=True)
     graph_forward = runner.forward if native_graphs else None
 
@@ -170,10 +216,15 @@ def bench_zeroserve(args, config_dir, batches, report) -> None:
             from zeroserve.gpu_worker.cuda_graphs import DecodeGraphs
 
             graphs = DecodeGraphs(
-                eager_forward, runner.kv_caches, max_batch=max(batches),
+                eager_forward,
+                runner.kv_caches,
+                max_batch=max(batches),
                 max_blocks_per_seq=-(-runner.max_model_len // runner.block_size),
-                max_model_len=runner.max_model_len, hidden_size=runner.model_config.hidden_size,
-                dtype=runner.dtype, device=runner.device, buckets=sorted(set(batches)),
+                max_model_len=runner.max_model_len,
+                hidden_size=runner.model_config.hidden_size,
+                dtype=runner.dtype,
+                device=runner.device,
+                buckets=sorted(set(batches)),
             )
             graphs.capture()
             report.data["runner"]["graph_capture_s"] = round(graphs.capture_time_s, 1)
@@ -184,8 +235,12 @@ def bench_zeroserve(args, config_dir, batches, report) -> None:
             result = decode_run(runner, batch, args)
             if replays_before is not None:
                 result["graph replays"] = graph_forward.replays - replays_before
-            rows.append({"engine": "zeroserve graphs" if args.device == "cuda" else "zeroserve (no graphs on cpu)",
-                         **result})
+            rows.append(
+                {
+                    "engine": "zeroserve graphs" if args.device == "cuda" else "zeroserve (no graphs on cpu)",
+                    **result,
+                }
+            )
             print(rows[-1], flush=True)
     runner.forward = eager_forward
     del runner
@@ -212,8 +267,13 @@ def main() -> int:
             args.batches = "1,4"
     batches = [int(b) for b in args.batches.split(",")]
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    report.data["setup"] = {"config": config_dir, "batches": batches, "input_len": args.input_len,
-                            "output_len": args.output_len, "dtype": str(dtype)}
+    report.data["setup"] = {
+        "config": config_dir,
+        "batches": batches,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "dtype": str(dtype),
+    }
 
     # HF first: it frees its weights before the runner sizes its KV cache from free memory
     if not args.skip_hf:
@@ -222,8 +282,11 @@ def main() -> int:
     with report.section("zeroserve runner"):
         bench_zeroserve(args, config_dir, batches, report)
 
-    table = [r for title in ("hf generate", "zeroserve eager", "zeroserve cuda graphs")
-             for r in report.data["sections"].get(title, [])]
+    table = [
+        r
+        for title in ("hf generate", "zeroserve eager", "zeroserve cuda graphs")
+        for r in report.data["sections"].get(title, [])
+    ]
     print()
     print_table(table, ["engine", "batch", "tok/s", "ms/step", "p50 ms", "graph replays"])
     report.save()

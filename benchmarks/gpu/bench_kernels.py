@@ -20,7 +20,9 @@ from common import Report, parse_args, print_table, setup_device, time_fn  # noq
 
 
 def main() -> int:
-    args = parse_args(__doc__.splitlines()[0], lambda p: p.add_argument("--peak-gbps", type=float, default=4800.0))
+    args = parse_args(
+        __doc__.splitlines()[0], lambda p: p.add_argument("--peak-gbps", type=float, default=4800.0)
+    )
     setup_device(args)
     import torch
 
@@ -50,15 +52,27 @@ def main() -> int:
             blocks = batch * ctx // bs
             k = torch.randn(blocks, bs, hkv, d, device=dev, dtype=dtype)
             v = torch.randn(blocks, bs, hkv, d, device=dev, dtype=dtype)
-            tables = torch.randperm(blocks, device=dev, dtype=torch.int64).to(torch.int32).view(batch, ctx // bs)
+            tables = (
+                torch.randperm(blocks, device=dev, dtype=torch.int64).to(torch.int32).view(batch, ctx // bs)
+            )
             q = torch.randn(batch, hq, d, device=dev, dtype=dtype)
-            meta = AttentionMetadata.build([1] * batch, [ctx] * batch, [[0]] * batch, [-1] * batch, device=dev)
+            meta = AttentionMetadata.build(
+                [1] * batch, [ctx] * batch, [[0]] * batch, [-1] * batch, device=dev
+            )
             meta.block_tables = tables
             t = time_fn(lambda: tri.paged_attention(q, k, v, meta, d**-0.5), dev, warmup, iters)
             gbps = decode_bytes(batch, ctx, hq, hkv, d, elem) / t / 1e9
-            row = {"batch": batch, "context": ctx, "us": t * 1e6, "GB/s": gbps, "% of peak": 100 * gbps / args.peak_gbps}
+            row = {
+                "batch": batch,
+                "context": ctx,
+                "us": t * 1e6,
+                "GB/s": gbps,
+                "% of peak": 100 * gbps / args.peak_gbps,
+            }
             if batch == decode_grid[0][0] and ctx == decode_grid[0][1]:
-                t_ref = time_fn(lambda: ref.paged_attention(q, k, v, meta, d**-0.5), dev, 1, max(1, iters // 4))
+                t_ref = time_fn(
+                    lambda: ref.paged_attention(q, k, v, meta, d**-0.5), dev, 1, max(1, iters // 4)
+                )
                 row["torch ref us"] = t_ref * 1e6
             rows.append(row)
             print(row, flush=True)
@@ -75,7 +89,9 @@ def main() -> int:
         t = time_fn(lambda: tri.paged_attention(q, k, v, meta, d**-0.5), dev, warmup, iters)
         flops = 4 * hq * d * n * n / 2  # causal: half of QK^T and PV
         t_ref = time_fn(lambda: ref.paged_attention(q, k, v, meta, d**-0.5), dev, 1, max(1, iters // 4))
-        rows.append({"tokens": n, "us": t * 1e6, "TFLOP/s": flops / t / 1e12, "torch ref (sdpa) us": t_ref * 1e6})
+        rows.append(
+            {"tokens": n, "us": t * 1e6, "TFLOP/s": flops / t / 1e12, "torch ref (sdpa) us": t_ref * 1e6}
+        )
         print_table(rows, ["tokens", "us", "TFLOP/s", "torch ref (sdpa) us"])
 
     with report.section("elementwise") as rows:
@@ -105,12 +121,24 @@ def main() -> int:
         top_k = torch.full((sample_rows,), 50, device=dev, dtype=torch.int64)
         top_p = torch.full((sample_rows,), 0.9, device=dev)
         min_p = torch.full((sample_rows,), 0.05, device=dev)
-        for name, params in (("top_k=50 top_p=0.9", (top_k, top_p, None)), ("top_p=0.9", (None, top_p, None)),
-                             ("top_k+top_p+min_p", (top_k, top_p, min_p))):
+        for name, params in (
+            ("top_k=50 top_p=0.9", (top_k, top_p, None)),
+            ("top_p=0.9", (None, top_p, None)),
+            ("top_k+top_p+min_p", (top_k, top_p, min_p)),
+        ):
             t = time_fn(lambda: tri_sampling.top_k_top_p_min_p_filter(logits, *params), dev, warmup, iters)
-            t_ref = time_fn(lambda: tri_sampling.reference_filter(logits, *params), dev, 1, max(1, iters // 2))
-            rows.append({"filter": name, "rows": sample_rows, "vocab": vocab, "triton us": t * 1e6,
-                         "torch ref us": t_ref * 1e6})
+            t_ref = time_fn(
+                lambda: tri_sampling.reference_filter(logits, *params), dev, 1, max(1, iters // 2)
+            )
+            rows.append(
+                {
+                    "filter": name,
+                    "rows": sample_rows,
+                    "vocab": vocab,
+                    "triton us": t * 1e6,
+                    "torch ref us": t_ref * 1e6,
+                }
+            )
         print_table(rows, ["filter", "rows", "vocab", "triton us", "torch ref us"])
 
     report.save()

@@ -40,11 +40,23 @@ def main() -> int:
         err = (out.float() - expected.float()).abs()
         finite = torch.isfinite(expected.float())
         bound = tol + tol * expected.float().abs()
-        ok = bool(torch.equal(torch.isfinite(out.float()), finite)) and bool((err[finite] <= bound[finite]).all())
-        rows.append({"op": op, "dtype": str(dtype).removeprefix("torch."), "shape": shape,
-                     "max_abs_err": float(err[finite].max()) if finite.any() else 0.0, "tol": tol, "ok": ok})
-        print(f"{'ok  ' if ok else 'FAIL'} {op:28s} {rows[-1]['dtype']:9s} {shape:34s} err={rows[-1]['max_abs_err']:.2e}",
-              flush=True)
+        ok = bool(torch.equal(torch.isfinite(out.float()), finite)) and bool(
+            (err[finite] <= bound[finite]).all()
+        )
+        rows.append(
+            {
+                "op": op,
+                "dtype": str(dtype).removeprefix("torch."),
+                "shape": shape,
+                "max_abs_err": float(err[finite].max()) if finite.any() else 0.0,
+                "tol": tol,
+                "ok": ok,
+            }
+        )
+        print(
+            f"{'ok  ' if ok else 'FAIL'} {op:28s} {rows[-1]['dtype']:9s} {shape:34s} err={rows[-1]['max_abs_err']:.2e}",
+            flush=True,
+        )
 
     if args.tiny:
         hq, hkv, d, hidden, inter, vocab = 4, 2, 64, 128, 96, 1000
@@ -80,7 +92,9 @@ def main() -> int:
             x = torch.randn(33, hidden, device=dev, dtype=dtype)
             r = torch.randn(33, hidden, device=dev, dtype=dtype)
             w = (1 + 0.1 * torch.randn(hidden, device=dev)).to(dtype)
-            record("rms_norm", dtype, f"[33, {hidden}]", tri.rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5), tol)
+            record(
+                "rms_norm", dtype, f"[33, {hidden}]", tri.rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5), tol
+            )
             out, res = tri.rms_norm(x, w, 1e-5, residual=r)
             exp_out, exp_res = ref.rms_norm(x, w, 1e-5, residual=r)
             record("rms_norm+residual", dtype, f"[33, {hidden}]", out, exp_out, tol)
@@ -106,21 +120,42 @@ def main() -> int:
             record("write_kv", dtype, f"[33, {hkv}, {d}] -> paged", caches[0], caches[2], 0.0)
         # head_dim 64 / GQA 1 in bf16 only: each fp32 attention variant costs ~10-20 s of ptxas
         head_cases = [(hq, hkv, d)] + ([(hkv, hkv, 64)] if dtype == torch.bfloat16 or args.tiny else [])
-        for (qh, kh, hd) in head_cases:
+        for qh, kh, hd in head_cases:
             scale = hd**-0.5
             with report.section(f"decode attention {name} Hq{qh} Hkv{kh} D{hd}"):
                 q, k, v, meta = paged([1] * len(decode_lens), decode_lens, qh, kh, hd, dtype)
                 expected = ref.paged_attention(q, k, v, meta, scale)
-                record("decode (auto split)", dtype, f"S={len(decode_lens)} max_ctx={max(decode_lens)}",
-                       tri.paged_attention(q, k, v, meta, scale), expected, attn_tol)
+                record(
+                    "decode (auto split)",
+                    dtype,
+                    f"S={len(decode_lens)} max_ctx={max(decode_lens)}",
+                    tri.paged_attention(q, k, v, meta, scale),
+                    expected,
+                    attn_tol,
+                )
                 from zeroserve.kernels.triton.attention_decode import decode_attention
 
-                out = decode_attention(q, k, v, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale, split_len=64)
-                record("decode (split 64)", dtype, f"S={len(decode_lens)} max_ctx={max(decode_lens)}", out, expected, attn_tol)
+                out = decode_attention(
+                    q, k, v, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale, split_len=64
+                )
+                record(
+                    "decode (split 64)",
+                    dtype,
+                    f"S={len(decode_lens)} max_ctx={max(decode_lens)}",
+                    out,
+                    expected,
+                    attn_tol,
+                )
             with report.section(f"extend attention {name} Hq{qh} Hkv{kh} D{hd}"):
                 q, k, v, meta = paged(extend[0], extend[1], qh, kh, hd, dtype)
-                record("extend (ragged, prefixes)", dtype, f"q_lens={extend[0][:4]}..",
-                       tri.paged_attention(q, k, v, meta, scale), ref.paged_attention(q, k, v, meta, scale), attn_tol)
+                record(
+                    "extend (ragged, prefixes)",
+                    dtype,
+                    f"q_lens={extend[0][:4]}..",
+                    tri.paged_attention(q, k, v, meta, scale),
+                    ref.paged_attention(q, k, v, meta, scale),
+                    attn_tol,
+                )
 
     if dev == "cuda":
         with report.section("decode attention captured in a CUDA graph"):
@@ -139,10 +174,24 @@ def main() -> int:
                 meta.block_tables.copy_(meta.block_tables.flip(0))
                 q.normal_()
                 graph.replay()
-                expected_meta = AttentionMetadata(meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                                                  meta.slot_mapping, 1, max(lens), [1] * 8, lens)
-                record("decode graph replay", torch.bfloat16, f"lens={lens[:4]}..", out,
-                       ref.paged_attention(q, k, v, expected_meta, d**-0.5), ATTN_TOL["bfloat16"])
+                expected_meta = AttentionMetadata(
+                    meta.query_start_loc,
+                    meta.seq_lens,
+                    meta.block_tables,
+                    meta.slot_mapping,
+                    1,
+                    max(lens),
+                    [1] * 8,
+                    lens,
+                )
+                record(
+                    "decode graph replay",
+                    torch.bfloat16,
+                    f"lens={lens[:4]}..",
+                    out,
+                    ref.paged_attention(q, k, v, expected_meta, d**-0.5),
+                    ATTN_TOL["bfloat16"],
+                )
 
     with report.section("sampling filters fp32"):
         logits = torch.randn(64, vocab, device=dev) * 3
@@ -158,7 +207,9 @@ def main() -> int:
     print_table(rows, ["op", "dtype", "shape", "max_abs_err", "tol", "ok"])
     bad = [r for r in rows if not r["ok"]]
     report.data["summary"] = {"checks": len(rows), "failed": len(bad)}
-    print(f"\n{len(rows) - len(bad)}/{len(rows)} checks passed; section errors: {list(report.data['errors'])}")
+    print(
+        f"\n{len(rows) - len(bad)}/{len(rows)} checks passed; section errors: {list(report.data['errors'])}"
+    )
     report.save()
     return 1 if bad or report.data["errors"] else 0
 

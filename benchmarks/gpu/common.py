@@ -42,8 +42,12 @@ def environment() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1),
-                    capability=f"{props.major}.{props.minor}")
+        info.update(
+            gpu=props.name,
+            sms=props.multi_processor_count,
+            memory_gib=round(props.total_memory / 2**30, 1),
+            capability=f"{props.major}.{props.minor}",
+        )
     return info
 
 
@@ -85,7 +89,13 @@ class Report:
 
     def __init__(self, name: str, args: argparse.Namespace):
         self.name, self.args = name, args
-        self.data: dict = {"script": name, "device": args.device, "tiny": args.tiny, "sections": {}, "errors": {}}
+        self.data: dict = {
+            "script": name,
+            "device": args.device,
+            "tiny": args.tiny,
+            "sections": {},
+            "errors": {},
+        }
         self.started = time.perf_counter()
 
     @contextmanager

@@ -36,10 +36,23 @@ from .gguf_loader import SUPPORTED_TYPES, config_from_gguf, load_gguf_weights
 from .hf import load_hf_weights, read_hf_config
 
 __all__ = [
-    "CheckpointError", "CorruptCheckpointError", "InvalidConfigError", "MissingConfigError", "MissingShardError",
-    "MissingTensorError", "ModelConfig", "ShapeMismatchError", "SUPPORTED_TYPES", "UnexpectedTensorError",
-    "UnknownArchitectureError", "UnsupportedQuantError", "checkpoint_format", "dummy_weights", "expected_shapes",
-    "load_checkpoint", "load_model_config",
+    "CheckpointError",
+    "CorruptCheckpointError",
+    "InvalidConfigError",
+    "MissingConfigError",
+    "MissingShardError",
+    "MissingTensorError",
+    "ModelConfig",
+    "ShapeMismatchError",
+    "SUPPORTED_TYPES",
+    "UnexpectedTensorError",
+    "UnknownArchitectureError",
+    "UnsupportedQuantError",
+    "checkpoint_format",
+    "dummy_weights",
+    "expected_shapes",
+    "load_checkpoint",
+    "load_model_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,9 +70,12 @@ def checkpoint_format(path: str) -> Literal["hf", "gguf"]:
     if magic == b"GGUF":
         return "gguf"
     if path.endswith(".gguf"):
-        raise CorruptCheckpointError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')", path=path)
+        raise CorruptCheckpointError(
+            f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')", path=path
+        )
     raise CheckpointError(
-        f"{path}: neither a GGUF file nor a Hugging Face model folder (config.json + *.safetensors)", path=path
+        f"{path}: neither a GGUF file nor a Hugging Face model folder (config.json + *.safetensors)",
+        path=path,
     )
 
 
@@ -92,7 +108,9 @@ def load_checkpoint(
         cfg = load_model_config(path)
         return cfg, dummy_weights(cfg, dtype=dtype, device=device, seed=seed)
     if load_format not in ("auto", fmt):
-        raise CheckpointError(f"{path}: load_format={load_format!r} but this is a {fmt} checkpoint", path=path)
+        raise CheckpointError(
+            f"{path}: load_format={load_format!r} but this is a {fmt} checkpoint", path=path
+        )
     if fmt == "hf":
         cfg = read_hf_config(path)
         weights = load_hf_weights(path, cfg, dtype=dtype, device=device, progress=progress)
@@ -100,6 +118,11 @@ def load_checkpoint(
         with GGUFFile(path) as g:
             cfg = config_from_gguf(g)
             weights = load_gguf_weights(g, cfg, dtype=dtype, device=device, progress=progress)
-    log.info("loaded %s (%s, %d tensors) in %.1f s", path, cfg.quantization or cfg.torch_dtype, len(weights),
-             time.perf_counter() - start)
+    log.info(
+        "loaded %s (%s, %d tensors) in %.1f s",
+        path,
+        cfg.quantization or cfg.torch_dtype,
+        len(weights),
+        time.perf_counter() - start,
+    )
     return cfg, weights

@@ -28,7 +28,12 @@ HF_ARCHITECTURES: dict[str, Architecture] = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
 }
-HF_MODEL_TYPES: dict[str, Architecture] = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+HF_MODEL_TYPES: dict[str, Architecture] = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+}
 GGUF_ARCHITECTURES: tuple[Architecture, ...] = ("llama", "qwen2", "qwen3")
 
 
@@ -85,8 +90,7 @@ def _arch_from_hf(cfg: dict[str, Any], path: str) -> Architecture:
         return HF_MODEL_TYPES[cfg["model_type"]]
     got = ", ".join(names) or f"model_type={cfg.get('model_type')!r}"
     raise UnknownArchitectureError(
-        f"{path}: architecture {got} is not supported; zeroserve serves "
-        f"{', '.join(HF_ARCHITECTURES)}",
+        f"{path}: architecture {got} is not supported; zeroserve serves {', '.join(HF_ARCHITECTURES)}",
         path=path,
     )
 
@@ -141,7 +145,9 @@ def config_from_hf(cfg: dict[str, Any], generation: dict[str, Any] | None, path:
             format="hf",
         )
     except KeyError as e:
-        raise InvalidConfigError(f"{path}: config has no {e.args[0]!r}, which {arch} needs", path=path) from None
+        raise InvalidConfigError(
+            f"{path}: config has no {e.args[0]!r}, which {arch} needs", path=path
+        ) from None
     except (TypeError, ValueError) as e:
         raise InvalidConfigError(f"{path}: invalid config: {e}", path=path) from None
 
@@ -170,8 +176,11 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "mlp.down_proj.weight": (H, I),
         }
         if cfg.attention_bias:
-            shapes |= {p + "self_attn.q_proj.bias": (q_out,), p + "self_attn.k_proj.bias": (kv_out,),
-                       p + "self_attn.v_proj.bias": (kv_out,)}
+            shapes |= {
+                p + "self_attn.q_proj.bias": (q_out,),
+                p + "self_attn.k_proj.bias": (kv_out,),
+                p + "self_attn.v_proj.bias": (kv_out,),
+            }
         if cfg.o_proj_bias:
             shapes[p + "self_attn.o_proj.bias"] = (H,)
         if cfg.architecture == "qwen3":

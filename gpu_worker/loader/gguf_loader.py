@@ -21,12 +21,19 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 from gguf.quants import dequantize
 
 from .config import GGUF_ARCHITECTURES, ModelConfig, check_tensors, expected_shapes
-from .errors import CorruptCheckpointError, InvalidConfigError, UnknownArchitectureError, UnsupportedQuantError
+from .errors import (
+    CorruptCheckpointError,
+    InvalidConfigError,
+    UnknownArchitectureError,
+    UnsupportedQuantError,
+)
 from .gguf_file import GGUFFile, GGUFTensorInfo
 from .progress import progress_bar
 
 Q = GGMLQuantizationType
-SUPPORTED_TYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+SUPPORTED_TYPES = frozenset(
+    {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K}
+)
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -93,7 +100,9 @@ def _scalar(value: Any) -> Any:
     return value
 
 
-def rope_scaling_from_freqs(freqs: np.ndarray, head_dim: int, theta: float, original_ctx: int) -> dict[str, Any] | None:
+def rope_scaling_from_freqs(
+    freqs: np.ndarray, head_dim: int, theta: float, original_ctx: int
+) -> dict[str, Any] | None:
     """Recover HF's llama3 rope_scaling from llama.cpp's `rope_freqs` (one divisor per rotary
     frequency: 1 for short wavelengths, `factor` for long ones, a smooth ramp between).
 
@@ -116,8 +125,13 @@ def rope_scaling_from_freqs(freqs: np.ndarray, head_dim: int, theta: float, orig
     a, b = np.polyfit(inv_freq[ramp] / (2 * math.pi), s, 1)  # s = a / wavelen + b
     span = original_ctx / a  # high - low
     low = -b * span
-    out = {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(low),
-           "high_freq_factor": float(low + span), "original_max_position_embeddings": int(original_ctx)}
+    out = {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": float(low),
+        "high_freq_factor": float(low + span),
+        "original_max_position_embeddings": int(original_ctx),
+    }
     wavelen = 2 * math.pi / inv_freq
     smooth = np.clip((original_ctx / wavelen - low) / span, 0.0, 1.0)
     rebuilt = 1 / ((1 - smooth) / factor + smooth)
@@ -149,15 +163,20 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     if rotary_dim != head_dim:
         raise UnknownArchitectureError(
             f"{path}: partial rotary ({arch}.rope.dimension_count={rotary_dim} < head_dim {head_dim}) "
-            "is not supported", path=path,
+            "is not supported",
+            path=path,
         )
     theta = float(key("rope.freq_base", 10000.0))
     context = int(key("context_length", 2048))
     embd = g.tensors.get("token_embd.weight")
     tokens = md.get("tokenizer.ggml.tokens")
-    vocab = embd.shape[0] if embd is not None else key("vocab_size", len(tokens) if tokens is not None else None)
+    vocab = (
+        embd.shape[0] if embd is not None else key("vocab_size", len(tokens) if tokens is not None else None)
+    )
     if vocab is None:
-        raise InvalidConfigError(f"{path}: no token_embd.weight and no vocabulary size in the metadata", path=path)
+        raise InvalidConfigError(
+            f"{path}: no token_embd.weight and no vocabulary size in the metadata", path=path
+        )
 
     rope_scaling = None
     scaling_type = key("rope.scaling.type", "none")
@@ -165,8 +184,11 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         factor = key("rope.scaling.factor", key("rope.scale_linear", 1.0))
         rope_scaling = {"rope_type": "linear", "factor": float(factor)}
     elif scaling_type == "yarn":
-        rope_scaling = {"rope_type": "yarn", "factor": float(key("rope.scaling.factor")),
-                        "original_max_position_embeddings": int(key("rope.scaling.original_context_length", context))}
+        rope_scaling = {
+            "rope_type": "yarn",
+            "factor": float(key("rope.scaling.factor")),
+            "original_max_position_embeddings": int(key("rope.scaling.original_context_length", context)),
+        }
     elif scaling_type != "none":
         raise UnknownArchitectureError(f"{path}: rope scaling {scaling_type!r} is not supported", path=path)
     if ROPE_FREQS in g.tensors:
@@ -177,18 +199,26 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
             )
         except ValueError as e:
             raise UnknownArchitectureError(
-                f"{path}: tensor {ROPE_FREQS!r} is not llama3 rope scaling ({e})", path=path, tensor=ROPE_FREQS
+                f"{path}: tensor {ROPE_FREQS!r} is not llama3 rope scaling ({e})",
+                path=path,
+                tensor=ROPE_FREQS,
             ) from None
 
     types = Counter(t.type_name for t in g.tensors.values() if len(t.ne) == 2)
     try:
-        quantization = LlamaFileType(md["general.file_type"]).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        quantization = (
+            LlamaFileType(md["general.file_type"]).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        )
     except (KeyError, ValueError):
         quantization = "GUESSED"
     if quantization == "GUESSED":  # no file type: the commonest matrix type other than F32
         quantization = next((name for name, _ in types.most_common() if name != "F32"), "F32")
     # llama.cpp stops on any end-of-generation token: eos, and end-of-turn/-message where set
-    eos = [md[f"tokenizer.ggml.{k}_token_id"] for k in ("eos", "eot", "eom") if f"tokenizer.ggml.{k}_token_id" in md]
+    eos = [
+        md[f"tokenizer.ggml.{k}_token_id"]
+        for k in ("eos", "eot", "eom")
+        if f"tokenizer.ggml.{k}_token_id" in md
+    ]
     try:
         return ModelConfig(
             architecture=arch,
@@ -231,13 +261,15 @@ def _check_types(g: GGUFFile, infos: list[GGUFTensorInfo]) -> None:
             raise UnsupportedQuantError(
                 f"{g.path}: tensor {info.name!r} is stored as {info.type_name}, which zeroserve cannot "
                 f"dequantize (supported: {supported}); use a GGUF file quantized to one of those",
-                path=g.path, tensor=info.name,
+                path=g.path,
+                tensor=info.name,
             )
         if info.ne and info.ne[0] % GGML_QUANT_SIZES[qtype][0]:
             raise CorruptCheckpointError(
                 f"{g.path}: tensor {info.name!r} has rows of {info.ne[0]} values, not a multiple of the "
                 f"{qtype.name} block size {GGML_QUANT_SIZES[qtype][0]}: the file is corrupt",
-                path=g.path, tensor=info.name,
+                path=g.path,
+                tensor=info.name,
             )
 
 
@@ -247,8 +279,11 @@ def load_gguf_weights(
     """All weights of an open GGUF file in HF names, checked, dequantized and cast to `dtype`."""
     infos = {hf_name(n) or n: info for n, info in g.tensors.items() if n != ROPE_FREQS}
     check_tensors(
-        cfg, {n: info.shape for n, info in infos.items()},
-        source={}, default_source=g.path, config_name=f"{g.path} metadata",
+        cfg,
+        {n: info.shape for n, info in infos.items()},
+        source={},
+        default_source=g.path,
+        config_name=f"{g.path} metadata",
         display={n: info.name for n, info in infos.items()} | {n: gguf_name(n) for n in expected_shapes(cfg)},
     )
     _check_types(g, list(infos.values()))
@@ -268,4 +303,3 @@ def load_gguf_weights(
             weights[name] = torch.from_numpy(w).to(device=device, dtype=dtype)
             bar.update(info.nbytes)
     return weights
-

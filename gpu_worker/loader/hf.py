@@ -32,7 +32,8 @@ def _read_json(path: str, *, required: bool) -> dict[str, Any] | None:
         if required:
             raise MissingConfigError(
                 f"{path}: not found: a Hugging Face model folder needs config.json next to its "
-                "*.safetensors files", path=path,
+                "*.safetensors files",
+                path=path,
             )
         return None
     try:
@@ -88,7 +89,9 @@ def safetensors_files(folder: str) -> tuple[list[str], str]:
     pickled = [f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth"))]
     hint = (
         f" ({', '.join(pickled)} is a pickle checkpoint, which zeroserve never loads because it can "
-        "run code: convert it to safetensors)" if pickled else ""
+        "run code: convert it to safetensors)"
+        if pickled
+        else ""
     )
     raise CheckpointError(f"{folder}: no *.safetensors weights found{hint}", path=folder)
 
@@ -100,12 +103,15 @@ def read_safetensors_header(path: str) -> dict[str, tuple[tuple[int, ...], str]]
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CorruptCheckpointError(f"{path}: {size} bytes: truncated or empty safetensors file", path=path)
+            raise CorruptCheckpointError(
+                f"{path}: {size} bytes: truncated or empty safetensors file", path=path
+            )
         (n,) = struct.unpack("<Q", head)
         if 8 + n > size:
             raise CorruptCheckpointError(
                 f"{path}: the header claims {n} bytes but the file has {size}: truncated or not a "
-                "safetensors file; download it again", path=path,
+                "safetensors file; download it again",
+                path=path,
             )
         try:
             header = json.loads(f.read(n))
@@ -128,7 +134,8 @@ def read_safetensors_header(path: str) -> dict[str, tuple[tuple[int, ...], str]]
             raise CorruptCheckpointError(
                 f"{path}: tensor {name!r} (bytes {8 + n + begin}..{8 + n + end}) lies past the end of "
                 f"the file ({size} bytes): the file is truncated; download it again",
-                path=path, tensor=name,
+                path=path,
+                tensor=name,
             )
         out[name] = (shape, str(meta.get("dtype")))
     return out
@@ -144,8 +151,13 @@ def load_hf_weights(
     for path in files:
         for name, (shape, _) in read_safetensors_header(path).items():
             shapes[name], source[name] = shape, path
-    check_tensors(cfg, shapes, source=source, default_source=default_source,
-                  config_name=os.path.join(folder, "config.json"))
+    check_tensors(
+        cfg,
+        shapes,
+        source=source,
+        default_source=default_source,
+        config_name=os.path.join(folder, "config.json"),
+    )
     wanted = [n for n in shapes if not is_ignorable(n, cfg)]
     total = sum(os.path.getsize(p) for p in files)
     weights: dict[str, torch.Tensor] = {}

@@ -1,9 +1,9 @@
 """Model registry: ModelConfig.architecture -> model class (imported lazily).
 
-    model = build_model(cfg, ops, max_positions)   # weights on the meta device
-    model.load_weights(weights, device)            # HF-named tensors from the loader
-    hidden = model(input_ids, positions, kv_caches, attn_metadata)
-    logits = model.compute_logits(hidden[rows])
+model = build_model(cfg, ops, max_positions)   # weights on the meta device
+model.load_weights(weights, device)            # HF-named tensors from the loader
+hidden = model(input_ids, positions, kv_caches, attn_metadata)
+logits = model.compute_logits(hidden[rows])
 """
 
 from __future__ import annotations

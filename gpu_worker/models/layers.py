@@ -139,8 +139,9 @@ def build_cos_sin_cache(
 class RotaryEmbedding(nn.Module):
     """Holds the cos/sin cache (one per model, shared by every layer)."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None,
-                 ops: ModuleType):
+    def __init__(
+        self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None, ops: ModuleType
+    ):
         super().__init__()
         self.ops = ops
         cache = build_cos_sin_cache(head_dim, max_positions, theta, scaling)
@@ -235,7 +236,10 @@ def hf_sources(param_name: str) -> list[str]:
 
 
 def load_packed_weights(
-    module: nn.Module, weights: dict[str, torch.Tensor], device: torch.device | str, skip: set[str] = frozenset()
+    module: nn.Module,
+    weights: dict[str, torch.Tensor],
+    device: torch.device | str,
+    skip: set[str] = frozenset(),
 ) -> None:
     """Fill every parameter of ``module`` from HF-named ``weights`` (which it empties as it
     goes, so peak memory stays near one copy of the model). Raises KeyError / ValueError
@@ -250,7 +254,9 @@ def load_packed_weights(
         parts = [weights.pop(s) for s in sources]
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         if tuple(tensor.shape) != tuple(param.shape):
-            raise ValueError(f"{name}: checkpoint gives shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}")
+            raise ValueError(
+                f"{name}: checkpoint gives shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}"
+            )
         owner_name, _, attr = name.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
         owner._parameters[attr] = nn.Parameter(tensor.to(device).contiguous(), requires_grad=False)

@@ -18,15 +18,33 @@ from torch import nn
 from zeroserve.gpu_worker.loader import ModelConfig
 from zeroserve.kernels.metadata import AttentionMetadata
 
-from .layers import Attention, GatedMLP, KVCache, Linear, RMSNorm, RotaryEmbedding, _param, load_packed_weights
+from .layers import (
+    Attention,
+    GatedMLP,
+    KVCache,
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    _param,
+    load_packed_weights,
+)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, ops: ModuleType, *, qkv_bias: bool, qk_norm: bool):
+    def __init__(
+        self, cfg: ModelConfig, rotary: RotaryEmbedding, ops: ModuleType, *, qkv_bias: bool, qk_norm: bool
+    ):
         super().__init__()
         self.self_attn = Attention(
-            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, rotary, ops,
-            qkv_bias=qkv_bias, o_bias=cfg.o_proj_bias, qk_norm_eps=cfg.rms_norm_eps if qk_norm else None,
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            rotary,
+            ops,
+            qkv_bias=qkv_bias,
+            o_bias=cfg.o_proj_bias,
+            qk_norm_eps=cfg.rms_norm_eps if qk_norm else None,
         )
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, ops)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
@@ -50,7 +68,9 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: ModuleType, max_positions: int, *, qkv_bias: bool, qk_norm: bool):
+    def __init__(
+        self, cfg: ModelConfig, ops: ModuleType, max_positions: int, *, qkv_bias: bool, qk_norm: bool
+    ):
         super().__init__()
         self.embed_tokens = nn.Module()
         self.embed_tokens.weight = _param(cfg.vocab_size, cfg.hidden_size)
@@ -62,7 +82,11 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
     ) -> torch.Tensor:
         hidden = F.embedding(input_ids, self.embed_tokens.weight)
         residual = None
@@ -89,7 +113,11 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)  # tied: shares embed_tokens' weight
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
     ) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)
 

@@ -84,8 +84,25 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.zs_paged_attention.restype = None
     lib.zs_max_threads.restype = ctypes.c_int
     lib.zs_vectorized.restype = ctypes.c_int
-    lib.zs_paged_attention.argtypes = [p, p, p, ctypes.c_int32, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, f32,
-                                       i64]
+    lib.zs_paged_attention.argtypes = [
+        p,
+        p,
+        p,
+        ctypes.c_int32,
+        p,
+        p,
+        p,
+        p,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        f32,
+        i64,
+    ]
     lib.zs_rms_norm.argtypes = [p, i64, p, i64, p, p, p, i64, i64, f32]
     lib.zs_rotary.argtypes = [p, p, i64, p, i64, p, p, p, i64, i64, i64, i64]
     lib.zs_write_kv.argtypes = [p, i64, p, i64, p, p, p, i64, i64, i64]
@@ -93,8 +110,15 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.zs_argmax_rows.argtypes = [p, i64, i64, i64, p]
     lib.zs_pack_linear.argtypes = [p, p, i64, i64, p, p]
     lib.zs_linear.argtypes = [p, i64, p, p, p, i64, i64, i64]
-    for fn in (lib.zs_rms_norm, lib.zs_rotary, lib.zs_write_kv, lib.zs_silu_and_mul, lib.zs_argmax_rows,
-               lib.zs_pack_linear, lib.zs_linear):
+    for fn in (
+        lib.zs_rms_norm,
+        lib.zs_rotary,
+        lib.zs_write_kv,
+        lib.zs_silu_and_mul,
+        lib.zs_argmax_rows,
+        lib.zs_pack_linear,
+        lib.zs_linear,
+    ):
         fn.restype = None
 
 
@@ -112,8 +136,10 @@ def load(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
 
             compiler = _compiler()
             if compiler is None:
-                raise CpuKernelsUnavailable("no C++ compiler (g++, c++ or clang++) on PATH; install one "
-                                            "(apt-get install g++) for the fast CPU kernels")
+                raise CpuKernelsUnavailable(
+                    "no C++ compiler (g++, c++ or clang++) on PATH; install one "
+                    "(apt-get install g++) for the fast CPU kernels"
+                )
             flags = [*FLAGS, *extra_flags]
             path = library_path(compiler, flags)
             if not path.exists():

@@ -13,8 +13,16 @@ from zeroserve.kernels.cpu import build
 from zeroserve.kernels.metadata import AttentionMetadata
 from zeroserve.kernels.reference import ops as reference
 
-__all__ = ["rms_norm", "rotary", "silu_and_mul", "write_kv", "paged_attention", "argmax_rows", "PackedLinear",
-           "linear"]
+__all__ = [
+    "rms_norm",
+    "rotary",
+    "silu_and_mul",
+    "write_kv",
+    "paged_attention",
+    "argmax_rows",
+    "PackedLinear",
+    "linear",
+]
 
 _lib = build.load()  # importing this module raises CpuKernelsUnavailable where there is no build
 _VECTORIZED = bool(_lib.zs_vectorized())  # the AVX2 attention takes head dims that are multiples of 8
@@ -30,42 +38,84 @@ def _rows_ok(t: torch.Tensor) -> bool:
 
 def _heads_ok(t: torch.Tensor) -> bool:
     """[T, H, D] fp32 on the CPU with each token's heads contiguous (any token stride)."""
-    return (t.dtype == F32 and t.device.type == "cpu" and t.dim() == 3 and t.stride(2) == 1
-            and t.stride(1) == t.shape[2])
+    return (
+        t.dtype == F32
+        and t.device.type == "cpu"
+        and t.dim() == 3
+        and t.stride(2) == 1
+        and t.stride(1) == t.shape[2]
+    )
 
 
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    if not (_rows_ok(x) and weight.dtype == F32 and weight.is_contiguous()
-            and (residual is None or (_rows_ok(residual) and residual.shape == x.shape))):
+    if not (
+        _rows_ok(x)
+        and weight.dtype == F32
+        and weight.is_contiguous()
+        and (residual is None or (_rows_ok(residual) and residual.shape == x.shape))
+    ):
         return reference.rms_norm(x, weight, eps, residual)
     rows, hidden = x.shape
     out = torch.empty((rows, hidden), dtype=F32)
     if residual is None:
-        _lib.zs_rms_norm(x.data_ptr(), x.stride(0), None, 0, weight.data_ptr(), out.data_ptr(), None,
-                         rows, hidden, eps)
+        _lib.zs_rms_norm(
+            x.data_ptr(), x.stride(0), None, 0, weight.data_ptr(), out.data_ptr(), None, rows, hidden, eps
+        )
         return out
     residual_out = torch.empty((rows, hidden), dtype=F32)
-    _lib.zs_rms_norm(x.data_ptr(), x.stride(0), residual.data_ptr(), residual.stride(0), weight.data_ptr(),
-                     out.data_ptr(), residual_out.data_ptr(), rows, hidden, eps)
+    _lib.zs_rms_norm(
+        x.data_ptr(),
+        x.stride(0),
+        residual.data_ptr(),
+        residual.stride(0),
+        weight.data_ptr(),
+        out.data_ptr(),
+        residual_out.data_ptr(),
+        rows,
+        hidden,
+        eps,
+    )
     return out, residual_out
 
 
 def rotary(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if not (_heads_ok(q) and _heads_ok(k) and q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2]
-            and q.shape[2] % 2 == 0 and cos_sin_cache.dtype == F32 and cos_sin_cache.is_contiguous()
-            and cos_sin_cache.shape[1] == q.shape[2] and positions.device.type == "cpu"):
+    if not (
+        _heads_ok(q)
+        and _heads_ok(k)
+        and q.shape[0] == k.shape[0]
+        and q.shape[2] == k.shape[2]
+        and q.shape[2] % 2 == 0
+        and cos_sin_cache.dtype == F32
+        and cos_sin_cache.is_contiguous()
+        and cos_sin_cache.shape[1] == q.shape[2]
+        and positions.device.type == "cpu"
+    ):
         return reference.rotary(positions, q, k, cos_sin_cache)
     positions = positions.to(torch.int64).contiguous()
     tokens, q_heads, dim = q.shape
     if tokens and not 0 <= int(positions.min()) <= int(positions.max()) < cos_sin_cache.shape[0]:
-        raise IndexError(f"rotary: a position is outside the cos/sin cache of {cos_sin_cache.shape[0]} positions")
+        raise IndexError(
+            f"rotary: a position is outside the cos/sin cache of {cos_sin_cache.shape[0]} positions"
+        )
     q_out, k_out = torch.empty((tokens, q_heads, dim), dtype=F32), torch.empty(k.shape, dtype=F32)
-    _lib.zs_rotary(positions.data_ptr(), q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0),
-                   cos_sin_cache.data_ptr(), q_out.data_ptr(), k_out.data_ptr(), tokens, q_heads, k.shape[1], dim)
+    _lib.zs_rotary(
+        positions.data_ptr(),
+        q.data_ptr(),
+        q.stride(0),
+        k.data_ptr(),
+        k.stride(0),
+        cos_sin_cache.data_ptr(),
+        q_out.data_ptr(),
+        k_out.data_ptr(),
+        tokens,
+        q_heads,
+        k.shape[1],
+        dim,
+    )
     return q_out, k_out
 
 
@@ -88,18 +138,37 @@ def write_kv(
     """fp32 rows are copied as they are; a 16-bit cache gets them rounded by torch (to nearest
     even, exactly as the reference stores them), then copied."""
     num_blocks, block_size, hkv, dim = k_cache.shape
-    if not (_heads_ok(k) and _heads_ok(v) and k_cache.dtype in CACHE_TYPES and v_cache.dtype == k_cache.dtype
-            and k_cache.device.type == "cpu" and k_cache.is_contiguous() and v_cache.is_contiguous()
-            and k.shape[1:] == (hkv, dim) and v.shape == k.shape and slot_mapping.dtype == torch.int64
-            and slot_mapping.is_contiguous()):
+    if not (
+        _heads_ok(k)
+        and _heads_ok(v)
+        and k_cache.dtype in CACHE_TYPES
+        and v_cache.dtype == k_cache.dtype
+        and k_cache.device.type == "cpu"
+        and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
+        and k.shape[1:] == (hkv, dim)
+        and v.shape == k.shape
+        and slot_mapping.dtype == torch.int64
+        and slot_mapping.is_contiguous()
+    ):
         return reference.write_kv(k, v, k_cache, v_cache, slot_mapping)
     if k_cache.dtype != F32:
         k, v = k.to(k_cache.dtype), v.to(k_cache.dtype)  # new [T, Hkv, D] tensors
     tokens = k.shape[0]
     if tokens and int(slot_mapping.max()) >= num_blocks * block_size:
         raise IndexError(f"write_kv: a slot is past the cache's {num_blocks * block_size} slots")
-    _lib.zs_write_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-                     slot_mapping.data_ptr(), tokens, hkv * dim, k_cache.element_size())
+    _lib.zs_write_kv(
+        k.data_ptr(),
+        k.stride(0),
+        v.data_ptr(),
+        v.stride(0),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        slot_mapping.data_ptr(),
+        tokens,
+        hkv * dim,
+        k_cache.element_size(),
+    )
 
 
 def paged_attention(
@@ -111,9 +180,15 @@ def paged_attention(
 ) -> torch.Tensor:
     """q: [T, Hq, D] -> [T, Hq, D]; every row causal over its sequence's paged context.
     The cache may be fp32, fp16 or bf16 (widened to fp32 as it is read)."""
-    if not (q.dtype == F32 and k_cache.dtype in CACHE_TYPES and v_cache.dtype == k_cache.dtype
-            and q.device.type == "cpu" and k_cache.is_contiguous() and v_cache.is_contiguous()
-            and not (_VECTORIZED and q.shape[-1] % 8)):
+    if not (
+        q.dtype == F32
+        and k_cache.dtype in CACHE_TYPES
+        and v_cache.dtype == k_cache.dtype
+        and q.device.type == "cpu"
+        and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
+        and not (_VECTORIZED and q.shape[-1] % 8)
+    ):
         return reference.paged_attention(q, k_cache, v_cache, meta, scale)
     q = q.contiguous()
     num_tokens, num_heads, head_dim = q.shape
@@ -121,9 +196,23 @@ def paged_attention(
     tables = meta.block_tables.contiguous()
     out = torch.empty_like(q)
     _lib.zs_paged_attention(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), CACHE_TYPES[k_cache.dtype], tables.data_ptr(),
-        meta.seq_lens.data_ptr(), meta.query_start_loc.data_ptr(), out.data_ptr(), meta.num_seqs, num_tokens,
-        num_heads, num_kv_heads, head_dim, block_size, tables.shape[1], scale, MIN_SPLIT,
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        CACHE_TYPES[k_cache.dtype],
+        tables.data_ptr(),
+        meta.seq_lens.data_ptr(),
+        meta.query_start_loc.data_ptr(),
+        out.data_ptr(),
+        meta.num_seqs,
+        num_tokens,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        block_size,
+        tables.shape[1],
+        scale,
+        MIN_SPLIT,
     )
     return out
 
@@ -152,20 +241,35 @@ class PackedLinear:
         self.panels = torch.empty(panels * self.in_features * self.PANEL, dtype=F32)
         self.bias = None if bias is None else torch.empty(panels * self.PANEL, dtype=F32)
         b = None if bias is None else bias.detach().contiguous()
-        _lib.zs_pack_linear(weight.data_ptr(), None if b is None else b.data_ptr(), self.out_features,
-                            self.in_features, self.panels.data_ptr(), None if b is None else self.bias.data_ptr())
+        _lib.zs_pack_linear(
+            weight.data_ptr(),
+            None if b is None else b.data_ptr(),
+            self.out_features,
+            self.in_features,
+            self.panels.data_ptr(),
+            None if b is None else self.bias.data_ptr(),
+        )
 
 
 def linear(x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
     """``F.linear(x, W, b)`` over W packed by PackedLinear: x [M, K] fp32 -> [M, N]."""
     if x.dim() != 2 or x.shape[1] != packed.in_features:
-        raise ValueError(f"linear: input of shape {tuple(x.shape)} for a [{packed.out_features}, "
-                         f"{packed.in_features}] weight")
+        raise ValueError(
+            f"linear: input of shape {tuple(x.shape)} for a [{packed.out_features}, "
+            f"{packed.in_features}] weight"
+        )
     if not _rows_ok(x):
         x = x.to(F32).contiguous()
     out = torch.empty((x.shape[0], packed.out_features), dtype=F32)
     if x.shape[0]:
-        _lib.zs_linear(x.data_ptr(), x.stride(0), packed.panels.data_ptr(),
-                       None if packed.bias is None else packed.bias.data_ptr(), out.data_ptr(), x.shape[0],
-                       packed.out_features, packed.in_features)
+        _lib.zs_linear(
+            x.data_ptr(),
+            x.stride(0),
+            packed.panels.data_ptr(),
+            None if packed.bias is None else packed.bias.data_ptr(),
+            out.data_ptr(),
+            x.shape[0],
+            packed.out_features,
+            packed.in_features,
+        )
     return out

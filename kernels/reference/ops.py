@@ -102,7 +102,9 @@ def _decode_attention(
     width = -(-max_seq_len // block_size)
     length = width * block_size
     table = block_tables[:, :width].reshape(-1).long()
-    k = k_cache.view(num_blocks, -1).index_select(0, table).view(s, length, hkv, d).transpose(1, 2)  # (S, Hkv, L, D)
+    k = (
+        k_cache.view(num_blocks, -1).index_select(0, table).view(s, length, hkv, d).transpose(1, 2)
+    )  # (S, Hkv, L, D)
     v = v_cache.view(num_blocks, -1).index_select(0, table).view(s, length, hkv, d).transpose(1, 2)
     if k.dtype != torch.float32:
         k, v = k.float(), v.float()
@@ -112,9 +114,7 @@ def _decode_attention(
     return out.reshape(s, hq, d).to(q.dtype)
 
 
-def _extend_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> torch.Tensor:
+def _extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of the last q_len positions of a context. q: [n, Hq, D], k/v: [L, Hkv, D]."""
     n, hq, d = q.shape
     length, hkv = k.shape[0], k.shape[1]

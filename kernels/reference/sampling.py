@@ -58,9 +58,7 @@ def scatter_token_counts(
     return counts.index_put_((rows, ids), ones, accumulate=True)
 
 
-def scatter_token_mask(
-    rows: torch.Tensor, ids: torch.Tensor, num_rows: int, vocab_size: int
-) -> torch.Tensor:
+def scatter_token_mask(rows: torch.Tensor, ids: torch.Tensor, num_rows: int, vocab_size: int) -> torch.Tensor:
     """Whether each token occurs per row: bool ``[num_rows, vocab_size]``."""
     mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=ids.device)
     return mask.index_put_((rows, ids), torch.ones((), dtype=torch.bool, device=ids.device))

@@ -33,6 +33,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if rows and inter:
         block = min(1024, next_pow2(inter))
         _silu_and_mul_kernel[(rows, triton.cdiv(inter, block))](
-            x2, out, x2.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4,
+            x2,
+            out,
+            x2.stride(0),
+            out.stride(0),
+            inter,
+            BLOCK=block,
+            num_warps=4,
         )
     return out.view(*x.shape[:-1], inter)

@@ -29,17 +29,36 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr,
-    scale_log2e, split_len, num_splits,
-    stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_bt, stride_ot, stride_oh,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    DIRECT: tl.constexpr, DOT_F32: tl.constexpr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    scale_log2e,
+    split_len,
+    num_splits,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DIRECT: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -56,7 +75,8 @@ def _decode_split_kernel(
     heads = kv_head * GROUP + g  # query heads served by this KV head
     q = tl.load(
         q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :],
-        mask=g_mask[:, None] & d_mask[None, :], other=0.0,
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
     ).to(tl.float32)  # (G, D)
     if not DOT_F32:
         q = q.to(k_cache_ptr.dtype.element_ty)
@@ -110,9 +130,16 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    part_out_ptr, part_lse_ptr, seq_lens_ptr, out_ptr,
-    split_len, num_splits, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    part_out_ptr,
+    part_lse_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    split_len,
+    num_splits,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -189,24 +216,51 @@ def decode_attention(
         part_out = torch.empty((num_seqs, hq, num_splits, d_pad), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((num_seqs, hq, num_splits), dtype=torch.float32, device=q.device)
     _decode_split_kernel[(num_seqs, hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens,
-        out, part_out, part_lse,
-        scale * LOG2E, split_len, num_splits,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=max(16, next_pow2(group)),
-        HEAD_DIM=head_dim, D_PAD=d_pad,
-        PAGE_SIZE=page_size, BLOCK_N=block_n,
-        DIRECT=direct, DOT_F32=dot_in_fp32(k_cache.dtype),
-        num_warps=4, num_stages=2,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        part_out,
+        part_lse,
+        scale * LOG2E,
+        split_len,
+        num_splits,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        GROUP=group,
+        GROUP_PAD=max(16, next_pow2(group)),
+        HEAD_DIM=head_dim,
+        D_PAD=d_pad,
+        PAGE_SIZE=page_size,
+        BLOCK_N=block_n,
+        DIRECT=direct,
+        DOT_F32=dot_in_fp32(k_cache.dtype),
+        num_warps=4,
+        num_stages=2,
     )
     if not direct:
         _decode_reduce_kernel[(num_seqs, hq)](
-            part_out, part_lse, seq_lens, out,
-            split_len, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, D_PAD=d_pad,
+            part_out,
+            part_lse,
+            seq_lens,
+            out,
+            split_len,
+            num_splits,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            D_PAD=d_pad,
             num_warps=1 if d_pad <= 64 else 2,
         )
     return out

@@ -33,8 +33,14 @@ from zeroserve.kernels.triton._common import interpreting
 # usable shared memory per block, bytes (opt-in maximum)
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 SIG_DTYPE = {
-    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-    torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1",
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "i1",
 }
 OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
@@ -51,9 +57,12 @@ class Launch:
 
     @property
     def key(self) -> tuple:
-        return (self.fn.fn.__qualname__, tuple(sorted(self.signature.items())),
-                tuple(sorted((k, str(v)) for k, v in self.constexprs.items())),
-                tuple(sorted(self.options.items())))
+        return (
+            self.fn.fn.__qualname__,
+            tuple(sorted(self.signature.items())),
+            tuple(sorted((k, str(v)) for k, v in self.constexprs.items())),
+            tuple(sorted(self.options.items())),
+        )
 
 
 def _describe(fn: JITFunction, args: tuple, kwargs: dict, label: str) -> Launch:
@@ -129,7 +138,9 @@ def llama3_8b_launches() -> list[Launch]:
                 for batch, ctx in ((256, 4096), (1, 4096)):
                     meta = AttentionMetadata.build([1] * batch, [ctx] * batch, [[0]] * batch, [0] * batch)
                     label[0] = f"decode {name} d{head_dim} b{batch} ctx{ctx}"
-                    ops.paged_attention(torch.empty(batch, hq, head_dim, dtype=dtype), cache, cache, meta, scale)
+                    ops.paged_attention(
+                        torch.empty(batch, hq, head_dim, dtype=dtype), cache, cache, meta, scale
+                    )
                 meta = AttentionMetadata.build([3, 1], [40, 7], [[0, 1, 2], [3]], [0] * 4)
                 label[0] = f"extend {name} d{head_dim}"
                 ops.paged_attention(q, cache, cache, meta, scale)
@@ -150,9 +161,17 @@ def llama3_8b_launches() -> list[Launch]:
 # One launch of every kernel and every code path (16-bit tensor-core dots, fp32 3xTF32 dots,
 # direct and split decode, every sampling filter): what the test suite compiles.
 QUICK = (
-    "rms_norm bf16", "rms_norm+residual bf16", "silu_and_mul bf16", "rotary bf16 d128",
-    "write_kv bf16 d128", "decode bf16 d128 b256 ctx4096", "decode bf16 d128 b1 ctx4096",
-    "extend bf16 d128", "decode fp32 d128 b1 ctx4096", "extend fp32 d128", "sampling filter (all)",
+    "rms_norm bf16",
+    "rms_norm+residual bf16",
+    "silu_and_mul bf16",
+    "rotary bf16 d128",
+    "write_kv bf16 d128",
+    "decode bf16 d128 b256 ctx4096",
+    "decode bf16 d128 b1 ctx4096",
+    "extend bf16 d128",
+    "decode fp32 d128 b1 ctx4096",
+    "extend fp32 d128",
+    "sampling filter (all)",
 )
 
 
@@ -204,15 +223,31 @@ def main(argv: list[str] | None = None) -> int:
         for arch in arches:
             r = launch.results[arch]
             cells.append(f"sm_{arch}: " + (f"ok {r['shared_bytes'] // 1024}KiB smem" if r["ok"] else "FAIL"))
-        print(f"{launch.fn.fn.__name__:24s} {launch.label:32s} warps={launch.options.get('num_warps', 4)} " + "  ".join(cells))
-    print(f"{len(launches)} launches x {len(arches)} targets in {time.perf_counter() - start:.1f}s, "
-          f"{len(failures)} failures")
+        print(
+            f"{launch.fn.fn.__name__:24s} {launch.label:32s} warps={launch.options.get('num_warps', 4)} "
+            + "  ".join(cells)
+        )
+    print(
+        f"{len(launches)} launches x {len(arches)} targets in {time.perf_counter() - start:.1f}s, "
+        f"{len(failures)} failures"
+    )
     for line in failures:
         print("FAILED", line)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([{"kernel": l.fn.fn.__name__, "label": l.label, "options": l.options,
-                        "results": {str(a): r for a, r in l.results.items()}} for l in launches], f, indent=1)
+            json.dump(
+                [
+                    {
+                        "kernel": l.fn.fn.__name__,
+                        "label": l.label,
+                        "options": l.options,
+                        "results": {str(a): r for a, r in l.results.items()},
+                    }
+                    for l in launches
+                ],
+                f,
+                indent=1,
+            )
     return 1 if failures else 0
 
 

@@ -17,10 +17,23 @@ from zeroserve.kernels.triton._common import last_dim_contiguous, next_pow2
 
 @triton.jit
 def _write_kv_kernel(
-    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
-    stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_ck_slot, stride_ck_head, stride_cv_slot, stride_cv_head,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr,
+    k_ptr,
+    v_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ck_slot,
+    stride_ck_head,
+    stride_cv_slot,
+    stride_cv_head,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    H_PAD: tl.constexpr,
+    D_PAD: tl.constexpr,
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -54,9 +67,22 @@ def write_kv(
     assert v_cache.stride(0) == v_cache.shape[1] * v_cache.stride(1), "v_cache blocks must be dense"
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "KV cache needs a contiguous head dim"
     _write_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
-        NUM_HEADS=hkv, HEAD_DIM=head_dim, H_PAD=next_pow2(hkv), D_PAD=next_pow2(head_dim),
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        NUM_HEADS=hkv,
+        HEAD_DIM=head_dim,
+        H_PAD=next_pow2(hkv),
+        D_PAD=next_pow2(head_dim),
         num_warps=4 if hkv * head_dim >= 2048 else 2,
     )

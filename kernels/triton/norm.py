@@ -17,10 +17,19 @@ from zeroserve.kernels.triton._common import last_dim_contiguous, next_pow2
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
-    stride_x, stride_r, stride_o, stride_ro,
-    hidden, eps,
-    BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    x_ptr,
+    residual_ptr,
+    weight_ptr,
+    out_ptr,
+    residual_out_ptr,
+    stride_x,
+    stride_r,
+    stride_o,
+    stride_ro,
+    hidden,
+    eps,
+    BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -49,16 +58,27 @@ def rms_norm(
     out = torch.empty((rows, hidden), dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     if residual is not None:
         r2 = last_dim_contiguous(residual.reshape(-1, hidden))
-        residual_out = torch.empty((rows, hidden), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
+        residual_out = torch.empty(
+            (rows, hidden), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device
+        )
     else:
         r2 = residual_out = x2  # unused placeholders
     if rows:
         block = next_pow2(hidden)
         _rms_norm_kernel[(rows,)](
-            x2, r2, weight, out, residual_out,
-            x2.stride(0), r2.stride(0), out.stride(0), residual_out.stride(0),
-            hidden, eps,
-            BLOCK=block, HAS_RESIDUAL=residual is not None,
+            x2,
+            r2,
+            weight,
+            out,
+            residual_out,
+            x2.stride(0),
+            r2.stride(0),
+            out.stride(0),
+            residual_out.stride(0),
+            hidden,
+            eps,
+            BLOCK=block,
+            HAS_RESIDUAL=residual is not None,
             num_warps=min(16, max(1, block // 512)),
         )
     out = out.view(shape)

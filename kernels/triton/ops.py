@@ -38,6 +38,12 @@ def paged_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale
         )
     return extend_attention(
-        q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-        meta.max_query_len, scale,
+        q,
+        k_cache,
+        v_cache,
+        meta.query_start_loc,
+        meta.seq_lens,
+        meta.block_tables,
+        meta.max_query_len,
+        scale,
     )

@@ -19,8 +19,21 @@ from zeroserve.kernels.triton._common import last_dim_contiguous, next_pow2
 
 
 @triton.jit
-def _rotate_heads(x_ptr, o_ptr, t, stride_xt, stride_xh, stride_ot, stride_oh, cos, sin,
-                  NUM_HEADS: tl.constexpr, H_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+def _rotate_heads(
+    x_ptr,
+    o_ptr,
+    t,
+    stride_xt,
+    stride_xh,
+    stride_ot,
+    stride_oh,
+    cos,
+    sin,
+    NUM_HEADS: tl.constexpr,
+    H_PAD: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+):
     h = tl.arange(0, H_PAD)
     j = tl.arange(0, HALF_PAD)
     mask = (h[:, None] < NUM_HEADS) & (j[None, :] < HALF)
@@ -34,11 +47,27 @@ def _rotate_heads(x_ptr, o_ptr, t, stride_xt, stride_xh, stride_ot, stride_oh, c
 
 @triton.jit
 def _rotary_kernel(
-    positions_ptr, q_ptr, k_ptr, cos_sin_ptr, q_out_ptr, k_out_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh,
-    stride_oqt, stride_oqh, stride_okt, stride_okh, stride_cache,
-    HQ: tl.constexpr, HKV: tl.constexpr, HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+    positions_ptr,
+    q_ptr,
+    k_ptr,
+    cos_sin_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_oqt,
+    stride_oqh,
+    stride_okt,
+    stride_okh,
+    stride_cache,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    HQ_PAD: tl.constexpr,
+    HKV_PAD: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + t).to(tl.int64)
@@ -46,10 +75,36 @@ def _rotary_kernel(
     row = cos_sin_ptr + pos * stride_cache
     cos = tl.load(row + j, mask=j < HALF, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(row + HALF + j, mask=j < HALF, other=0.0).to(tl.float32)[None, :]
-    _rotate_heads(q_ptr, q_out_ptr, t, stride_qt, stride_qh, stride_oqt, stride_oqh, cos, sin,
-                  HQ, HQ_PAD, HALF, HALF_PAD)
-    _rotate_heads(k_ptr, k_out_ptr, t, stride_kt, stride_kh, stride_okt, stride_okh, cos, sin,
-                  HKV, HKV_PAD, HALF, HALF_PAD)
+    _rotate_heads(
+        q_ptr,
+        q_out_ptr,
+        t,
+        stride_qt,
+        stride_qh,
+        stride_oqt,
+        stride_oqh,
+        cos,
+        sin,
+        HQ,
+        HQ_PAD,
+        HALF,
+        HALF_PAD,
+    )
+    _rotate_heads(
+        k_ptr,
+        k_out_ptr,
+        t,
+        stride_kt,
+        stride_kh,
+        stride_okt,
+        stride_okh,
+        cos,
+        sin,
+        HKV,
+        HKV_PAD,
+        HALF,
+        HALF_PAD,
+    )
 
 
 def rotary(
@@ -65,11 +120,27 @@ def rotary(
     if num_tokens:
         half = head_dim // 2
         _rotary_kernel[(num_tokens,)](
-            positions, q, k, cache, q_out, k_out,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cache.stride(0),
-            HQ=hq, HKV=hkv, HQ_PAD=next_pow2(hq), HKV_PAD=next_pow2(hkv),
-            HALF=half, HALF_PAD=next_pow2(half),
+            positions,
+            q,
+            k,
+            cache,
+            q_out,
+            k_out,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            q_out.stride(0),
+            q_out.stride(1),
+            k_out.stride(0),
+            k_out.stride(1),
+            cache.stride(0),
+            HQ=hq,
+            HKV=hkv,
+            HQ_PAD=next_pow2(hq),
+            HKV_PAD=next_pow2(hkv),
+            HALF=half,
+            HALF_PAD=next_pow2(half),
             num_warps=4,
         )
     return q_out, k_out

@@ -43,10 +43,21 @@ def _row_values(row_ptr, cols, vocab, temperature, min_p_logit):
 
 @triton.jit
 def _filter_kernel(
-    logits_ptr, out_ptr, temperature_ptr, min_p_ptr, top_k_ptr, top_p_ptr,
-    vocab, stride_l, stride_o, greedy_eps,
-    HAS_TEMPERATURE: tl.constexpr, HAS_MIN_P: tl.constexpr, HAS_TOP_K: tl.constexpr,
-    HAS_TOP_P: tl.constexpr, BLOCK: tl.constexpr,
+    logits_ptr,
+    out_ptr,
+    temperature_ptr,
+    min_p_ptr,
+    top_k_ptr,
+    top_p_ptr,
+    vocab,
+    stride_l,
+    stride_o,
+    greedy_eps,
+    HAS_TEMPERATURE: tl.constexpr,
+    HAS_MIN_P: tl.constexpr,
+    HAS_TOP_K: tl.constexpr,
+    HAS_TOP_P: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_l
@@ -86,7 +97,9 @@ def _filter_kernel(
                 ge = mask & (key >= mid)
                 count += tl.sum(ge.to(tl.int64), 0)
                 first_above = tl.minimum(first_above, tl.min(tl.where(ge, key, KEY_ABOVE_ALL), 0))
-                last_below = tl.maximum(last_below, tl.max(tl.where(mask & (key < mid), key, KEY_BELOW_ALL), 0))
+                last_below = tl.maximum(
+                    last_below, tl.max(tl.where(mask & (key < mid), key, KEY_BELOW_ALL), 0)
+                )
             if count >= k:
                 lo = first_above
                 if count == k:
@@ -120,7 +133,9 @@ def _filter_kernel(
                 above = alive & (key > mid)
                 mass += tl.sum(tl.where(above, tl.exp(x - row_max), 0.0), 0)
                 first_above = tl.minimum(first_above, tl.min(tl.where(above, key, KEY_ABOVE_ALL), 0))
-                last_below = tl.maximum(last_below, tl.max(tl.where(alive & (key <= mid), key, KEY_BELOW_ALL), 0))
+                last_below = tl.maximum(
+                    last_below, tl.max(tl.where(alive & (key <= mid), key, KEY_BELOW_ALL), 0)
+                )
             if mass < limit:
                 hi_p = tl.maximum(last_below, lo_p + 1)
             else:
@@ -151,14 +166,20 @@ def top_k_top_p_min_p_filter(
         return out
     dummy = out  # stands in for absent parameter tensors; never read
     _filter_kernel[(rows,)](
-        logits, out,
+        logits,
+        out,
         temperature if temperature is not None else dummy,
         min_p if min_p is not None else dummy,
         top_k if top_k is not None else dummy,
         top_p if top_p is not None else dummy,
-        vocab, logits.stride(0), out.stride(0), GREEDY_TEMPERATURE_EPS,
-        HAS_TEMPERATURE=temperature is not None, HAS_MIN_P=min_p is not None,
-        HAS_TOP_K=top_k is not None, HAS_TOP_P=top_p is not None,
+        vocab,
+        logits.stride(0),
+        out.stride(0),
+        GREEDY_TEMPERATURE_EPS,
+        HAS_TEMPERATURE=temperature is not None,
+        HAS_MIN_P=min_p is not None,
+        HAS_TOP_K=top_k is not None,
+        HAS_TOP_P=top_p is not None,
         BLOCK=min(4096, triton.next_power_of_2(vocab)),
         num_warps=8,
     )
@@ -181,9 +202,7 @@ def apply_top_p(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return top_k_top_p_min_p_filter(logits, None, p, None)
 
 
-def apply_top_k_top_p(
-    logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None
-) -> torch.Tensor:
+def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None) -> torch.Tensor:
     return top_k_top_p_min_p_filter(logits, k, p, None)
 
 

@@ -18,7 +18,9 @@ def _int_list(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected integers separated by commas, e.g. 1,4,16") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected integers separated by commas, e.g. 1,4,16"
+        ) from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers, e.g. 1,4,16")
     return values
@@ -28,7 +30,9 @@ def _float_list(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers separated by commas, e.g. 50,90,99") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected numbers separated by commas, e.g. 50,90,99"
+        ) from None
     if not values or not all(0 <= v <= 100 for v in values):
         raise argparse.ArgumentTypeError(f"{text!r}: percentiles must lie in [0, 100]")
     return values
@@ -38,15 +42,20 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model id to request (default: the first id of GET /v1/models)")
     p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
     p.add_argument("--dataset", default="random", help="random | chat | jsonl:PATH (default: random)")
-    p.add_argument("--input-len", type=int, default=256, help="prompt tokens (random) or user-turn tokens (chat)")
+    p.add_argument(
+        "--input-len", type=int, default=256, help="prompt tokens (random) or user-turn tokens (chat)"
+    )
     p.add_argument("--output-len", type=int, default=128, help="output tokens asked per request")
     p.add_argument("--range-ratio", type=float, default=0.0, help="random lengths uniform in len*(1±r)")
     p.add_argument("--num-system-prompts", type=int, default=4, help="chat: distinct shared system prompts")
     p.add_argument("--system-prompt-len", type=int, default=256, help="chat: tokens per system prompt")
     p.add_argument("--turns", type=int, default=3, help="chat: user turns per conversation")
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer to size prompts: a path (HF folder, tokenizer.json, GGUF), 'words' "
-                        "(one word = one token), or auto (default: the served model when it is local)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer to size prompts: a path (HF folder, tokenizer.json, GGUF), 'words' "
+        "(one word = one token), or auto (default: the served model when it is local)",
+    )
     p.add_argument("--goodput", default=None, metavar="ttft:MS,tpot:MS,e2el:MS", help="SLOs for goodput")
     p.add_argument("--percentiles", type=_float_list, default=(50, 90, 99), help="default 50,90,99")
     p.add_argument("--num-warmups", type=int, default=1, help="untimed requests sent first (default 1)")
@@ -54,8 +63,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--api-key", default=None, help="Bearer key (default: ZEROSERVE_API_KEY's first key)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default 600)")
-    p.add_argument("--no-ignore-eos", action="store_true",
-                   help="do not send ignore_eos/min_tokens: let outputs stop at EOS")
+    p.add_argument(
+        "--no-ignore-eos",
+        action="store_true",
+        help="do not send ignore_eos/min_tokens: let outputs stop at EOS",
+    )
     p.add_argument("--output-json", metavar="FILE", help="write every figure as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="write charts as PNG")
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
@@ -70,14 +82,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     serve.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000")
     serve.add_argument("--num-prompts", type=int, default=100)
     serve.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
-    serve.add_argument("--request-rate", type=float, default=math.inf, help="requests/s (default: all at once)")
+    serve.add_argument(
+        "--request-rate", type=float, default=math.inf, help="requests/s (default: all at once)"
+    )
     serve.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals: 1 = Poisson")
     _add_common(serve)
 
     sweep = sub.add_parser("sweep", help="the serve benchmark over several concurrencies and servers")
-    sweep.add_argument("--target", action="append", required=True, metavar="NAME=URL", help="repeat per server")
+    sweep.add_argument(
+        "--target", action="append", required=True, metavar="NAME=URL", help="repeat per server"
+    )
     sweep.add_argument("--concurrency", type=_int_list, default=[1, 4, 16, 64], help="default 1,4,16,64")
-    sweep.add_argument("--num-prompts", type=int, default=None, help="per level (default: 4 x concurrency, >= 8)")
+    sweep.add_argument(
+        "--num-prompts", type=int, default=None, help="per level (default: 4 x concurrency, >= 8)"
+    )
     _add_common(sweep)
     return bench
 

@@ -13,7 +13,6 @@ tokens in a chunk shows one longer gap), and output tokens come from the server'
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from dataclasses import dataclass, field
@@ -87,12 +86,16 @@ class SSEParser:
 OPTIONAL_FIELDS = ("ignore_eos", "min_tokens", "stream_options")
 
 
-def build_payload(endpoint: str, model: str, req: BenchRequest, fields: tuple[str, ...], temperature: float) -> dict:
+def build_payload(
+    endpoint: str, model: str, req: BenchRequest, fields: tuple[str, ...], temperature: float
+) -> dict:
     """The JSON body: the prompt, max_tokens, streaming, plus the optional `fields` still in
     use: ignore_eos / min_tokens make outputs as long as asked, stream_options asks for usage."""
     body: dict = {"model": model, "max_tokens": req.output_len, "temperature": temperature, "stream": True}
     if endpoint == "chat":
-        body["messages"] = req.prompt if isinstance(req.prompt, list) else [{"role": "user", "content": req.prompt}]
+        body["messages"] = (
+            req.prompt if isinstance(req.prompt, list) else [{"role": "user", "content": req.prompt}]
+        )
     else:
         body["prompt"] = req.prompt if isinstance(req.prompt, str) else messages_to_text(req.prompt)
     if "stream_options" in fields:
@@ -173,7 +176,7 @@ async def send_request(
                             res.prompt_tokens = int(usage["prompt_tokens"])
             for data in parser.close():
                 done = done or data.strip() == "[DONE]"
-    except asyncio.TimeoutError:
+    except TimeoutError:
         res.error, res.error_detail = "timeout", "no complete response within --request-timeout"
         return res
     except aiohttp.ClientPayloadError as e:
@@ -208,7 +211,7 @@ async def first_model_id(session: aiohttp.ClientSession, base_url: str, headers:
             if resp.status != 200:
                 raise RuntimeError(f"GET {url} answered {resp.status}: {body[:200]}; pass --model")
             data = json.loads(body).get("data") or []
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError, OSError) as e:
         raise RuntimeError(f"cannot reach {url} ({type(e).__name__}: {e}); is the server up?") from None
     except (json.JSONDecodeError, AttributeError):
         raise RuntimeError(f"GET {url} did not answer an OpenAI model list; pass --model") from None

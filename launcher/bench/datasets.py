@@ -73,7 +73,11 @@ class _Wrapped:
         self._tok, self.name = tok, name
 
     def encode(self, text: str) -> list[int]:
-        out = self._tok.encode(text, add_special_tokens=False) if _takes_special(self._tok) else self._tok.encode(text)
+        out = (
+            self._tok.encode(text, add_special_tokens=False)
+            if _takes_special(self._tok)
+            else self._tok.encode(text)
+        )
         return list(getattr(out, "ids", out))
 
     def decode(self, ids: list[int]) -> str:
@@ -144,7 +148,9 @@ def sample_lengths(mean: int, range_ratio: float, n: int, rng: random.Random) ->
     return [rng.randint(lo, hi) for _ in range(n)]
 
 
-def text_of_length(n_tokens: int, counter: TokenCounter, rng: random.Random, prefix: str = "") -> tuple[str, int]:
+def text_of_length(
+    n_tokens: int, counter: TokenCounter, rng: random.Random, prefix: str = ""
+) -> tuple[str, int]:
     """`prefix` then random words, n_tokens in all: exactly for words; for a real tokenizer
     within a token or two when merges shift after decode/re-encode, usually exact.
     Returns the text and its counted length."""
@@ -234,7 +240,9 @@ def jsonl_dataset(path: str, num: int, output_len: int, counter: TokenCounter) -
                 raise ValueError(f"{path}:{lineno}: not JSON ({e}); expected one object per line") from None
             rows.append(_row_to_request(obj, output_len, counter, f"{path}:{lineno}"))
     if not rows:
-        raise ValueError(f"{path}: no prompts found; write one JSON object per line with a 'prompt' or 'messages'")
+        raise ValueError(
+            f"{path}: no prompts found; write one JSON object per line with a 'prompt' or 'messages'"
+        )
     return [rows[i % len(rows)] for i in range(num)]
 
 
@@ -244,7 +252,9 @@ def _row_to_request(obj, output_len: int, counter: TokenCounter, where: str) -> 
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected an object with 'prompt' or 'messages'")
     body = obj.get("body", obj)
-    n_out = int(obj.get("output_len") or body.get("max_tokens") or body.get("max_completion_tokens") or output_len)
+    n_out = int(
+        obj.get("output_len") or body.get("max_tokens") or body.get("max_completion_tokens") or output_len
+    )
     if isinstance(body.get("messages"), list):
         msgs = body["messages"]
         n_in = sum(len(counter.encode(_content_text(m.get("content")))) for m in msgs)

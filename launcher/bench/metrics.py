@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable
 
 from zeroserve.launcher.bench.client import RequestResult
 
@@ -97,7 +97,10 @@ def meets_slos(res: RequestResult, slos: dict[str, float]) -> bool:
 
 
 def compute_metrics(
-    results: list[RequestResult], duration_s: float, percentiles: Iterable[float] = (50, 90, 99), slos: dict | None = None
+    results: list[RequestResult],
+    duration_s: float,
+    percentiles: Iterable[float] = (50, 90, 99),
+    slos: dict | None = None,
 ) -> dict:
     """Every figure of one run, as a flat dict of JSON-ready values."""
     ps = list(percentiles)
@@ -121,7 +124,9 @@ def compute_metrics(
         # How many successful requests carried the server's usage (else tokens were counted
         # as text chunks) and how many got a different length from the one asked for.
         "usage_reported": usage_n,
-        "output_len_mismatch": sum(r.output_tokens != r.expected_output_len for r in ok if r.expected_output_len),
+        "output_len_mismatch": sum(
+            r.output_tokens != r.expected_output_len for r in ok if r.expected_output_len
+        ),
     }
     m.update(stats_ms("ttft", [r.ttft for r in ok], ps))
     m.update(stats_ms("tpot", [t for r in ok if (t := tpot(r)) is not None], ps))

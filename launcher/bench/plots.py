@@ -54,7 +54,9 @@ def plot_serve(result: dict, path: str) -> None:
         ax.hist(itl, bins=50)
         for key, style in (("median_itl_ms", "--"), ("p99_itl_ms", ":")):
             if result.get(key) is not None:
-                ax.axvline(result[key], color="k", linestyle=style, label=f"{key.split('_')[0]} {result[key]:.1f} ms")
+                ax.axvline(
+                    result[key], color="k", linestyle=style, label=f"{key.split('_')[0]} {result[key]:.1f} ms"
+                )
         ax.legend()
     ax.set(xlabel="ms", ylabel="chunks", title="Inter-token latency")
 
@@ -98,7 +100,9 @@ def plot_sweep(sweep: dict, path: str) -> None:
         for target in sweep["targets"]:
             runs = [r for r in target["runs"] if r.get(key) is not None]
             if runs:
-                ax.plot([r["concurrency"] for r in runs], [r[key] for r in runs], marker="o", label=target["name"])
+                ax.plot(
+                    [r["concurrency"] for r in runs], [r[key] for r in runs], marker="o", label=target["name"]
+                )
         ax.set(xlabel="max concurrency", ylabel=unit, title=title)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sweep["concurrency"], [str(c) for c in sweep["concurrency"]])

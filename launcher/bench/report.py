@@ -29,8 +29,12 @@ import os
 
 from zeroserve.launcher.bench.metrics import METRICS, pct_key
 
-_TITLES = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st)",
-           "itl": "Inter-token Latency", "e2el": "End-to-end Latency"}
+_TITLES = {
+    "ttft": "Time to First Token",
+    "tpot": "Time per Output Token (excl. 1st)",
+    "itl": "Inter-token Latency",
+    "e2el": "End-to-end Latency",
+}
 
 
 def _fmt(value, digits: int = 2) -> str:

@@ -91,7 +91,9 @@ def make_session(cfg: ServeConfig) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
 
 
-def prepare_requests(cfg: ServeConfig, counter: TokenCounter) -> tuple[list[BenchRequest], list[BenchRequest]]:
+def prepare_requests(
+    cfg: ServeConfig, counter: TokenCounter
+) -> tuple[list[BenchRequest], list[BenchRequest]]:
     """(timed requests, warm-up requests); warm-ups use another seed so they do not put the
     timed prompts into a prefix cache."""
     kw = dict(
@@ -100,13 +102,22 @@ def prepare_requests(cfg: ServeConfig, counter: TokenCounter) -> tuple[list[Benc
         system_prompt_len=cfg.system_prompt_len,
         turns=cfg.turns,
     )
-    timed = build_dataset(cfg.dataset, cfg.num_prompts, cfg.input_len, cfg.output_len, counter, cfg.seed, **kw)
-    warm = build_dataset(cfg.dataset, max(cfg.num_warmups, 1), cfg.input_len, cfg.output_len, counter, cfg.seed + 1, **kw)
+    timed = build_dataset(
+        cfg.dataset, cfg.num_prompts, cfg.input_len, cfg.output_len, counter, cfg.seed, **kw
+    )
+    warm = build_dataset(
+        cfg.dataset, max(cfg.num_warmups, 1), cfg.input_len, cfg.output_len, counter, cfg.seed + 1, **kw
+    )
     return timed, warm[: cfg.num_warmups] if cfg.num_warmups else []
 
 
 async def probe_fields(
-    session: aiohttp.ClientSession, cfg: ServeConfig, url: str, model: str, req: BenchRequest, warnings: Warnings
+    session: aiohttp.ClientSession,
+    cfg: ServeConfig,
+    url: str,
+    model: str,
+    req: BenchRequest,
+    warnings: Warnings,
 ) -> tuple[tuple, tuple]:
     """Send one short request with every optional field; on a 400/422 drop the fields the
     error names (else ignore_eos+min_tokens, then stream_options) and try again.
@@ -115,7 +126,9 @@ async def probe_fields(
     short = dataclasses.replace(req, output_len=min(req.output_len, 4))
     headers = headers_for(cfg.api_key)
     while True:
-        res = await send_request(session, url, build_payload(cfg.endpoint, model, short, tuple(fields), cfg.temperature), headers)
+        res = await send_request(
+            session, url, build_payload(cfg.endpoint, model, short, tuple(fields), cfg.temperature), headers
+        )
         if res.success or res.status not in (400, 422) or not fields:
             break
         named = [f for f in fields if f in res.error_detail]
@@ -134,7 +147,9 @@ async def probe_fields(
         raise RuntimeError(f"cannot reach {url}: {res.error_detail}")
     if not res.success:
         if res.status in (400, 401, 403, 404, 422):
-            raise RuntimeError(f"the server rejects the benchmark's requests ({res.status}): {res.error_detail[:300]}")
+            raise RuntimeError(
+                f"the server rejects the benchmark's requests ({res.status}): {res.error_detail[:300]}"
+            )
         warnings.add(f"the probe request failed ({res.error}: {res.error_detail[:160]}); going on")
     elif "stream_options" in fields and not res.usage_reported:
         warnings.add("the server sends no usage in its stream; output tokens are counted as text chunks")
@@ -142,13 +157,27 @@ async def probe_fields(
 
 
 async def _send_all(
-    session, cfg: ServeConfig, url: str, model: str, requests: list[BenchRequest], fields: tuple, gaps: list[float], desc: str
+    session,
+    cfg: ServeConfig,
+    url: str,
+    model: str,
+    requests: list[BenchRequest],
+    fields: tuple,
+    gaps: list[float],
+    desc: str,
 ) -> tuple[list[RequestResult], float, float]:
     """Send every request after its arrival gap, at most max_concurrency at once.
     Returns (results in request order, start perf_counter, last completion perf_counter)."""
     sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
     headers = headers_for(cfg.api_key)
-    bar = tqdm(total=len(requests), desc=desc, file=sys.stderr, disable=cfg.disable_tqdm, unit="req", leave=desc != "warm-up")
+    bar = tqdm(
+        total=len(requests),
+        desc=desc,
+        file=sys.stderr,
+        disable=cfg.disable_tqdm,
+        unit="req",
+        leave=desc != "warm-up",
+    )
     end = 0.0
 
     async def one(req: BenchRequest) -> RequestResult:
@@ -195,21 +224,31 @@ async def run_serve(
         warmups = warmups or []
         fields, dropped = await probe_fields(session, cfg, url, model, (warmups or requests)[0], warnings)
         if warmups:
-            warm, _, _ = await _send_all(session, cfg, url, model, warmups, fields, [0.0] * len(warmups), "warm-up")
+            warm, _, _ = await _send_all(
+                session, cfg, url, model, warmups, fields, [0.0] * len(warmups), "warm-up"
+            )
             if failed := [r for r in warm if not r.success]:
                 warnings.add(f"{len(failed)} of {len(warm)} warm-up requests failed ({failed[0].error})")
         gaps = arrival_gaps(len(requests), cfg.request_rate, cfg.burstiness, random.Random(cfg.seed))
         results, start, end = await _send_all(session, cfg, url, model, requests, fields, gaps, cfg.base_url)
     metrics = compute_metrics(results, end - start, cfg.percentiles, cfg.goodput)
-    if metrics["completed"] and metrics["usage_reported"] < metrics["completed"] and "stream_options" in fields:
-        warnings.add(f"{metrics['completed'] - metrics['usage_reported']} responses had no usage; their tokens are text chunks")
+    if (
+        metrics["completed"]
+        and metrics["usage_reported"] < metrics["completed"]
+        and "stream_options" in fields
+    ):
+        warnings.add(
+            f"{metrics['completed'] - metrics['usage_reported']} responses had no usage; their tokens are text chunks"
+        )
     if metrics["output_len_mismatch"]:
-        warnings.add(f"{metrics['output_len_mismatch']} requests did not get exactly the output length asked for")
+        warnings.add(
+            f"{metrics['output_len_mismatch']} requests did not get exactly the output length asked for"
+        )
     if metrics["failed"]:
         warnings.add(f"{metrics['failed']} of {len(results)} requests failed: {metrics['errors']}")
     return {
         "schema": SCHEMA,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "base_url": cfg.base_url,
         "model": model,
         "config": _config_dict(cfg),

@@ -46,7 +46,10 @@ async def _model_of(base: ServeConfig, url: str) -> str:
 
 
 async def run_sweep(
-    targets: list[tuple[str, str]], concurrencies: list[int], base: ServeConfig, num_prompts: int | None = None
+    targets: list[tuple[str, str]],
+    concurrencies: list[int],
+    base: ServeConfig,
+    num_prompts: int | None = None,
 ) -> dict:
     """Returns the sweep JSON (see report.py)."""
     out_targets = [{"name": n, "base_url": u, "model": None, "error": None, "runs": []} for n, u in targets]
@@ -64,7 +67,10 @@ async def run_sweep(
         for t in live:
             if t["error"]:
                 continue
-            print(f"zeroserve bench: {t['name']} at concurrency {c} ({cfg.num_prompts} prompts)", file=sys.stderr)
+            print(
+                f"zeroserve bench: {t['name']} at concurrency {c} ({cfg.num_prompts} prompts)",
+                file=sys.stderr,
+            )
             run_cfg = dataclasses.replace(cfg, base_url=t["base_url"], model=t["model"])
             try:
                 result = await run_serve(run_cfg, requests, warmups, counter)
@@ -80,7 +86,7 @@ async def run_sweep(
     config["num_prompts"] = num_prompts
     return {
         "schema": SCHEMA,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "concurrency": list(concurrencies),
         "tokenizer": counter.name,
         "config": config,

@@ -47,9 +47,16 @@ class FakeEngineClient:
         self.ready = True
         self.ping_fails = False
         self.info: dict = {
-            "model_name": "fake", "max_model_len": max_model_len, "vocab_size": vocab_size,
-            "num_running": 3, "num_waiting": 2, "kv_cache_usage": 0.25, "prefix_cache_queries": 1000,
-            "prefix_cache_hits": 400, "num_preemptions": 7, "workers_ready": True,
+            "model_name": "fake",
+            "max_model_len": max_model_len,
+            "vocab_size": vocab_size,
+            "num_running": 3,
+            "num_waiting": 2,
+            "kv_cache_usage": 0.25,
+            "prefix_cache_queries": 1000,
+            "prefix_cache_hits": 400,
+            "num_preemptions": 7,
+            "workers_ready": True,
         }
         self.requests: list[GenerateRequest] = []
         self.aborted: list[str] = []
@@ -90,8 +97,11 @@ class FakeEngineClient:
         if "TOOLONG" in self._render(req):
             err = ErrorInfo(400, "invalid_request_error", "The prompt is too long.", param="prompt")
             return TokenizeResult(request_id=req.request_id, error=err)
-        return TokenizeResult(request_id=req.request_id, token_ids=self._tokens(self._render(req)),
-                              max_model_len=self.max_model_len)
+        return TokenizeResult(
+            request_id=req.request_id,
+            token_ids=self._tokens(self._render(req)),
+            max_model_len=self.max_model_len,
+        )
 
     async def detokenize(self, req: DetokenizeRequest) -> TokenizeResult:
         self.detokenized.append(list(req.token_ids))
@@ -107,8 +117,12 @@ class FakeEngineClient:
         self.active += 1
 
         def error(status: int, kind: str, message: str, param: str | None = None) -> TextDelta:
-            return TextDelta(request_id=rid, text="", finish_reason="error",
-                             error=ErrorInfo(status, kind, message, param=param))
+            return TextDelta(
+                request_id=rid,
+                text="",
+                finish_reason="error",
+                error=ErrorInfo(status, kind, message, param=param),
+            )
 
         try:
             if req.prompt_token_ids is not None:
@@ -117,7 +131,12 @@ class FakeEngineClient:
                 bad = [t for t in prompt_ids if t >= self.vocab_size]
                 if bad:
                     done = True
-                    yield error(400, "invalid_request_error", f"Token id {bad[0]} is outside the vocabulary.", "prompt")
+                    yield error(
+                        400,
+                        "invalid_request_error",
+                        f"Token id {bad[0]} is outside the vocabulary.",
+                        "prompt",
+                    )
                     return
             else:
                 prompt_text = self._render(req)
@@ -135,9 +154,13 @@ class FakeEngineClient:
                 max_tokens = self.max_model_len - len(prompt_ids)
             if "TOOLONG" in prompt_text or len(prompt_ids) + max_tokens > self.max_model_len:
                 done = True
-                yield error(400, "invalid_request_error",
-                            f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
-                            f"{len(prompt_ids)} and {p.max_tokens} more were asked for.", "max_tokens")
+                yield error(
+                    400,
+                    "invalid_request_error",
+                    f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                    f"{len(prompt_ids)} and {p.max_tokens} more were asked for.",
+                    "max_tokens",
+                )
                 return
             tag = f"s{p.seed}_" if p.seed is not None else "t"
             full, emitted = "", 0
@@ -166,13 +189,26 @@ class FakeEngineClient:
                     pos, s = min(hits)
                     cut = pos + len(s) if req.include_stop_str_in_output else pos
                     done = True
-                    yield TextDelta(request_id=rid, text=full[emitted:cut], token_ids=[5 + k], finish_reason="stop",
-                                    stop_reason=s, num_output_tokens=k + 1, **extra)
+                    yield TextDelta(
+                        request_id=rid,
+                        text=full[emitted:cut],
+                        token_ids=[5 + k],
+                        finish_reason="stop",
+                        stop_reason=s,
+                        num_output_tokens=k + 1,
+                        **extra,
+                    )
                     return
                 last = k == max_tokens - 1
                 done = last
-                yield TextDelta(request_id=rid, text=full[emitted:], token_ids=[5 + k],
-                                finish_reason="length" if last else None, num_output_tokens=k + 1, **extra)
+                yield TextDelta(
+                    request_id=rid,
+                    text=full[emitted:],
+                    token_ids=[5 + k],
+                    finish_reason="length" if last else None,
+                    num_output_tokens=k + 1,
+                    **extra,
+                )
                 emitted = len(full)
                 if "HANG" in prompt_text:
                     self.started.set()
@@ -209,6 +245,6 @@ async def sse_events(resp) -> list:
         if not block:
             continue
         assert block.startswith("data: "), block
-        data = block[len("data: "):]
+        data = block[len("data: ") :]
         events.append(data if data == "[DONE]" else json.loads(data))
     return events

@@ -12,8 +12,17 @@ def engine_config(**kw) -> EngineConfig:
 
 def test_from_engine_maps_the_api_fields(monkeypatch):
     monkeypatch.setenv("ZEROSERVE_API_KEY", "env-key, k1")
-    config = ApiConfig.from_engine(engine_config(port=9000, host="0.0.0.0", api_keys=["k1"], max_n=4,
-                                                 auth_exempt_paths=["/health"], max_body_bytes=10), index=1)
+    config = ApiConfig.from_engine(
+        engine_config(
+            port=9000,
+            host="0.0.0.0",
+            api_keys=["k1"],
+            max_n=4,
+            auth_exempt_paths=["/health"],
+            max_body_bytes=10,
+        ),
+        index=1,
+    )
     assert config.model_name == "served" and (config.host, config.port) == ("0.0.0.0", 9000)
     assert config.api_keys == ["k1", "env-key"]  # both sources, no duplicates
     assert config.auth_exempt_paths == ["/health"] and config.max_n == 4 and config.max_body_bytes == 10

@@ -7,7 +7,9 @@ from api_fake_engine import MODEL, FakeEngineClient, api_client, sse_events
 
 async def test_completion_shape_and_usage():
     async with api_client() as client:
-        resp = await client.post("/v1/completions", json={"model": MODEL, "prompt": "hello there", "max_tokens": 3})
+        resp = await client.post(
+            "/v1/completions", json={"model": MODEL, "prompt": "hello there", "max_tokens": 3}
+        )
         assert resp.status == 200, await resp.text()
         assert resp.content_type == "application/json"
         body = await resp.json()
@@ -22,14 +24,27 @@ async def test_completion_shape_and_usage():
 
 async def test_chat_shape():
     async with api_client() as client:
-        resp = await client.post("/v1/chat/completions", json={
-            "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 2})
+        resp = await client.post(
+            "/v1/chat/completions",
+            json={
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_completion_tokens": 2,
+            },
+        )
         assert resp.status == 200, await resp.text()
         body = await resp.json()
         sent = client.fake.requests[0]
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
-    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": " t0 t1"},
-                                "logprobs": None, "finish_reason": "length", "stop_reason": None}]
+    assert body["choices"] == [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": " t0 t1"},
+            "logprobs": None,
+            "finish_reason": "length",
+            "stop_reason": None,
+        }
+    ]
     assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
     assert sent.messages[0].role == "user" and sent.messages[0].content == "hi"
     assert sent.add_generation_prompt is True and sent.params.max_tokens == 2
@@ -37,8 +52,15 @@ async def test_chat_shape():
 
 async def test_completion_stream_chunks_and_usage():
     async with api_client() as client:
-        resp = await client.post("/v1/completions", json={
-            "prompt": "a b c", "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}})
+        resp = await client.post(
+            "/v1/completions",
+            json={
+                "prompt": "a b c",
+                "max_tokens": 3,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        )
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/event-stream")
         events = await sse_events(resp)
@@ -48,14 +70,19 @@ async def test_completion_stream_chunks_and_usage():
     assert all(c["object"] == "text_completion" and c["usage"] is None for c in chunks)
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None, "length"]
     assert len({c["id"] for c in events[:-1]}) == 1
-    assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 3, "completion_tokens": 3,
-                                                         "total_tokens": 6}
+    assert usage["choices"] == [] and usage["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 3,
+        "total_tokens": 6,
+    }
 
 
 async def test_chat_stream_role_first_and_no_usage_unless_asked():
     async with api_client() as client:
-        resp = await client.post("/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True})
+        resp = await client.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True},
+        )
         events = await sse_events(resp)
     chunks = events[:-1]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
@@ -81,8 +108,9 @@ async def test_n_and_seed_fan_out_ordered_choices():
 
 async def test_prompt_batch_with_n_orders_choices_prompt_major():
     async with api_client() as client:
-        resp = await client.post("/v1/completions", json={"prompt": ["one", "two words"], "n": 2, "max_tokens": 1,
-                                                           "echo": True})
+        resp = await client.post(
+            "/v1/completions", json={"prompt": ["one", "two words"], "n": 2, "max_tokens": 1, "echo": True}
+        )
         body = await resp.json()
     texts = [c["text"] for c in body["choices"]]
     assert texts == ["one t0", "one t0", "two words t0", "two words t0"]
@@ -91,7 +119,9 @@ async def test_prompt_batch_with_n_orders_choices_prompt_major():
 
 async def test_token_id_prompts_and_echo_from_engine_text():
     async with api_client() as client:
-        resp = await client.post("/v1/completions", json={"prompt": [[11, 12], [13]], "max_tokens": 1, "echo": True})
+        resp = await client.post(
+            "/v1/completions", json={"prompt": [[11, 12], [13]], "max_tokens": 1, "echo": True}
+        )
         body = await resp.json()
         sent = client.fake.requests
     assert [r.prompt_token_ids for r in sent] == [[11, 12], [13]]
@@ -101,9 +131,16 @@ async def test_token_id_prompts_and_echo_from_engine_text():
 
 async def test_stream_n2_interleaves_and_each_choice_finishes():
     async with api_client() as client:
-        resp = await client.post("/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": "SLOW"}], "n": 2, "max_tokens": 3, "stream": True,
-            "stream_options": {"include_usage": True}})
+        resp = await client.post(
+            "/v1/chat/completions",
+            json={
+                "messages": [{"role": "user", "content": "SLOW"}],
+                "n": 2,
+                "max_tokens": 3,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        )
         events = await sse_events(resp)
     chunks = [e for e in events[:-1] if e["choices"]]
     for i in (0, 1):
@@ -128,13 +165,24 @@ async def test_completion_logprobs_shape():
 
 async def test_chat_logprobs_shape():
     async with api_client() as client:
-        resp = await client.post("/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": "q"}], "max_tokens": 2, "logprobs": True, "top_logprobs": 1})
+        resp = await client.post(
+            "/v1/chat/completions",
+            json={
+                "messages": [{"role": "user", "content": "q"}],
+                "max_tokens": 2,
+                "logprobs": True,
+                "top_logprobs": 1,
+            },
+        )
         body = await resp.json()
         assert client.fake.detokenized == []  # the engine sent every text along
     content = body["choices"][0]["logprobs"]["content"]
-    assert content[0] == {"token": " t0", "logprob": -0.5, "bytes": [32, 116, 48],
-                          "top_logprobs": [{"token": "<900>", "logprob": -1.0, "bytes": list(b"<900>")}]}
+    assert content[0] == {
+        "token": " t0",
+        "logprob": -0.5,
+        "bytes": [32, 116, 48],
+        "top_logprobs": [{"token": "<900>", "logprob": -1.0, "bytes": list(b"<900>")}],
+    }
     assert len(content) == 2
 
 
@@ -151,10 +199,19 @@ async def test_alternatives_without_texts_are_detokenized_once():
 
 async def test_chat_logprobs_stream():
     async with api_client() as client:
-        resp = await client.post("/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": "q"}], "max_tokens": 2, "logprobs": True, "stream": True})
+        resp = await client.post(
+            "/v1/chat/completions",
+            json={
+                "messages": [{"role": "user", "content": "q"}],
+                "max_tokens": 2,
+                "logprobs": True,
+                "stream": True,
+            },
+        )
         events = await sse_events(resp)
-    tokens = [t["token"] for e in events[1:-1] for t in (e["choices"][0]["logprobs"] or {"content": []})["content"]]
+    tokens = [
+        t["token"] for e in events[1:-1] for t in (e["choices"][0]["logprobs"] or {"content": []})["content"]
+    ]
     assert tokens == [" t0", " t1"]
 
 

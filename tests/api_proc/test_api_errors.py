@@ -74,8 +74,12 @@ BAD_BODIES = [
     (CHAT, {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
     (CHAT, {"messages": [{"role": "user", "content": 3}]}, 400, "messages[0].content"),
     (CHAT, {"messages": [{"role": "user"}]}, 400, "messages[0].content"),
-    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     400, "messages[0].content"),
+    (
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        400,
+        "messages[0].content",
+    ),
     (CHAT, {"messages": USER * 1025}, 400, "messages"),
     (CHAT, {"messages": USER, "top_logprobs": 2}, 400, "top_logprobs"),
     (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
@@ -101,8 +105,17 @@ async def test_bad_requests_get_4xx_with_openai_error_bodies():
 
 async def test_unknown_fields_are_ignored_and_nulls_mean_default():
     async with api_client() as client:
-        resp = await client.post(CMPL, json={"prompt": "x", "max_tokens": 1, "frobnicate": {"a": [1]},
-                                             "temperature": None, "n": None, "logit_bias": {"1": 2}})
+        resp = await client.post(
+            CMPL,
+            json={
+                "prompt": "x",
+                "max_tokens": 1,
+                "frobnicate": {"a": [1]},
+                "temperature": None,
+                "n": None,
+                "logit_bias": {"1": 2},
+            },
+        )
         assert resp.status == 200, await resp.text()
         assert client.fake.requests[0].params.temperature == 1.0
 
@@ -149,7 +162,9 @@ async def test_engine_400_is_passed_through():
 @pytest.mark.parametrize("stream", [False, True])
 async def test_engine_429_gives_retry_after_and_aborts_siblings(stream):
     async with api_client(retry_after_s=3) as client:
-        resp = await client.post(CMPL, json={"prompt": ["SLOW a", "OVERLOAD"], "max_tokens": 50, "stream": stream})
+        resp = await client.post(
+            CMPL, json={"prompt": ["SLOW a", "OVERLOAD"], "max_tokens": 50, "stream": stream}
+        )
         assert resp.status == 429
         assert resp.headers["Retry-After"] == "3"
         assert_error_body(await resp.json())
@@ -161,8 +176,9 @@ async def test_engine_429_gives_retry_after_and_aborts_siblings(stream):
 
 async def test_mid_stream_engine_failure_is_an_error_event_then_done():
     async with api_client() as client:
-        resp = await client.post(CHAT, json={"messages": [{"role": "user", "content": "CRASH"}],
-                                             "max_tokens": 10, "stream": True})
+        resp = await client.post(
+            CHAT, json={"messages": [{"role": "user", "content": "CRASH"}], "max_tokens": 10, "stream": True}
+        )
         assert resp.status == 200
         events = await sse_events(resp)
     assert events[-1] == "[DONE]"
@@ -172,7 +188,9 @@ async def test_mid_stream_engine_failure_is_an_error_event_then_done():
 
 async def test_engine_failure_without_stream_is_its_status():
     async with api_client() as client:
-        resp = await client.post(CHAT, json={"messages": [{"role": "user", "content": "CRASH"}], "max_tokens": 10})
+        resp = await client.post(
+            CHAT, json={"messages": [{"role": "user", "content": "CRASH"}], "max_tokens": 10}
+        )
         assert resp.status == 503
         assert_error_body(await resp.json())
         raised = await client.post(CMPL, json={"prompt": "RAISE", "max_tokens": 2})
@@ -201,8 +219,9 @@ async def test_unreachable_engine_before_first_ping_is_503():
 async def test_client_disconnect_aborts_the_engine_request(stream):
     fake = FakeEngineClient()
     async with api_client(fake) as client:
-        task = asyncio.ensure_future(client.post(CMPL, json={"prompt": "HANG", "max_tokens": 50, "n": 2,
-                                                              "stream": stream}))
+        task = asyncio.ensure_future(
+            client.post(CMPL, json={"prompt": "HANG", "max_tokens": 50, "n": 2, "stream": stream})
+        )
         await asyncio.wait_for(fake.started.wait(), 5)
         if stream:
             resp = await task  # the headers came: the stream is running
@@ -225,7 +244,9 @@ async def test_auth_on():
         wrong = await client.get("/v1/models", headers={"Authorization": "Bearer nope"})
         basic = await client.get("/v1/models", headers={"Authorization": "Basic secret-2"})
         ok = await client.get("/v1/models", headers={"Authorization": "Bearer secret-2"})
-        ok2 = await client.post(CMPL, json={"prompt": "x", "max_tokens": 1}, headers={"Authorization": "bearer k1"})
+        ok2 = await client.post(
+            CMPL, json={"prompt": "x", "max_tokens": 1}, headers={"Authorization": "bearer k1"}
+        )
         unknown_route = await client.get("/nope")
         assert [r.status for r in (no_key, wrong, basic, unknown_route)] == [401] * 4
         err = assert_error_body(await no_key.json())

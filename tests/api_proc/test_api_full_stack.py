@@ -25,8 +25,9 @@ def server(request):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=server.api_key or "none", max_retries=0,
-                         timeout=120)
+    return openai.OpenAI(
+        base_url=server.base_url + "/v1", api_key=server.api_key or "none", max_retries=0, timeout=120
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +35,17 @@ def model(client):
     return client.models.list().data[0].id
 
 
-def http(server, method: str, path: str, body: bytes | None = None, key: str | None = "server",
-         timeout: float = 120) -> tuple[int, dict, bytes]:
-    req = urllib.request.Request(server.base_url + path, data=body, method=method,
-                                 headers={"Content-Type": "application/json"})
+def http(
+    server,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    key: str | None = "server",
+    timeout: float = 120,
+) -> tuple[int, dict, bytes]:
+    req = urllib.request.Request(
+        server.base_url + path, data=body, method=method, headers={"Content-Type": "application/json"}
+    )
     key = server.api_key if key == "server" else key
     if key:
         req.add_header("Authorization", f"Bearer {key}")
@@ -80,8 +88,15 @@ def test_completion_stream_equals_whole_greedy(client, model):
     whole = client.completions.create(model=model, prompt="The capital of France is", **GREEDY)
     assert whole.usage.completion_tokens == 12 and whole.choices[0].finish_reason == "length"
     assert whole.usage.total_tokens == whole.usage.prompt_tokens + 12
-    chunks = list(client.completions.create(model=model, prompt="The capital of France is", stream=True,
-                                            stream_options={"include_usage": True}, **GREEDY))
+    chunks = list(
+        client.completions.create(
+            model=model,
+            prompt="The capital of France is",
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
     assert chunks[-1].usage.completion_tokens == 12
 
@@ -90,8 +105,11 @@ def test_chat_whole_and_stream(client, model):
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a color."}]
     whole = client.chat.completions.create(model=model, messages=messages, **GREEDY)
     assert whole.choices[0].message.role == "assistant" and whole.choices[0].message.content
-    chunks = list(client.chat.completions.create(model=model, messages=messages, stream=True,
-                                                 stream_options={"include_usage": True}, **GREEDY))
+    chunks = list(
+        client.chat.completions.create(
+            model=model, messages=messages, stream=True, stream_options={"include_usage": True}, **GREEDY
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
@@ -99,30 +117,47 @@ def test_chat_whole_and_stream(client, model):
 
 
 def test_n_choices_and_prompt_batch(client, model):
-    out = client.completions.create(model=model, prompt=["Once upon a time", "1, 2, 3,"], n=2, max_tokens=4,
-                                    seed=3, temperature=0.8)
+    out = client.completions.create(
+        model=model, prompt=["Once upon a time", "1, 2, 3,"], n=2, max_tokens=4, seed=3, temperature=0.8
+    )
     assert [c.index for c in out.choices] == [0, 1, 2, 3]
     assert all(c.finish_reason in ("length", "stop") for c in out.choices)
     assert 0 < out.usage.completion_tokens <= 16
 
 
 def test_stop_string_and_echo(client, model):
-    out = client.completions.create(model=model, prompt="1, 2, 3, 4,", temperature=0, max_tokens=30, stop=[" 7"])
+    out = client.completions.create(
+        model=model, prompt="1, 2, 3, 4,", temperature=0, max_tokens=30, stop=[" 7"]
+    )
     assert out.choices[0].finish_reason == "stop" and "7" not in out.choices[0].text
-    echo = client.completions.create(model=model, prompt="Hello there", echo=True, max_tokens=3, temperature=0)
+    echo = client.completions.create(
+        model=model, prompt="Hello there", echo=True, max_tokens=3, temperature=0
+    )
     assert echo.choices[0].text.startswith("Hello there")
 
 
 def test_logprobs(client, model):
-    out = client.completions.create(model=model, prompt="The sky is", max_tokens=4, temperature=0, logprobs=2,
-                                    extra_body={"ignore_eos": True})
+    out = client.completions.create(
+        model=model,
+        prompt="The sky is",
+        max_tokens=4,
+        temperature=0,
+        logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
     lp = out.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
     assert "".join(lp.tokens) == out.choices[0].text
     assert all(len(t) >= 2 for t in lp.top_logprobs) and all(x <= 0 for x in lp.token_logprobs)
-    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
-                                          temperature=0, logprobs=True, top_logprobs=2,
-                                          extra_body={"ignore_eos": True})
+    chat = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == 3 and all(len(c.top_logprobs) == 2 for c in content)
     # greedy: the sampled token is the most likely one
@@ -157,8 +192,12 @@ def test_bad_requests(server, client, model):
         assert (got, err["param"]) == (status, param), (body if len(str(body)) < 200 else param, raw[:300])
     got, _, raw = http(server, "POST", "/v1/chat/completions", b"{oops")
     assert got == 400 and json.loads(raw)["error"]["type"] == "invalid_request_error"
-    got, _, raw = http(server, "POST", "/v1/chat/completions",
-                       json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode())
+    got, _, raw = http(
+        server,
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(),
+    )
     assert got == 400 and json.loads(raw)["error"]["param"] == "messages[0].role"
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=model, prompt="hello " * 3000, max_tokens=1)
@@ -174,8 +213,13 @@ def test_auth(server):
 
 def test_stream_disconnect_aborts(server, client, model):
     wait_until_idle(server)
-    stream = client.completions.create(model=model, prompt="Write a long story.", max_tokens=1500, stream=True,
-                                       extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model=model,
+        prompt="Write a long story.",
+        max_tokens=1500,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     for i, _ in enumerate(stream):
         if i == 2:
             break
@@ -186,12 +230,17 @@ def test_stream_disconnect_aborts(server, client, model):
 def test_non_stream_disconnect_aborts(server, model):
     wait_until_idle(server)
     host, port = server.base_url.rsplit("//", 1)[1].split(":")
-    body = json.dumps({"model": model, "prompt": "Write a long story.", "max_tokens": 1500,
-                       "ignore_eos": True}).encode()
+    body = json.dumps(
+        {"model": model, "prompt": "Write a long story.", "max_tokens": 1500, "ignore_eos": True}
+    ).encode()
     auth = f"Authorization: Bearer {server.api_key}\r\n".encode() if server.api_key else b""
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + auth
-                     + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + auth
+            + b"Content-Length: %d\r\n\r\n" % len(body)
+            + body
+        )
         deadline = time.monotonic() + 20
         while metric(server, "zeroserve:num_requests_running") == 0:
             assert time.monotonic() < deadline, "the request never started"
@@ -201,6 +250,10 @@ def test_non_stream_disconnect_aborts(server, model):
 
 def test_metrics_count_requests(server):
     before = metric(server, "zeroserve:generation_tokens_total")
-    http(server, "POST", "/v1/completions", json.dumps({"prompt": "Hi", "max_tokens": 3, "temperature": 0,
-                                                        "ignore_eos": True}).encode())
+    http(
+        server,
+        "POST",
+        "/v1/completions",
+        json.dumps({"prompt": "Hi", "max_tokens": 3, "temperature": 0, "ignore_eos": True}).encode(),
+    )
     assert metric(server, "zeroserve:generation_tokens_total") == before + 3

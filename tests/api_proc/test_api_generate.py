@@ -50,8 +50,11 @@ async def test_streams_merge_choices_and_close_every_stream():
     fake = FakeEngineClient()
     async with EngineStreams(fake, [gen("r-0", "a"), gen("r-1", "RAISE")], None, 5.0) as streams:
         seen = [(i, d.text, d.finish_reason, d.error.status if d.error else None) async for i, d in streams]
-    assert [s for s in seen if s[0] == 0] == [(0, " t0", None, None), (0, " t1", None, None),
-                                              (0, " t2", "length", None)]
+    assert [s for s in seen if s[0] == 0] == [
+        (0, " t0", None, None),
+        (0, " t1", None, None),
+        (0, " t2", "length", None),
+    ]
     assert [s for s in seen if s[0] == 1] == [(1, "", "error", 503)]
     assert fake.active == 0
 

@@ -26,8 +26,15 @@ def value(all_samples: dict, name: str, **labels) -> float:
 async def test_metrics_count_served_requests():
     async with api_client() as client:
         await client.post("/v1/completions", json={"prompt": "a b", "max_tokens": 3, "n": 2})
-        await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
-                                                        "max_tokens": 8, "stop": "t1", "stream": True})
+        await client.post(
+            "/v1/chat/completions",
+            json={
+                "messages": [{"role": "user", "content": "x"}],
+                "max_tokens": 8,
+                "stop": "t1",
+                "stream": True,
+            },
+        )
         await client.post("/v1/completions", json={"prompt": "OVERLOAD"})  # 429: not a success
         resp = await client.get("/metrics")
         assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
@@ -66,8 +73,9 @@ RECORD = textwrap.dedent("""
 
 def test_multiprocess_metrics_sum_requests_but_not_engine_stats(tmp_path):
     def run(mode: str) -> str:
-        done = subprocess.run([sys.executable, "-c", RECORD, mode, str(tmp_path)], capture_output=True, text=True,
-                              timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-c", RECORD, mode, str(tmp_path)], capture_output=True, text=True, timeout=60
+        )
         assert done.returncode == 0, done.stderr
         return done.stdout
 

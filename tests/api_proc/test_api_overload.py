@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import aiohttp
@@ -47,7 +46,9 @@ def test_eight_streaming_clients_hang_up_and_everything_is_freed(zeroserve_serve
 
     async def main():
         async with aiohttp.ClientSession() as session:
-            responses = await asyncio.gather(*(open_stream(session, server, f"Tell me story {i}:") for i in range(8)))
+            responses = await asyncio.gather(
+                *(open_stream(session, server, f"Tell me story {i}:") for i in range(8))
+            )
             for resp in responses:
                 assert resp.status == 200
                 chunks = 0
@@ -64,17 +65,37 @@ def test_eight_streaming_clients_hang_up_and_everything_is_freed(zeroserve_serve
                 resp.close()  # hang up
 
     asyncio.run(main())
-    wait_for(lambda: gauge(server, "zeroserve:num_requests_running") == 0, 15, "running gauge did not return to 0")
-    wait_for(lambda: gauge(server, "zeroserve:kv_cache_usage_perc") <= idle_kv + 1e-9, 15, "KV blocks were not freed")
+    wait_for(
+        lambda: gauge(server, "zeroserve:num_requests_running") == 0, 15, "running gauge did not return to 0"
+    )
+    wait_for(
+        lambda: gauge(server, "zeroserve:kv_cache_usage_perc") <= idle_kv + 1e-9,
+        15,
+        "KV blocks were not freed",
+    )
 
 
 @pytest.fixture(scope="module")
 def tiny_server():
     """Auth off, tiny admission limits, 2 tokenizer and 2 api processes, tcp transport with CURVE."""
     base_port = free_port_range(70)
-    server = start_server("--max-num-seqs", "1", "--max-waiting-requests", "1", "--num-kv-blocks", "256",
-                          "--num-tokenizers", "2", "--api-workers", "2",
-                          "--transport", "tcp", "--base-port", str(base_port), api_key=None)
+    server = start_server(
+        "--max-num-seqs",
+        "1",
+        "--max-waiting-requests",
+        "1",
+        "--num-kv-blocks",
+        "256",
+        "--num-tokenizers",
+        "2",
+        "--api-workers",
+        "2",
+        "--transport",
+        "tcp",
+        "--base-port",
+        str(base_port),
+        api_key=None,
+    )
     server.base_port = base_port
     yield server
     assert server.stop() == 0, server.log()
@@ -128,7 +149,9 @@ def test_admission_limit_gives_429_with_retry_after_at_once(tiny_server):
     assert status == 429 and retry is not None and int(retry) >= 1
     assert set(payload["error"]) >= {"message", "type", "param", "code"}
     assert refused_in < 2.0, "a refusal must not wait for capacity"
-    wait_for(lambda: gauge(server, "zeroserve:num_requests_running") == 0, 15, "hung-up requests still running")
+    wait_for(
+        lambda: gauge(server, "zeroserve:num_requests_running") == 0, 15, "hung-up requests still running"
+    )
     # capacity is back: the same request now succeeds, without any API key (auth is off here)
     status, body = server.post("/v1/completions", {"prompt": "third", "max_tokens": 4, "temperature": 0})
     assert status == 200 and body["usage"]["completion_tokens"] == 4
@@ -140,7 +163,9 @@ def test_two_tokenizers_and_two_api_processes_share_the_load(tiny_server):
     """Sequential requests (max_num_seqs is 1 here) land on both tokenizers and both api processes."""
     texts = set()
     for i in range(6):
-        status, body = tiny_server.post("/v1/completions", {"prompt": f"Number {i}:", "max_tokens": 3, "temperature": 0})
+        status, body = tiny_server.post(
+            "/v1/completions", {"prompt": f"Number {i}:", "max_tokens": 3, "temperature": 0}
+        )
         assert status == 200, body
         texts.add(body["choices"][0]["text"])
     assert len(texts) > 1

@@ -25,15 +25,43 @@ def chat(**body):
 
 
 def test_every_sampling_field_reaches_the_engine():
-    plan = completion(max_tokens=7, temperature=0.3, top_p=0.9, top_k=40, min_p=0.05, presence_penalty=0.5,
-                      frequency_penalty=-0.5, repetition_penalty=1.2, seed=11, min_tokens=2, stop_token_ids=[5, 6],
-                      ignore_eos=True, logprobs=3, stop=["\n", "END"], include_stop_str_in_output=True,
-                      skip_special_tokens=False, priority=-2, cache_salt="s", user="u")
+    plan = completion(
+        max_tokens=7,
+        temperature=0.3,
+        top_p=0.9,
+        top_k=40,
+        min_p=0.05,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        repetition_penalty=1.2,
+        seed=11,
+        min_tokens=2,
+        stop_token_ids=[5, 6],
+        ignore_eos=True,
+        logprobs=3,
+        stop=["\n", "END"],
+        include_stop_str_in_output=True,
+        skip_special_tokens=False,
+        priority=-2,
+        cache_salt="s",
+        user="u",
+    )
     (req,) = plan.requests
     assert req.params == SamplingParams(
-        max_tokens=7, temperature=0.3, top_p=0.9, top_k=40, min_p=0.05, presence_penalty=0.5,
-        frequency_penalty=-0.5, repetition_penalty=1.2, seed=11, min_tokens=2, stop_token_ids=[5, 6],
-        ignore_eos=True, logprobs=3)
+        max_tokens=7,
+        temperature=0.3,
+        top_p=0.9,
+        top_k=40,
+        min_p=0.05,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        repetition_penalty=1.2,
+        seed=11,
+        min_tokens=2,
+        stop_token_ids=[5, 6],
+        ignore_eos=True,
+        logprobs=3,
+    )
     assert req.prompt == "hi" and req.messages is None and req.prompt_token_ids is None
     assert req.stop == ["\n", "END"] and req.include_stop_str_in_output is True
     assert req.skip_special_tokens is False and req.priority == -2 and req.cache_salt == "s"
@@ -56,8 +84,15 @@ def test_top_k_minus_one_is_disabled_and_single_stop_string_is_a_list():
 
 
 def test_chat_specific_fields():
-    plan = chat(max_tokens=9, max_completion_tokens=5, logprobs=True, top_logprobs=4, add_generation_prompt=False,
-                stream=True, stream_options={"include_usage": True})
+    plan = chat(
+        max_tokens=9,
+        max_completion_tokens=5,
+        logprobs=True,
+        top_logprobs=4,
+        add_generation_prompt=False,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     (req,) = plan.requests
     assert req.params.max_tokens == 5  # max_completion_tokens wins
     assert req.params.logprobs == 4 and plan.logprobs == 4
@@ -66,12 +101,18 @@ def test_chat_specific_fields():
 
 
 def test_messages_mapping():
-    plan = chat(messages=[
-        {"role": "developer", "content": "be brief"},
-        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}], "name": "bob"},
-        {"role": "assistant", "content": None},
-        {"role": "tool", "content": "42", "tool_call_id": "call_1"},
-    ])
+    plan = chat(
+        messages=[
+            {"role": "developer", "content": "be brief"},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                "name": "bob",
+            },
+            {"role": "assistant", "content": None},
+            {"role": "tool", "content": "42", "tool_call_id": "call_1"},
+        ]
+    )
     m = plan.requests[0].messages
     assert [x.role for x in m] == ["system", "user", "assistant", "tool"]
     assert m[1].content == "a\nb" and m[1].name == "bob"
@@ -108,7 +149,9 @@ def test_limits_come_from_config():
         completion_plan(body, config, LIMITS)
     assert e.value.status == 400 and e.value.param == "n"
     with pytest.raises(ApiError, match="stop"):
-        completion_plan(msgspec.convert({"prompt": "x", "stop": ["a", "b"]}, CompletionRequest), config, LIMITS)
+        completion_plan(
+            msgspec.convert({"prompt": "x", "stop": ["a", "b"]}, CompletionRequest), config, LIMITS
+        )
     with pytest.raises(ApiError, match="logprobs"):
         completion_plan(msgspec.convert({"prompt": "x", "logprobs": 6}, CompletionRequest), config, LIMITS)
 
@@ -121,19 +164,29 @@ def test_model_must_be_the_served_one():
 
 
 def test_tokenize_request():
-    req = tokenize_request(msgspec.convert({"prompt": "a", "add_special_tokens": False}, TokenizeBody), CONFIG)
+    req = tokenize_request(
+        msgspec.convert({"prompt": "a", "add_special_tokens": False}, TokenizeBody), CONFIG
+    )
     assert req.prompt == "a" and req.add_special_tokens is False
-    body = msgspec.convert({"messages": [{"role": "user", "content": "x"}], "add_generation_prompt": False},
-                           TokenizeBody)
+    body = msgspec.convert(
+        {"messages": [{"role": "user", "content": "x"}], "add_generation_prompt": False}, TokenizeBody
+    )
     req = tokenize_request(body, CONFIG)
-    assert req.messages[0].content == "x" and req.add_generation_prompt is False and req.add_special_tokens is False
+    assert (
+        req.messages[0].content == "x"
+        and req.add_generation_prompt is False
+        and req.add_special_tokens is False
+    )
 
 
-@pytest.mark.parametrize("raw, param", [
-    (b'{"prompt": "x", "temperature": "a"}', "temperature"),
-    (b'{"prompt": "x", "stream_options": {"include_usage": 1}}', "stream_options.include_usage"),
-    (b'{"temperature": 1}', "prompt"),
-])
+@pytest.mark.parametrize(
+    "raw, param",
+    [
+        (b'{"prompt": "x", "temperature": "a"}', "temperature"),
+        (b'{"prompt": "x", "stream_options": {"include_usage": 1}}', "stream_options.include_usage"),
+        (b'{"temperature": 1}', "prompt"),
+    ],
+)
 def test_decode_errors_name_the_param(raw, param):
     with pytest.raises(msgspec.DecodeError) as e:
         msgspec.json.decode(raw, type=CompletionRequest)

@@ -36,9 +36,11 @@ async def test_two_api_processes_share_a_port():
     try:
         async with aiohttp.ClientSession() as session:
             for _ in range(16):  # fresh connections; the kernel spreads them over both listeners
-                async with session.post(f"http://127.0.0.1:{port}/v1/completions",
-                                        json={"prompt": "x", "max_tokens": 1},
-                                        headers={"Connection": "close"}) as resp:
+                async with session.post(
+                    f"http://127.0.0.1:{port}/v1/completions",
+                    json={"prompt": "x", "max_tokens": 1},
+                    headers={"Connection": "close"},
+                ) as resp:
                     assert resp.status == 200
         assert sum(len(f.requests) for f in fakes) == 16
         assert all(f.requests for f in fakes)  # both listeners took connections
@@ -54,8 +56,10 @@ async def test_disconnect_cancels_a_non_streaming_handler():
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         body = json.dumps({"prompt": "HANG", "max_tokens": 10}).encode()
-        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         await writer.drain()
         await asyncio.wait_for(fake.started.wait(), 5)
         writer.close()
@@ -80,8 +84,11 @@ SERVE = textwrap.dedent("""
 
 def test_sigterm_drains_in_flight_requests_then_exits_0():
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "ZEROSERVE_NO_PDEATHSIG": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "ZEROSERVE_NO_PDEATHSIG": "1",
+    }
     proc = subprocess.Popen([sys.executable, "-c", SERVE, str(port)], env=env, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -97,8 +104,9 @@ def test_sigterm_drains_in_flight_requests_then_exits_0():
 
         async def slow_request_across_sigterm() -> dict:
             async with aiohttp.ClientSession() as session:
-                request = asyncio.ensure_future(session.post(
-                    base + "/v1/completions", json={"prompt": "SLOW", "max_tokens": 25}))
+                request = asyncio.ensure_future(
+                    session.post(base + "/v1/completions", json={"prompt": "SLOW", "max_tokens": 25})
+                )
                 await asyncio.sleep(0.2)
                 proc.send_signal(signal.SIGTERM)
                 async with await request as resp:

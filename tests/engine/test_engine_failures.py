@@ -6,14 +6,13 @@ import asyncio
 import os
 import random
 import signal
-import subprocess
 import time
 
 import zmq
 
+from tests.conftest import start_server
 from zeroserve.shared.client import EngineClient, EngineError
 from zeroserve.shared.messages import SamplingParams
-from tests.conftest import start_server
 
 
 def pid_alive(pid: int) -> bool:
@@ -39,7 +38,9 @@ def role_pid(server, role: str) -> int:
 
 async def stream_until_done(client, prompt, max_tokens, first_token: asyncio.Event, started_at: dict):
     deltas = []
-    async for d in client.generate(prompt=prompt, params=SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)):
+    async for d in client.generate(
+        prompt=prompt, params=SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    ):
         if d.token_ids and not first_token.is_set():
             first_token.set()
         deltas.append(d)
@@ -57,8 +58,14 @@ def test_kill_worker_fails_in_flight_then_recovers_and_no_orphans():
             async with EngineClient(server.tokenizer_address) as client:
                 events = [asyncio.Event() for _ in range(4)]
                 ends = [{} for _ in range(4)]
-                tasks = [asyncio.ensure_future(stream_until_done(client, f"Count slowly to one thousand: {i}", 1500, events[i], ends[i]))
-                         for i in range(4)]
+                tasks = [
+                    asyncio.ensure_future(
+                        stream_until_done(
+                            client, f"Count slowly to one thousand: {i}", 1500, events[i], ends[i]
+                        )
+                    )
+                    for i in range(4)
+                ]
                 await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 60)
                 killed_at = time.monotonic()
                 os.kill(worker, signal.SIGKILL)
@@ -78,7 +85,9 @@ def test_kill_worker_fails_in_flight_then_recovers_and_no_orphans():
                 deadline = time.monotonic() + 60
                 while True:
                     try:
-                        return await client.complete(prompt="Hello again", params=SamplingParams(temperature=0, max_tokens=8))
+                        return await client.complete(
+                            prompt="Hello again", params=SamplingParams(temperature=0, max_tokens=8)
+                        )
                     except EngineError as e:
                         assert e.info.status == 503, e.info
                         if time.monotonic() > deadline:
@@ -100,7 +109,11 @@ def test_kill_worker_fails_in_flight_then_recovers_and_no_orphans():
 def test_garbage_frames_on_every_socket_change_nothing(zeroserve_server):
     server = zeroserve_server
     run_dir = server.run_dir
-    addresses = [f"ipc://{run_dir}/tokenizer-0.sock", f"ipc://{run_dir}/scheduler.sock", f"ipc://{run_dir}/workers.sock"]
+    addresses = [
+        f"ipc://{run_dir}/tokenizer-0.sock",
+        f"ipc://{run_dir}/scheduler.sock",
+        f"ipc://{run_dir}/workers.sock",
+    ]
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
 
     async def reference():
@@ -150,7 +163,10 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero():
         async with EngineClient(server.tokenizer_address) as client:
             events = [asyncio.Event() for _ in range(3)]
             ends = [{} for _ in range(3)]
-            tasks = [asyncio.ensure_future(stream_until_done(client, f"Story number {i}:", 40, events[i], ends[i])) for i in range(3)]
+            tasks = [
+                asyncio.ensure_future(stream_until_done(client, f"Story number {i}:", 40, events[i], ends[i]))
+                for i in range(3)
+            ]
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 60)
             server.process.send_signal(signal.SIGTERM)
             return await asyncio.wait_for(asyncio.gather(*tasks), 60)

@@ -37,7 +37,9 @@ def reference_tokens(tokenizer, gguf_path):
     from zeroserve.launcher.inprocess import InProcessEngine
 
     torch.set_num_threads(2)
-    engine = InProcessEngine(None, runner=ModelRunner(RunnerConfig(model=gguf_path, max_model_len=2048, num_kv_blocks=512)))
+    engine = InProcessEngine(
+        None, runner=ModelRunner(RunnerConfig(model=gguf_path, max_model_len=2048, num_kv_blocks=512))
+    )
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     out = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
     return dict(zip(PROMPTS, out))
@@ -46,8 +48,13 @@ def reference_tokens(tokenizer, gguf_path):
 def test_50_concurrent_requests_match_in_process_greedy(zeroserve_server, reference_tokens):
     async def main():
         async with EngineClient(zeroserve_server.tokenizer_address) as client:
-            jobs = [{"prompt": PROMPTS[i % len(PROMPTS)],
-                     "params": SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)} for i in range(50)]
+            jobs = [
+                {
+                    "prompt": PROMPTS[i % len(PROMPTS)],
+                    "params": SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                }
+                for i in range(50)
+            ]
             results = {}
             async for i, res in client.generate_many(jobs, max_concurrency=50):
                 results[i] = res
@@ -58,7 +65,9 @@ def test_50_concurrent_requests_match_in_process_greedy(zeroserve_server, refere
     for i, job in enumerate(jobs):
         res = results[i]
         assert not isinstance(res, EngineError), res
-        assert res["token_ids"] == reference_tokens[job["prompt"]], f"request {i} ({job['prompt']!r}) diverged"
+        assert res["token_ids"] == reference_tokens[job["prompt"]], (
+            f"request {i} ({job['prompt']!r}) diverged"
+        )
         assert res["finish_reason"] == "length"
         assert res["usage"]["completion_tokens"] == 24
 
@@ -67,7 +76,9 @@ def test_streamed_deltas_concatenate_to_final_text(zeroserve_server, tokenizer):
     async def main():
         async with EngineClient(zeroserve_server.tokenizer_address) as client:
             pieces, ids = [], []
-            async for d in client.generate(prompt="Write a haiku about the sea.", params=SamplingParams(temperature=0, max_tokens=40)):
+            async for d in client.generate(
+                prompt="Write a haiku about the sea.", params=SamplingParams(temperature=0, max_tokens=40)
+            ):
                 assert "\ufffd" not in d.text
                 pieces.append(d.text)
                 ids.extend(d.token_ids)
@@ -107,7 +118,12 @@ def test_emoji_and_cjk_are_never_broken(zeroserve_server, tokenizer):
 
     async def main():
         async with EngineClient(zeroserve_server.tokenizer_address) as client:
-            return [d async for d in client.generate(prompt=prompt, params=SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))]
+            return [
+                d
+                async for d in client.generate(
+                    prompt=prompt, params=SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+                )
+            ]
 
     deltas = run(main())
     ids = [t for d in deltas for t in d.token_ids]
@@ -126,13 +142,18 @@ def test_bad_requests_get_typed_errors(zeroserve_server):
             for kwargs in (
                 {"prompt_token_ids": [10, 999_999]},  # outside the vocabulary
                 {"prompt": "x " * 3000},  # longer than --max-model-len 2048
-                {"prompt": "hello", "params": SamplingParams(max_tokens=4000)},  # prompt + max_tokens > context
+                {
+                    "prompt": "hello",
+                    "params": SamplingParams(max_tokens=4000),
+                },  # prompt + max_tokens > context
                 {"prompt": ""},  # empty
             ):
                 with pytest.raises(EngineError) as e:
                     await client.complete(**kwargs)
                 errors.append(e.value.info)
-            ok = await client.complete(prompt="Still alive?", params=SamplingParams(temperature=0, max_tokens=4))
+            ok = await client.complete(
+                prompt="Still alive?", params=SamplingParams(temperature=0, max_tokens=4)
+            )
             return errors, ok
 
     errors, ok = run(main())

@@ -32,19 +32,29 @@ torch.set_num_threads(1)
 
 # llama.cpp's names (gguf-py's tensor_mapping), written out here rather than taken from the loader.
 LAYER_NAMES = [
-    ("input_layernorm.weight", "attn_norm.weight"), ("post_attention_layernorm.weight", "ffn_norm.weight"),
-    ("self_attn.q_proj.weight", "attn_q.weight"), ("self_attn.k_proj.weight", "attn_k.weight"),
-    ("self_attn.v_proj.weight", "attn_v.weight"), ("self_attn.o_proj.weight", "attn_output.weight"),
-    ("self_attn.q_proj.bias", "attn_q.bias"), ("self_attn.k_proj.bias", "attn_k.bias"),
-    ("self_attn.v_proj.bias", "attn_v.bias"), ("self_attn.q_norm.weight", "attn_q_norm.weight"),
-    ("self_attn.k_norm.weight", "attn_k_norm.weight"), ("mlp.gate_proj.weight", "ffn_gate.weight"),
-    ("mlp.up_proj.weight", "ffn_up.weight"), ("mlp.down_proj.weight", "ffn_down.weight"),
+    ("input_layernorm.weight", "attn_norm.weight"),
+    ("post_attention_layernorm.weight", "ffn_norm.weight"),
+    ("self_attn.q_proj.weight", "attn_q.weight"),
+    ("self_attn.k_proj.weight", "attn_k.weight"),
+    ("self_attn.v_proj.weight", "attn_v.weight"),
+    ("self_attn.o_proj.weight", "attn_output.weight"),
+    ("self_attn.q_proj.bias", "attn_q.bias"),
+    ("self_attn.k_proj.bias", "attn_k.bias"),
+    ("self_attn.v_proj.bias", "attn_v.bias"),
+    ("self_attn.q_norm.weight", "attn_q_norm.weight"),
+    ("self_attn.k_norm.weight", "attn_k_norm.weight"),
+    ("mlp.gate_proj.weight", "ffn_gate.weight"),
+    ("mlp.up_proj.weight", "ffn_up.weight"),
+    ("mlp.down_proj.weight", "ffn_down.weight"),
 ]
 
 
 def to_gguf_name(hf: str) -> str:
-    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
+    top = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     if hf in top:
         return top[hf]
     _, _, layer, rest = hf.split(".", 3)
@@ -69,9 +79,21 @@ def hf_rows_from_gguf_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def tiny_model(arch: str, **overrides):
     torch.manual_seed(0)
-    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=256, max_position_embeddings=512, rms_norm_eps=1e-5,
-              bos_token_id=1, eos_token_id=2) | overrides
+    kw = (
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=256,
+            max_position_embeddings=512,
+            rms_norm_eps=1e-5,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        | overrides
+    )
     if arch == "llama":
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
     if arch == "qwen2":
@@ -97,8 +119,18 @@ def quant_bytes(w: np.ndarray, qtype: Q, rng: np.random.Generator) -> np.ndarray
     return blocks.reshape(w.shape[0], -1)
 
 
-def write_gguf(path, model, arch: str, *, qtypes=None, drop=(), extra=None, meta=None, rope_freqs=None,
-               file_arch: str | None = None) -> dict[str, np.ndarray]:
+def write_gguf(
+    path,
+    model,
+    arch: str,
+    *,
+    qtypes=None,
+    drop=(),
+    extra=None,
+    meta=None,
+    rope_freqs=None,
+    file_arch: str | None = None,
+) -> dict[str, np.ndarray]:
     """Write `model` as llama.cpp would; return HF name -> the values the loader should produce."""
     cfg = model.config
     qtypes, extra, meta = qtypes or {}, extra or {}, meta or {}
@@ -161,7 +193,12 @@ def test_f32_gguf_loads_as_the_state_dict(tmp_path, arch, tied):
     for name, want in state.items():
         assert torch.equal(weights[name], want), name
     assert cfg.architecture == arch and cfg.format == "gguf" and cfg.tie_word_embeddings == tied
-    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size) == (64, 128, 2, 256)
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size) == (
+        64,
+        128,
+        2,
+        256,
+    )
     assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (4, 2)
     assert cfg.head_dim == (32 if arch == "qwen3" else 16)
     assert cfg.attention_bias == (arch == "qwen2") and not cfg.o_proj_bias
@@ -171,8 +208,11 @@ def test_f32_gguf_loads_as_the_state_dict(tmp_path, arch, tied):
     assert load_model_config(str(path)) == cfg
 
 
-@pytest.mark.parametrize("qtype", [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K],
-                         ids=lambda q: q.name)
+@pytest.mark.parametrize(
+    "qtype",
+    [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K],
+    ids=lambda q: q.name,
+)
 def test_quant_types_dequantize(tmp_path, qtype):
     """Row layout and block sizes per type (K types need rows of 256), also through the Q/K unpermute."""
     model = tiny_model("llama", hidden_size=256, intermediate_size=256, num_hidden_layers=1)
@@ -210,10 +250,14 @@ def llama3_rope_freqs(head_dim, theta, factor, low, high, orig):
     return np.array(out, dtype=np.float32)
 
 
-@pytest.mark.parametrize("head_dim,theta,factor,low,high",
-                         [(128, 500000.0, 8.0, 1.0, 4.0), (64, 500000.0, 32.0, 1.0, 4.0), (128, 10000.0, 16.0, 2.0, 8.0)])
+@pytest.mark.parametrize(
+    "head_dim,theta,factor,low,high",
+    [(128, 500000.0, 8.0, 1.0, 4.0), (64, 500000.0, 32.0, 1.0, 4.0), (128, 10000.0, 16.0, 2.0, 8.0)],
+)
 def test_llama3_rope_scaling_recovered_from_rope_freqs(head_dim, theta, factor, low, high):
-    got = rope_scaling_from_freqs(llama3_rope_freqs(head_dim, theta, factor, low, high, 8192), head_dim, theta, 8192)
+    got = rope_scaling_from_freqs(
+        llama3_rope_freqs(head_dim, theta, factor, low, high, 8192), head_dim, theta, 8192
+    )
     assert got["rope_type"] == "llama3" and got["original_max_position_embeddings"] == 8192
     assert got["factor"] == pytest.approx(factor, rel=1e-5)
     assert got["low_freq_factor"] == pytest.approx(low, rel=1e-3)
@@ -224,7 +268,9 @@ def test_llama3_rope_scaling_recovered_from_rope_freqs(head_dim, theta, factor, 
 
 
 def test_rope_freqs_tensor_becomes_config(tmp_path):
-    model = tiny_model("llama", hidden_size=256, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    model = tiny_model(
+        "llama", hidden_size=256, rope_parameters={"rope_type": "default", "rope_theta": 500000.0}
+    )
     freqs = llama3_rope_freqs(64, 500000.0, 32.0, 1.0, 4.0, 8192)
     write_gguf(tmp_path / "m.gguf", model, "llama", rope_freqs=freqs)
     cfg, weights = load_checkpoint(str(tmp_path / "m.gguf"))
@@ -270,7 +316,9 @@ def test_missing_tensor(tmp_path, llama):
 
 def test_extra_tensor(tmp_path, llama):
     path = tmp_path / "m.gguf"
-    write_gguf(path, llama, "llama", extra={"blk.0.ffn_gate_inp.weight": (np.zeros((4, 64), np.float32), Q.F32)})
+    write_gguf(
+        path, llama, "llama", extra={"blk.0.ffn_gate_inp.weight": (np.zeros((4, 64), np.float32), Q.F32)}
+    )
     with pytest.raises(UnexpectedTensorError) as err:
         load_checkpoint(str(path))
     assert str(path) in str(err.value) and "blk.0.ffn_gate_inp.weight" in str(err.value)

@@ -28,8 +28,15 @@ from zeroserve.gpu_worker.loader import (
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(1)
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=256, max_position_embeddings=512)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=512,
+)
 
 
 def tiny_model(arch: str, **overrides):
@@ -116,19 +123,39 @@ def test_sharded_checkpoint(tmp_path):
 def test_config_v4_style_rope_and_generation_eos(tmp_path):
     """Older config.json: rope_theta/rope_scaling at top level; EOS ids from generation_config."""
     cfg_json = {
-        "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
-        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 131072,
-        "rope_scaling": {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-        "bos_token_id": 128000, "eos_token_id": 128001, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 256,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 131072,
+        "rope_scaling": {
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
     }
     (tmp_path / "config.json").write_text(json.dumps(cfg_json))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [128001, 128008, 128009]}))
     cfg = load_model_config(str(tmp_path))
     assert cfg.rope_theta == 500000.0
-    assert cfg.rope_scaling == {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+    assert cfg.rope_scaling == {
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    }
     assert cfg.eos_token_ids == [128001, 128008, 128009] and cfg.bos_token_id == 128000
     assert cfg.head_dim == 16 and cfg.tie_word_embeddings and cfg.torch_dtype == "bfloat16"
     (tmp_path / "generation_config.json").unlink()
@@ -136,9 +163,17 @@ def test_config_v4_style_rope_and_generation_eos(tmp_path):
 
 
 def test_v5_rope_parameters_llama3(tmp_path):
-    model = tiny_model("llama", rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                 "original_max_position_embeddings": 256})
+    model = tiny_model(
+        "llama",
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 256,
+        },
+    )
     cfg = load_model_config(save(model, tmp_path))
     assert cfg.rope_theta == 500000.0
     assert cfg.rope_scaling["rope_type"] == "llama3" and cfg.rope_scaling["factor"] == 8.0

@@ -29,7 +29,10 @@ def test_config_matches_transformers(gguf_path, reference):
     assert (hf.vocab_size, hf.hidden_size, hf.intermediate_size) == (49152, 576, 1536)
     assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 9, 3)
     assert cfg.head_dim == hf.head_dim == 64
-    assert cfg.rms_norm_eps == pytest.approx(hf.rms_norm_eps) and cfg.rope_theta == hf.rope_parameters["rope_theta"]
+    assert (
+        cfg.rms_norm_eps == pytest.approx(hf.rms_norm_eps)
+        and cfg.rope_theta == hf.rope_parameters["rope_theta"]
+    )
     assert cfg.max_position_embeddings == hf.max_position_embeddings == 8192
     assert cfg.tie_word_embeddings and hf.tie_word_embeddings and cfg.rope_scaling is None
     assert cfg.bos_token_id == 1 and cfg.eos_token_ids == [2]  # <|im_end|> ends a chat turn

@@ -32,17 +32,36 @@ BLOCK_SIZE = 8  # small, so prompts and chunks cross block boundaries
 GREEDY = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True)
 PROMPT_LENS = [1, 3, 8, 9, 15, 17, 31, 40]
 
-COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-              initializer_range=0.2, rms_norm_eps=1e-6,
-              bos_token_id=None, eos_token_id=None, pad_token_id=None)
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 32, "rope_theta": 10000.0}
+COMMON = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.2,
+    rms_norm_eps=1e-6,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+    "rope_theta": 10000.0,
+}
 
 CASES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True)),
-    "llama_rope_llama3": ("LlamaConfig", "LlamaForCausalLM",
-                          dict(tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE)),
+    "llama_rope_llama3": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE),
+    ),
     "llama_untied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=False, head_dim=16)),
@@ -50,10 +69,15 @@ CASES = {
 
 
 def hf_greedy(model, prompt: list[int]) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                         max_new_tokens=NUM_TOKENS, min_new_tokens=NUM_TOKENS, do_sample=False,
-                         pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=NUM_TOKENS,
+        min_new_tokens=NUM_TOKENS,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 class Case:
@@ -131,8 +155,11 @@ def test_prefix_reuse(case):
 def test_torch_reference_kernels_give_the_same_tokens(case, tmp_path):
     """The runner defaults to the C++ CPU kernels; the torch reference (the oracle of the
     kernel tests) must also reproduce HF through the whole model."""
-    runner = ModelRunner(RunnerConfig(model=case.runner.config.model, block_size=BLOCK_SIZE, num_kv_blocks=128,
-                                      kernel_backend="torch"))
+    runner = ModelRunner(
+        RunnerConfig(
+            model=case.runner.config.model, block_size=BLOCK_SIZE, num_kv_blocks=128, kernel_backend="torch"
+        )
+    )
     assert runner.ops.__name__ == "zeroserve.kernels.reference.ops"
     assert case.runner.ops.__name__ == "zeroserve.kernels.cpu.ops"
     assert generate(runner, case.prompts, GREEDY, max_num_batched_tokens=20) == case.expected
@@ -143,8 +170,11 @@ def test_float16_kv_cache_stays_close_to_hf(case):
     back as fp32. Not bit-exact (a near tie late in a sequence can flip, as it does in vLLM
     with a 16-bit cache), but a broken conversion would derail every prompt at once: every
     prompt agrees with HF for its first 12 tokens and most agree for all 32."""
-    runner = ModelRunner(RunnerConfig(model=case.runner.config.model, block_size=BLOCK_SIZE, num_kv_blocks=128,
-                                      kv_cache_dtype="float16"))
+    runner = ModelRunner(
+        RunnerConfig(
+            model=case.runner.config.model, block_size=BLOCK_SIZE, num_kv_blocks=128, kv_cache_dtype="float16"
+        )
+    )
     assert runner.kv_caches[0].dtype == torch.float16
     assert runner.kv_spec.bytes_per_block * 2 == case.runner.kv_spec.bytes_per_block
     outputs = generate(runner, case.prompts, GREEDY, max_num_batched_tokens=20)

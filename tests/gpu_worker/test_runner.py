@@ -30,9 +30,18 @@ BLOCK = 4
 NUM_BLOCKS = 16
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128, "hidden_size": 32,
-    "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": True,
     "eos_token_id": 2,
 }
 
@@ -48,18 +57,31 @@ def model_dir(tmp_path_factory) -> str:
 
 @pytest.fixture
 def runner(model_dir) -> ModelRunner:
-    return ModelRunner(RunnerConfig(model=model_dir, load_format="dummy", block_size=BLOCK, num_kv_blocks=NUM_BLOCKS))
+    return ModelRunner(
+        RunnerConfig(model=model_dir, load_format="dummy", block_size=BLOCK, num_kv_blocks=NUM_BLOCKS)
+    )
 
 
-def new(rid: str, tokens: list[int], blocks: list[int], computed: int = 0, num_new: int | None = None,
-        params: SamplingParams = GREEDY) -> NewRequestData:
-    return NewRequestData(rid, tokens, blocks, computed, len(tokens) - computed if num_new is None else num_new, params)
+def new(
+    rid: str,
+    tokens: list[int],
+    blocks: list[int],
+    computed: int = 0,
+    num_new: int | None = None,
+    params: SamplingParams = GREEDY,
+) -> NewRequestData:
+    return NewRequestData(
+        rid, tokens, blocks, computed, len(tokens) - computed if num_new is None else num_new, params
+    )
 
 
 def test_runner_reports_its_shape(runner):
     assert runner.num_kv_blocks == NUM_BLOCKS and runner.block_size == BLOCK
     assert runner.max_model_len == 64 and runner.vocab_size == 128 and runner.eos_token_ids == [2]
-    assert runner.kv_caches[0].shape == (2, NUM_BLOCKS, BLOCK, 2, 8) and runner.kv_caches[0].dtype == torch.float32
+    assert (
+        runner.kv_caches[0].shape == (2, NUM_BLOCKS, BLOCK, 2, 8)
+        and runner.kv_caches[0].dtype == torch.float32
+    )
     assert os.environ.get("OMP_WAIT_POLICY") == "PASSIVE"
 
 
@@ -68,8 +90,13 @@ def test_step_result_lists_sampling_requests_in_plan_order(runner):
     r0 = runner.execute(StepPlan(0, new=[new("a", [5, 6, 7], [0]), new("b", [9] * 6, [1, 2], num_new=4)]))
     assert r0.request_ids == ["a"] and len(r0.sampled_token_ids) == 1 and r0.logprobs is None
     assert r0.step_time_s > 0
-    r1 = runner.execute(StepPlan(1, new=[new("c", [3, 4], [3])],
-                                 running=[RunningRequestData("a", [], 1), RunningRequestData("b", [], 2)]))
+    r1 = runner.execute(
+        StepPlan(
+            1,
+            new=[new("c", [3, 4], [3])],
+            running=[RunningRequestData("a", [], 1), RunningRequestData("b", [], 2)],
+        )
+    )
     assert r1.request_ids == ["c", "a", "b"]  # new first, then running, as planned
     assert all(0 <= t < 128 for t in r1.sampled_token_ids)
 
@@ -86,7 +113,9 @@ def test_logprobs_only_when_asked(runner):
 def test_unknown_running_request_is_a_clear_error(runner):
     runner.execute(StepPlan(0, new=[new("a", [5, 6, 7], [0])]))
     with pytest.raises(PlanError, match="'ghost'.*does not hold"):
-        runner.execute(StepPlan(1, running=[RunningRequestData("a", [], 1), RunningRequestData("ghost", [], 1)]))
+        runner.execute(
+            StepPlan(1, running=[RunningRequestData("a", [], 1), RunningRequestData("ghost", [], 1)])
+        )
     # nothing was applied: "a" continues exactly as it would have
     assert runner.execute(StepPlan(2, running=[RunningRequestData("a", [], 1)])).request_ids == ["a"]
 
@@ -143,10 +172,15 @@ def test_reset_forgets_every_request(runner):
 def test_seeded_sampling_depends_only_on_the_seed(runner):
     seeded = SamplingParams(max_tokens=12, temperature=1.0, seed=1234, ignore_eos=True)
     alone = generate(runner, [[7, 8, 9]], seeded)[0]
-    crowd = generate(runner, [[1, 2], [7, 8, 9], [5] * 9],
-                     [SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True), seeded, GREEDY])[1]
+    crowd = generate(
+        runner,
+        [[1, 2], [7, 8, 9], [5] * 9],
+        [SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True), seeded, GREEDY],
+    )[1]
     assert alone == crowd and len(alone) == 12
-    other_seed = generate(runner, [[7, 8, 9]], SamplingParams(max_tokens=12, temperature=1.0, seed=99, ignore_eos=True))[0]
+    other_seed = generate(
+        runner, [[7, 8, 9]], SamplingParams(max_tokens=12, temperature=1.0, seed=99, ignore_eos=True)
+    )[0]
     assert other_seed != alone
 
 
@@ -156,7 +190,9 @@ def test_max_model_len_beyond_the_model_is_refused(model_dir):
 
 
 def test_small_cache_lowers_max_model_len(model_dir):
-    runner = ModelRunner(RunnerConfig(model=model_dir, load_format="dummy", block_size=BLOCK, num_kv_blocks=4))
+    runner = ModelRunner(
+        RunnerConfig(model=model_dir, load_format="dummy", block_size=BLOCK, num_kv_blocks=4)
+    )
     assert runner.max_model_len == 16
 
 
@@ -170,12 +206,22 @@ def test_cpu_cache_sizing():
     assert runner_default * spec.bytes_per_block <= 2 * GiB < (runner_default + 1) * spec.bytes_per_block
 
 
-def _run(runner, rid: str, prompt: list[int], blocks: list[int], steps: int, params: SamplingParams,
-         step0: int = 0, resumed: list[int] = (), num_prompt_tokens: int = -1) -> list[int]:
+def _run(
+    runner,
+    rid: str,
+    prompt: list[int],
+    blocks: list[int],
+    steps: int,
+    params: SamplingParams,
+    step0: int = 0,
+    resumed: list[int] = (),
+    num_prompt_tokens: int = -1,
+) -> list[int]:
     """Send (prompt + resumed) as new, then decode; returns the sampled tokens."""
     tokens = list(prompt) + list(resumed)
-    r = runner.execute(StepPlan(step0, new=[NewRequestData(rid, tokens, blocks, 0, len(tokens), params,
-                                                           num_prompt_tokens)]))
+    r = runner.execute(
+        StepPlan(step0, new=[NewRequestData(rid, tokens, blocks, 0, len(tokens), params, num_prompt_tokens)])
+    )
     out = list(r.sampled_token_ids)
     for s in range(1, steps):
         out += runner.execute(StepPlan(step0 + s, running=[RunningRequestData(rid, [], 1)])).sampled_token_ids
@@ -186,13 +232,21 @@ def test_resumed_request_keeps_its_output_as_output(runner):
     """After a preemption the scheduler resends prompt + generated tokens as new; with
     num_prompt_tokens the worker still counts the generated ones as output, so frequency /
     presence penalties and min_tokens behave as if nothing had happened."""
-    params = SamplingParams(max_tokens=12, temperature=0.0, frequency_penalty=1.5, presence_penalty=1.0,
-                            repetition_penalty=1.3, min_tokens=12, ignore_eos=False)
+    params = SamplingParams(
+        max_tokens=12,
+        temperature=0.0,
+        frequency_penalty=1.5,
+        presence_penalty=1.0,
+        repetition_penalty=1.3,
+        min_tokens=12,
+        ignore_eos=False,
+    )
     prompt = [5, 9, 5, 17, 33]
     whole = _run(runner, "a", prompt, [0, 1, 2, 3], 12, params)
     first = _run(runner, "b", prompt, [4, 5, 6, 7], 5, params, step0=20)
-    rest = _run(runner, "c", prompt, [8, 9, 10, 11], 7, params, step0=40, resumed=first,
-                num_prompt_tokens=len(prompt))
+    rest = _run(
+        runner, "c", prompt, [8, 9, 10, 11], 7, params, step0=40, resumed=first, num_prompt_tokens=len(prompt)
+    )
     assert first + rest == whole
     # the test can tell: without the split the earlier tokens would count as prompt
     as_prompt = _run(runner, "d", prompt, [12, 13, 14, 15], 7, params, step0=60, resumed=first)
@@ -210,8 +264,15 @@ def test_projections_are_packed_at_the_first_step(model_dir, runner):
     runner.execute(StepPlan(0, new=[new("a", [1, 2, 3], [0])]))
     qkv = runner.model.model.layers[0].self_attn.qkv_proj
     assert qkv.cpu_packed is not None and qkv.packed is None and qkv.weight is None
-    torch_runner = ModelRunner(RunnerConfig(model=model_dir, load_format="dummy", block_size=BLOCK,
-                                            num_kv_blocks=NUM_BLOCKS, kernel_backend="torch"))
+    torch_runner = ModelRunner(
+        RunnerConfig(
+            model=model_dir,
+            load_format="dummy",
+            block_size=BLOCK,
+            num_kv_blocks=NUM_BLOCKS,
+            kernel_backend="torch",
+        )
+    )
     torch_runner.execute(StepPlan(0, new=[new("a", [1, 2, 3], [0])]))
     qkv = torch_runner.model.model.layers[0].self_attn.qkv_proj
     assert qkv.packed is not None and qkv.cpu_packed is None and qkv.weight is None

@@ -94,8 +94,10 @@ def run_steps(logits_per_step, params, generators, row) -> list[int]:
 
 @pytest.mark.parametrize(
     "params",
-    [SamplingParams(temperature=0.9, seed=42),
-     SamplingParams(temperature=0.8, top_p=0.9, top_k=50, min_p=0.01, seed=42)],
+    [
+        SamplingParams(temperature=0.9, seed=42),
+        SamplingParams(temperature=0.8, top_p=0.9, top_k=50, min_p=0.01, seed=42),
+    ],
 )
 def test_seeded_request_reproduces_alone_and_in_any_batch_position(params):
     steps = [random_logits(1, seed=s, scale=0.5)[0] for s in range(8)]
@@ -104,12 +106,17 @@ def test_seeded_request_reproduces_alone_and_in_any_batch_position(params):
     assert len(set(alone)) > 1
 
     # row 2 of 4, beside an unseeded row and a differently seeded one with other filters
-    others = [SamplingParams(temperature=1.0), SamplingParams(top_k=5, seed=1),
-              SamplingParams(temperature=0.0)]
+    others = [
+        SamplingParams(temperature=1.0),
+        SamplingParams(top_k=5, seed=1),
+        SamplingParams(temperature=0.0),
+    ]
     batch_params = others[:2] + [params] + others[2:]
     gens = [None, make_generator(1), make_generator(42), None]
-    batched = [torch.cat([random_logits(2, seed=100 + i), x[None], random_logits(1, seed=200 + i)])
-               for i, x in enumerate(steps)]
+    batched = [
+        torch.cat([random_logits(2, seed=100 + i), x[None], random_logits(1, seed=200 + i)])
+        for i, x in enumerate(steps)
+    ]
     assert run_steps(batched, batch_params, gens, 2) == alone
 
     # and first, with the rows shuffled
@@ -171,13 +178,18 @@ def test_penalties_change_the_greedy_choice_exactly_as_the_op():
     top = logits.argmax(-1).tolist()
     prompts = [[top[0]], [5, 6], [7]]
     outputs = [[1], [top[1]] * 3, []]
-    params = [SamplingParams(temperature=0.0, repetition_penalty=1e3),
-              SamplingParams(temperature=0.0, frequency_penalty=10.0),
-              SamplingParams(temperature=0.0, presence_penalty=0.5)]
+    params = [
+        SamplingParams(temperature=0.0, repetition_penalty=1e3),
+        SamplingParams(temperature=0.0, frequency_penalty=10.0),
+        SamplingParams(temperature=0.0, presence_penalty=0.5),
+    ]
     out = SAMPLER.sample(logits, build(params, prompts, outputs))
     expected = ops.apply_penalties(
-        logits, ops.token_counts(outputs, V), ops.token_mask(prompts, V),
-        torch.tensor([0.0, 0.0, 0.5]), torch.tensor([0.0, 10.0, 0.0]),
+        logits,
+        ops.token_counts(outputs, V),
+        ops.token_mask(prompts, V),
+        torch.tensor([0.0, 0.0, 0.5]),
+        torch.tensor([0.0, 10.0, 0.0]),
         torch.tensor([1e3, 1.0, 1.0]),
     ).argmax(-1)
     assert out.token_ids == expected.tolist()
@@ -189,8 +201,7 @@ def test_min_tokens_masks_eos_and_stop_ids_until_reached():
     logits = torch.zeros(1, V)
     logits[0, 0], logits[0, 9], logits[0, 3] = 9.0, 8.0, 7.0  # EOS, stop id, ordinary
     for ignore_eos in (False, True):
-        params = [SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[9],
-                                 ignore_eos=ignore_eos)]
+        params = [SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[9], ignore_eos=ignore_eos)]
         short = SAMPLER.sample(logits, build(params, outputs=[[5]]))
         assert short.token_ids == [3]
         reached = SAMPLER.sample(logits, build(params, outputs=[[5, 5]]))
@@ -211,10 +222,12 @@ def test_min_tokens_masks_random_rows_too():
 
 def test_logprobs_are_raw_log_softmax_and_top_n_sorted():
     logits = random_logits(4, seed=5)
-    params = [SamplingParams(temperature=0.5, repetition_penalty=1.5, logprobs=5, seed=1),
-              SamplingParams(temperature=0.0),
-              SamplingParams(temperature=0.0, presence_penalty=2.0, logprobs=0),
-              SamplingParams(top_k=3, logprobs=50)]
+    params = [
+        SamplingParams(temperature=0.5, repetition_penalty=1.5, logprobs=5, seed=1),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.0, presence_penalty=2.0, logprobs=0),
+        SamplingParams(top_k=3, logprobs=50),
+    ]
     gens = [make_generator(1), None, None, None]
     before = logits.clone()
     out = SAMPLER.sample(logits, build(params, [[1, 2]] * 4, [[3]] * 4, gens))

@@ -28,8 +28,10 @@ NUM_TOKENS = 32
 RAW_PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
 CHATS = [
     [{"role": "user", "content": "What is the tallest mountain on Earth?"}],
-    [{"role": "system", "content": "You are a terse assistant."},
-     {"role": "user", "content": "Name three primary colors."}],
+    [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "Name three primary colors."},
+    ],
 ]
 
 
@@ -68,10 +70,16 @@ def _hf_outputs(model, prompts: list[list[int]], eos_token_ids: list[int]) -> li
     outputs = []
     with torch.inference_mode():
         for ids in prompts:
-            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=NUM_TOKENS, min_new_tokens=NUM_TOKENS, do_sample=False,
-                                 eos_token_id=eos_token_ids, pad_token_id=eos_token_ids[0])
-            outputs.append(out[0, len(ids):].tolist())
+            out = model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=NUM_TOKENS,
+                min_new_tokens=NUM_TOKENS,
+                do_sample=False,
+                eos_token_id=eos_token_ids,
+                pad_token_id=eos_token_ids[0],
+            )
+            outputs.append(out[0, len(ids) :].tolist())
     return outputs
 
 
@@ -81,8 +89,9 @@ def expected(request, gguf_path, prompts, runner) -> list[list[int]]:
         tf_version = version("transformers")
     except PackageNotFoundError:
         pytest.skip("transformers is not installed")
-    key = hashlib.sha256(json.dumps([_file_sha256(gguf_path), tf_version, prompts, NUM_TOKENS,
-                                     runner.eos_token_ids]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(
+        json.dumps([_file_sha256(gguf_path), tf_version, prompts, NUM_TOKENS, runner.eos_token_ids]).encode()
+    ).hexdigest()[:24]
     cache = os.path.join(env.cache_dir(), "test-references", f"hf-smollm2-greedy-{key}.json")
     if os.path.isfile(cache):
         with open(cache) as f:

@@ -73,4 +73,6 @@ def pytest_collection_modifyitems(config, items):
     here = os.path.dirname(__file__)
     for item in items:
         if str(item.fspath).startswith(here):
-            item.add_marker(pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning"))
+            item.add_marker(
+                pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+            )

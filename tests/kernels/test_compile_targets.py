@@ -43,9 +43,19 @@ def compile_results(tmp_path_factory):
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     procs = {}
     for arch in ARCHES:  # one process per target, side by side
-        cmd = [sys.executable, "-m", "zeroserve.kernels.triton.compile_check", "--quick",
-               "--arch", str(arch), "--json", str(out_dir / f"sm{arch}.json")]
-        procs[arch] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "zeroserve.kernels.triton.compile_check",
+            "--quick",
+            "--arch",
+            str(arch),
+            "--json",
+            str(out_dir / f"sm{arch}.json"),
+        ]
+        procs[arch] = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
     results = {}
     for arch, proc in procs.items():
         output, _ = proc.communicate(timeout=900)

@@ -193,7 +193,10 @@ def test_paged_attention(ops, name, cache_dtype):
     q, k_cache, v_cache, meta = _attention_case(query_lens, seq_lens, heads, kv_heads, dim, block_size)
     k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
     scale = dim**-0.5
-    _close(ops.paged_attention(q, k_cache, v_cache, meta, scale), ref.paged_attention(q, k_cache, v_cache, meta, scale))
+    _close(
+        ops.paged_attention(q, k_cache, v_cache, meta, scale),
+        ref.paged_attention(q, k_cache, v_cache, meta, scale),
+    )
 
 
 def test_half_cache_special_values(ops):
@@ -202,10 +205,15 @@ def test_half_cache_special_values(ops):
     special = torch.tensor([6e-8, -6e-8, 1e-5, 65504.0, -65504.0, 0.0, -0.0, 1.5, -2.25, 1e-3])
     q, k_cache, v_cache, meta = _attention_case([1, 2], [10, 12], 2, 1, 16, 4, seed=9)
     k_cache = (k_cache * 1e-4).to(torch.float16)  # tiny keys: a well-spread softmax
-    v_cache = special[torch.randint(0, len(special), v_cache.shape, generator=torch.Generator().manual_seed(2))]
+    v_cache = special[
+        torch.randint(0, len(special), v_cache.shape, generator=torch.Generator().manual_seed(2))
+    ]
     v_cache = v_cache.to(torch.float16)
-    _close(ops.paged_attention(q, k_cache, v_cache, meta, 1.0), ref.paged_attention(q, k_cache, v_cache, meta, 1.0),
-           1e-3)
+    _close(
+        ops.paged_attention(q, k_cache, v_cache, meta, 1.0),
+        ref.paged_attention(q, k_cache, v_cache, meta, 1.0),
+        1e-3,
+    )
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
@@ -268,7 +276,9 @@ def test_without_a_compiler_the_torch_kernels_serve_with_a_warning(tmp_path):
         "from zeroserve.kernels import get_kernels\n"
         "print(get_kernels(None, 'cpu').__name__)\n"
     )
-    result = _fresh_python(code, {"PATH": str(tmp_path), "CXX": "", "ZEROSERVE_CACHE_DIR": str(tmp_path / "cache")})
+    result = _fresh_python(
+        code, {"PATH": str(tmp_path), "CXX": "", "ZEROSERVE_CACHE_DIR": str(tmp_path / "cache")}
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "zeroserve.kernels.reference.ops"
     assert "no C++ compiler" in result.stderr and "torch kernels" in result.stderr
@@ -294,8 +304,12 @@ def test_concurrent_first_builds_all_load(tmp_path):
         "lib = build.load(); print(lib.zs_abi_version())\n"
     )
     env = {**os.environ, "ZEROSERVE_CACHE_DIR": str(tmp_path / "cache")}
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for _ in range(3)
+    ]
     results = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in results]
     assert [out.strip() for out, _ in results] == [str(build.ABI_VERSION)] * 3

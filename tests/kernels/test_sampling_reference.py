@@ -53,8 +53,11 @@ def penalize(presence: float, frequency: float, repetition: float, rows: int = 1
     counts = ops.token_counts([OUTPUT] * rows, vocab_size=6)
     prompt = ops.token_mask([PROMPT] * rows, vocab_size=6)
     out = ops.apply_penalties(
-        logits, counts, prompt,
-        torch.full((rows,), presence), torch.full((rows,), frequency),
+        logits,
+        counts,
+        prompt,
+        torch.full((rows,), presence),
+        torch.full((rows,), frequency),
         torch.full((rows,), repetition),
     )
     assert logits.tolist() == [LOGITS] * rows, "apply_penalties must not modify its input"
@@ -83,8 +86,12 @@ def test_penalties_are_per_row():
     counts = ops.token_counts([OUTPUT, OUTPUT], 6)
     prompt = ops.token_mask([PROMPT, PROMPT], 6)
     out = ops.apply_penalties(
-        logits, counts, prompt,
-        torch.tensor([0.0, 0.25]), torch.tensor([0.0, 0.5]), torch.tensor([1.0, 2.0]),
+        logits,
+        counts,
+        prompt,
+        torch.tensor([0.0, 0.25]),
+        torch.tensor([0.0, 0.5]),
+        torch.tensor([1.0, 2.0]),
     )
     assert out.tolist() == [LOGITS, [1.0, -3.25, -0.5, -6.0, 1.0, -0.75]]
 
@@ -118,8 +125,15 @@ PROB_LOGITS = torch.tensor([[math.log(PROBS[i]) + 1.7 for i in range(5)]])
 
 @pytest.mark.parametrize(
     "p, expected",
-    [(0.4, {3}), (0.6, {3, 0}), (0.8, {3, 0, 4}), (0.9, {3, 0, 4, 1}), (0.99, set(range(5))),
-     (1.0, set(range(5))), (0.0, {3})],
+    [
+        (0.4, {3}),
+        (0.6, {3, 0}),
+        (0.8, {3, 0, 4}),
+        (0.9, {3, 0, 4, 1}),
+        (0.99, set(range(5))),
+        (1.0, set(range(5))),
+        (0.0, {3}),
+    ],
 )
 def test_top_p_keeps_smallest_set_reaching_p(p, expected):
     out = ops.apply_top_p(PROB_LOGITS, torch.tensor([p]))
@@ -130,7 +144,6 @@ def test_top_p_keeps_smallest_set_reaching_p(p, expected):
 def test_top_p_is_per_row():
     out = ops.apply_top_p(PROB_LOGITS.repeat(3, 1), torch.tensor([0.4, 0.8, 1.0]))
     assert kept(out) == [{3}, {3, 0, 4}, set(range(5))]
-
 
 
 @pytest.mark.parametrize(

@@ -152,7 +152,10 @@ def test_paged_attention_after_write_kv_like_a_model_step():
     hq, hkv, d = 6, 2, 64
     gen = torch.Generator().manual_seed(6)
     tables = [[5, 2, 7], [0, 3]]
-    caches = {name: (torch.zeros(8, BLOCK_SIZE, hkv, d), torch.zeros(8, BLOCK_SIZE, hkv, d)) for name in ("tri", "ref")}
+    caches = {
+        name: (torch.zeros(8, BLOCK_SIZE, hkv, d), torch.zeros(8, BLOCK_SIZE, hkv, d))
+        for name in ("tri", "ref")
+    }
     for k_cache, v_cache in caches.values():  # a cached prefix of 20 tokens for sequence 0
         k_cache[5], v_cache[5] = torch.ones(BLOCK_SIZE, hkv, d), -torch.ones(BLOCK_SIZE, hkv, d)
         k_cache[2, :4], v_cache[2, :4] = 0.5, 0.25
@@ -178,6 +181,8 @@ def test_paged_attention_after_write_kv_like_a_model_step():
         assert torch.equal(caches["tri"][1], caches["ref"][1])
         out = kernels.paged_attention(q, *caches["tri"], meta, 0.125)
         live = sum(1 for n in seq_lens if n > 0)  # the padding row has no reference answer
-        expected_meta = AttentionMetadata.build(query_lens[:live], seq_lens[:live], tables, slot_mapping[:live])
+        expected_meta = AttentionMetadata.build(
+            query_lens[:live], seq_lens[:live], tables, slot_mapping[:live]
+        )
         expected = ref.paged_attention(q[: sum(query_lens[:live])], *caches["ref"], expected_meta, 0.125)
         assert_close(out[: expected.shape[0]], expected)

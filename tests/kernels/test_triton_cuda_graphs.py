@@ -66,9 +66,18 @@ def test_replay_pads_to_a_bucket_and_matches_eager():
     caches = {name: [torch.zeros(2, 12, BS, HKV, D)] for name in ("graph", "eager")}
     for c in caches.values():  # some context already in the cache
         c[0].normal_(generator=torch.Generator().manual_seed(1))
-    graphs = CpuDecodeGraphs(forward, caches["graph"], max_batch=4, max_blocks_per_seq=MAX_LEN // BS,
-                             max_model_len=MAX_LEN, hidden_size=HQ * D, dtype=torch.float32, device="cpu",
-                             buckets=[1, 4], enabled=True)
+    graphs = CpuDecodeGraphs(
+        forward,
+        caches["graph"],
+        max_batch=4,
+        max_blocks_per_seq=MAX_LEN // BS,
+        max_model_len=MAX_LEN,
+        hidden_size=HQ * D,
+        dtype=torch.float32,
+        device="cpu",
+        buckets=[1, 4],
+        enabled=True,
+    )
     before = caches["graph"][0].clone()
     graphs.capture(warmup_runs=1)
     assert torch.equal(caches["graph"][0], before)  # capture wrote nothing (all slots -1)

@@ -22,11 +22,25 @@ from zeroserve.shared.messages import SamplingParams
 torch.set_num_threads(2)
 
 CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 256, "hidden_size": 64,
-    "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
-    "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                     "original_max_position_embeddings": 128, "rope_type": "llama3"},
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "rope_scaling": {
+        "factor": 8.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 128,
+        "rope_type": "llama3",
+    },
     "eos_token_id": 2,
 }
 
@@ -52,8 +66,17 @@ def test_greedy_tokens_and_hidden_states_match_the_torch_kernels(model_dir):
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     outputs, hidden = {}, {}
     for backend in ("torch", "triton"):
-        runner = ModelRunner(RunnerConfig(model=model_dir, load_format="dummy", dtype="float32", block_size=16,
-                                          num_kv_blocks=12, max_model_len=128, kernel_backend=backend))
+        runner = ModelRunner(
+            RunnerConfig(
+                model=model_dir,
+                load_format="dummy",
+                dtype="float32",
+                block_size=16,
+                num_kv_blocks=12,
+                max_model_len=128,
+                kernel_backend=backend,
+            )
+        )
         assert runner.ops.__name__.endswith(f"{'reference' if backend == 'torch' else 'triton'}.ops")
         with torch.no_grad():  # dummy weights (std 0.02) give near-uniform attention: sharpen it
             for name, param in runner.model.named_parameters():

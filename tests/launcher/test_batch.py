@@ -12,16 +12,30 @@ from tests.conftest import zeroserve_command
 
 GOOD_BODIES = [
     ("/v1/completions", {"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "temperature": 0}),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "temperature": 0},
+    ),
     ("/v1/completions", {"prompt": ["One", "Two"], "max_tokens": 3, "temperature": 0, "n": 2}),
 ]
 
 
 def make_input(path: str, n: int = 500) -> set[str]:
     """n lines, 5 of them bad; returns the custom_ids the output must hold."""
-    bad = {17: "not json {", 101: json.dumps([1, 2]), 202: json.dumps({"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings", "body": {}}),
-           303: json.dumps({"custom_id": "bad-body", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "temperature": -1}}),
-           404: json.dumps({"method": "POST", "url": "/v1/completions", "body": {"prompt": "no id"}})}
+    bad = {
+        17: "not json {",
+        101: json.dumps([1, 2]),
+        202: json.dumps({"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings", "body": {}}),
+        303: json.dumps(
+            {
+                "custom_id": "bad-body",
+                "method": "POST",
+                "url": "/v1/completions",
+                "body": {"prompt": "x", "temperature": -1},
+            }
+        ),
+        404: json.dumps({"method": "POST", "url": "/v1/completions", "body": {"prompt": "no id"}}),
+    }
     ids = set()
     with open(path, "w") as f:
         for i in range(1, n + 1):
@@ -47,7 +61,15 @@ def read_output(path: str) -> list[dict]:
 
 
 def batch_cmd(server, inp, out):
-    return zeroserve_command() + ["batch", inp, out, "--address", server.tokenizer_address, "--max-concurrency", "64"]
+    return zeroserve_command() + [
+        "batch",
+        inp,
+        out,
+        "--address",
+        server.tokenizer_address,
+        "--max-concurrency",
+        "64",
+    ]
 
 
 def test_batch_500_lines_with_5_bad_interrupted_and_resumed(zeroserve_server, tmp_path):
@@ -66,7 +88,9 @@ def test_batch_500_lines_with_5_bad_interrupted_and_resumed(zeroserve_server, tm
     first = read_output(out)
     assert 0 < len(first) < 500, "the interrupt should land about halfway"
 
-    done = subprocess.run(batch_cmd(zeroserve_server, inp, out), env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        batch_cmd(zeroserve_server, inp, out), env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr
     assert "skipped" in done.stderr
     lines = read_output(out)

@@ -60,9 +60,22 @@ def hf_server(tmp_path_factory):
     log = open(os.path.join(model_dir, "server.log"), "w+")
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     proc = subprocess.Popen(
-        [sys.executable, "-c", _BUILD_AND_SERVE, model_dir, SERVER, "--port", str(port), "--threads", "1",
-         "--served-model-name", "tiny"],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
+        [
+            sys.executable,
+            "-c",
+            _BUILD_AND_SERVE,
+            model_dir,
+            SERVER,
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+            "--served-model-name",
+            "tiny",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     base_url = f"http://127.0.0.1:{port}"
     try:
@@ -94,10 +107,27 @@ def hf_server(tmp_path_factory):
 def test_bench_against_the_hf_baseline(hf_server, tmp_path):
     base_url, model_dir = hf_server
     out = tmp_path / "hf.json"
-    code = main([
-        "bench", "serve", "--base-url", base_url, "--num-prompts", "4", "--max-concurrency", "2",
-        "--input-len", "12", "--output-len", "6", "--tokenizer", model_dir, "--disable-tqdm", "--output-json", str(out),
-    ])
+    code = main(
+        [
+            "bench",
+            "serve",
+            "--base-url",
+            base_url,
+            "--num-prompts",
+            "4",
+            "--max-concurrency",
+            "2",
+            "--input-len",
+            "12",
+            "--output-len",
+            "6",
+            "--tokenizer",
+            model_dir,
+            "--disable-tqdm",
+            "--output-json",
+            str(out),
+        ]
+    )
     assert code == 0
     res = json.loads(out.read_text())
     assert res["model"] == "tiny" and res["tokenizer"] != "words"
@@ -113,11 +143,33 @@ def test_bench_against_the_hf_baseline(hf_server, tmp_path):
 def test_hf_baseline_chat_and_plain_responses(hf_server, tmp_path):
     base_url, model_dir = hf_server
     out = tmp_path / "chat.json"
-    code = main([
-        "bench", "serve", "--base-url", base_url, "--endpoint", "chat", "--dataset", "chat", "--num-prompts", "3",
-        "--num-warmups", "0", "--input-len", "4", "--system-prompt-len", "8", "--output-len", "3",
-        "--tokenizer", model_dir, "--disable-tqdm", "--output-json", str(out),
-    ])
+    code = main(
+        [
+            "bench",
+            "serve",
+            "--base-url",
+            base_url,
+            "--endpoint",
+            "chat",
+            "--dataset",
+            "chat",
+            "--num-prompts",
+            "3",
+            "--num-warmups",
+            "0",
+            "--input-len",
+            "4",
+            "--system-prompt-len",
+            "8",
+            "--output-len",
+            "3",
+            "--tokenizer",
+            model_dir,
+            "--disable-tqdm",
+            "--output-json",
+            str(out),
+        ]
+    )
     assert code == 0
     res = json.loads(out.read_text())
     assert res["completed"] == 3 and res["total_output_tokens"] == 9
@@ -125,12 +177,16 @@ def test_hf_baseline_chat_and_plain_responses(hf_server, tmp_path):
     lens = [r["prompt_tokens"] for r in res["per_request"]]
     assert lens[0] < lens[1] < lens[2]
     body = json.dumps({"model": "tiny", "prompt": "the water", "max_tokens": 4, "ignore_eos": True}).encode()
-    req = urllib.request.Request(base_url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        base_url + "/v1/completions", data=body, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=30) as r:
         reply = json.load(r)
     assert reply["usage"] == {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6}
     assert reply["choices"][0]["finish_reason"] == "length" and isinstance(reply["choices"][0]["text"], str)
-    bad = urllib.request.Request(base_url + "/v1/completions", data=b'{"prompt": 3}', headers={"Content-Type": "application/json"})
+    bad = urllib.request.Request(
+        base_url + "/v1/completions", data=b'{"prompt": 3}', headers={"Content-Type": "application/json"}
+    )
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(bad, timeout=30)
     assert e.value.code == 400 and "prompt" in json.load(e.value)["error"]["message"]

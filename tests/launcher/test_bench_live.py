@@ -20,7 +20,16 @@ def live(request):
 
 def _bench(live, tmp_path, *extra) -> dict:
     out = tmp_path / "live.json"
-    argv = ["bench", "serve", "--base-url", live.base_url, "--disable-tqdm", "--output-json", str(out), *extra]
+    argv = [
+        "bench",
+        "serve",
+        "--base-url",
+        live.base_url,
+        "--disable-tqdm",
+        "--output-json",
+        str(out),
+        *extra,
+    ]
     if live.api_key:
         argv += ["--api-key", live.api_key]
     assert main(argv) == 0
@@ -28,8 +37,20 @@ def _bench(live, tmp_path, *extra) -> dict:
 
 
 def test_bench_completions_against_zeroserve(live, tmp_path):
-    res = _bench(live, tmp_path, "--num-prompts", "4", "--max-concurrency", "2", "--input-len", "32",
-                 "--output-len", "8", "--goodput", "ttft:60000")
+    res = _bench(
+        live,
+        tmp_path,
+        "--num-prompts",
+        "4",
+        "--max-concurrency",
+        "2",
+        "--input-len",
+        "32",
+        "--output-len",
+        "8",
+        "--goodput",
+        "ttft:60000",
+    )
     assert (res["completed"], res["failed"], res["errors"]) == (4, 0, {})
     # zeroserve takes every optional field, so outputs have exactly the asked length, counted
     # by the server's usage.
@@ -41,9 +62,28 @@ def test_bench_completions_against_zeroserve(live, tmp_path):
 
 
 def test_bench_chat_with_shared_system_prompts_against_zeroserve(live, tmp_path):
-    res = _bench(live, tmp_path, "--endpoint", "chat", "--dataset", "chat", "--num-prompts", "4",
-                 "--max-concurrency", "2", "--input-len", "16", "--system-prompt-len", "48", "--output-len", "4",
-                 "--num-system-prompts", "2", "--turns", "2")
+    res = _bench(
+        live,
+        tmp_path,
+        "--endpoint",
+        "chat",
+        "--dataset",
+        "chat",
+        "--num-prompts",
+        "4",
+        "--max-concurrency",
+        "2",
+        "--input-len",
+        "16",
+        "--system-prompt-len",
+        "48",
+        "--output-len",
+        "4",
+        "--num-system-prompts",
+        "2",
+        "--turns",
+        "2",
+    )
     assert (res["completed"], res["failed"]) == (4, 0)
     assert res["total_output_tokens"] == 16 and res["usage_reported"] == 4
     turns = [r["prompt_tokens"] for r in res["per_request"]]

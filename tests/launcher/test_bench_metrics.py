@@ -24,8 +24,14 @@ from zeroserve.launcher.bench.runner import arrival_gaps
 def ok(ttft, itl, out_tokens, prompt_tokens=10, expected_out=None):
     """A successful request: E2EL = TTFT + sum(ITL) (the last chunk ends the stream)."""
     return RequestResult(
-        success=True, ttft=ttft, itl=list(itl), latency=ttft + sum(itl), output_tokens=out_tokens,
-        prompt_tokens=prompt_tokens, usage_reported=True, expected_output_len=expected_out or out_tokens,
+        success=True,
+        ttft=ttft,
+        itl=list(itl),
+        latency=ttft + sum(itl),
+        output_tokens=out_tokens,
+        prompt_tokens=prompt_tokens,
+        usage_reported=True,
+        expected_output_len=expected_out or out_tokens,
     )
 
 
@@ -81,7 +87,13 @@ def test_goodput_counts_requests_within_every_slo():
     failed = RequestResult(error="timeout")
     slos = parse_goodput("ttft:100, tpot:20")
     assert slos == {"ttft": 100.0, "tpot": 20.0}
-    assert [meets_slos(r, slos) for r in (fast, slow_first, slow_decode, single, failed)] == [True, False, False, True, False]
+    assert [meets_slos(r, slos) for r in (fast, slow_first, slow_decode, single, failed)] == [
+        True,
+        False,
+        False,
+        True,
+        False,
+    ]
     m = compute_metrics([fast, slow_first, slow_decode, single, failed], duration_s=4.0, slos=slos)
     assert m["goodput"] == pytest.approx(0.5) and m["goodput_fraction"] == pytest.approx(0.4)
     assert meets_slos(fast, parse_goodput("e2el:100")) is False  # E2EL 140 > 100
@@ -141,7 +153,9 @@ def _digit_splitting_counter():
     for word in WORDS + list("0123456789"):
         vocab.setdefault(word, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
     return tok, _Wrapped(tok, "test")
 
 
@@ -157,8 +171,15 @@ def test_text_of_length_is_exact_with_a_real_tokenizer():
 
 
 def test_chat_dataset_shares_system_prompts_and_grows_history():
-    reqs = chat_dataset(7, input_len=5, output_len=4, counter=WordsCounter(), num_system_prompts=2,
-                        system_prompt_len=20, turns=3)
+    reqs = chat_dataset(
+        7,
+        input_len=5,
+        output_len=4,
+        counter=WordsCounter(),
+        num_system_prompts=2,
+        system_prompt_len=20,
+        turns=3,
+    )
     assert len(reqs) == 7 and [r.conversation for r in reqs] == [0, 0, 0, 1, 1, 1, 2]
     systems = [r.prompt[0]["content"] for r in reqs]
     assert systems[0] == systems[6] != systems[3]  # conversations 0 and 2 share system prompt 0
@@ -188,6 +209,10 @@ def test_payload_carries_optional_fields_only_when_kept():
     req = BenchRequest([{"role": "user", "content": "hi"}], 1, 12)
     full = build_payload("completions", "m", req, ("ignore_eos", "min_tokens", "stream_options"), 0.0)
     assert full["prompt"].startswith("User: hi") and full["max_tokens"] == 12
-    assert full["ignore_eos"] is True and full["min_tokens"] == 12 and full["stream_options"] == {"include_usage": True}
+    assert (
+        full["ignore_eos"] is True
+        and full["min_tokens"] == 12
+        and full["stream_options"] == {"include_usage": True}
+    )
     bare = build_payload("chat", "m", req, ("stream_options",), 0.0)
     assert "ignore_eos" not in bare and "min_tokens" not in bare and bare["messages"] == req.prompt

@@ -59,7 +59,9 @@ class FakeServer:
         self.bodies.append(body)
         n = len(self.bodies)
         if body.get("model") != MODEL:
-            return web.json_response({"error": {"message": f"model {body.get('model')} not found"}}, status=404)
+            return web.json_response(
+                {"error": {"message": f"model {body.get('model')} not found"}}, status=404
+            )
         if self.mode == "strict" and ("ignore_eos" in body or "min_tokens" in body):
             self.outcomes.append("http_400")
             field = "ignore_eos" if "ignore_eos" in body else "min_tokens"
@@ -67,7 +69,9 @@ class FakeServer:
             return web.json_response({"error": {"message": msg, "type": "invalid_request_error"}}, status=400)
         if self.mode == "reject":
             self.outcomes.append("http_400")
-            return web.json_response({"error": {"message": "This model's maximum context length is 16"}}, status=400)
+            return web.json_response(
+                {"error": {"message": "This model's maximum context length is 16"}}, status=400
+            )
         if self.mode == "flaky" and n % 3 == 0:
             self.outcomes.append("http_500")
             return web.json_response({"error": {"message": "boom"}}, status=500)
@@ -82,7 +86,9 @@ class FakeServer:
             await resp.write(f"data: {json.dumps(obj)}\n\n".encode())
 
         if chat:
-            await send({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"role": "assistant"}}]})
+            await send(
+                {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"role": "assistant"}}]}
+            )
         for i in range(n_out):
             await asyncio.sleep(self.token_delay)
             if self.mode == "flaky" and n % 4 == 0 and i == n_out // 2:
@@ -118,20 +124,40 @@ def test_serve_writes_every_documented_field(tmp_path, capsys):
     png = tmp_path / "serve.png"
     with FakeServer() as server:
         code, res = _serve(
-            server.base_url, tmp_path, "--num-prompts", "12", "--max-concurrency", "4", "--input-len", "20",
-            "--output-len", "6", "--goodput", "ttft:5000,tpot:1000", "--percentiles", "50,90,99", "--plot", str(png),
+            server.base_url,
+            tmp_path,
+            "--num-prompts",
+            "12",
+            "--max-concurrency",
+            "4",
+            "--input-len",
+            "20",
+            "--output-len",
+            "6",
+            "--goodput",
+            "ttft:5000,tpot:1000",
+            "--percentiles",
+            "50,90,99",
+            "--plot",
+            str(png),
         )
     assert code == 0
     # Probe + 1 warm-up + 12 timed requests; --model defaulted from /v1/models.
     assert len(server.bodies) == 14 and all(b["model"] == MODEL for b in server.bodies)
     timed = server.bodies[2:]
-    assert all(b["stream"] and b["ignore_eos"] and b["min_tokens"] == 6 and b["max_tokens"] == 6 for b in timed)
+    assert all(
+        b["stream"] and b["ignore_eos"] and b["min_tokens"] == 6 and b["max_tokens"] == 6 for b in timed
+    )
     assert all(b["stream_options"] == {"include_usage": True} for b in timed)
     assert res["schema"] == "zeroserve-bench-serve/1" and res["model"] == MODEL
     assert (res["completed"], res["failed"], res["errors"], res["num_requests"]) == (12, 0, {}, 12)
-    assert res["total_output_tokens"] == 72 and res["usage_reported"] == 12 and res["output_len_mismatch"] == 0
+    assert (
+        res["total_output_tokens"] == 72 and res["usage_reported"] == 12 and res["output_len_mismatch"] == 0
+    )
     assert res["total_input_tokens"] == sum(len(b["prompt"].split()) for b in timed)
-    assert res["fields_sent"] == ["ignore_eos", "min_tokens", "stream_options"] and res["fields_dropped"] == []
+    assert (
+        res["fields_sent"] == ["ignore_eos", "min_tokens", "stream_options"] and res["fields_dropped"] == []
+    )
     assert res["config"]["max_concurrency"] == 4 and res["config"]["request_rate"] is None
     assert "api_key" not in res["config"]
     assert res["duration_s"] > 0
@@ -145,10 +171,16 @@ def test_serve_writes_every_documented_field(tmp_path, capsys):
         # A client timestamps chunks per network read, so on a busy machine two chunks can
         # land in one read: an ITL of 0 is a true client-side measurement.
         assert values == sorted(values) and values[0] >= 0, metric
-        assert res[f"mean_{metric}_ms"] > 0 and res[f"std_{metric}_ms"] >= 0 and res[f"p50_{metric}_ms"] == res[f"median_{metric}_ms"]
+        assert (
+            res[f"mean_{metric}_ms"] > 0
+            and res[f"std_{metric}_ms"] >= 0
+            and res[f"p50_{metric}_ms"] == res[f"median_{metric}_ms"]
+        )
     assert res["mean_e2el_ms"] > res["mean_ttft_ms"]
     reqs = res["per_request"]
-    assert len(reqs) == 12 and all(r["success"] and r["output_tokens"] == 6 and len(r["itl_ms"]) == 5 for r in reqs)
+    assert len(reqs) == 12 and all(
+        r["success"] and r["output_tokens"] == 6 and len(r["itl_ms"]) == 5 for r in reqs
+    )
     assert all(r["e2el_ms"] >= r["ttft_ms"] + sum(r["itl_ms"]) - 0.01 for r in reqs)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
@@ -157,8 +189,22 @@ def test_serve_writes_every_documented_field(tmp_path, capsys):
 
 def test_refused_extra_fields_are_dropped_with_a_warning(tmp_path, capsys):
     with FakeServer(mode="strict") as server:
-        code, res = _serve(server.base_url, tmp_path, "--num-prompts", "5", "--output-len", "8", "--num-warmups", "0",
-                           "--endpoint", "chat", "--dataset", "chat", "--input-len", "5")
+        code, res = _serve(
+            server.base_url,
+            tmp_path,
+            "--num-prompts",
+            "5",
+            "--output-len",
+            "8",
+            "--num-warmups",
+            "0",
+            "--endpoint",
+            "chat",
+            "--dataset",
+            "chat",
+            "--input-len",
+            "5",
+        )
     assert code == 0
     err = capsys.readouterr().err
     assert "ignore_eos" in err and "min_tokens" in err and "dropping" in err
@@ -185,8 +231,20 @@ def test_a_server_rejecting_every_request_stops_the_run_without_blaming_fields(t
 
 def test_failed_requests_are_counted_by_type(tmp_path):
     with FakeServer(mode="flaky") as server:
-        code, res = _serve(server.base_url, tmp_path, "--num-prompts", "14", "--max-concurrency", "3",
-                           "--output-len", "6", "--input-len", "8", "--num-warmups", "0")
+        code, res = _serve(
+            server.base_url,
+            tmp_path,
+            "--num-prompts",
+            "14",
+            "--max-concurrency",
+            "3",
+            "--output-len",
+            "6",
+            "--input-len",
+            "8",
+            "--num-warmups",
+            "0",
+        )
     assert code == 0
     timed = server.outcomes[1:]  # the first request is the probe
     assert res["errors"] == {k: timed.count(k) for k in ("http_500", "stream_broken") if k in timed}
@@ -199,8 +257,20 @@ def test_failed_requests_are_counted_by_type(tmp_path):
 
 def test_rate_limited_arrivals_spread_the_run(tmp_path):
     with FakeServer(token_delay=0.0) as server:
-        code, res = _serve(server.base_url, tmp_path, "--num-prompts", "8", "--request-rate", "40",
-                           "--burstiness", "2", "--output-len", "2", "--input-len", "4")
+        code, res = _serve(
+            server.base_url,
+            tmp_path,
+            "--num-prompts",
+            "8",
+            "--request-rate",
+            "40",
+            "--burstiness",
+            "2",
+            "--output-len",
+            "2",
+            "--input-len",
+            "4",
+        )
     assert code == 0 and res["completed"] == 8
     starts = [r["start_s"] for r in res["per_request"]]
     assert starts == sorted(starts) and starts[-1] > 0.05  # 8 gaps of 25 ms on average
@@ -215,11 +285,31 @@ def test_unreachable_server_is_a_clear_error(capsys):
 def test_sweep_compares_targets_in_one_json_and_chart(tmp_path, capsys):
     out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
     with FakeServer() as a, FakeServer(token_delay=0.004) as b:
-        code = main([
-            "bench", "sweep", "--target", f"fast={a.base_url}", "--target", f"slow={b.base_url}",
-            "--target", f"down=http://127.0.0.1:{_free_port()}", "--concurrency", "1,2", "--num-prompts", "4",
-            "--output-len", "4", "--input-len", "6", "--disable-tqdm", "--output-json", str(out), "--plot", str(png),
-        ])
+        code = main(
+            [
+                "bench",
+                "sweep",
+                "--target",
+                f"fast={a.base_url}",
+                "--target",
+                f"slow={b.base_url}",
+                "--target",
+                f"down=http://127.0.0.1:{_free_port()}",
+                "--concurrency",
+                "1,2",
+                "--num-prompts",
+                "4",
+                "--output-len",
+                "4",
+                "--input-len",
+                "6",
+                "--disable-tqdm",
+                "--output-json",
+                str(out),
+                "--plot",
+                str(png),
+            ]
+        )
     assert code == 0
     sweep = json.loads(out.read_text())
     assert sweep["schema"] == "zeroserve-bench-sweep/1" and sweep["concurrency"] == [1, 2]
@@ -228,7 +318,9 @@ def test_sweep_compares_targets_in_one_json_and_chart(tmp_path, capsys):
     for name in ("fast", "slow"):
         runs = by_name[name]["runs"]
         assert [r["concurrency"] for r in runs] == [1, 2] and all(r["completed"] == 4 for r in runs)
-        assert all("per_request" not in r and r["p99_ttft_ms"] > 0 and r["output_throughput"] > 0 for r in runs)
+        assert all(
+            "per_request" not in r and r["p99_ttft_ms"] > 0 and r["output_throughput"] > 0 for r in runs
+        )
     # Same prompts for both servers at a given concurrency.
     assert [x["prompt"] for x in a.bodies] == [x["prompt"] for x in b.bodies]
     assert png.read_bytes()[:4] == b"\x89PNG"

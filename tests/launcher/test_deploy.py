@@ -21,12 +21,18 @@ BIN = os.path.dirname(sys.executable)
 
 
 def render(kind: str, out: str, *extra: str) -> None:
-    subprocess.run(zeroserve_command() + ["deploy", kind, "--out", out, *extra], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        zeroserve_command() + ["deploy", kind, "--out", out, *extra],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
 
 
 def http(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, dict | bytes]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode() if body else None,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode() if body else None, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             raw = r.read()
@@ -49,8 +55,18 @@ def wait_ready(base: str, timeout: float) -> None:
 def test_supervisord_stack_serves_and_restarts_a_killed_worker(tmp_path):
     out = str(tmp_path / "deploy")
     port = free_port()
-    render("supervisord", out, "--port", str(port), "--max-model-len", "1024", "--num-kv-blocks", "256",
-           "--run-dir", str(tmp_path / "run"))
+    render(
+        "supervisord",
+        out,
+        "--port",
+        str(port),
+        "--max-model-len",
+        "1024",
+        "--num-kv-blocks",
+        "256",
+        "--run-dir",
+        str(tmp_path / "run"),
+    )
     conf = os.path.join(out, "supervisord.conf")
     ctl = [os.path.join(BIN, "supervisorctl"), "-c", conf]
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", ZEROSERVE_NUM_THREADS="2")
@@ -61,11 +77,15 @@ def test_supervisord_stack_serves_and_restarts_a_killed_worker(tmp_path):
         body = {"prompt": "Hello, my name is", "max_tokens": 5, "temperature": 0}
         status, first = http(base + "/v1/completions", body)
         assert status == 200 and first["usage"]["completion_tokens"] == 5
-        pid = int(subprocess.run(ctl + ["pid", "zeroserve:worker"], capture_output=True, text=True).stdout.strip())
+        pid = int(
+            subprocess.run(ctl + ["pid", "zeroserve:worker"], capture_output=True, text=True).stdout.strip()
+        )
         os.kill(pid, signal.SIGKILL)
         time.sleep(3)
         wait_ready(base, 240)
-        new_pid = int(subprocess.run(ctl + ["pid", "zeroserve:worker"], capture_output=True, text=True).stdout.strip())
+        new_pid = int(
+            subprocess.run(ctl + ["pid", "zeroserve:worker"], capture_output=True, text=True).stdout.strip()
+        )
         assert new_pid != pid, "supervisord should have started a new worker"
         status, again = http(base + "/v1/completions", body)
         assert status == 200 and again["choices"][0]["text"] == first["choices"][0]["text"]
@@ -77,8 +97,13 @@ def test_systemd_units_verify_and_are_hardened(tmp_path):
     out = str(tmp_path / "units")
     render("systemd", out, "--api-workers", "2", "--api-key", "s3cret")
     units = sorted(f for f in os.listdir(out) if f.endswith(".service"))
-    assert units == ["zeroserve-api-0.service", "zeroserve-api-1.service", "zeroserve-scheduler-0.service",
-                     "zeroserve-tokenizer-0.service", "zeroserve-worker-0.service"]
+    assert units == [
+        "zeroserve-api-0.service",
+        "zeroserve-api-1.service",
+        "zeroserve-scheduler-0.service",
+        "zeroserve-tokenizer-0.service",
+        "zeroserve-worker-0.service",
+    ]
     for unit in units:
         parser = configparser.ConfigParser(strict=False, interpolation=None)
         parser.optionxform = str
@@ -88,7 +113,10 @@ def test_systemd_units_verify_and_are_hardened(tmp_path):
             assert service[key] == "yes"
         assert service["ProtectSystem"] == "strict" and service["User"] == "zeroserve"
         assert service["Restart"] == "always"
-        assert " proc " in service["ExecStart"] and "--config /etc/zeroserve/zeroserve.json" in service["ExecStart"]
+        assert (
+            " proc " in service["ExecStart"]
+            and "--config /etc/zeroserve/zeroserve.json" in service["ExecStart"]
+        )
         if "worker" in unit:  # where the C++ CPU kernels are built and cached, writable under strict
             assert service["CacheDirectory"] == "zeroserve"
             with open(os.path.join(out, unit)) as f:
@@ -101,6 +129,8 @@ def test_systemd_units_verify_and_are_hardened(tmp_path):
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed; the units were checked structurally")
     files = [os.path.join(out, u) for u in units] + [os.path.join(out, "zeroserve.target")]
-    verify = subprocess.run(["systemd-analyze", "verify", "--man=no", *files], capture_output=True, text=True, timeout=120)
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *files], capture_output=True, text=True, timeout=120
+    )
     complaints = [l for l in (verify.stdout + verify.stderr).splitlines() if out in l]
     assert verify.returncode == 0 and not complaints, complaints

@@ -86,7 +86,9 @@ class FakeWorker:
         return StepResult(plan.step_id, ids, tokens)
 
 
-def make_request(rid: str, prompt: list[int], max_tokens: int = 8, arrival: float = 0.0, **kw) -> EngineRequest:
+def make_request(
+    rid: str, prompt: list[int], max_tokens: int = 8, arrival: float = 0.0, **kw
+) -> EngineRequest:
     params = kw.pop("params", None) or SamplingParams(max_tokens=max_tokens, **kw.pop("sampling", {}))
     return EngineRequest(rid, list(prompt), params, arrival, **kw)
 

@@ -96,7 +96,10 @@ def test_abort_in_every_state_frees_blocks_at_once():
     s.add_request(make_request("waiting", [300, 301], max_tokens=4))  # no seat: max_num_seqs=2
     s.update_from_output(w.step(s.schedule(0.0)))
     s.update_from_output(w.step(s.schedule(0.0)))
-    assert s.request("prefilling").num_computed_tokens == 6 + 7 and len(s.request("decoding").output_token_ids) == 2
+    assert (
+        s.request("prefilling").num_computed_tokens == 6 + 7
+        and len(s.request("decoding").output_token_ids) == 2
+    )
     free, held = s.num_free_blocks, len(s.request("prefilling").block_ids)
     assert s.abort("waiting") and s.abort("prefilling")
     assert s.num_free_blocks == free + held == free + 4, "the prefilling request's blocks come back at once"
@@ -345,6 +348,8 @@ def test_preempted_request_resumes_with_its_generated_tokens_and_a_prefix_hit():
         resumed = next((n for n in d.plans[-1].new if n.request_id == "b"), None)
     assert resumed.token_ids == list(range(200, 206)) + generated, "resumed with every known token"
     assert resumed.num_prompt_tokens == 6, "the generated tokens stay output (penalties, min_tokens)"
-    assert resumed.num_computed_tokens == 4 and resumed.block_ids[0] == b_blocks[0], "its first block survived"
+    assert resumed.num_computed_tokens == 4 and resumed.block_ids[0] == b_blocks[0], (
+        "its first block survived"
+    )
     d.run()
     assert len(d.tokens["b"]) == 8 and d.finish["b"] == "length"

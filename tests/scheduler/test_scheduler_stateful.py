@@ -156,7 +156,9 @@ class SchedulerMachine(RuleBasedStateMachine):
                 break
             self.step()
         assert not self.s.has_unfinished(), f"requests starved: {self.live_ids()}"
-        assert set(self.ended) == {f"r{i}" for i in range(self.added)}, "a request ended without a final delta"
+        assert set(self.ended) == {f"r{i}" for i in range(self.added)}, (
+            "a request ended without a final delta"
+        )
         bm = self.s.blocks
         assert all(r == 0 for r in bm.ref_cnt) and bm.num_free_blocks == NUM_BLOCKS
         assert all(bm.block_key[b] is None or b in bm._cached_free for b in range(NUM_BLOCKS))

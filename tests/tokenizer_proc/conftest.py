@@ -35,7 +35,9 @@ def hf_tokenizer(gguf_path):
     transformers.logging.set_verbosity_error()
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-    return TokenizersBackend.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path))
+    return TokenizersBackend.from_pretrained(
+        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path)
+    )
 
 
 @pytest.fixture(scope="session")

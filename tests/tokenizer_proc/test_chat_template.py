@@ -63,7 +63,11 @@ TOOLS = [{"type": "function", "function": {"name": "météo", "parameters": {"vi
 
 def _reference(hf_tokenizer, messages, template=None, add_generation_prompt=True, **kwargs):
     return hf_tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+        messages,
+        chat_template=template,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        **kwargs,
     )
 
 
@@ -73,7 +77,9 @@ def test_model_template_matches_transformers(tokenizer, hf_tokenizer, messages, 
     expected = _reference(hf_tokenizer, messages, add_generation_prompt=add_generation_prompt)
     assert tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == expected
     # and the ids of the prompt are those transformers tokenizes the chat into
-    ids = hf_tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    ids = hf_tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=add_generation_prompt
+    )
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     assert tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt) == list(ids)
 
@@ -91,7 +97,10 @@ def test_other_templates_match_transformers(tokenizer, hf_tokenizer, template):
 
 
 def test_chat_message_structs_render_like_dicts(tokenizer):
-    structs = [ChatMessage(role="user", content="hi", name="ann"), ChatMessage(role="assistant", content="yo")]
+    structs = [
+        ChatMessage(role="user", content="hi", name="ann"),
+        ChatMessage(role="assistant", content="yo"),
+    ]
     dicts = [{"role": "user", "content": "hi", "name": "ann"}, {"role": "assistant", "content": "yo"}]
     renderer = ChatTemplate(RICH)
     assert renderer.render(structs) == renderer.render(dicts)
@@ -135,5 +144,7 @@ def test_sandbox_blocks_python_internals():
 
 
 def test_helpers_tojson_and_strftime():
-    out = ChatTemplate("{{ x | tojson }}|{{ x | tojson(indent=2) | length > 0 }}|{{ strftime_now('%Y') | length }}")
+    out = ChatTemplate(
+        "{{ x | tojson }}|{{ x | tojson(indent=2) | length > 0 }}|{{ strftime_now('%Y') | length }}"
+    )
     assert out.render([], variables={"x": {"é": "<b>&"}}) == '{"é": "<b>&"}|True|4'

@@ -44,13 +44,18 @@ def test_random_token_sequences(tokenizer):
     invalid UTF-8): concatenation == full decode, with and without a prompt, for any chunking;
     a piece never holds U+FFFD unless the full decode has it."""
     rng = random.Random(1234)
-    partial = [i for i in range(tokenizer.vocab_size)
-               if i not in tokenizer.special_token_ids and "\ufffd" in tokenizer.token_text(i)]
+    partial = [
+        i
+        for i in range(tokenizer.vocab_size)
+        if i not in tokenizer.special_token_ids and "\ufffd" in tokenizer.token_text(i)
+    ]
     assert len(partial) > 100
     prompt = tokenizer.encode("Some prompt text, ending cleanly.")
     for trial in range(600):
-        out = [rng.choice(partial) if rng.random() < 0.6 else rng.randrange(tokenizer.vocab_size)
-               for _ in range(rng.randint(1, 30))]
+        out = [
+            rng.choice(partial) if rng.random() < 0.6 else rng.randrange(tokenizer.vocab_size)
+            for _ in range(rng.randint(1, 30))
+        ]
         skip = trial % 2 == 0
         full = tokenizer.decode(out, skip_special_tokens=skip)
         pieces = _stream(IncrementalDetokenizer(tokenizer, [], skip), out, rng)

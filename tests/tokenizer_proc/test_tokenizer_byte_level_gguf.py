@@ -5,14 +5,18 @@ from __future__ import annotations
 import os
 
 import pytest
+from tokenizer_testdata import TEXTS, write_byte_level_gguf
 
 from zeroserve.tokenizer_proc.tokenizer import load_tokenizer
 
-from tokenizer_testdata import TEXTS, write_byte_level_gguf
-
-EXTRA = ["<think>reasoning</think> done", "<｜bad▁control｜> stays text", "<|eot|><|im_end|>",
-         "DON'T You'LL 123456789 ,,,!!!\n\n\n   \n", "camelCaseWords HTTPServer iPhone",
-         "path ~\n/usr and ~\n\n/bin"]
+EXTRA = [
+    "<think>reasoning</think> done",
+    "<｜bad▁control｜> stays text",
+    "<|eot|><|im_end|>",
+    "DON'T You'LL 123456789 ,,,!!!\n\n\n   \n",
+    "camelCaseWords HTTPServer iPhone",
+    "path ~\n/usr and ~\n\n/bin",
+]
 
 
 @pytest.mark.parametrize("pre", ["smollm", "qwen2", "llama-bpe", "gpt-4o"])

@@ -5,12 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
+from tokenizer_testdata import TEXTS
 
 from zeroserve.tokenizer_proc.errors import TokenizerLoadError
 from zeroserve.tokenizer_proc.gguf_metadata import read_gguf_metadata
 from zeroserve.tokenizer_proc.tokenizer import load_tokenizer
-
-from tokenizer_testdata import TEXTS
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -27,7 +26,9 @@ def test_batch_and_round_trip(tokenizer, hf_tokenizer):
         # Byte-level BPE is lossless; with specials kept, even the chat markers come back.
         assert tokenizer.decode(token_ids, skip_special_tokens=False) == text
         for skip in (True, False):
-            assert tokenizer.decode(token_ids, skip) == hf_tokenizer.decode(token_ids, skip_special_tokens=skip)
+            assert tokenizer.decode(token_ids, skip) == hf_tokenizer.decode(
+                token_ids, skip_special_tokens=skip
+            )
 
 
 def test_random_ids_decode_like_transformers(tokenizer, hf_tokenizer):
@@ -87,7 +88,9 @@ def test_metadata_reader_matches_gguf_package(tmp_path):
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     _assert_same_metadata(path)
     meta = read_gguf_metadata(path)
-    assert meta["t.strs"] == ["a", "", "Ġb c", "日本"] and meta["t.u64"] == 2**64 - 1 and meta["t.bool"] is True
+    assert (
+        meta["t.strs"] == ["a", "", "Ġb c", "日本"] and meta["t.u64"] == 2**64 - 1 and meta["t.bool"] is True
+    )
 
 
 @pytest.mark.slow
@@ -116,7 +119,9 @@ def test_load_errors(tmp_path):
     with pytest.raises(TokenizerLoadError, match="not a GGUF file"):
         load_tokenizer(str(bad))
     truncated = tmp_path / "truncated.gguf"
-    truncated.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + (5).to_bytes(8, "little"))
+    truncated.write_bytes(
+        b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + (5).to_bytes(8, "little")
+    )
     with pytest.raises(TokenizerLoadError, match="truncated"):
         load_tokenizer(str(truncated))
     with pytest.raises(TokenizerLoadError, match="no tokenizer.json"):

@@ -6,11 +6,10 @@ import json
 import shutil
 
 import pytest
+from tokenizer_testdata import TEXTS
 
 from zeroserve.tokenizer_proc.errors import TokenizerLoadError
 from zeroserve.tokenizer_proc.tokenizer import load_tokenizer
-
-from tokenizer_testdata import TEXTS
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +41,9 @@ def _reference(folder):
     is what AutoTokenizer would pick; calling it directly skips AutoConfig (seconds here)."""
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-    assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "TokenizersBackend"
+    assert (
+        json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "TokenizersBackend"
+    )
     return TokenizersBackend.from_pretrained(str(folder))
 
 
@@ -67,18 +68,27 @@ def test_bos_eos_from_post_processor_and_generation_config(hf_folder, tmp_path):
     """tokenizer.json's post-processor adds BOS/EOS; tokenizer_config's add_bos_token flag is
     ignored when tokenizer.json exists (transformers 5)."""
     folder = _variant(
-        hf_folder, tmp_path, {"add_bos_token": False, "add_eos_token": False},
-        files={"generation_config.json": {"eos_token_id": [2, 0]},
-               "config.json": {"model_type": "llama", "max_position_embeddings": 2048, "eos_token_id": 7}},
+        hf_folder,
+        tmp_path,
+        {"add_bos_token": False, "add_eos_token": False},
+        files={
+            "generation_config.json": {"eos_token_id": [2, 0]},
+            "config.json": {"model_type": "llama", "max_position_embeddings": 2048, "eos_token_id": 7},
+        },
     )
     tokenizer_json = json.loads((folder / "tokenizer.json").read_text())
     tokenizer_json["post_processor"] = {
         "type": "TemplateProcessing",
-        "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                   {"SpecialToken": {"id": "<|im_end|>", "type_id": 0}}],
+        "single": [
+            {"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+            {"SpecialToken": {"id": "<|im_end|>", "type_id": 0}},
+        ],
         "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-        "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]},
-                           "<|im_end|>": {"id": "<|im_end|>", "ids": [2], "tokens": ["<|im_end|>"]}},
+        "special_tokens": {
+            "<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]},
+            "<|im_end|>": {"id": "<|im_end|>", "ids": [2], "tokens": ["<|im_end|>"]},
+        },
     }
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
     ours, ref = load_tokenizer(str(folder)), _reference(folder)
@@ -100,10 +110,20 @@ def test_config_only_eos_and_legacy_files(hf_folder, tmp_path):
     from the legacy special_tokens_map.json."""
     template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{{ eos_token }}{% endfor %}"
     folder = _variant(
-        hf_folder, tmp_path,
-        {"chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": template}],
-         "eos_token": None, "additional_special_tokens": ["<my_special>"]},
-        files={"config.json": {"eos_token_id": 0}, "special_tokens_map.json": {"eos_token": {"content": "<|endoftext|>"}}},
+        hf_folder,
+        tmp_path,
+        {
+            "chat_template": [
+                {"name": "tool_use", "template": "x"},
+                {"name": "default", "template": template},
+            ],
+            "eos_token": None,
+            "additional_special_tokens": ["<my_special>"],
+        },
+        files={
+            "config.json": {"eos_token_id": 0},
+            "special_tokens_map.json": {"eos_token": {"content": "<|endoftext|>"}},
+        },
         drop=["chat_template.jinja"],
     )
     ours = load_tokenizer(str(folder))

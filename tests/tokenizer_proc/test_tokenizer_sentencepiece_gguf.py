@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 
 import pytest
+from tokenizer_testdata import write_sentencepiece_gguf
 
 from zeroserve.tokenizer_proc.tokenizer import load_tokenizer
-
-from tokenizer_testdata import write_sentencepiece_gguf
 
 SP_TEXTS = [
     "hello the world",

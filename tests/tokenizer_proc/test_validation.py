@@ -51,7 +51,9 @@ def test_check_prompt_length():
     check_prompt_length(10, max_model_len=100, max_tokens=90)
     with pytest.raises(TokenizerError, match="empty"):
         check_prompt_length(0, max_model_len=100)
-    with pytest.raises(PromptTooLongError, match="maximum context length is 100 tokens.*prompt has 100") as info:
+    with pytest.raises(
+        PromptTooLongError, match="maximum context length is 100 tokens.*prompt has 100"
+    ) as info:
         check_prompt_length(100, max_model_len=100)
     assert info.value.param == "prompt"
     with pytest.raises(PromptTooLongError, match="lower max_tokens to at most 60") as info:

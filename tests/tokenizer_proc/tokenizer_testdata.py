@@ -30,14 +30,55 @@ TEXTS = [
 
 # A tiny SentencePiece-style ("llama") vocabulary: specials, 256 byte-fallback tokens, pieces.
 SP_PIECES = [
-    "▁", "e", "t", "h", "a", "l", "o", "w", "r", "d", "i", "s", "n", "▁t", "th", "he", "▁the", "ll", "lo",
-    "▁h", "el", "hel", "hell", "hello", "▁hello", "▁a", "at", "▁at", "▁w", "or", "▁wor", "wor", "▁world",
-    "orld", "rld", "ld", "is", "▁is", "in", "▁in", "▁▁", "▁▁▁", "é",
+    "▁",
+    "e",
+    "t",
+    "h",
+    "a",
+    "l",
+    "o",
+    "w",
+    "r",
+    "d",
+    "i",
+    "s",
+    "n",
+    "▁t",
+    "th",
+    "he",
+    "▁the",
+    "ll",
+    "lo",
+    "▁h",
+    "el",
+    "hel",
+    "hell",
+    "hello",
+    "▁hello",
+    "▁a",
+    "at",
+    "▁at",
+    "▁w",
+    "or",
+    "▁wor",
+    "wor",
+    "▁world",
+    "orld",
+    "rld",
+    "ld",
+    "is",
+    "▁is",
+    "in",
+    "▁in",
+    "▁▁",
+    "▁▁▁",
+    "é",
 ]
 
 
-def write_sentencepiece_gguf(path: str, merges: bool = False, add_bos: bool | None = None,
-                             chat_template: str | None = None) -> str:
+def write_sentencepiece_gguf(
+    path: str, merges: bool = False, add_bos: bool | None = None, chat_template: str | None = None
+) -> str:
     """A tokenizer-only GGUF with tokenizer.ggml.model = "llama" (scores, byte fallback)."""
     import gguf
 
