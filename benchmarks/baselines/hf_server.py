@@ -169,7 +169,7 @@ class Server:
         async with self.lock:
             if not body.get("stream"):
                 text, finish = "", None
-                async for delta, finish in self._generate(state):
+                async for delta, finish in self._generate(state):  # noqa: B007 (finish: the last one)
                     text += delta
                 usage = self._usage(prompt_ids, state)
                 choice = {"index": 0, "finish_reason": finish, "logprobs": None}

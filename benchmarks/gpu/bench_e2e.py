@@ -91,7 +91,7 @@ def bench_hf(args, config_dir, batches, dtype, rows) -> None:
             ids = torch.tensor(prompts(batch, args.input_len, config.vocab_size), device=args.device)
             mask = torch.ones_like(ids)
 
-            def generate(n):
+            def generate(n, model=model, ids=ids, mask=mask):
                 sync(args.device)
                 start = time.perf_counter()
                 with torch.inference_mode():

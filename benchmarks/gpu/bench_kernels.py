@@ -60,7 +60,12 @@ def main() -> int:
                 [1] * batch, [ctx] * batch, [[0]] * batch, [-1] * batch, device=dev
             )
             meta.block_tables = tables
-            t = time_fn(lambda: tri.paged_attention(q, k, v, meta, d**-0.5), dev, warmup, iters)
+            t = time_fn(
+                lambda q=q, k=k, v=v, meta=meta: tri.paged_attention(q, k, v, meta, d**-0.5),
+                dev,
+                warmup,
+                iters,
+            )
             gbps = decode_bytes(batch, ctx, hq, hkv, d, elem) / t / 1e9
             row = {
                 "batch": batch,
@@ -71,7 +76,10 @@ def main() -> int:
             }
             if batch == decode_grid[0][0] and ctx == decode_grid[0][1]:
                 t_ref = time_fn(
-                    lambda: ref.paged_attention(q, k, v, meta, d**-0.5), dev, 1, max(1, iters // 4)
+                    lambda q=q, k=k, v=v, meta=meta: ref.paged_attention(q, k, v, meta, d**-0.5),
+                    dev,
+                    1,
+                    max(1, iters // 4),
                 )
                 row["torch ref us"] = t_ref * 1e6
             rows.append(row)
@@ -86,9 +94,16 @@ def main() -> int:
         v = torch.randn(blocks, bs, hkv, d, device=dev, dtype=dtype)
         q = torch.randn(n, hq, d, device=dev, dtype=dtype)
         meta = AttentionMetadata.build([n], [n], [list(range(blocks))], [-1] * n, device=dev)
-        t = time_fn(lambda: tri.paged_attention(q, k, v, meta, d**-0.5), dev, warmup, iters)
+        t = time_fn(
+            lambda q=q, k=k, v=v, meta=meta: tri.paged_attention(q, k, v, meta, d**-0.5), dev, warmup, iters
+        )
         flops = 4 * hq * d * n * n / 2  # causal: half of QK^T and PV
-        t_ref = time_fn(lambda: ref.paged_attention(q, k, v, meta, d**-0.5), dev, 1, max(1, iters // 4))
+        t_ref = time_fn(
+            lambda q=q, k=k, v=v, meta=meta: ref.paged_attention(q, k, v, meta, d**-0.5),
+            dev,
+            1,
+            max(1, iters // 4),
+        )
         rows.append(
             {"tokens": n, "us": t * 1e6, "TFLOP/s": flops / t / 1e12, "torch ref (sdpa) us": t_ref * 1e6}
         )
@@ -126,9 +141,17 @@ def main() -> int:
             ("top_p=0.9", (None, top_p, None)),
             ("top_k+top_p+min_p", (top_k, top_p, min_p)),
         ):
-            t = time_fn(lambda: tri_sampling.top_k_top_p_min_p_filter(logits, *params), dev, warmup, iters)
+            t = time_fn(
+                lambda params=params: tri_sampling.top_k_top_p_min_p_filter(logits, *params),
+                dev,
+                warmup,
+                iters,
+            )
             t_ref = time_fn(
-                lambda: tri_sampling.reference_filter(logits, *params), dev, 1, max(1, iters // 2)
+                lambda params=params: tri_sampling.reference_filter(logits, *params),
+                dev,
+                1,
+                max(1, iters // 2),
             )
             rows.append(
                 {

@@ -157,7 +157,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
     lm_head.weight is absent when tie_word_embeddings (the model reuses embed_tokens).
     """
-    H, D, V, I = cfg.hidden_size, cfg.head_dim, cfg.vocab_size, cfg.intermediate_size
+    H, D, V, inter = cfg.hidden_size, cfg.head_dim, cfg.vocab_size, cfg.intermediate_size
     q_out, kv_out = cfg.num_attention_heads * D, cfg.num_key_value_heads * D
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
     if not cfg.tie_word_embeddings:
@@ -171,9 +171,9 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "self_attn.k_proj.weight": (kv_out, H),
             p + "self_attn.v_proj.weight": (kv_out, H),
             p + "self_attn.o_proj.weight": (H, q_out),
-            p + "mlp.gate_proj.weight": (I, H),
-            p + "mlp.up_proj.weight": (I, H),
-            p + "mlp.down_proj.weight": (H, I),
+            p + "mlp.gate_proj.weight": (inter, H),
+            p + "mlp.up_proj.weight": (inter, H),
+            p + "mlp.down_proj.weight": (H, inter),
         }
         if cfg.attention_bias:
             shapes |= {

@@ -149,7 +149,7 @@ def _decode_reduce_kernel(
     row0 = (seq * tl.num_programs(1) + head) * num_splits
 
     m = tl.full([1], float("-inf"), tl.float32)
-    l = tl.zeros([1], tl.float32)
+    denom = tl.zeros([1], tl.float32)
     acc = tl.zeros([D_PAD], tl.float32)
     for j in range(0, used):
         lse = tl.load(part_lse_ptr + row0 + j + tl.zeros([1], tl.int32))
@@ -158,11 +158,11 @@ def _decode_reduce_kernel(
         a = tl.exp2(m - m_new)
         b = tl.exp2(lse - m_new)
         acc = acc * a + part * b
-        l = l * a + b
+        denom = denom * a + b
         m = m_new
-    l = tl.where(l > 0.0, l, 1.0)
+    denom = tl.where(denom > 0.0, denom, 1.0)
     o_ptrs = out_ptr + seq * stride_ot + head * stride_oh + d
-    tl.store(o_ptrs, (acc / l).to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+    tl.store(o_ptrs, (acc / denom).to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 def choose_split_len(num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n: int, sms: int) -> int:

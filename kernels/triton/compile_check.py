@@ -238,12 +238,12 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(
                 [
                     {
-                        "kernel": l.fn.fn.__name__,
-                        "label": l.label,
-                        "options": l.options,
-                        "results": {str(a): r for a, r in l.results.items()},
+                        "kernel": launch.fn.fn.__name__,
+                        "label": launch.label,
+                        "options": launch.options,
+                        "results": {str(a): r for a, r in launch.results.items()},
                     }
-                    for l in launches
+                    for launch in launches
                 ],
                 f,
                 indent=1,

@@ -91,7 +91,9 @@ def test_kill_worker_fails_in_flight_then_recovers_and_no_orphans():
                     except EngineError as e:
                         assert e.info.status == 503, e.info
                         if time.monotonic() > deadline:
-                            raise AssertionError("engine not serving again within 60s:\n" + server.log())
+                            raise AssertionError(
+                                "engine not serving again within 60s:\n" + server.log()
+                            ) from e
                         await asyncio.sleep(0.5)
 
         assert asyncio.run(phase2())["usage"]["completion_tokens"] == 8

@@ -132,5 +132,5 @@ def test_systemd_units_verify_and_are_hardened(tmp_path):
     verify = subprocess.run(
         ["systemd-analyze", "verify", "--man=no", *files], capture_output=True, text=True, timeout=120
     )
-    complaints = [l for l in (verify.stdout + verify.stderr).splitlines() if out in l]
+    complaints = [line for line in (verify.stdout + verify.stderr).splitlines() if out in line]
     assert verify.returncode == 0 and not complaints, complaints
