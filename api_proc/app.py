@@ -26,7 +26,6 @@ from zeroserve.api_proc.auth import auth_middleware
 from zeroserve.api_proc.config import ApiConfig
 from zeroserve.api_proc.engine_state import EngineMonitor
 from zeroserve.api_proc.errors import ApiError, error_response, from_error_info
-from zeroserve.api_proc.generate import TokenTexts
 from zeroserve.api_proc.metrics import CONTENT_TYPE, ApiMetrics
 from zeroserve.api_proc.protocol import DetokenizeBody, TokenizeBody
 from zeroserve.api_proc.requests import check_model, check_token_ids, new_request_id, tokenize_request
@@ -88,9 +87,9 @@ async def models(request: web.Request) -> web.Response:
         "root": state.config.model_name,
         "parent": None,
     }
-    max_model_len = state.monitor.info.get("max_model_len")
-    if isinstance(max_model_len, int):
-        card["max_model_len"] = max_model_len
+    engine = state.monitor.engine
+    if engine is not None:
+        card["max_model_len"] = engine.max_model_len
     return _json({"object": "list", "data": [card]})
 
 
@@ -108,7 +107,8 @@ async def tokenize(request: web.Request) -> web.Response:
     res = await _engine_call(state, state.client.tokenize(tokenize_request(body, state.config)))
     if res.error is not None:
         raise from_error_info(res.error, state.config.retry_after_s)
-    max_model_len = res.max_model_len or state.monitor.info.get("max_model_len", 0)
+    engine = state.monitor.engine
+    max_model_len = res.max_model_len or (engine.max_model_len if engine is not None else 0)
     return _json(
         {
             "count": len(res.token_ids),
@@ -123,7 +123,8 @@ async def detokenize(request: web.Request) -> web.Response:
     state: ApiState = request.app[STATE]
     body = await read_body(request, DetokenizeBody, state.config)
     check_model(body.model, state.config)
-    check_token_ids(body.tokens, "tokens", await state.monitor.limits())
+    check_token_ids(body.tokens, "tokens")
+    await state.monitor.require_engine()
     req = DetokenizeRequest(request_id=new_request_id("detok"), token_ids=body.tokens)
     res = await _engine_call(state, state.client.detokenize(req))
     if res.error is not None:
@@ -157,7 +158,7 @@ def create_app(config: ApiConfig, client: Any, metrics: ApiMetrics | None = None
     and max_model_len) runs while the app does."""
     monitor = EngineMonitor(client, config.ping_interval_s, config.ping_timeout_s)
     if metrics is None:
-        metrics = ApiMetrics(config.model_name, lambda: monitor.info, config.metrics_dir)
+        metrics = ApiMetrics(config.model_name, monitor.scheduler_stats, config.metrics_dir)
     app = web.Application(
         client_max_size=config.max_body_bytes,
         middlewares=[openai_errors, auth_middleware(config.api_keys, config.auth_exempt_paths)],
@@ -167,7 +168,6 @@ def create_app(config: ApiConfig, client: Any, metrics: ApiMetrics | None = None
         client=client,
         monitor=monitor,
         metrics=metrics,
-        token_texts=TokenTexts(client),
         started=int(time.time()),
     )
 

@@ -1,13 +1,15 @@
 """api_proc's configuration: one frozen struct, made once at start (``from_engine`` for the
-launcher's EngineConfig file) and never mutated. What only the engine knows (max_model_len,
-vocab size) is read from its Pong, not stored here."""
+launcher's EngineConfig file) and never mutated. A field named as in EngineConfig is a view of
+it (its default and, through from_engine, its value); the rest are the api's own. What only
+the engine knows (max_model_len, vocab size) is read from its Pong, not stored here."""
 
 from __future__ import annotations
 
 import msgspec
 
 from zeroserve.shared import env
-from zeroserve.shared.config import CurveKeys, EngineConfig
+from zeroserve.shared.config import DEFAULTS, CurveKeys, EngineConfig, view_of
+from zeroserve.shared.ipc import client_keys
 
 
 class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -15,19 +17,19 @@ class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
         str | list[str]
     )  # tokenizer_proc ROUTER(s), ipc:// or tcp://; EngineClient spreads over them
     model_name: str  # the served name: what /v1/models lists and `model` must match
-    host: str = "127.0.0.1"
-    port: int = 8000
-    curve: CurveKeys | None = None  # CURVE keys when engine_address is tcp://
+    host: str = DEFAULTS.host
+    port: int = DEFAULTS.port
+    curve: CurveKeys | None = DEFAULTS.curve  # CURVE keys when engine_address is tcp://
     index: int = 0  # which api process of the deployment (logs only)
 
     # auth: Bearer keys; empty = no auth. Exempt paths never need a key (probes, scrapes).
-    api_keys: list[str] = []
-    auth_exempt_paths: list[str] = msgspec.field(default_factory=lambda: ["/health", "/ready", "/metrics"])
+    api_keys: list[str] = DEFAULTS.api_keys
+    auth_exempt_paths: list[str] = msgspec.field(default_factory=lambda: list(DEFAULTS.auth_exempt_paths))
 
     # limits on a request; over them is a 4xx before anything reaches the engine
-    max_body_bytes: int = 4 * 1024 * 1024
-    max_n: int = 16
-    max_prompts: int = 256  # prompts in one /v1/completions batch
+    max_body_bytes: int = DEFAULTS.max_body_bytes
+    max_n: int = DEFAULTS.max_n
+    max_seqs_per_request: int = DEFAULTS.max_seqs_per_request  # prompts x n (also caps a prompt batch)
     max_stop_strings: int = 8
     max_stop_length: int = 256
     max_stop_token_ids: int = 64
@@ -38,8 +40,9 @@ class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
     # default for /v1/completions. Chat always defaults to the rest of the context.
     default_completion_max_tokens: int | None = None
 
-    # time: a request may wait this long in the engine's queue (GenerateRequest.deadline_s);
-    # the engine then finishes it with finish_reason "timeout". None: wait forever.
+    # time: a request may wait this long in the engine's queue (GenerateRequest.queue_timeout_s);
+    # the engine then finishes it with finish_reason "timeout". None: wait forever. Once it
+    # runs, it is not cut short (a long generation may take longer than this).
     request_timeout_s: float | None = 600.0
     # an engine that says nothing about a running request for this long is presumed lost:
     # the request is aborted and answered 503 (the guard against a hang, not a deadline).
@@ -47,6 +50,9 @@ class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
     retry_after_s: int = 1  # Retry-After on 429
     ping_interval_s: float = 1.0  # engine stats refresh for /metrics and max_model_len
     ping_timeout_s: float = 1.0
+    # the EngineClient's: a tokenizer silent for heartbeat_timeout_s fails its requests with 503
+    heartbeat_interval_s: float = DEFAULTS.heartbeat_interval_s
+    heartbeat_timeout_s: float = DEFAULTS.heartbeat_timeout_s
     shutdown_timeout_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish
 
     # prometheus multiprocess dir shared by every api process of one deployment (wiped by
@@ -58,18 +64,16 @@ class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
         """The api process #index of a deployment. It talks to every tokenizer frontend (the
         client picks one per request id); keys from the config and ZEROSERVE_API_KEY both work."""
         keys = list(dict.fromkeys([*config.api_keys, *env.api_keys()]))
-        return cls(
+        return view_of(
+            config,
+            cls,
             engine_address=config.tokenizer_addresses
             if config.num_tokenizers > 1
             else config.tokenizer_address(0),
             model_name=config.served_model_name,
-            host=config.host,
-            port=config.port,
-            curve=config.curve,
+            curve=client_keys(config.curve),  # the api only connects: no server secret
             index=index,
             api_keys=keys,
             auth_exempt_paths=list(config.auth_exempt_paths),
-            max_body_bytes=config.max_body_bytes,
-            max_n=config.max_n,
             metrics_dir=config.metrics_dir,
         )

@@ -1,8 +1,9 @@
 """What this api process knows about the engine: the latest Pong, refreshed in the background.
 
-The Pong's info (max_model_len, vocab_size, scheduler stats) feeds request defaults, /ready,
-/v1/models and the engine-wide metrics, which are read at scrape time from here so that N
-api processes do not report N copies of them.
+The Pong's EngineStatus (model, max_model_len, scheduler stats) gates work until the engine
+has answered once, and feeds /ready, /v1/models and the engine-wide metrics, which are read
+at scrape time from here so that N api processes do not report N copies of them. Every
+tokenizer is pinged: requests are spread over all of them, so /ready needs every one.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ import time
 from typing import Any
 
 from zeroserve.api_proc.errors import ApiError
-from zeroserve.api_proc.requests import EngineLimits
-from zeroserve.shared.messages import Pong
+from zeroserve.shared.messages import EngineStatus, Pong, SchedulerStats
 
 log = logging.getLogger("zeroserve.api")
 
@@ -25,61 +25,82 @@ class EngineMonitor:
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.latest: Pong | None = None  # last answer, kept while the engine is silent
+        self.answers: list[Pong | None] = []  # the last round, one per tokenizer (None: silent)
         self.reachable = False
         self.draining = False  # set on SIGTERM: /ready answers 503 so balancers move on
         self._task: asyncio.Task | None = None
         self._refreshing: asyncio.Future | None = None
 
     @property
-    def info(self) -> dict:
-        """The latest Pong.info (read only), {} before the first answer."""
-        return self.latest.info if self.latest is not None else {}
+    def engine(self) -> EngineStatus | None:
+        """The latest answer's engine status, None before the first answer."""
+        return self.latest.engine if self.latest is not None else None
+
+    def scheduler_stats(self) -> SchedulerStats | None:
+        engine = self.engine
+        return engine.stats if engine is not None else None
 
     async def refresh(self) -> Pong | None:
-        """Ping now (one ping in flight however many callers wait); None if no answer."""
+        """Ping every tokenizer now (one round in flight however many callers wait); the first
+        answer in tokenizer order, None if none answered."""
         if self._refreshing is None or self._refreshing.done():
             self._refreshing = asyncio.ensure_future(self._ping())
         return await asyncio.shield(self._refreshing)
 
     async def _ping(self) -> Pong | None:
         try:
-            pong = await asyncio.wait_for(self.client.ping(timeout=self.timeout_s), self.timeout_s + 0.5)
+            answers = await asyncio.wait_for(
+                self.client.ping_all(timeout=self.timeout_s), self.timeout_s + 0.5
+            )
         except Exception as e:  # timeout, connection trouble: the engine is unreachable
+            answers = []
+            log.debug("engine ping failed: %s", type(e).__name__)
+        before, self.answers = self.silent(), answers
+        silent = self.silent()
+        if silent and silent != before and len(silent) < len(answers):  # all silent: logged below
+            log.warning("tokenizer(s) %s do not answer pings", ", ".join(map(str, silent)))
+        pong = next((a for a in answers if a is not None), None)
+        if pong is None:
             if self.reachable:
-                log.warning("engine stopped answering pings: %s", type(e).__name__)
+                log.warning("engine stopped answering pings")
             self.reachable = False
             return None
         self.latest, self.reachable = pong, True
         return pong
 
-    async def limits(self) -> EngineLimits:
-        """max_model_len / vocab_size for a request; pings once if nothing is known yet."""
-        if "max_model_len" not in self.info:
+    def silent(self) -> list[int]:
+        """Tokenizers that did not answer the last round."""
+        return [i for i, pong in enumerate(self.answers) if pong is None]
+
+    async def require_engine(self) -> EngineStatus:
+        """Before sending work: pings once if the engine never answered, 503 if it still has not."""
+        if self.engine is None:
             await self.refresh()
-        info = self.info
-        try:
-            max_model_len = int(info["max_model_len"])
-        except (KeyError, TypeError, ValueError):
+        engine = self.engine
+        if engine is None:
             raise ApiError(
                 503,
                 "The engine is not ready yet (it has not reported its model). Retry shortly.",
                 headers={"Retry-After": "1"},
-            ) from None
-        vocab_size = info.get("vocab_size", 0)
-        return EngineLimits(
-            max_model_len=max_model_len, vocab_size=vocab_size if isinstance(vocab_size, int) else 0
-        )
+            )
+        return engine
 
     async def readiness(self) -> tuple[bool, str]:
-        """(ready, why not): draining, unreachable, loading, or a worker down."""
+        """(ready, why not): draining, unreachable, a tokenizer silent, loading, or a worker down."""
         if self.draining:
             return False, "draining: this api process is shutting down"
         pong = await self.refresh()
         if pong is None:
             return False, "the engine does not answer"
+        silent = self.silent()
+        if len(silent) == 1:
+            return False, f"tokenizer {silent[0]} does not answer"
+        if silent:
+            return False, f"tokenizers {', '.join(map(str, silent))} do not answer"
+        pong = next((a for a in self.answers if a is not None and not a.ready), pong)
         if not pong.ready:
             return False, "the engine is loading"
-        if pong.info.get("workers_ready") is False:
+        if pong.engine is not None and not pong.engine.stats.workers_ready:
             return False, "a worker is down (restarting)"
         return True, "ready"
 

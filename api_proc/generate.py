@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
-from collections import OrderedDict
 from typing import Any, NamedTuple
 
 from zeroserve.api_proc.metrics import ApiMetrics
-from zeroserve.shared.messages import DetokenizeRequest, ErrorInfo, GenerateRequest, TextDelta
+from zeroserve.shared.messages import ErrorInfo, GenerateRequest, TextDelta
 
 log = logging.getLogger("zeroserve.api")
 
@@ -202,82 +200,15 @@ class ChoiceState:
         return text
 
 
-class TokenTexts:
-    """Token id -> the token decoded on its own, for top-logprob alternatives (the engine
-    sends their ids only). Learned from sampled tokens, else asked of the engine once (one
-    request per id in flight however many choices want it); LRU. A failed lookup gives ""
-    and is not cached."""
-
-    def __init__(self, client: Any, capacity: int = 1 << 16, timeout_s: float = 10.0):
-        self.client = client
-        self.capacity = capacity
-        self.timeout_s = timeout_s
-        self.cache: OrderedDict[int, str] = OrderedDict()
-        self._pending: dict[int, asyncio.Future] = {}
-        self._sem = asyncio.Semaphore(64)
-
-    def learn(self, token_ids: list[int], texts: list[str]) -> None:
-        for t, s in zip(token_ids, texts):
-            self.cache[t] = s
-            self.cache.move_to_end(t)
-        while len(self.cache) > self.capacity:
-            self.cache.popitem(last=False)
-
-    async def _fetch(self, token_id: int) -> str:
-        try:
-            async with self._sem:
-                req = DetokenizeRequest(request_id=f"detok-{uuid.uuid4().hex}", token_ids=[token_id])
-                res = await asyncio.wait_for(self.client.detokenize(req), self.timeout_s)
-        except Exception as e:  # a missing alternative's text must not fail the completion
-            log.warning("detokenizing token %d for logprobs failed: %s", token_id, type(e).__name__)
-            return ""
-        if res.error is not None:
-            return ""
-        self.learn([token_id], [res.text])
-        return res.text
-
-    async def _text(self, token_id: int) -> str:
-        fut = self._pending.get(token_id)
-        if fut is None:
-            fut = self._pending[token_id] = asyncio.ensure_future(self._fetch(token_id))
-            fut.add_done_callback(lambda _, t=token_id: self._pending.pop(t, None))
-        return await asyncio.shield(fut)
-
-    async def lookup(self, token_ids: set[int]) -> dict[int, str]:
-        found = {t: self.cache[t] for t in token_ids if t in self.cache}
-        missing = [t for t in token_ids if t not in found]
-        if missing:
-            found.update(zip(missing, await asyncio.gather(*(self._text(t) for t in missing))))
-        return found
-
-
-async def logprob_entries(delta: TextDelta, texts: TokenTexts, offset: int) -> list[LogprobEntry]:
+def logprob_entries(delta: TextDelta, offset: int) -> list[LogprobEntry]:
     """The delta's tokens with their logprobs; offset: characters of the choice so far.
 
-    Token texts come with the delta (token_texts, top_token_texts); ids without one are
-    looked up through ``texts``."""
+    The texts come with the delta: tokenizer_proc fills token_texts and top_token_texts
+    whenever it sends logprobs."""
     if not delta.logprobs:
         return []
-    ids = delta.token_ids
-    if len(delta.token_texts) == len(ids):
-        texts.learn(ids, delta.token_texts)
-    top_texts = delta.top_token_texts
-    if (
-        top_texts is None
-        or len(top_texts) != len(delta.logprobs)
-        or any(len(t) != len(lp.top) for t, lp in zip(top_texts, delta.logprobs))
-    ):
-        top_texts = None
-    wanted = (
-        set(ids)
-        if top_texts is not None
-        else set(ids) | {a.token_id for lp in delta.logprobs for a in lp.top}
-    )
-    known = await texts.lookup(wanted)
     entries = []
-    for i, (token_id, lp) in enumerate(zip(ids, delta.logprobs)):
-        token = known[token_id]
-        alt_texts = top_texts[i] if top_texts is not None else [known[a.token_id] for a in lp.top]
+    for token, lp, alt_texts in zip(delta.token_texts, delta.logprobs, delta.top_token_texts or []):
         entries.append(
             LogprobEntry(token, lp.logprob, [(t, a.logprob) for t, a in zip(alt_texts, lp.top)], offset)
         )

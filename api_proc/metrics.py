@@ -22,7 +22,11 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
+from zeroserve.shared.messages import SchedulerStats
+
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # what generate_latest writes
 LABELS = ["model_name"]
 
 TTFT_BUCKETS = [
@@ -100,7 +104,7 @@ LATENCY_BUCKETS = [
     7680.0,
 ]
 
-# engine stat (Pong.info key) -> (metric name, help, kind)
+# SchedulerStats field -> (metric name, help, kind)
 ENGINE_STATS = {
     "num_running": ("zeroserve:num_requests_running", "Requests the engine is running now.", "gauge"),
     "num_waiting": ("zeroserve:num_requests_waiting", "Requests waiting in the engine's queue.", "gauge"),
@@ -134,28 +138,32 @@ def enable_multiprocess(metrics_dir: str) -> None:
 
 
 class EngineStatsCollector:
-    """Engine-wide gauges and counters from the latest Pong.info, read at scrape time."""
+    """Engine-wide gauges and counters from the latest Pong's SchedulerStats, read at scrape time."""
 
-    def __init__(self, model_name: str, engine_info: Callable[[], dict]):
+    def __init__(self, model_name: str, engine_stats: Callable[[], SchedulerStats | None]):
         self.model_name = model_name
-        self.engine_info = engine_info
+        self.engine_stats = engine_stats
 
     def collect(self):
-        info = self.engine_info()
-        for key, (name, doc, kind) in ENGINE_STATS.items():
-            value = info.get(key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue  # not reported (yet): absent rather than a made-up zero
+        stats = self.engine_stats()
+        if stats is None:
+            return  # not reported yet: absent rather than made-up zeros
+        for field, (name, doc, kind) in ENGINE_STATS.items():
             family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, doc, labels=LABELS)
-            family.add_metric([self.model_name], float(value))
+            family.add_metric([self.model_name], float(getattr(stats, field)))
             yield family
 
 
 class ApiMetrics:
-    def __init__(self, model_name: str, engine_info: Callable[[], dict], metrics_dir: str | None = None):
+    def __init__(
+        self,
+        model_name: str,
+        engine_stats: Callable[[], SchedulerStats | None],
+        metrics_dir: str | None = None,
+    ):
         self.model_name = model_name
         self.metrics_dir = metrics_dir
-        self.engine_stats = EngineStatsCollector(model_name, engine_info)
+        self.engine_stats = EngineStatsCollector(model_name, engine_stats)
         if metrics_dir is not None:
             enable_multiprocess(metrics_dir)
             self.registry = None  # values live in the files; a scrape builds a registry over them

@@ -7,8 +7,11 @@ differ while a batch of prompts gives each prompt what it would get alone.
 
 max_tokens left out means "as many as the context leaves": the API sends max_tokens = 0,
 which tokenizer_proc resolves to max_model_len - prompt_len once the prompt is tokenized.
-An explicit max_tokens above max_model_len is refused here; one that does not fit beside
-the prompt is the engine's 400 (context_length_exceeded), passed through.
+
+Only the shape of the body is checked here (types, ranges, counts, sizes). What needs the
+tokenizer (token ids against the vocabulary) or the context (prompt + max_tokens, min_tokens
+against max_tokens) is checked by the engine for every entry point, and its 400 is passed
+through unchanged.
 """
 
 from __future__ import annotations
@@ -33,14 +36,6 @@ from zeroserve.shared.messages import ChatMessage, GenerateRequest, SamplingPara
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 CHAT_ROLES = {"system", "user", "assistant", "tool", "developer"}
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    """What the engine told us about the model (Pong.info); vocab_size 0 = unknown."""
-
-    max_model_len: int
-    vocab_size: int = 0
 
 
 @dataclass
@@ -110,17 +105,16 @@ def _stop_strings(stop: str | list[str] | None, config: ApiConfig) -> list[str]:
     return stops
 
 
-def check_token_ids(ids: list[int], param: str, limits: EngineLimits) -> None:
+def check_token_ids(ids: list[int], param: str) -> None:
+    """Ids that an engine message can carry (int64); the vocabulary is tokenizer_proc's to check."""
     for t in ids:
-        if not 0 <= t <= INT64_MAX or (limits.vocab_size and t >= limits.vocab_size):
-            hint = f" [0, {limits.vocab_size})" if limits.vocab_size else " (non-negative)"
-            raise bad_request(f"Token id {t} in {param} is outside the vocabulary{hint}.", param)
+        if not INT64_MIN <= t <= INT64_MAX:
+            raise bad_request(f"Token id {t} in {param} is outside the vocabulary.", param)
 
 
 def sampling_params(
     body: SamplingFields,
     config: ApiConfig,
-    limits: EngineLimits,
     *,
     max_tokens: int | None,
     logprobs: int | None,
@@ -139,22 +133,16 @@ def sampling_params(
     _between(body.min_p, 0.0, 1.0, "min_p")
     _between(body.presence_penalty, -2.0, 2.0, "presence_penalty")
     _between(body.frequency_penalty, -2.0, 2.0, "frequency_penalty")
-    if body.repetition_penalty is not None:
-        _finite(body.repetition_penalty, "repetition_penalty")
-        if body.repetition_penalty <= 0.0:
-            raise bad_request(
-                f"repetition_penalty must be > 0, got {body.repetition_penalty}.", "repetition_penalty"
-            )
+    # logits are divided (or multiplied) by it in fp32: near 0 or huge they overflow to inf,
+    # and one row's NaN probabilities would fail the whole step
+    _between(body.repetition_penalty, 0.01, 100.0, "repetition_penalty")
+    # max_tokens against the context and min_tokens against max_tokens are the scheduler's checks
     if max_tokens is not None:
         if max_tokens < 1:
             raise bad_request(f"{max_tokens_param} must be at least 1, got {max_tokens}.", max_tokens_param)
-        if max_tokens > limits.max_model_len:
-            raise bad_request(
-                f"{max_tokens_param} is {max_tokens}, but this model's context holds {limits.max_model_len} "
-                "tokens (prompt included). Ask for fewer tokens.",
-                max_tokens_param,
-            )
-    if body.min_tokens is not None and not 0 <= body.min_tokens <= (max_tokens or limits.max_model_len):
+        if max_tokens > INT64_MAX:
+            raise bad_request(f"{max_tokens_param} must fit in a signed 64-bit integer.", max_tokens_param)
+    if body.min_tokens is not None and not 0 <= body.min_tokens <= INT64_MAX:
         raise bad_request(
             f"min_tokens must be between 0 and max_tokens, got {body.min_tokens}.", "min_tokens"
         )
@@ -165,7 +153,7 @@ def sampling_params(
         raise bad_request(
             f"At most {config.max_stop_token_ids} stop_token_ids are allowed.", "stop_token_ids"
         )
-    check_token_ids(stop_ids, "stop_token_ids", limits)
+    check_token_ids(stop_ids, "stop_token_ids")
     return SamplingParams(
         max_tokens=max_tokens if max_tokens is not None else 0,  # 0: the rest of the context
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -184,7 +172,7 @@ def sampling_params(
 
 
 def _check_common(body: SamplingFields, config: ApiConfig) -> int:
-    """Checks that need no engine limits; returns n."""
+    """Checks every generation body shares; returns n."""
     check_model(body.model, config)
     n = 1 if body.n is None else body.n
     if not 1 <= n <= config.max_n:
@@ -231,7 +219,7 @@ def _fan_out(
                     include_stop_str_in_output=bool(body.include_stop_str_in_output),
                     skip_special_tokens=body.skip_special_tokens is not False,
                     priority=body.priority or 0,
-                    deadline_s=config.request_timeout_s,
+                    queue_timeout_s=config.request_timeout_s,
                     cache_salt=body.cache_salt,
                     return_prompt=return_prompt,
                     **prompt,
@@ -243,15 +231,29 @@ def _fan_out(
 # --------------------------------------------------------------------------- completions
 
 
-def completion_prompts(prompt: str | list, config: ApiConfig, limits: EngineLimits) -> list[dict]:
+def check_fan_out(num_prompts: int, n: int, config: ApiConfig) -> None:
+    """One request fans out to prompts x n engine sequences, each tokenized, queued and run on
+    its own: cap the product, so one body cannot flood the engine for everyone else."""
+    limit = config.max_seqs_per_request
+    if num_prompts * n > limit:
+        raise bad_request(
+            f"This request asks for {num_prompts * n} sequences ({num_prompts} prompt(s) x n={n}); one "
+            f"request may ask for at most {limit} (--max-seqs-per-request). Send fewer prompts or a smaller n.",
+            "n" if n > 1 else "prompt",
+        )
+
+
+def completion_prompts(prompt: str | list, config: ApiConfig, n: int = 1) -> list[dict]:
     """The prompt field as GenerateRequest keyword sets: one per prompt of the batch."""
     if isinstance(prompt, str):
+        check_fan_out(1, n, config)
         return [{"prompt": prompt}]
     if not prompt:
         raise bad_request("prompt must not be empty.", "prompt")
     kinds = {type(x) for x in prompt}
     if kinds == {int}:
-        check_token_ids(prompt, "prompt", limits)
+        check_fan_out(1, n, config)
+        check_token_ids(prompt, "prompt")
         return [{"prompt_token_ids": list(prompt)}]
     if len(kinds) != 1:
         raise bad_request(
@@ -259,20 +261,17 @@ def completion_prompts(prompt: str | list, config: ApiConfig, limits: EngineLimi
             "not a mix.",
             "prompt",
         )
-    if len(prompt) > config.max_prompts:
-        raise bad_request(
-            f"At most {config.max_prompts} prompts are allowed in one request, got {len(prompt)}.", "prompt"
-        )
+    check_fan_out(len(prompt), n, config)
     if kinds == {str}:
         return [{"prompt": p} for p in prompt]
     for ids in prompt:
         if not ids:
             raise bad_request("A token-id prompt must not be empty.", "prompt")
-        check_token_ids(ids, "prompt", limits)
+        check_token_ids(ids, "prompt")
     return [{"prompt_token_ids": list(ids)} for ids in prompt]
 
 
-def completion_plan(body: CompletionRequest, config: ApiConfig, limits: EngineLimits) -> GenerationPlan:
+def completion_plan(body: CompletionRequest, config: ApiConfig) -> GenerationPlan:
     n = _check_common(body, config)
     logprobs = _logprobs_count(body.logprobs, "logprobs", config)
     if body.echo and logprobs is not None:
@@ -282,8 +281,8 @@ def completion_plan(body: CompletionRequest, config: ApiConfig, limits: EngineLi
             "echo",
         )
     max_tokens = body.max_tokens if body.max_tokens is not None else config.default_completion_max_tokens
-    params = sampling_params(body, config, limits, max_tokens=max_tokens, logprobs=logprobs)
-    prompts = completion_prompts(body.prompt, config, limits)
+    params = sampling_params(body, config, max_tokens=max_tokens, logprobs=logprobs)
+    prompts = completion_prompts(body.prompt, config, n)
     request_id = new_request_id("cmpl")
     return GenerationPlan(
         request_id=request_id,
@@ -339,7 +338,7 @@ def chat_messages(messages: list[ChatMessageIn], config: ApiConfig) -> list[Chat
     return out
 
 
-def chat_plan(body: ChatCompletionRequest, config: ApiConfig, limits: EngineLimits) -> GenerationPlan:
+def chat_plan(body: ChatCompletionRequest, config: ApiConfig) -> GenerationPlan:
     n = _check_common(body, config)
     top = _logprobs_count(body.top_logprobs, "top_logprobs", config)
     if top is not None and not body.logprobs:
@@ -347,9 +346,8 @@ def chat_plan(body: ChatCompletionRequest, config: ApiConfig, limits: EngineLimi
     logprobs = (top or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    params = sampling_params(
-        body, config, limits, max_tokens=max_tokens, logprobs=logprobs, max_tokens_param=param
-    )
+    params = sampling_params(body, config, max_tokens=max_tokens, logprobs=logprobs, max_tokens_param=param)
+    check_fan_out(1, n, config)
     messages = chat_messages(body.messages, config)
     request_id = new_request_id("chatcmpl")
     prompt = {"messages": messages, "add_generation_prompt": body.add_generation_prompt is not False}

@@ -52,7 +52,12 @@ class ApiProcess:
         if self.client is None:
             from zeroserve.shared.client import EngineClient
 
-            self.client = EngineClient(self.config.engine_address, curve=self.config.curve)
+            self.client = EngineClient(
+                self.config.engine_address,
+                curve=self.config.curve,
+                heartbeat_interval_s=self.config.heartbeat_interval_s,
+                heartbeat_timeout_s=self.config.heartbeat_timeout_s,
+            )
         await self.client.start()
         try:
             self.app = create_app(self.config, self.client)

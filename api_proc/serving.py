@@ -21,8 +21,8 @@ from aiohttp import web
 from zeroserve.api_proc import responses
 from zeroserve.api_proc.config import ApiConfig
 from zeroserve.api_proc.engine_state import EngineMonitor
-from zeroserve.api_proc.errors import ApiError, from_decode_error, from_error_info
-from zeroserve.api_proc.generate import ChoiceState, EngineStreams, LogprobEntry, TokenTexts, logprob_entries
+from zeroserve.api_proc.errors import ApiError, bad_request, from_decode_error, from_error_info
+from zeroserve.api_proc.generate import ChoiceState, EngineStreams, LogprobEntry, logprob_entries
 from zeroserve.api_proc.metrics import ApiMetrics
 from zeroserve.api_proc.protocol import ChatCompletionRequest, CompletionRequest
 from zeroserve.api_proc.requests import GenerationPlan, chat_plan, completion_plan
@@ -44,7 +44,6 @@ class ApiState:
     client: Any  # EngineClient or a test double with the same methods
     monitor: EngineMonitor
     metrics: ApiMetrics
-    token_texts: TokenTexts
     started: int
 
 
@@ -66,6 +65,11 @@ async def read_body(request: web.Request, kind: type, config: ApiConfig) -> Any:
             413,
             f"The request body is over the limit of {config.max_body_bytes} bytes. Send a smaller request.",
         ) from None
+    return decode_body(raw, kind)
+
+
+def decode_body(raw: bytes, kind: type) -> Any:
+    """``raw`` decoded into the Struct ``kind``; ApiError 400 for bad JSON, types or nesting."""
     decoder = _decoders.get(kind)
     if decoder is None:
         decoder = _decoders[kind] = msgspec.json.Decoder(kind)
@@ -73,19 +77,26 @@ async def read_body(request: web.Request, kind: type, config: ApiConfig) -> Any:
         return decoder.decode(raw)
     except msgspec.DecodeError as e:
         raise from_decode_error(e) from None
+    except RecursionError:  # msgspec's answer to arrays/objects nested thousands deep
+        raise bad_request(
+            "The request body is nested too deeply (arrays or objects inside each other thousands of "
+            "levels down). Send a JSON object with the documented fields."
+        ) from None
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     state: ApiState = request.app[STATE]
     body = await read_body(request, CompletionRequest, state.config)
-    plan = completion_plan(body, state.config, await state.monitor.limits())
+    plan = completion_plan(body, state.config)
+    await state.monitor.require_engine()
     return await run_plan(request, state, plan)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state: ApiState = request.app[STATE]
     body = await read_body(request, ChatCompletionRequest, state.config)
-    plan = chat_plan(body, state.config, await state.monitor.limits())
+    plan = chat_plan(body, state.config)
+    await state.monitor.require_engine()
     return await run_plan(request, state, plan)
 
 
@@ -100,26 +111,23 @@ async def run_plan(request: web.Request, state: ApiState, plan: GenerationPlan) 
         return await _whole(state, plan, choices, streams)
 
 
-async def _entries(
-    token_texts: TokenTexts, plan: GenerationPlan, choice: ChoiceState, delta: TextDelta
-) -> list[LogprobEntry] | None:
+def _entries(plan: GenerationPlan, choice: ChoiceState, delta: TextDelta) -> list[LogprobEntry] | None:
     if plan.logprobs is None:
         return None
-    return await logprob_entries(delta, token_texts, choice.offset)
+    return logprob_entries(delta, choice.offset)
 
 
 async def collect_body(
     plan: GenerationPlan,
     choices: list[ChoiceState],
     streams: EngineStreams,
-    token_texts: TokenTexts,
     retry_after_s: int,
 ) -> dict:
     """Run every choice to its end and build the whole (non-streaming) response body."""
     async for i, delta in streams:
         if delta.error is not None:
             raise from_error_info(delta.error, retry_after_s)
-        entries = await _entries(token_texts, plan, choices[i], delta)
+        entries = _entries(plan, choices[i], delta)
         choices[i].apply(delta, time.monotonic())
         if entries:
             choices[i].logprobs.extend(entries)
@@ -141,39 +149,27 @@ def new_choices(plan: GenerationPlan, metrics: ApiMetrics | None) -> list[Choice
     ]
 
 
-async def complete_body(
-    client: Any, config: ApiConfig, limits: Any, url: str, body: bytes, token_texts: TokenTexts
-) -> dict:
+async def complete_body(client: Any, config: ApiConfig, url: str, body: bytes) -> dict:
     """A non-streaming POST body for ``url`` (/v1/completions or /v1/chat/completions) run to
     its response body, exactly as the HTTP endpoint answers it (batch jobs use this).
     Raises ApiError with the status and message the endpoint would return."""
     kind = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}.get(url)
     if kind is None:
         raise ApiError(400, f"url {url!r} is not supported; use /v1/completions or /v1/chat/completions")
-    decoder = _decoders.get(kind)
-    if decoder is None:
-        decoder = _decoders[kind] = msgspec.json.Decoder(kind)
-    try:
-        parsed = decoder.decode(body)
-    except msgspec.DecodeError as e:
-        raise from_decode_error(e) from None
-    plan = (
-        chat_plan(parsed, config, limits)
-        if kind is ChatCompletionRequest
-        else completion_plan(parsed, config, limits)
-    )
+    parsed = decode_body(body, kind)
+    plan = chat_plan(parsed, config) if kind is ChatCompletionRequest else completion_plan(parsed, config)
     if plan.stream:
         raise ApiError(400, "stream is not supported here", param="stream")
     async with EngineStreams(
         client, plan.requests, config.request_timeout_s, config.engine_stall_timeout_s
     ) as streams:
-        return await collect_body(plan, new_choices(plan, None), streams, token_texts, config.retry_after_s)
+        return await collect_body(plan, new_choices(plan, None), streams, config.retry_after_s)
 
 
 async def _whole(
     state: ApiState, plan: GenerationPlan, choices: list[ChoiceState], streams: EngineStreams
 ) -> web.Response:
-    body = await collect_body(plan, choices, streams, state.token_texts, state.config.retry_after_s)
+    body = await collect_body(plan, choices, streams, state.config.retry_after_s)
     return web.Response(body=responses.encode(body), content_type="application/json")
 
 
@@ -223,7 +219,7 @@ async def _stream(
 async def _send_delta(
     response: web.StreamResponse, state: ApiState, plan: GenerationPlan, choice: ChoiceState, delta: TextDelta
 ) -> None:
-    entries = await _entries(state.token_texts, plan, choice, delta)
+    entries = _entries(plan, choice, delta)
     text = choice.apply(delta, time.monotonic())
     if not text and not entries and delta.finish_reason is None:
         return  # nothing to say (e.g. a first message that only carries the prompt length)

@@ -43,7 +43,7 @@ def bench_in_process(
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     out = {}
     for batch in batches:
-        engine = InProcessEngine(None, runner=runner, max_num_seqs=128)
+        engine = InProcessEngine(runner)
         engine.generate(
             prompts_for(2, 8, runner.vocab_size, 99), SamplingParams(temperature=0, max_tokens=4)
         )  # warm-up

@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"\n{cfg.architecture} {os.path.basename(path)} shapes, context {args.context}, fp32 CPU "
-        f"({runner.ops.__name__.split('.')[-2]} kernels, KV cache {str(runner.kv_dtype).removeprefix('torch.')}), "
+        f"({runner.ops.name} kernels, KV cache {str(runner.kv_dtype).removeprefix('torch.')}), "
         f"{torch.get_num_threads()} threads; torch.mm fp32 peak {peak:.1f} GFLOP/s (2048^3, best of the run); "
         f"decode time: best of {args.steps} steps\n"
     )

@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
+import msgspec
 import torch
 
 from zeroserve.gpu_worker.input_batch import PlanError, RequestStates, build_inputs
 from zeroserve.gpu_worker.kv_cache import KVCacheSpec, allocate_kv_cache, cpu_num_blocks, cuda_num_blocks
 from zeroserve.gpu_worker.loader import ModelConfig, load_checkpoint
 from zeroserve.gpu_worker.models import build_model
-from zeroserve.gpu_worker.models.layers import onednn_linear_available
 from zeroserve.gpu_worker.sampler import Sampler, SamplingBatch, make_generator
 from zeroserve.kernels import get_kernels
 from zeroserve.kernels.metadata import AttentionMetadata
 from zeroserve.shared import env
+from zeroserve.shared.config import DEFAULTS, EngineConfig, view_of
 from zeroserve.shared.messages import StepPlan, StepResult
 
 __all__ = ["ModelRunner", "PlanError", "RunnerConfig"]
@@ -36,25 +36,30 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclass(frozen=True)
-class RunnerConfig:
+class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """The worker's view of EngineConfig: every field is EngineConfig's of the same name
+    (default included), except ``model``, which may be left out here."""
+
     model: str | None = None  # GGUF file or HF folder; None = the packaged SmolLM2 GGUF
-    dtype: str = "auto"  # auto: float32 on CPU (no fast bf16 there), bfloat16 on GPU
-    kv_cache_dtype: str = (
-        "auto"  # auto: the compute dtype; CPU: float16/bfloat16 (stored 16-bit, read as fp32)
-    )
-    device: str = "cpu"
-    block_size: int = 16
-    num_kv_blocks: int | None = None  # explicit size of the KV cache, else (None or 0) from memory
-    kv_cache_memory_gb: float | None = None  # CPU: default (None or 0) 2 GiB; GPU: overrides utilization
-    gpu_memory_utilization: float = 0.9
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 256
-    kernel_backend: str | None = None  # "torch" | "cpu" | "triton"; None: by device (env override)
-    enforce_eager: bool = False  # GPU: no CUDA graphs
-    load_format: str = "auto"  # auto | hf | gguf | dummy (random weights, config from the file)
-    seed: int = 0
+    dtype: str = DEFAULTS.dtype  # auto: float32 on CPU (no fast bf16 there), bfloat16 on GPU
+    kv_cache_dtype: str = DEFAULTS.kv_cache_dtype  # auto: the compute dtype; CPU: 16-bit, read as fp32
+    device: str = DEFAULTS.device
+    block_size: int = DEFAULTS.block_size
+    num_kv_blocks: int = DEFAULTS.num_kv_blocks  # explicit size of the KV cache; 0: from memory
+    kv_cache_memory_gb: float = DEFAULTS.kv_cache_memory_gb  # CPU: 0 = 2 GiB; GPU: overrides utilization
+    gpu_memory_utilization: float = DEFAULTS.gpu_memory_utilization
+    max_model_len: int = DEFAULTS.max_model_len  # 0: the model's max_position_embeddings
+    max_num_batched_tokens: int = DEFAULTS.max_num_batched_tokens
+    max_num_seqs: int = DEFAULTS.max_num_seqs
+    kernel_backend: str | None = DEFAULTS.kernel_backend  # "torch" | "cpu" | "triton"; None: by device
+    enforce_eager: bool = DEFAULTS.enforce_eager  # GPU: no CUDA graphs
+    load_format: str = DEFAULTS.load_format  # auto | hf | gguf | dummy (random weights, config from the file)
+    num_threads: int = DEFAULTS.num_threads  # CPU: torch intra-op threads; 0 = torch's default (all cores)
+    seed: int = DEFAULTS.seed
+
+    @classmethod
+    def from_engine(cls, config: EngineConfig) -> RunnerConfig:
+        return view_of(config, cls)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -74,8 +79,8 @@ class ModelRunner:
         self.device = torch.device(config.device)
         if self.device.type == "cpu":
             env.set_cpu_thread_env()
-            if env.num_threads() > 0:
-                torch.set_num_threads(env.num_threads())
+            if config.num_threads > 0:
+                torch.set_num_threads(config.num_threads)
         elif self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)
         torch.manual_seed(config.seed)
@@ -97,14 +102,6 @@ class ModelRunner:
         self.model = build_model(cfg, self.ops, self.max_model_len)
         self.model.load_weights(weights, self.device)
         self.model.train(False)  # inference only (no dropout layers anyway)
-        # CPU fp32: projections are packed (the C++ kernels' panels, else oneDNN) at the first step
-        # (not here, so whoever holds the runner can still edit runner.model's weights until then)
-        self._pack_kernels = self.ops if hasattr(self.ops, "PackedLinear") else None
-        self._pack_weights = (
-            self.device.type == "cpu"
-            and self.dtype == torch.float32
-            and (self._pack_kernels is not None or onednn_linear_available(self.device, self.dtype))
-        )
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = list(cfg.eos_token_ids)
         self.block_size = config.block_size
@@ -133,7 +130,7 @@ class ModelRunner:
             self.max_model_len,
             lambda seed: make_generator(seed, self.device),
         )
-        self.sampler = Sampler(argmax=getattr(self.ops, "argmax_rows", None))
+        self.sampler = Sampler(self.ops)
         # forward(input_ids, positions, kv_caches, meta) -> hidden; on CUDA, captured decode
         # graphs take its place (same signature, eager fallback for other batches)
         self.forward = self.model.forward
@@ -150,7 +147,7 @@ class ModelRunner:
             self.block_size,
             self.num_kv_blocks * self.kv_spec.bytes_per_block / 2**20,
             str(self.kv_dtype).removeprefix("torch."),
-            self.ops.__name__.split(".")[-2],
+            self.ops.name,
         )
 
     # ------------------------------------------------------------------ setup
@@ -238,9 +235,6 @@ class ModelRunner:
         """Run one step. Raises PlanError (state unchanged) for a plan that does not match the
         worker's state; the worker process turns any exception into StepResult.error."""
         start = time.perf_counter()
-        if self._pack_weights:
-            self.model.pack_for_cpu(self._pack_kernels)
-            self._pack_weights = False
         scheduled = self.requests.apply(plan)
         if not scheduled:
             return StepResult(plan.step_id, [], [], None, time.perf_counter() - start)

@@ -3,6 +3,13 @@
 The worker is compute-bound, so its inbox is read with a plain blocking receive between
 steps (nothing else could run during a forward anyway); a side thread with its own socket
 sends heartbeats so the scheduler can tell a long step from a dead process.
+
+A stuck step cannot be interrupted from inside the process, so a stalled worker ends itself
+and its supervisor (``zeroserve serve``, supervisord, systemd) starts a fresh one: the
+scheduler, which times every step, fails the step's requests after ``step_timeout_s`` and
+sends ``WorkerExit`` (read here as soon as the step returns); if the step never returns,
+the heartbeat thread exits the process once the step is ``STEP_EXIT_GRACE_S`` past the
+same limit.
 """
 
 from __future__ import annotations
@@ -13,67 +20,78 @@ import signal
 import sys
 import threading
 import time
+from typing import NoReturn
 
 import zmq
 
 from zeroserve.shared import env
 from zeroserve.shared.config import EngineConfig
-from zeroserve.shared.ipc import Codec, connect
-from zeroserve.shared.messages import Ping, Pong, StepPlan, StepResult, WorkerInbox, WorkerReady
+from zeroserve.shared.ipc import Codec, connect, receive_blocking
+from zeroserve.shared.messages import Pong, StepResult, WorkerExit, WorkerInbox, WorkerReady
 from zeroserve.shared.proc_main import die_with_parent, parse_proc_args
 
 log = logging.getLogger("zeroserve.worker")
 
+# The worker's own limit is this far past the scheduler's, so the scheduler (which owns the
+# requests) reports the stall first; this limit is the backstop for a step that never returns.
+STEP_EXIT_GRACE_S = 2.0
+EXIT_STALLED = 75  # EX_TEMPFAIL: not a clean exit, so every supervisor restarts the worker
 
-def runner_config(config: EngineConfig):
-    from zeroserve.gpu_worker.model_runner import RunnerConfig
 
-    return RunnerConfig(
-        model=config.model,
-        dtype=config.dtype,
-        kv_cache_dtype=config.kv_cache_dtype,
-        device=config.device,
-        block_size=config.block_size,
-        num_kv_blocks=config.num_kv_blocks or None,
-        kv_cache_memory_gb=config.kv_cache_memory_gb or None,
-        gpu_memory_utilization=config.gpu_memory_utilization,
-        max_model_len=config.max_model_len or None,
-        max_num_batched_tokens=config.max_num_batched_tokens,
-        max_num_seqs=config.max_num_seqs,
-        kernel_backend=config.kernel_backend,
-        enforce_eager=config.enforce_eager,
-        load_format=config.load_format,
-        seed=config.seed,
-    )
+def exit_for_restart(why: str) -> NoReturn:
+    """End the process now, from any thread: a stuck step holds the main thread, and clean
+    interpreter shutdown would wait for it."""
+    log.error("worker exiting to be restarted: %s", why)  # the stderr handler flushes each record
+    os._exit(EXIT_STALLED)
 
 
 class Heartbeat(threading.Thread):
-    """Sends Pong(role="worker") every interval on its own socket (zmq sockets are not thread-safe)."""
+    """Sends Pong(role="worker") every interval on its own socket (zmq sockets are not
+    thread-safe), and ends the process when the step in progress (``step_started``, set by the
+    main thread) has run past ``step_timeout_s + STEP_EXIT_GRACE_S``."""
 
     def __init__(self, config: EngineConfig, rank: int):
         super().__init__(name="heartbeat", daemon=True)
         self.config, self.rank = config, rank
         self.stop = threading.Event()
+        self.step_started: float | None = None  # time.monotonic() when the current step began
 
     def run(self) -> None:
         ctx = zmq.Context()
         identity = f"worker-{self.rank}-hb-{os.getpid()}".encode()
         sock = connect(ctx, zmq.DEALER, self.config.worker_address, self.config.curve, identity)
         encoder = Codec(Pong, "worker.heartbeat").encoder
+        limit = self.config.step_timeout_s + STEP_EXIT_GRACE_S
         while not self.stop.wait(self.config.heartbeat_interval_s):
+            started = self.step_started
+            if started is not None and time.monotonic() - started > limit:
+                exit_for_restart(f"a step has run for more than {limit:g}s (step_timeout_s + grace)")
             sock.send(encoder.encode(Pong(sent_at=time.time(), role="worker")))
         sock.close(0)
         ctx.term()
 
 
+def injected_stall(path: str | None) -> None:
+    """Test-only fault (ZEROSERVE_FAULT_STEP_SLEEP_FILE): when the file exists, consume it and
+    sleep for the seconds it holds, inside the step, as a hung forward pass would."""
+    if path is None:
+        return
+    try:
+        with open(path) as f:
+            seconds = float(f.read())
+        os.unlink(path)
+    except (OSError, ValueError):  # absent, or still being written: no fault this step
+        return
+    log.warning("fault injection: this step sleeps %.1fs", seconds)
+    time.sleep(seconds)
+
+
 def serve(config: EngineConfig, rank: int) -> None:
     env.set_cpu_thread_env()
-    if config.num_threads > 0:  # --num-threads wins over the environment
-        os.environ["ZEROSERVE_NUM_THREADS"] = str(config.num_threads)
     started = time.monotonic()
-    from zeroserve.gpu_worker.model_runner import ModelRunner
+    from zeroserve.gpu_worker.model_runner import ModelRunner, RunnerConfig
 
-    runner = ModelRunner(runner_config(config))
+    runner = ModelRunner(RunnerConfig.from_engine(config))
     load_time = time.monotonic() - started
 
     ctx = zmq.Context()
@@ -89,37 +107,33 @@ def serve(config: EngineConfig, rank: int) -> None:
         eos_token_ids=list(runner.eos_token_ids),
         load_time_s=load_time,
     )
-    Heartbeat(config, rank).start()
+    heartbeat = Heartbeat(config, rank)
+    heartbeat.start()
     sock.send(codec.encode(ready))
     log.info("worker rank %d ready in %.1fs: %d KV blocks", rank, load_time, runner.num_kv_blocks)
+    fault_file = env.fault_step_sleep_file()
 
     while True:
-        msg = codec.decode(sock.recv(copy=True))
-        match msg:
-            case StepPlan():
-                try:
-                    result = runner.execute(msg)
-                except Exception as e:  # report, never die silently: the scheduler fails the step
-                    log.exception("step %d failed", msg.step_id)
-                    sock.send(
-                        codec.encode(
-                            StepResult(
-                                step_id=msg.step_id,
-                                request_ids=[],
-                                sampled_token_ids=[],
-                                error=f"{type(e).__name__}: {e}",
-                            )
-                        )
-                    )
-                    # state may be half-applied: forget every request and announce a fresh start
-                    runner.reset()
-                    sock.send(codec.encode(ready))
-                    continue
-                sock.send(codec.encode(result))
-            case Ping():
-                sock.send(codec.encode(Pong(sent_at=msg.sent_at, role="worker")))
-            case None:
-                pass
+        plan = receive_blocking(sock, codec)
+        if isinstance(plan, WorkerExit):
+            exit_for_restart(f"the scheduler gave up on this worker: {plan.reason}")
+        heartbeat.step_started = time.monotonic()
+        try:
+            injected_stall(fault_file)
+            result = runner.execute(plan)
+        except Exception as e:  # report, never die silently: the scheduler fails the step
+            log.exception("step %d failed", plan.step_id)
+            failed = StepResult(
+                step_id=plan.step_id, request_ids=[], sampled_token_ids=[], error=f"{type(e).__name__}: {e}"
+            )
+            sock.send(codec.encode(failed))
+            # state may be half-applied: forget every request and announce a fresh start
+            runner.reset()
+            sock.send(codec.encode(ready))
+            continue
+        finally:
+            heartbeat.step_started = None
+        sock.send(codec.encode(result))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,29 +3,31 @@
 The model runner keeps per-request state (params, prompt ids, output ids, a torch.Generator
 for seeded requests), builds a :class:`SamplingBatch` for the rows that sample this step
 (one row per request, in plan order) and calls :meth:`Sampler.sample` with the last-position
-logits ``[B, V]``. The ops are the pure functions of ``kernels.reference.sampling``; their
-order is vLLM v1's:
+logits ``[B, V]``. The greedy argmax and the filters come from the kernel backend
+(``argmax_rows``, ``sampling_filter``: kernels/base.py), the rest are the pure torch functions
+of ``kernels.reference.sampling``, which every device runs; the order is vLLM v1's:
 
     raw logits ──────────────────────────────────────► logprobs (log_softmax, top-N)
-      └─ min_tokens mask (EOS, stop ids) ─ penalties ─┬─► argmax            (greedy rows)
-                                                      └─► /T ─ min_p ─ top_k ─ top_p
-                                                          ─ softmax ─ exponential race
+      └─ min_tokens mask (EOS, stop ids) ─ penalties ─┬─► argmax_rows       (greedy rows)
+                                                      └─► sampling_filter (/T ─ min_p ─ top_k
+                                                          ─ top_p) ─ softmax ─ exponential race
 
-Only the work some row asks for runs: a topk (never a full-vocabulary sort, save for rows
-whose top-p nucleus is wider than 1024 tokens) only when a row has top_k / top_p, and a bare
-argmax when the whole batch is greedy with nothing else to do.
+Only the work some row asks for runs: a filter only for what some row has (the torch one
+never sorts the full vocabulary, save for rows whose top-p nucleus is wider than 1024 tokens;
+the Triton one never sorts), and a bare argmax when the whole batch is greedy with nothing
+else to do.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 
+from zeroserve.kernels.base import KernelBackend
 from zeroserve.kernels.reference import sampling as reference_ops
+from zeroserve.kernels.reference.backend import ReferenceKernels
 from zeroserve.kernels.reference.sampling import GREEDY_TEMPERATURE_EPS, make_generator
 from zeroserve.shared.messages import SamplingParams, TokenLogprobs, TopLogprob
 
@@ -114,7 +116,8 @@ class SamplingBatch:
         # Greedy rows take the argmax; their filters are switched off so that they cost
         # nothing in the random path they share with the other rows (e.g. a top-p sort).
         temps = [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)]
-        top_ks = [0 if g else p.top_k for p, g in zip(params, greedy, strict=True)]
+        # past 2**24 it is off anyway (no vocabulary is that large) and stays exact in fp32 below
+        top_ks = [0 if g else min(p.top_k, 1 << 24) for p, g in zip(params, greedy, strict=True)]
         top_ps = [1.0 if g else p.top_p for p, g in zip(params, greedy, strict=True)]
         min_ps = [0.0 if g else p.min_p for p, g in zip(params, greedy, strict=True)]
         presence = [p.presence_penalty for p in params]
@@ -193,19 +196,12 @@ class SamplerOutput:
 class Sampler:
     """One per worker; no state between steps. sample() runs a SamplingBatch's step.
 
-    ops: the module of sampling ops (the torch reference by default); a faster backend with
-    the same functions (e.g. Triton filters) is chosen here, once, at construction.
+    kernels: the backend whose argmax and filters it uses (the torch one by default), chosen
+    once, at construction, with the model's.
     """
 
-    def __init__(self, ops: ModuleType | None = None, argmax=None) -> None:
-        self.ops = ops if ops is not None else reference_ops
-        # argmax(logits [B, V]) -> [B]: the kernel backend's when it has one (the CPU kernels
-        # split a batch's rows over threads), else torch's
-        self._argmax = argmax if argmax is not None else (lambda x: x.argmax(dim=-1))
-        # max_k (the largest top_k, known on the host) spares the torch ops a device sync; a
-        # backend whose filters need no host-side k may leave the parameter out.
-        params = inspect.signature(self.ops.apply_top_k_top_p).parameters
-        self._pass_max_k = "max_k" in params
+    def __init__(self, kernels: KernelBackend | None = None) -> None:
+        self.kernels = kernels if kernels is not None else ReferenceKernels()
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits: ``[B, V]`` (any float dtype; computed in fp32), one row per batch row.
@@ -216,17 +212,17 @@ class Sampler:
                 f"{batch.num_rows} rows; pass the last-position logits [rows, vocab]"
             )
         if batch.fast_greedy:
-            sampled = self._argmax(logits)
+            sampled = self.kernels.argmax_rows(logits)
             return SamplerOutput(sampled.tolist(), [None] * batch.num_rows, sampled)
 
         raw = logits.float()
         processed = self._process(raw, batch)
         if batch.all_greedy:
-            sampled = self._argmax(processed)
+            sampled = self.kernels.argmax_rows(processed)
         else:
             sampled = self._sample_random(processed, batch)
             if batch.any_greedy:
-                sampled = torch.where(batch.greedy, processed.argmax(dim=-1), sampled)
+                sampled = torch.where(batch.greedy, self.kernels.argmax_rows(processed), sampled)
         # queue the logprob kernels before the first device-to-host copy waits for them all
         logprobs = self._logprobs(raw, sampled, batch)
         return SamplerOutput(sampled.tolist(), self._to_messages(logprobs, batch), sampled)
@@ -235,23 +231,25 @@ class Sampler:
         """min_tokens masking and penalties: what greedy and random rows both see."""
         num_rows, vocab = logits.shape
         if batch.banned_tokens is not None:
-            logits = self.ops.mask_tokens(logits, *batch.banned_tokens)
+            logits = reference_ops.mask_tokens(logits, *batch.banned_tokens)
         if batch.needs_penalties:
-            counts = self.ops.scatter_token_counts(*batch.output_tokens, num_rows, vocab)
-            prompt_mask = self.ops.scatter_token_mask(*batch.prompt_tokens, num_rows, vocab)
-            logits = self.ops.apply_penalties(
+            counts = reference_ops.scatter_token_counts(*batch.output_tokens, num_rows, vocab)
+            prompt_mask = reference_ops.scatter_token_mask(*batch.prompt_tokens, num_rows, vocab)
+            logits = reference_ops.apply_penalties(
                 logits, counts, prompt_mask, batch.presence, batch.frequency, batch.repetition
             )
         return logits
 
     def _sample_random(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        if batch.temperature is not None:
-            logits = self.ops.apply_temperature(logits, batch.temperature)
-        if batch.min_p is not None:
-            logits = self.ops.apply_min_p(logits, batch.min_p)
-        max_k = {"max_k": batch.max_top_k} if self._pass_max_k else {}
-        logits = self.ops.apply_top_k_top_p(logits, batch.top_k, batch.top_p, **max_k)
-        return self.ops.sample_from_probs(logits.softmax(dim=-1), batch.generators)
+        # A top_k at or past the vocabulary is off for its row (it keeps every token); as the
+        # batch's max it would buy a full-vocabulary top-k for every row. Then the filter
+        # finds the largest real k itself (one small sync). The tokenizer turns such a top_k
+        # off before it gets here; this guards the other ways in.
+        max_top_k = batch.max_top_k if batch.max_top_k < logits.shape[-1] else None
+        logits = self.kernels.sampling_filter(
+            logits, batch.temperature, batch.min_p, batch.top_k, batch.top_p, max_top_k
+        )
+        return reference_ops.sample_from_probs(logits.softmax(dim=-1), batch.generators)
 
     def _logprobs(
         self, raw: torch.Tensor, sampled: torch.Tensor, batch: SamplingBatch
@@ -264,7 +262,9 @@ class Sampler:
         rows = batch.logprob_rows_tensor
         if rows is not None:  # only some rows asked: skip the others' log_softmax
             raw, sampled = raw.index_select(0, rows), sampled.index_select(0, rows)
-        return self.ops.gather_logprobs(self.ops.compute_logprobs(raw), sampled, max(batch.num_top_logprobs))
+        return reference_ops.gather_logprobs(
+            reference_ops.compute_logprobs(raw), sampled, max(batch.num_top_logprobs)
+        )
 
     @staticmethod
     def _to_messages(

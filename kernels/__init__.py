@@ -1,38 +1,39 @@
-"""Kernel interface: every hot op has one signature and two implementations.
+"""Kernel backends: every kernel the model and the sampler call, behind one interface
+(``KernelBackend``, kernels/base.py), implemented three times.
 
 - ``torch`` (kernels/reference): plain torch, runs anywhere; the oracle in tests.
 - ``cpu`` (kernels/cpu): C++/OpenMP kernels compiled at first use (fp32, AVX2 when the CPU
   has it); the CPU serving path.
 - ``triton``: Triton kernels for NVIDIA GPUs (tested on CPU with TRITON_INTERPRET=1).
 
-The implementation is chosen once, at construction (``get_kernels``), by an explicit
-backend, else ``ZEROSERVE_KERNELS``, else the device: CUDA -> triton, anything else -> cpu,
-or torch (with a warning saying why) where the C++ kernels cannot be built.
-All expose the functions listed in ``OPS``; see kernels/reference/ops.py for the contracts.
+The backend is chosen once, at construction (``get_kernels``), by an explicit name (the
+override tests use), else ``ZEROSERVE_KERNELS``, else the device: CUDA -> triton, anything
+else -> cpu, or torch (with a warning saying why) where the C++ kernels cannot be built.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-from types import ModuleType
 
+from zeroserve.kernels.base import KernelBackend, LinearHandle
 from zeroserve.kernels.metadata import AttentionMetadata
 
-OPS = ("rms_norm", "rotary", "silu_and_mul", "write_kv", "paged_attention")
+# name -> (module, class), imported only when chosen (the cpu one compiles, the triton one
+# decorates GPU kernels)
 BACKENDS = {
-    "torch": "zeroserve.kernels.reference.ops",
-    "cpu": "zeroserve.kernels.cpu.ops",
-    "triton": "zeroserve.kernels.triton.ops",
+    "torch": ("zeroserve.kernels.reference.backend", "ReferenceKernels"),
+    "cpu": ("zeroserve.kernels.cpu.backend", "CpuKernels"),
+    "triton": ("zeroserve.kernels.triton.backend", "TritonKernels"),
 }
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AttentionMetadata", "get_kernels", "OPS", "BACKENDS"]
+__all__ = ["AttentionMetadata", "BACKENDS", "KernelBackend", "LinearHandle", "get_kernels"]
 
 
-def get_kernels(backend: str | None = None, device: str | None = None) -> ModuleType:
-    """The module implementing OPS for ``backend`` ("torch" | "cpu" | "triton")."""
+def get_kernels(backend: str | None = None, device: str | None = None) -> KernelBackend:
+    """The kernel backend named ``backend`` ("torch" | "cpu" | "triton"), else the one for ``device``."""
     if backend is None:
         from zeroserve.shared import env
 
@@ -51,8 +52,5 @@ def get_kernels(backend: str | None = None, device: str | None = None) -> Module
                 backend = "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {sorted(BACKENDS)}")
-    module = importlib.import_module(BACKENDS[backend])
-    missing = [op for op in OPS if not hasattr(module, op)]
-    if missing:
-        raise ImportError(f"kernel backend {backend!r} lacks {missing}")
-    return module
+    module, cls = BACKENDS[backend]
+    return getattr(importlib.import_module(module), cls)()

@@ -68,10 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         print(version("zeroserve"))
         return 0
     if args.command == "serve":
-        from zeroserve.launcher.engine_args import config_from_args
-        from zeroserve.launcher.supervisor import serve
+        from zeroserve.launcher.supervisor import engine_config, serve
 
-        return serve(config_from_args(args))
+        return serve(*engine_config(args))
     return importlib.import_module(COMMANDS[args.command]).run(args)
 
 

@@ -12,7 +12,10 @@ import os
 import shlex
 import sys
 
+import msgspec
+
 from zeroserve.shared.config import EngineConfig, write_config
+from zeroserve.shared.ipc import client_keys
 
 # (role, start priority); workers load weights first, the api comes up last
 ROLE_ORDER = (("worker", 10), ("scheduler", 20), ("tokenizer", 30), ("api", 40))
@@ -60,11 +63,19 @@ def env_file_text(api_keys: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_api_config(config: EngineConfig, path: str) -> None:
+    """The api processes' config: the same, but with client CURVE keys only (an api process
+    only connects; it never needs the server secret)."""
+    write_config(msgspec.structs.replace(config, curve=client_keys(config.curve)), path)
+
+
 def render_supervisord(config: EngineConfig, out: str, api_keys: list[str]) -> list[str]:
     config_path = os.path.join(out, "zeroserve.json")
+    api_config_path = os.path.join(out, "zeroserve-api.json")
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
     write_config(config, config_path)
+    write_api_config(config, api_config_path)
     env = {
         "OMP_WAIT_POLICY": "PASSIVE",
         "PROMETHEUS_MULTIPROC_DIR": config.metrics_dir,
@@ -98,7 +109,8 @@ def render_supervisord(config: EngineConfig, out: str, api_keys: list[str]) -> l
         names.append(name)
         parts += [
             f"[program:{name}]",
-            f"command={executable()} proc {role} --config {shlex.quote(config_path)} --index {index}",
+            f"command={executable()} proc {role} "
+            f"--config {shlex.quote(api_config_path if role == 'api' else config_path)} --index {index}",
             f"priority={priority}",
             "autostart=true",
             "autorestart=true",
@@ -116,17 +128,19 @@ def render_supervisord(config: EngineConfig, out: str, api_keys: list[str]) -> l
     parts += ["[group:zeroserve]", f"programs={','.join(names)}", ""]
     conf = os.path.join(out, "supervisord.conf")
     _write(conf, "\n".join(parts), 0o600)
-    return [conf, config_path]
+    return [conf, config_path, api_config_path]
 
 
 def render_systemd(
     config: EngineConfig, out: str, api_keys: list[str], user: str, config_dir: str
 ) -> list[str]:
     installed_config = os.path.join(config_dir, "zeroserve.json")
+    installed_api_config = os.path.join(config_dir, "zeroserve-api.json")
     env_path = os.path.join(config_dir, "zeroserve.env")
     write_config(config, os.path.join(out, "zeroserve.json"))
+    write_api_config(config, os.path.join(out, "zeroserve-api.json"))
     _write(os.path.join(out, "zeroserve.env"), env_file_text(api_keys), 0o600)
-    files = [os.path.join(out, "zeroserve.json"), os.path.join(out, "zeroserve.env")]
+    files = [os.path.join(out, f) for f in ("zeroserve.json", "zeroserve-api.json", "zeroserve.env")]
     units = []
     for role, index, _ in role_instances(config):
         unit = f"zeroserve-{role}-{index}.service"
@@ -155,7 +169,7 @@ Wants=network-online.target
 Type=simple
 User={user}
 Group={user}
-ExecStart={executable()} proc {role} --config {installed_config} --index {index}
+ExecStart={executable()} proc {role} --config {installed_api_config if role == "api" else installed_config} --index {index}
 EnvironmentFile=-{env_path}
 Environment=OMP_WAIT_POLICY=PASSIVE
 Environment=PYTHONUNBUFFERED=1
@@ -198,6 +212,7 @@ WantedBy=multi-user.target
   useradd --system --no-create-home --shell /usr/sbin/nologin {user}
   install -d -m 0750 -o root -g {user} {config_dir}
   install -m 0640 -o root -g {user} zeroserve.json {installed_config}
+  install -m 0640 -o root -g {user} zeroserve-api.json {installed_api_config}
   install -m 0640 -o root -g {user} zeroserve.env {env_path}   # put ZEROSERVE_API_KEY here
   cp zeroserve*.service zeroserve.target /etc/systemd/system/ && systemctl daemon-reload
   systemctl enable --now zeroserve.target
@@ -211,8 +226,8 @@ def run(args: argparse.Namespace) -> int:
 
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    api_keys = list(args.api_key)
-    args.api_key = []  # keys go to the environment, not the config file
+    api_keys = list(args.api_keys)
+    args.api_keys = []  # keys go to the environment, not the config file
     if args.kind == "systemd":
         run_dir = args.run_dir or "/run/zeroserve"
     else:

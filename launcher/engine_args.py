@@ -1,13 +1,131 @@
-"""The engine's command-line flags, shared by `serve`, `deploy` and `batch`, and their EngineConfig."""
+"""The engine's command-line flags, shared by `serve`, `deploy` and `batch`, and their EngineConfig.
+
+Every flag sets the EngineConfig field of the same name and takes that field's default
+(``DEFAULTS``): ``FLAGS`` holds only what the struct cannot say, the words and the choices.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+from typing import Any, NamedTuple
 
-from zeroserve.shared.config import EngineConfig
+from zeroserve.shared import env
+from zeroserve.shared.config import DEFAULTS, EngineConfig
 from zeroserve.shared.ipc import make_run_dir, new_curve_keys
 from zeroserve.shared.model_files import model_display_name, resolve_model
+
+# appended to a flag's help for --help; the README table shows the default in its own column
+DEFAULT_NOTE = " (default: %(default)s)"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class Flag(NamedTuple):
+    field: str  # the EngineConfig field it sets; the flag is --field-name unless `flag` says otherwise
+    help: str
+    choices: tuple[str, ...] | None = None
+    flag: str | None = None
+    metavar: str | tuple[str, ...] | None = None
+    resolved: bool = False  # no default on the command line: config_from_args works it out
+
+
+FLAGS: dict[str, list[Flag]] = {
+    "server": [
+        Flag("host", "address the HTTP API listens on"),
+        Flag("port", "HTTP port"),
+        Flag(
+            "api_keys",
+            "require 'Authorization: Bearer KEY' (repeatable; also ZEROSERVE_API_KEY, comma-separated)",
+            flag="--api-key",
+            metavar="KEY",
+        ),
+        Flag("api_workers", "HTTP processes sharing the port via SO_REUSEPORT"),
+        Flag("num_tokenizers", "tokenizer processes"),
+        Flag(
+            "served_model_name",
+            "model name in /v1/models and responses (default: from the file name)",
+            resolved=True,
+        ),
+        Flag("max_n", "largest n (choices per request) accepted"),
+        Flag("max_seqs_per_request", "largest prompts x n fan-out one request may ask for; more is HTTP 400"),
+        Flag(
+            "priority_range",
+            "request priority must lie in this range (both included); outside is HTTP 400",
+            metavar=("MIN", "MAX"),
+        ),
+    ],
+    "scheduler": [
+        Flag("max_model_len", "context length; 0: the model's"),
+        Flag("max_num_seqs", "sequences per step"),
+        Flag("max_num_batched_tokens", "tokens per step; longer prefills are chunked"),
+        Flag("block_size", "tokens per KV block"),
+        Flag("max_waiting_requests", "queued requests beyond which new ones get HTTP 429"),
+        Flag("max_waiting_tokens", "queued prompt tokens beyond which new requests get HTTP 429"),
+        Flag("enable_prefix_caching", "disable automatic prefix caching", flag="--no-prefix-caching"),
+        Flag(
+            "priority_aging_s",
+            "seconds of waiting worth one priority level, so low priorities never starve; "
+            "0: strict (priority, arrival) order",
+        ),
+    ],
+    "worker": [
+        Flag("device", "cpu or cuda (default: cuda when available)", resolved=True),
+        Flag("dtype", "compute dtype (auto: float32 on CPU, bfloat16 on GPU)", DTYPES),
+        Flag(
+            "kv_cache_dtype",
+            "KV cache dtype (auto: the compute dtype); on CPU float16 halves the KV memory and the "
+            "bytes decode attention reads, at ~1e-3 relative error in K/V",
+            DTYPES,
+        ),
+        Flag("num_kv_blocks", "KV blocks to allocate; 0: sized from memory"),
+        Flag("kv_cache_memory_gb", "memory for the KV cache in GiB; 0: CPU 2 GiB, GPU from utilization"),
+        Flag("gpu_memory_utilization", "GPU: fraction of memory for weights + KV cache"),
+        Flag(
+            "kernel_backend",
+            "kernel implementation (default: cpu on CPU, triton on CUDA)",
+            ("torch", "cpu", "triton"),
+        ),
+        Flag("enforce_eager", "GPU: do not capture CUDA graphs"),
+        Flag("load_format", "dummy: random weights at the model's shape", ("auto", "dummy")),
+        Flag("num_threads", "CPU: torch threads in the worker; 0: ZEROSERVE_NUM_THREADS, else all cores"),
+        Flag("seed", "seed for unseeded sampling"),
+        Flag("step_timeout_s", "a model step taking longer fails its requests and restarts the worker"),
+    ],
+    "transport": [
+        Flag(
+            "transport",
+            "ipc: unix sockets in a private run dir; tcp: CURVE-encrypted tcp",
+            ("ipc", "tcp"),
+        ),
+        Flag("bind_host", "tcp transport: address internal sockets bind to"),
+        Flag("base_port", "tcp transport: first internal port"),
+        Flag(
+            "run_dir",
+            "directory for sockets (DIR/tokenizer-0.sock, ...), config and metrics; created with mode 0700 "
+            "if missing, otherwise it must be yours and not writable by group or others; at exit zeroserve "
+            "removes only the files it made there, and DIR itself only if it created it "
+            "(default: a new private temp dir)",
+            resolved=True,
+        ),
+    ],
+}
+
+
+def flag_kwargs(flag: Flag) -> dict[str, Any]:
+    """add_argument's keywords for ``flag``: action and type follow the field's default."""
+    default = None if flag.resolved else getattr(DEFAULTS, flag.field)
+    if isinstance(default, bool):
+        return {"dest": flag.field, "help": flag.help, "action": "store_false" if default else "store_true"}
+    kw: dict[str, Any] = {"dest": flag.field, "help": flag.help, "metavar": flag.metavar}
+    if isinstance(default, list):
+        return {**kw, "action": "append", "default": list(default)}  # append mutates its default
+    if isinstance(default, tuple):  # one word per item: "-5,7" would read as a flag, "-5 7" does not
+        kw.update(type=type(default[0]), nargs=len(default))
+    else:
+        kw.update(type=str if default is None else type(default), choices=flag.choices)
+    if default is not None:
+        kw["help"] += DEFAULT_NOTE
+    return {**kw, "default": default}
 
 
 def add_engine_args(parser: argparse.ArgumentParser, with_model: bool = True) -> None:
@@ -18,112 +136,10 @@ def add_engine_args(parser: argparse.ArgumentParser, with_model: bool = True) ->
             default=None,
             help="a .gguf file or a Hugging Face model folder (default: the packaged SmolLM2-135M-Instruct GGUF)",
         )
-    g = parser.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="address the HTTP API listens on (default 127.0.0.1)")
-    g.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    g.add_argument(
-        "--api-key",
-        action="append",
-        default=[],
-        metavar="KEY",
-        help="require 'Authorization: Bearer KEY' (repeatable; also ZEROSERVE_API_KEY, comma-separated)",
-    )
-    g.add_argument(
-        "--api-workers",
-        type=int,
-        default=1,
-        help="HTTP processes sharing the port via SO_REUSEPORT (default 1)",
-    )
-    g.add_argument("--num-tokenizers", type=int, default=1, help="tokenizer processes (default 1)")
-    g.add_argument(
-        "--served-model-name",
-        default=None,
-        help="model name in /v1/models and responses (default: from the file name)",
-    )
-    g.add_argument(
-        "--max-n", type=int, default=16, help="largest n (choices per request) accepted (default 16)"
-    )
-    g = parser.add_argument_group("scheduler")
-    g.add_argument("--max-model-len", type=int, default=0, help="context length (default: the model's)")
-    g.add_argument("--max-num-seqs", type=int, default=128, help="sequences per step (default 128)")
-    g.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=2048,
-        help="tokens per step; longer prefills are chunked (default 2048)",
-    )
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
-    g.add_argument(
-        "--max-waiting-requests",
-        type=int,
-        default=4096,
-        help="queued requests beyond which new ones get HTTP 429",
-    )
-    g.add_argument(
-        "--max-waiting-tokens",
-        type=int,
-        default=4_000_000,
-        help="queued prompt tokens beyond which new requests get HTTP 429",
-    )
-    g.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
-    g = parser.add_argument_group("worker")
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    g.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="compute dtype (auto: float32 on CPU, bfloat16 on GPU)",
-    )
-    g.add_argument(
-        "--kv-cache-dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="KV cache dtype (auto: the compute dtype); on CPU float16 halves the KV memory and the "
-        "bytes decode attention reads, at ~1e-3 relative error in K/V",
-    )
-    g.add_argument(
-        "--num-kv-blocks", type=int, default=0, help="KV blocks to allocate (default: sized from memory)"
-    )
-    g.add_argument(
-        "--kv-cache-memory-gb", type=float, default=0.0, help="CPU: memory for the KV cache in GiB"
-    )
-    g.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        default=0.9,
-        help="GPU: fraction of memory for weights + KV cache",
-    )
-    g.add_argument(
-        "--kernel-backend",
-        default=None,
-        choices=["torch", "cpu", "triton"],
-        help="kernel implementation (default: cpu on CPU, triton on CUDA)",
-    )
-    g.add_argument("--enforce-eager", action="store_true", help="GPU: do not capture CUDA graphs")
-    g.add_argument(
-        "--load-format",
-        default="auto",
-        choices=["auto", "dummy"],
-        help="dummy: random weights at the model's shape",
-    )
-    g.add_argument(
-        "--num-threads", type=int, default=0, help="CPU: torch threads in the worker (default: all cores)"
-    )
-    g.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling")
-    g = parser.add_argument_group("transport")
-    g.add_argument(
-        "--transport",
-        default="ipc",
-        choices=["ipc", "tcp"],
-        help="ipc: unix sockets in a private run dir (default); tcp: CURVE-encrypted tcp",
-    )
-    g.add_argument("--bind-host", default="127.0.0.1", help="tcp transport: address internal sockets bind to")
-    g.add_argument("--base-port", type=int, default=5550, help="tcp transport: first internal port")
-    g.add_argument(
-        "--run-dir",
-        default=None,
-        help="directory for sockets, config and metrics (default: a new private temp dir)",
-    )
+    for title, flags in FLAGS.items():
+        group = parser.add_argument_group(title)
+        for flag in flags:
+            group.add_argument(flag.flag or "--" + flag.field.replace("_", "-"), **flag_kwargs(flag))
 
 
 def default_device() -> str:
@@ -135,52 +151,51 @@ def default_device() -> str:
         return "cpu"
 
 
+# numeric flags whose value 0 or below (POSITIVE) or below 0 (NON_NEGATIVE; 0 = "work it out")
+# has no meaning: refused at the command line, before any process starts
+POSITIVE = (
+    "port", "api_workers", "num_tokenizers", "max_n", "max_seqs_per_request", "max_num_seqs",
+    "max_num_batched_tokens", "block_size", "max_waiting_requests", "max_waiting_tokens", "step_timeout_s",
+)  # fmt: skip
+NON_NEGATIVE = ("max_model_len", "num_kv_blocks", "kv_cache_memory_gb", "num_threads", "priority_aging_s")
+
+
 def config_from_args(args: argparse.Namespace, run_dir: str | None = None) -> EngineConfig:
     """Resolve the model, its context length and vocabulary, and build the frozen config."""
     from zeroserve.gpu_worker.loader import load_model_config
 
     model = resolve_model(getattr(args, "model", None))
     model_cfg = load_model_config(model)
-    max_model_len = args.max_model_len or model_cfg.max_position_embeddings
-    if args.max_model_len and args.max_model_len > model_cfg.max_position_embeddings:
+    if args.max_model_len > model_cfg.max_position_embeddings:
         raise SystemExit(
             f"--max-model-len {args.max_model_len} exceeds the model's context "
             f"({model_cfg.max_position_embeddings} tokens)"
         )
+    for field in POSITIVE:
+        if getattr(args, field) <= 0:
+            raise SystemExit(f"--{field.replace('_', '-')} must be > 0, got {getattr(args, field)}")
+    for field in NON_NEGATIVE:
+        if getattr(args, field) < 0:
+            raise SystemExit(f"--{field.replace('_', '-')} must be >= 0, got {getattr(args, field)}")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise SystemExit(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+    if args.priority_range[0] > args.priority_range[1]:
+        raise SystemExit(f"--priority-range: MIN is above MAX in {args.priority_range}")
     run_dir = run_dir or args.run_dir or make_run_dir()
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
-    device = args.device or default_device()
-    return EngineConfig(
+    values = {flag.field: getattr(args, flag.field) for flags in FLAGS.values() for flag in flags}
+    values.update(
         model=model,
         served_model_name=args.served_model_name or model_display_name(model),
         run_dir=os.path.abspath(run_dir),
-        transport=args.transport,
-        bind_host=args.bind_host,
-        base_port=args.base_port,
         curve=new_curve_keys() if args.transport == "tcp" else None,
-        num_tokenizers=args.num_tokenizers,
-        api_workers=args.api_workers,
-        block_size=args.block_size,
-        max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=max(args.max_num_batched_tokens, args.block_size),
-        max_model_len=max_model_len,
+        max_model_len=args.max_model_len or model_cfg.max_position_embeddings,
         vocab_size=model_cfg.vocab_size,
-        max_waiting_requests=args.max_waiting_requests,
-        max_waiting_tokens=args.max_waiting_tokens,
-        enable_prefix_caching=not args.no_prefix_caching,
-        device=device,
-        dtype=args.dtype,
-        kv_cache_dtype=args.kv_cache_dtype,
-        num_kv_blocks=args.num_kv_blocks,
-        kv_cache_memory_gb=args.kv_cache_memory_gb,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        kernel_backend=args.kernel_backend,
-        enforce_eager=args.enforce_eager,
-        load_format=args.load_format,
-        num_threads=args.num_threads,
-        seed=args.seed,
-        host=args.host,
-        port=args.port,
-        api_keys=list(args.api_key),  # ZEROSERVE_API_KEY is read by the api process itself
-        max_n=args.max_n,
+        priority_aging_s=args.priority_aging_s or None,
+        priority_range=tuple(args.priority_range),
+        device=args.device or default_device(),
+        num_threads=args.num_threads or env.num_threads(),
+        api_keys=list(args.api_keys),  # ZEROSERVE_API_KEY is read by the api process itself
     )
+    return EngineConfig(**values)

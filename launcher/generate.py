@@ -45,8 +45,8 @@ def _fail(message: str) -> int:
 def run(args: argparse.Namespace) -> int:
     from zeroserve.gpu_worker.loader import CheckpointError, load_model_config
     from zeroserve.gpu_worker.model_runner import ModelRunner, RunnerConfig
-    from zeroserve.gpu_worker.offline import PlanBuilder
     from zeroserve.launcher.engine_args import default_device
+    from zeroserve.launcher.inprocess import InProcessEngine
     from zeroserve.shared.messages import SamplingParams
     from zeroserve.shared.model_files import ModelNotFoundError, resolve_model
     from zeroserve.tokenizer_proc.detokenizer import IncrementalDetokenizer
@@ -98,37 +98,30 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     eos = sorted(set(runner.eos_token_ids) | set(tokenizer.eos_token_ids))
-    builder = PlanBuilder(
-        runner.num_kv_blocks,
-        block_size,
-        max_num_batched_tokens=max(total, 2048),
-        max_model_len=runner.max_model_len,
-        eos_token_ids=eos,
-    )
-    builder.add("generate", prompt_ids, params)
+    engine = InProcessEngine(runner, eos_token_ids=eos)
+    engine.add_request(prompt_ids, params)
     detok = IncrementalDetokenizer(tokenizer, prompt_ids)
-    emitted = 0
+    num_generated, finish_reason = 0, None
     start = time.perf_counter()
     first_token_at = None
-    while (plan := builder.schedule()) is not None:
-        result = runner.execute(plan)
-        if result.sampled_token_ids and first_token_at is None:
-            first_token_at = time.perf_counter()
-        builder.update(result)
-        tokens = builder.outputs.get("generate") or builder.active["generate"].output
-        new_ids = [t for t in tokens[emitted:] if t not in eos]
-        emitted = len(tokens)
-        sys.stdout.write(detok.push(new_ids))
-        sys.stdout.flush()
+    while (step := engine.step()) is not None:
+        for delta in step.deltas:
+            if delta.error is not None:
+                return _fail(delta.error.message)
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            num_generated += len(delta.token_ids)
+            finish_reason = delta.finish_reason or finish_reason
+            sys.stdout.write(detok.push([t for t in delta.token_ids if t not in eos]))
+            sys.stdout.flush()
     sys.stdout.write(detok.flush() + "\n")
     sys.stdout.flush()
 
     end = time.perf_counter()
-    output = builder.outputs["generate"]
     decode_s = end - (first_token_at or end)
-    rate = (len(output) - 1) / decode_s if len(output) > 1 and decode_s > 0 else 0.0
+    rate = (num_generated - 1) / decode_s if num_generated > 1 and decode_s > 0 else 0.0
     print(
-        f"{len(prompt_ids)} prompt tokens, {len(output)} generated ({builder.finish_reasons['generate']}); "
+        f"{len(prompt_ids)} prompt tokens, {num_generated} generated ({finish_reason}); "
         f"time to first token {(first_token_at or end) - start:.2f} s, {rate:.1f} tokens/s",
         file=sys.stderr,
     )

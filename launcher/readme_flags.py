@@ -20,21 +20,31 @@ def serve_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def default_cell(action: argparse.Action) -> str:
+    value = action.default
+    if value is None or value == [] or action.nargs == 0:  # switches say what they do in words
+        return ""
+    if isinstance(value, tuple):
+        value = " ".join(map(str, value))  # as it is typed
+    return f"`{value}`"
+
+
 def render() -> str:
+    from zeroserve.launcher.engine_args import DEFAULT_NOTE
+
     rows = ["| flag | default | meaning |", "|---|---|---|"]
     for action in serve_parser()._actions:
         if isinstance(action, argparse._HelpAction):
             continue
         name = ", ".join(action.option_strings) or action.dest.upper()
         if action.metavar and action.option_strings:
-            name += f" {action.metavar}"
+            name += " " + (" ".join(action.metavar) if isinstance(action.metavar, tuple) else action.metavar)
         elif action.nargs != 0 and action.option_strings:
             name += f" {action.dest.upper()}"
-        default = "" if action.default in (None, [], False) else f"`{action.default}`"
-        help_text = (action.help or "").replace("|", "\\|")
+        help_text = (action.help or "").removesuffix(DEFAULT_NOTE).replace("|", "\\|")
         if action.choices:
             help_text += f" (one of: {', '.join(map(str, action.choices))})"
-        rows.append(f"| `{name}` | {default} | {help_text} |")
+        rows.append(f"| `{name}` | {default_cell(action)} | {help_text} |")
     return "\n".join(rows)
 
 

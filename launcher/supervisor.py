@@ -21,8 +21,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from zeroserve.launcher.run_dir import RunDir
 from zeroserve.shared.client import EngineClient
-from zeroserve.shared.config import EngineConfig, write_config
+from zeroserve.shared.config import EngineConfig
 
 log = logging.getLogger("zeroserve.launcher")
 
@@ -68,22 +69,38 @@ class Child:
         return self.role if self.index == 0 else f"{self.role}-{self.index}"
 
 
+def engine_config(args) -> tuple[EngineConfig, RunDir]:
+    """The config of a `serve` or `batch` command line, and the run directory it claimed."""
+    from zeroserve.launcher.engine_args import config_from_args
+
+    run_dir = RunDir.claim(args.run_dir)
+    try:
+        return config_from_args(args, run_dir=run_dir.path), run_dir
+    except BaseException:
+        run_dir.release()
+        raise
+
+
 class Supervisor:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, run_dir: RunDir | None = None):
         self.config = config
-        self.config_path = os.path.join(config.run_dir, "config.json")
-        write_config(config, self.config_path)
-        os.makedirs(config.metrics_dir, mode=0o700, exist_ok=True)
-        for f in os.listdir(config.metrics_dir):  # stale multiprocess metrics of an earlier run
-            os.unlink(os.path.join(config.metrics_dir, f))
+        self.run_dir = run_dir or RunDir.claim(config.run_dir)
+        try:
+            self.config_path, api_config_path = self.run_dir.prepare(config)
+        except BaseException:
+            self.run_dir.release()
+            raise
         order = [
             ("worker", 1),
             ("scheduler", 1),
             ("tokenizer", config.num_tokenizers),
             ("api", config.api_workers),
         ]
+        paths = {"api": api_config_path}  # the api only connects: its file lacks the CURVE server secret
         self.children = [
-            Child(role, i, proc_command(role, self.config_path, i)) for role, n in order for i in range(n)
+            Child(role, i, proc_command(role, paths.get(role, self.config_path), i))
+            for role, n in order
+            for i in range(n)
         ]
         self.stopping = False
         self.env = child_env(config)
@@ -193,16 +210,16 @@ class Supervisor:
                 if child.role in stage and child.popen is not None and child.popen.returncode != 0:
                     log.error("%s exited with code %s", child.name, child.popen.returncode)
                     clean = False
-        shutil.rmtree(self.config.run_dir, ignore_errors=True)
+        self.run_dir.clean(self.config)
         return clean
 
 
-def serve(config: EngineConfig) -> int:
+def serve(config: EngineConfig, run_dir: RunDir | None = None) -> int:
     """Run the engine until SIGTERM/SIGINT; returns the exit code."""
     from zeroserve.shared.proc_main import die_with_parent
 
     die_with_parent()
-    sup = Supervisor(config)
+    sup = Supervisor(config, run_dir)
     stop = asyncio.Event()
 
     async def main() -> int:

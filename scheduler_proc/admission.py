@@ -4,6 +4,12 @@ Admission happens once, in ``add_request``: a request that can never run (prompt
 max_tokens past the context length or the whole KV pool) is refused with HTTP 400, one that
 would overfill the waiting queue with HTTP 429, at once, so the client can back off instead
 of queueing without bound.
+
+The rules that need the context length or the KV pool (prompt length, max_tokens, min_tokens
+against the resolved max_tokens) and the queue's (the priority range) are checked here and
+nowhere else: every entry point's
+requests (HTTP API, ZMQ client) reach the scheduler through the tokenizer, which only checks
+what needs the tokenizer (token ids against the vocabulary).
 """
 
 from __future__ import annotations
@@ -35,20 +41,48 @@ class AdmissionError(Exception):
 
 def check_admission(cfg: SchedulerConfig, req: EngineRequest, waiting: WaitingQueue) -> None:
     """Raise AdmissionError (400 never fits, 429 queue full) or return when ``req`` may wait."""
-    num_prompt, max_tokens = len(req.prompt_token_ids), req.params.max_tokens
+    num_prompt, max_tokens, context = len(req.prompt_token_ids), req.params.max_tokens, cfg.max_model_len
+    low, high = cfg.priority_range
+    if not low <= req.priority <= high:
+        raise AdmissionError(
+            400,
+            f"priority must be between {low} and {high} (--priority-range; smaller runs first), "
+            f"got {req.priority}.",
+            param="priority",
+        )
     if num_prompt == 0:
-        raise AdmissionError(400, "The prompt is empty: send at least one token.", param="prompt")
+        raise AdmissionError(400, "the prompt is empty: it must contain at least one token", param="prompt")
+    if max_tokens > context:
+        raise AdmissionError(
+            400,
+            f"max_tokens is {max_tokens}, but this model's context holds {context} tokens (prompt included). "
+            "Ask for fewer tokens.",
+            param="max_tokens",
+        )
+    if num_prompt >= context:
+        raise AdmissionError(
+            400,
+            f"This model's maximum context length is {context} tokens. However, your prompt has "
+            f"{num_prompt} tokens, leaving no room for the completion. Please shorten the prompt.",
+            param="prompt",
+            code="context_length_exceeded",
+        )
     if max_tokens < 1:
         raise AdmissionError(400, f"max_tokens must be at least 1, got {max_tokens}.", param="max_tokens")
     total = num_prompt + max_tokens
-    if total > cfg.max_model_len:
+    if total > context:
         raise AdmissionError(
             400,
-            f"This model's maximum context length is {cfg.max_model_len} tokens. However, you requested "
+            f"This model's maximum context length is {context} tokens. However, you requested "
             f"{total} tokens ({num_prompt} in the prompt, {max_tokens} for the completion). "
-            "Please reduce the length of the prompt or max_tokens.",
+            "Please reduce the prompt or max_tokens.",
             param="max_tokens",
             code="context_length_exceeded",
+        )
+    min_tokens = req.params.min_tokens
+    if min_tokens > max_tokens:
+        raise AdmissionError(
+            400, f"min_tokens must be between 0 and max_tokens, got {min_tokens}.", param="min_tokens"
         )
     # The last sampled token is never fed back, so KV holds at most total - 1 tokens.
     blocks_needed = -(-(total - 1) // cfg.block_size)
@@ -110,8 +144,10 @@ class WaitingQueue:
         self.num_tokens += len(req.all_token_ids)
 
     def watch_deadline(self, req: Request) -> None:
-        if req.deadline is not None:
-            heapq.heappush(self._deadlines, (req.deadline, req.sort_key, req))
+        """Expire it if it is still waiting (never started) at its deadline or its queue deadline."""
+        ends = [t for t in (req.deadline, req.queue_deadline) if t is not None]
+        if ends:
+            heapq.heappush(self._deadlines, (min(ends), req.sort_key, req))
 
     def peek(self) -> Request | None:
         heap = self._heap
@@ -139,7 +175,8 @@ class WaitingQueue:
 
     def expire(self, now: float) -> list[Request]:
         """Remove and return waiting requests whose deadline passed (deadline < now) before they
-        ever started; a request that has started (even if preempted since) is served to the end."""
+        ever started; a request that has started (even if preempted since) is the scheduler's to
+        expire, as it holds blocks or the workers may know it."""
         out: list[Request] = []
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] < now:

@@ -1,12 +1,17 @@
-"""The scheduler's one frozen config struct (parsed once by the launcher)."""
+"""The scheduler's one frozen config struct: a view of the launcher's EngineConfig."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import msgspec
+
+from zeroserve.shared.config import DEFAULTS, EngineConfig, view_of
 
 
 class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
-    """Limits of one scheduler. ``num_blocks`` comes from the workers' WorkerReady.
+    """Limits of one scheduler. ``num_blocks``, ``max_model_len`` and ``eos_token_ids`` are
+    what the workers' WorkerReady says; every other field is EngineConfig's of the same name.
 
     max_num_batched_tokens: tokens computed per step over all requests (decodes count 1).
     max_num_seqs: requests running at once (holding KV blocks). The scheduler runs at most
@@ -19,18 +24,36 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
         ``priority + arrival_time / priority_aging_s`` (then arrival), which equals ordering
         by priority minus time waited: a low-priority request overtakes newer high-priority
         ones after a while instead of starving. None = strict (priority, arrival) order.
+    priority_range: the priorities a request may ask for (inclusive; smaller runs first). One
+        outside is refused with HTTP 400, so no request jumps every queue for good, and with
+        aging a request at the low end waits at most (max - min) * priority_aging_s behind
+        newer ones.
     """
 
     num_blocks: int
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int = 8192
+    max_model_len: int  # the worker's: EngineConfig.max_model_len, or the model's, capped by the KV cache
     eos_token_ids: tuple[int, ...] = (2,)
-    max_waiting_requests: int | None = None
-    max_waiting_tokens: int | None = None
-    enable_prefix_caching: bool = True
-    priority_aging_s: float | None = 10.0
+    block_size: int = DEFAULTS.block_size
+    max_num_seqs: int = DEFAULTS.max_num_seqs
+    max_num_batched_tokens: int = DEFAULTS.max_num_batched_tokens
+    max_waiting_requests: int | None = DEFAULTS.max_waiting_requests
+    max_waiting_tokens: int | None = DEFAULTS.max_waiting_tokens
+    enable_prefix_caching: bool = DEFAULTS.enable_prefix_caching
+    priority_aging_s: float | None = DEFAULTS.priority_aging_s
+    priority_range: tuple[int, int] = DEFAULTS.priority_range
+
+    @classmethod
+    def from_engine(
+        cls, config: EngineConfig, *, num_blocks: int, max_model_len: int, eos_token_ids: Iterable[int]
+    ) -> SchedulerConfig:
+        """The scheduler of ``config``'s engine, once its workers said what they hold."""
+        return view_of(
+            config,
+            cls,
+            num_blocks=num_blocks,
+            max_model_len=max_model_len,
+            eos_token_ids=tuple(eos_token_ids),
+        )
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -40,6 +63,9 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"SchedulerConfig.{name} must be >= 1 or None (no limit), got {value}")
+        low, high = self.priority_range
+        if low > high:
+            raise ValueError(f"SchedulerConfig.priority_range: {low} is above {high}")
         if self.priority_aging_s is not None and not self.priority_aging_s > 0:
             raise ValueError(
                 f"SchedulerConfig.priority_aging_s must be > 0 or None, got {self.priority_aging_s}"

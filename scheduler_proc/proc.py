@@ -10,8 +10,12 @@ new requests and aborts are received while a step runs.
 Liveness: workers send a heartbeat every ``heartbeat_interval_s`` from a side thread; a
 worker silent for ``heartbeat_timeout_s`` (or one that says ready again: it restarted) is
 dead: every request fails with finish reason "error" and the KV pool starts empty once a
-worker is ready again. Tokenizers ping us; one silent for the timeout has its requests
-aborted, since no one could receive their tokens.
+worker is ready again. Heartbeats come from a side thread, so they cannot tell a stuck
+forward pass: a step not answered within ``step_timeout_s`` is treated the same way, and the
+worker is sent ``WorkerExit`` (as is one that went silent, in case it was only paused) so that
+its supervisor restarts it. Tokenizers ping us; one silent for the timeout has its requests
+aborted, since no one could receive their tokens. An Abort counts only from the tokenizer
+that sent the request.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import zmq.asyncio
 
 from zeroserve.scheduler_proc.scheduler import AdmissionError, Scheduler, SchedulerConfig
 from zeroserve.shared.config import EngineConfig
-from zeroserve.shared.ipc import Codec, bind, recv_router, start_authenticator
+from zeroserve.shared.ipc import Codec, bind, receive_routed, start_authenticator
 from zeroserve.shared.messages import (
     Abort,
     EngineRequest,
@@ -40,6 +44,7 @@ from zeroserve.shared.messages import (
     StepResult,
     TokenDelta,
     TokenDeltas,
+    WorkerExit,
     WorkerReady,
 )
 from zeroserve.shared.proc_main import parse_proc_args, run_actor
@@ -63,31 +68,20 @@ class SchedulerProcess:
         self.worker_seen = 0.0
         self.owner: dict[str, bytes] = {}  # request_id -> tokenizer identity
         self.tokenizer_seen: dict[bytes, float] = {}
-        self.inflight: StepPlan | None = None
-        self.inflight_since = 0.0
-        self.step_id = 0
+        # step_id -> the worker's answer, awaited by run_step; None: the worker was lost meanwhile
+        self.step_waiters: dict[int, asyncio.Future[StepResult | None]] = {}
         self.wake = asyncio.Event()
-        self.result_ready = asyncio.Event()
-        self.result: StepResult | None = None
-        self.num_worker_failures = 0
 
     # ------------------------------------------------------------------ inbox: tokenizers
     async def front_loop(self) -> None:
         while True:
-            parsed = recv_router(await self.front.recv_multipart(copy=True))
-            if parsed is None:
-                self.front_codec.drop("not an [identity, payload] message")
-                continue
-            identity, payload = parsed
-            msg = self.front_codec.decode(payload)
-            if msg is None:
-                continue
+            identity, msg = await receive_routed(self.front, self.front_codec)
             self.tokenizer_seen[identity] = time.monotonic()
             match msg:
                 case EngineRequest():
                     self.on_request(identity, msg)
                 case Abort():
-                    self.on_abort(msg.request_id)
+                    self.on_abort(identity, msg.request_id)
                 case Ping():
                     await self.front.send_multipart([identity, self.encoder.encode(self.stats())])
 
@@ -97,20 +91,13 @@ class SchedulerProcess:
                 identity,
                 req.request_id,
                 ErrorInfo(
-                    503,
-                    "service_unavailable",
-                    "the model worker is not ready yet (loading or restarting); retry shortly",
+                    status=503,
+                    type="service_unavailable",
+                    message="the model worker is not ready yet (loading or restarting); retry shortly",
                 ),
             )
             return
-        if req.request_id in self.owner:
-            self.reply_error(
-                identity,
-                req.request_id,
-                ErrorInfo(400, "invalid_request_error", f"duplicate request id {req.request_id!r}"),
-            )
-            return
-        try:
+        try:  # add_request refuses what never fits, a full queue and an id already in use
             self.scheduler.add_request(req)
         except AdmissionError as e:
             self.reply_error(identity, req.request_id, e.to_error_info())
@@ -118,26 +105,25 @@ class SchedulerProcess:
         self.owner[req.request_id] = identity
         self.wake.set()
 
-    def on_abort(self, request_id: str) -> None:
+    def on_abort(self, identity: bytes, request_id: str) -> None:
+        if self.owner.get(request_id) != identity:
+            log.debug("ignored an Abort of %r from %r, which did not send it", request_id, identity)
+            return
+        self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
         if self.owner.pop(request_id, None) is not None and self.scheduler is not None:
             self.scheduler.abort(request_id)
             self.wake.set()
 
     def reply_error(self, identity: bytes, request_id: str, error: ErrorInfo) -> None:
         delta = TokenDelta(request_id=request_id, token_ids=[], finish_reason="error", error=error)
-        self.front.send_multipart([identity, self.encoder.encode(TokenDeltas([delta]))])
+        self.front.send_multipart([identity, self.encoder.encode(TokenDeltas(deltas=[delta]))])
 
     # ------------------------------------------------------------------ inbox: workers
     async def worker_loop(self) -> None:
         while True:
-            parsed = recv_router(await self.workers.recv_multipart(copy=True))
-            if parsed is None:
-                self.worker_codec.drop("not an [identity, payload] message")
-                continue
-            identity, payload = parsed
-            msg = self.worker_codec.decode(payload)
-            if msg is None:
-                continue
+            identity, msg = await receive_routed(self.workers, self.worker_codec)
             match msg:
                 case Pong():
                     if self.worker_ready is not None and msg.role == "worker":
@@ -145,9 +131,9 @@ class SchedulerProcess:
                 case WorkerReady():
                     self.on_worker_ready(identity, msg)
                 case StepResult():
-                    if self.inflight is not None and msg.step_id == self.inflight.step_id:
-                        self.result = msg
-                        self.result_ready.set()
+                    waiter = self.step_waiters.pop(msg.step_id, None)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(msg)
 
     def on_worker_ready(self, identity: bytes, ready: WorkerReady) -> None:
         if self.worker_ready is not None:
@@ -155,16 +141,11 @@ class SchedulerProcess:
         cfg = self.config
         max_model_len = ready.max_model_len
         self.scheduler = Scheduler(
-            SchedulerConfig(
+            SchedulerConfig.from_engine(
+                cfg,
                 num_blocks=ready.num_kv_blocks,
-                block_size=ready.block_size,
-                max_num_seqs=cfg.max_num_seqs,
-                max_num_batched_tokens=cfg.max_num_batched_tokens,
                 max_model_len=max_model_len,
-                eos_token_ids=tuple(ready.eos_token_ids),
-                max_waiting_requests=cfg.max_waiting_requests,
-                max_waiting_tokens=cfg.max_waiting_tokens,
-                enable_prefix_caching=cfg.enable_prefix_caching,
+                eos_token_ids=ready.eos_token_ids,
             )
         )
         self.worker_identity = identity
@@ -180,13 +161,20 @@ class SchedulerProcess:
         )
         self.wake.set()
 
-    def on_worker_dead(self, why: str) -> None:
-        self.num_worker_failures += 1
+    def on_worker_dead(self, why: str, message: str | None = None) -> None:
         log.error("model worker lost (%s); failing its requests and waiting for a restart", why)
-        self.fail_all(f"the model worker died ({why}); retry the request")
+        self.fail_all(message or f"the model worker died ({why}); retry the request")
         self.worker_ready = None
         self.worker_identity = None
         self.scheduler = None
+
+    def on_worker_stuck(self, why: str, message: str | None = None) -> None:
+        """Give up on a worker that may still be alive (a step that never ends, heartbeats that
+        stopped): it exits when it reads WorkerExit, so its supervisor starts a fresh one, rather
+        than coming back with state the new scheduler knows nothing about."""
+        if self.worker_identity is not None:
+            self.workers.send_multipart([self.worker_identity, self.encoder.encode(WorkerExit(reason=why))])
+        self.on_worker_dead(why, message)
 
     def fail_all(self, message: str) -> None:
         by_owner: dict[bytes, list[TokenDelta]] = {}
@@ -196,14 +184,16 @@ class SchedulerProcess:
                     request_id=request_id,
                     token_ids=[],
                     finish_reason="error",
-                    error=ErrorInfo(503, "service_unavailable", message),
+                    error=ErrorInfo(status=503, type="service_unavailable", message=message),
                 )
             )
         for identity, deltas in by_owner.items():
-            self.front.send_multipart([identity, self.encoder.encode(TokenDeltas(deltas))])
+            self.front.send_multipart([identity, self.encoder.encode(TokenDeltas(deltas=deltas))])
         self.owner.clear()
-        self.inflight = None
-        self.result_ready.set()  # release a step waiting on a dead worker
+        for waiter in self.step_waiters.values():  # release a step waiting on a dead worker
+            if not waiter.done():
+                waiter.set_result(None)
+        self.step_waiters.clear()
 
     # ------------------------------------------------------------------ the step loop
     async def step_loop(self) -> None:
@@ -218,11 +208,16 @@ class SchedulerProcess:
                 await self.run_step(plan)
 
     async def run_step(self, plan: StepPlan) -> None:
-        self.inflight, self.inflight_since = plan, time.monotonic()
-        self.result, self.result_ready = None, asyncio.Event()
+        waiter = self.step_waiters[plan.step_id] = asyncio.get_running_loop().create_future()
         await self.workers.send_multipart([self.worker_identity, self.encoder.encode(plan)])
-        await self.result_ready.wait()
-        result, self.inflight = self.result, None
+        try:
+            result = await asyncio.wait_for(waiter, self.config.step_timeout_s)
+        except TimeoutError:
+            why = f"step {plan.step_id} ran for more than step_timeout_s={self.config.step_timeout_s:g}s"
+            self.on_worker_stuck(
+                why, f"the model worker stalled ({why}) and is restarting; retry the request"
+            )
+            return
         if result is None or self.scheduler is None:
             return  # the worker died mid-step; fail_all has answered every request
         if result.error is not None:
@@ -241,13 +236,15 @@ class SchedulerProcess:
                 del self.owner[d.request_id]
             by_owner.setdefault(identity, []).append(d)
         for identity, group in by_owner.items():
-            self.front.send_multipart([identity, self.encoder.encode(TokenDeltas(group))])
+            self.front.send_multipart([identity, self.encoder.encode(TokenDeltas(deltas=group))])
 
     # ------------------------------------------------------------------ liveness and stats
     def stats(self) -> SchedulerStats:
         if self.scheduler is None:
             return SchedulerStats(workers_ready=False)
-        return msgspec.structs.replace(self.scheduler.stats(), workers_ready=True)
+        return msgspec.structs.replace(
+            self.scheduler.stats(), workers_ready=True, max_model_len=self.scheduler.cfg.max_model_len
+        )
 
     async def watchdog_loop(self) -> None:
         cfg = self.config
@@ -255,7 +252,7 @@ class SchedulerProcess:
             await asyncio.sleep(cfg.heartbeat_interval_s)
             now = time.monotonic()
             if self.worker_ready is not None and now - self.worker_seen > cfg.heartbeat_timeout_s:
-                self.on_worker_dead(f"no heartbeat for {now - self.worker_seen:.1f}s")
+                self.on_worker_stuck(f"no heartbeat for {now - self.worker_seen:.1f}s")
             for identity, seen in list(self.tokenizer_seen.items()):
                 if now - seen > max(cfg.heartbeat_timeout_s * 4, 2.0):
                     del self.tokenizer_seen[identity]
@@ -265,7 +262,7 @@ class SchedulerProcess:
                             "tokenizer %r went silent; aborting its %d request(s)", identity, len(orphans)
                         )
                     for request_id in orphans:
-                        self.on_abort(request_id)
+                        self.abort(request_id)
 
     async def run(self) -> None:
         log.info(

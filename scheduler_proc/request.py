@@ -16,7 +16,7 @@ Lifecycle (preempted: blocks freed, tokens kept, recomputed when it runs again):
 
     add_request --> WAITING ---schedule---> RUNNING ---EOS / length---> FINISHED
                      |   ^                   |   |
-                     |   +----preempted------+   +---abort / error----> FINISHED
+                     |   +----preempted------+   +---abort / error / deadline--> FINISHED
                      +---deadline / abort-------------------------------> FINISHED
 """
 
@@ -40,7 +40,7 @@ class Request:
 
     __slots__ = (
         "request_id", "prompt_token_ids", "all_token_ids", "params", "arrival_time", "priority",
-        "deadline", "cache_salt", "sort_key", "status", "block_ids", "num_computed_tokens",
+        "deadline", "queue_deadline", "cache_salt", "sort_key", "status", "block_ids", "num_computed_tokens",
         "block_keys", "num_cached_blocks", "num_cached_tokens", "started", "sent_first_delta",
         "known_to_workers", "stop_token_ids", "stop_set", "max_len", "min_len", "num_prompt_tokens",
         "num_preemptions", "decode_data", "_root_key",
@@ -58,6 +58,7 @@ class Request:
         self.arrival_time = req.arrival_time
         self.priority = req.priority
         self.deadline = req.deadline
+        self.queue_deadline = req.queue_deadline
         self.cache_salt = req.cache_salt
         self.sort_key = sort_key  # smaller runs first, larger is preempted first
         self.status = RequestStatus.WAITING
@@ -66,7 +67,7 @@ class Request:
         self.block_keys: list[bytes] = []
         self.num_cached_blocks = 0
         self.num_cached_tokens = 0  # prefix hit at first scheduling, reported on the first delta
-        self.started = False  # scheduled at least once: the deadline no longer applies
+        self.started = False  # scheduled at least once: the scheduler, not the queue, expires it
         self.sent_first_delta = False
         self.known_to_workers = False  # workers hold its state: tell them when it goes
         # Finish checks as token counts, precomputed: one comparison each per sampled token.

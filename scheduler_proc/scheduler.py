@@ -26,6 +26,7 @@ earlier one fills in that step.
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 import operator
 import time
@@ -87,6 +88,9 @@ class Scheduler:
         self._inflight: _InFlight | None = None
         self._finished_ids: list[str] = []  # requests the workers must forget, for the next plan
         self._outputs: list[TokenDelta] = []  # deltas born outside update_from_output
+        # (deadline, sort_key, request) of started requests: the waiting queue only expires
+        # requests that never ran, these hold blocks (or did) and the workers may know them
+        self._started_deadlines: list[tuple[float, tuple, Request]] = []
         self.num_preemptions = 0
         self.prefix_cache_queries = 0  # tokens looked up when requests (re)start
         self.prefix_cache_hits = 0  # of which found in the cache
@@ -124,7 +128,7 @@ class Scheduler:
         return True
 
     def drain_outputs(self) -> list[TokenDelta]:
-        """Deltas that did not come from a step: deadline timeouts."""
+        """Deltas that did not come from a step: deadline timeouts (queued or running)."""
         out, self._outputs = self._outputs, []
         return out
 
@@ -143,7 +147,9 @@ class Scheduler:
     def schedule(self, now: float | None = None) -> StepPlan | None:
         """Plan the next step, or None when there is nothing to compute.
 
-        ``now`` (time.time() by default) expires waiting requests past their deadline first.
+        ``now`` (time.time() by default) first ends requests past their deadline, waiting or
+        running (finish reason "timeout"; a running one's blocks are freed and the plan tells the
+        workers to forget it).
         """
         if self._inflight is not None:
             raise RuntimeError(
@@ -186,6 +192,8 @@ class Scheduler:
                 self.prefix_cache_hits += num_computed
             if not r.started:
                 r.started = True
+                if r.deadline is not None:
+                    heapq.heappush(self._started_deadlines, (r.deadline, r.sort_key, r))
                 r.num_cached_tokens = num_computed
             r.known_to_workers = True
             new_data.append(NewRequestData(
@@ -305,7 +313,7 @@ class Scheduler:
                 if delta.finish_reason is not None:
                     finished.append(r)
             else:  # the common case: one more token, nothing else to say
-                append(TokenDelta(rid, [token]))
+                append(TokenDelta(request_id=rid, token_ids=[token]))
         if finished:
             finished.sort(key=_by_sort_key)  # free order (LRU order) independent of result order
             for r in finished:
@@ -335,10 +343,22 @@ class Scheduler:
             finish = "length"
         lp = None if logprobs is None else [logprobs]
         if r.sent_first_delta:
-            return TokenDelta(r.request_id, [token], lp, finish, stop_reason)
+            return TokenDelta(
+                request_id=r.request_id,
+                token_ids=[token],
+                logprobs=lp,
+                finish_reason=finish,
+                stop_reason=stop_reason,
+            )
         r.sent_first_delta = True
         return TokenDelta(
-            r.request_id, [token], lp, finish, stop_reason, None, r.num_prompt_tokens, r.num_cached_tokens
+            request_id=r.request_id,
+            token_ids=[token],
+            logprobs=lp,
+            finish_reason=finish,
+            stop_reason=stop_reason,
+            num_prompt_tokens=r.num_prompt_tokens,
+            num_cached_tokens=r.num_cached_tokens,
         )
 
     def reset_kv_cache(self) -> None:
@@ -435,16 +455,42 @@ class Scheduler:
         for r in requests:
             if r.status != _RUNNING:
                 continue
-            prompt, cached = (0, 0) if r.sent_first_delta else (r.num_prompt_tokens, r.num_cached_tokens)
-            r.sent_first_delta = True
-            deltas.append(TokenDelta(r.request_id, [], None, "error", None, error, prompt, cached))
+            deltas.append(self._last_delta(r, "error", error))
             self._finish(r)
         self.running[:] = [r for r in self.running if r.status == _RUNNING]
         return deltas
 
+    @staticmethod
+    def _last_delta(r: Request, finish_reason: str, error: ErrorInfo | None = None) -> TokenDelta:
+        """A delta with no token that ends r (with the prompt counts if it is r's first)."""
+        prompt, cached = (0, 0) if r.sent_first_delta else (r.num_prompt_tokens, r.num_cached_tokens)
+        r.sent_first_delta = True
+        return TokenDelta(
+            request_id=r.request_id,
+            token_ids=[],
+            finish_reason=finish_reason,
+            error=error,
+            num_prompt_tokens=prompt,
+            num_cached_tokens=cached,
+        )
+
     def _expire_deadlines(self, now: float) -> None:
-        for r in self.waiting.expire(now):
+        """End every request whose deadline passed (deadline < now) with finish reason "timeout"."""
+        for r in self.waiting.expire(now):  # never started: no blocks, unknown to the workers
             del self._requests[r.request_id]
-            self._outputs.append(
-                TokenDelta(r.request_id, [], None, "timeout", None, None, r.num_prompt_tokens, 0)
-            )
+            self._outputs.append(self._last_delta(r, "timeout"))
+        live, started = self._requests, self._started_deadlines
+        while started and started[0][0] < now:
+            r = heapq.heappop(started)[2]
+            if live.get(r.request_id) is not r:
+                continue  # finished or aborted meanwhile (maybe its id reused since)
+            if r.status == _RUNNING:
+                self.running.remove(r)
+                self._finish(r)
+            else:  # preempted: holds no blocks, and the workers were told to forget it then
+                self.waiting.remove(r)
+                del live[r.request_id]
+            self._outputs.append(self._last_delta(r, "timeout"))
+        if len(started) > 2 * len(live) + 64:  # entries of finished requests: drop them
+            self._started_deadlines = [e for e in started if live.get(e[2].request_id) is e[2]]
+            heapq.heapify(self._started_deadlines)

@@ -8,7 +8,11 @@ It speaks to tokenizer_proc's ROUTER socket(s) with a DEALER per tokenizer proce
 request always goes to the same tokenizer (chosen by its id), so its Abort does too.
 Leaving a ``stream``/``generate`` loop early sends Abort, which frees the request's KV
 blocks. If the engine stops answering pings, every request in flight ends with a 503
-error delta instead of hanging.
+error delta instead of hanging (and is aborted, should the engine only be stalled). The
+client pings every ``heartbeat_interval_s``; a tokenizer aborts the requests of a client it
+has not heard from for a few heartbeat timeouts, so a dead client leaves no work running.
+When a tokenizer stops reading and this client's queue to it is full (``ipc.HWM``
+messages), a new request ends at once with a 429 ``engine_overloaded`` error delta.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ import time
 import uuid
 import zlib
 from collections.abc import AsyncIterator, Iterable
+from contextlib import aclosing
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from zeroserve.shared.config import CurveKeys
-from zeroserve.shared.ipc import Codec, connect
+from zeroserve.shared.config import DEFAULTS, CurveKeys
+from zeroserve.shared.ipc import Codec, SendError, connect, receive, send_now
 from zeroserve.shared.messages import (
     Abort,
     ApiInbox,
@@ -55,8 +60,8 @@ class EngineClient:
         self,
         address: str | list[str],
         curve: CurveKeys | None = None,
-        heartbeat_interval_s: float = 0.25,
-        heartbeat_timeout_s: float = 1.5,
+        heartbeat_interval_s: float = DEFAULTS.heartbeat_interval_s,
+        heartbeat_timeout_s: float = DEFAULTS.heartbeat_timeout_s,
     ):
         self.addresses = [address] if isinstance(address, str) else list(address)
         self.curve = curve
@@ -68,7 +73,6 @@ class EngineClient:
         self.streams: dict[str, tuple[int, asyncio.Queue]] = {}
         self.waiters: dict[str, asyncio.Future] = {}
         self.last_seen: list[float] = []
-        self.last_pong: Pong | None = None
         self.tasks: list[asyncio.Task] = []
         self.identity = f"client-{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
 
@@ -101,23 +105,34 @@ class EngineClient:
         return zlib.crc32(request_id.encode()) % len(self.sockets)
 
     def _send(self, index: int, msg: Any) -> None:
-        self.sockets[index].send(self.codec.encode(msg))
+        """Queue ``msg`` for tokenizer ``index`` or raise SendError (its queue is full)."""
+        send_now(self.sockets[index], [self.codec.encode(msg)])
+
+    def _send_quietly(self, index: int, msg: Any) -> None:
+        """Best effort (pings, aborts): a tokenizer too far behind to take it is handled by the
+        heartbeat timeout here and the owner timeout there."""
+        try:
+            self._send(index, msg)
+        except SendError:
+            pass
+
+    def _unread(self, index: int) -> bool:
+        return bool(self.sockets[index].get(zmq.EVENTS) & zmq.POLLIN)
 
     async def _recv_loop(self, index: int) -> None:
         sock = self.sockets[index]
         while True:
-            msg = self.codec.decode(await sock.recv(copy=True))
-            if msg is None:
-                continue
+            msg = await receive(sock, self.codec)
             self.last_seen[index] = time.monotonic()
             match msg:
                 case TextDelta():
                     entry = self.streams.get(msg.request_id)
                     if entry is not None:
                         entry[1].put_nowait(msg)
-                case TokenizeResult() | Pong():
-                    if isinstance(msg, Pong) and index == 0:
-                        self.last_pong = msg
+                    elif msg.finish_reason is None and msg.error is None:
+                        # nobody here waits for it (given up, Abort lost): stop it generating
+                        self._send_quietly(index, Abort(request_id=msg.request_id, reason="client gone"))
+                case TokenizeResult() | Pong():  # answers to _call, matched by request id
                     fut = self.waiters.pop(msg.request_id, None)
                     if fut is not None and not fut.done():
                         fut.set_result(msg)
@@ -125,18 +140,24 @@ class EngineClient:
     async def _heartbeat_loop(self) -> None:
         while True:
             for i in range(len(self.sockets)):
-                self._send(i, Ping(sent_at=time.time()))
+                self._send_quietly(i, Ping(sent_at=time.time()))
             await asyncio.sleep(self.heartbeat_interval_s)
             now = time.monotonic()
             for request_id, (i, queue) in list(self.streams.items()):
-                if now - self.last_seen[i] > self.heartbeat_timeout_s:
+                # unread replies: this loop was late, not the tokenizer silent
+                if now - self.last_seen[i] > self.heartbeat_timeout_s and not self._unread(i):
+                    del self.streams[request_id]
+                    # the tokenizer may only be stalled: when it reads again, this frees the request
+                    self._send_quietly(i, Abort(request_id=request_id, reason="engine silent"))
                     queue.put_nowait(
                         TextDelta(
                             request_id=request_id,
                             text="",
                             finish_reason="error",
                             error=ErrorInfo(
-                                503, "service_unavailable", "the engine stopped responding; retry the request"
+                                status=503,
+                                type="service_unavailable",
+                                message="the engine stopped responding; retry the request",
                             ),
                         )
                     )
@@ -145,7 +166,10 @@ class EngineClient:
         fut = asyncio.get_running_loop().create_future()
         self.waiters[request_id] = fut
         try:
-            self._send(index, msg)
+            try:
+                self._send(index, msg)
+            except SendError:
+                raise EngineError(overloaded()) from None
             return await asyncio.wait_for(fut, timeout)
         finally:
             self.waiters.pop(request_id, None)
@@ -158,7 +182,12 @@ class EngineClient:
         self.streams[req.request_id] = (index, queue)
         finished = False
         try:
-            self._send(index, req)
+            try:
+                self._send(index, req)
+            except SendError:
+                finished = True  # never sent: nothing to abort
+                yield TextDelta(request_id=req.request_id, text="", finish_reason="error", error=overloaded())
+                return
             while True:
                 delta: TextDelta = await queue.get()
                 finished = delta.finish_reason is not None or delta.error is not None
@@ -168,7 +197,7 @@ class EngineClient:
         finally:
             self.streams.pop(req.request_id, None)
             if not finished and self.ctx is not None:
-                self._send(index, Abort(request_id=req.request_id, reason="client gone"))
+                self._send_quietly(index, Abort(request_id=req.request_id, reason="client gone"))
 
     async def generate(
         self,
@@ -191,8 +220,9 @@ class EngineClient:
             prompt_token_ids=prompt_token_ids,
             **fields,
         )
-        async for delta in self.stream(req):
-            yield delta
+        async with aclosing(self.stream(req)) as deltas:  # closed now, not whenever GC gets to it
+            async for delta in deltas:
+                yield delta
 
     async def complete(self, **kwargs: Any) -> dict[str, Any]:
         """Run one request to the end: {"text", "token_ids", "finish_reason", "usage", ...}.
@@ -200,13 +230,14 @@ class EngineClient:
         Raises EngineError when the engine refuses or fails it.
         """
         text, token_ids, last, first = [], [], None, None
-        async for delta in self.generate(**kwargs):
-            first = first or delta
-            last = delta
-            if delta.error is not None:
-                raise EngineError(delta.error)
-            text.append(delta.text)
-            token_ids.extend(delta.token_ids)
+        async with aclosing(self.generate(**kwargs)) as deltas:
+            async for delta in deltas:
+                first = first or delta
+                last = delta
+                if delta.error is not None:
+                    raise EngineError(delta.error)
+                text.append(delta.text)
+                token_ids.extend(delta.token_ids)
         prompt_tokens = first.num_prompt_tokens if first else 0
         return {
             "text": "".join(text),
@@ -263,7 +294,28 @@ class EngineClient:
                 raise TimeoutError(f"the engine at {self.addresses[0]} was not ready after {timeout_s:.0f}s")
             await asyncio.sleep(poll_s)
 
-    async def ping(self, timeout: float = 1.0) -> Pong:
-        """Ask tokenizer 0 how the engine is; raises asyncio.TimeoutError when nobody answers."""
+    async def ping(self, timeout: float = 1.0, index: int = 0) -> Pong:
+        """Ask tokenizer #index how the engine is; raises asyncio.TimeoutError when nobody answers."""
         request_id = uuid.uuid4().hex
-        return await self._call(0, Ping(sent_at=time.time(), request_id=request_id), request_id, timeout)
+        try:
+            return await self._call(
+                index, Ping(sent_at=time.time(), request_id=request_id), request_id, timeout
+            )
+        except EngineError as e:  # our queue to it is full: it is not reading
+            raise TimeoutError(e.info.message) from None
+
+    async def ping_all(self, timeout: float = 1.0) -> list[Pong | None]:
+        """Every tokenizer's answer, in address order, at once; None where none came in time."""
+        answers = await asyncio.gather(
+            *(self.ping(timeout, i) for i in range(len(self.sockets))), return_exceptions=True
+        )
+        return [a if isinstance(a, Pong) else None for a in answers]
+
+
+def overloaded() -> ErrorInfo:
+    return ErrorInfo(
+        status=429,
+        type="rate_limit_error",
+        message="The engine is overloaded: it has stopped taking requests from this client. Retry later.",
+        code="engine_overloaded",
+    )

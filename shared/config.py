@@ -3,14 +3,23 @@
 Each process gets ``--config FILE`` (JSON) and decodes it into the frozen ``EngineConfig``;
 nothing mutates it afterwards. Values only known at run time (the number of KV blocks a
 worker could allocate) travel in ready messages instead.
+
+``EngineConfig`` is the only place a default is written. A process's own config
+(``SchedulerConfig``, ``RunnerConfig``, ``ApiConfig``) is a view of it: a field named as in
+``EngineConfig`` takes its default from ``DEFAULTS`` and its value from ``view_of``; the
+command line (``launcher/engine_args.py``) reads its defaults from ``DEFAULTS`` too.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+from types import SimpleNamespace
+from typing import Any, TypeVar
 
 import msgspec
+
+V = TypeVar("V", bound=msgspec.Struct)
 
 
 class CurveKeys(msgspec.Struct, frozen=True):
@@ -30,7 +39,7 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     run_dir: str
     transport: str = "ipc"
     bind_host: str = "127.0.0.1"
-    base_port: int = 0  # tcp: tokenizer frontends from base_port, scheduler base_port+50, workers +60
+    base_port: int = 5550  # tcp: tokenizer frontends from base_port, scheduler base_port+50, workers +60
     curve: CurveKeys | None = None
     # processes
     num_tokenizers: int = 1
@@ -44,6 +53,7 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_waiting_requests: int = 4096
     max_waiting_tokens: int = 4_000_000
     enable_prefix_caching: bool = True
+    priority_aging_s: float | None = 10.0  # waiting this long is worth one priority level; None = strict
     # worker
     device: str = "cpu"
     dtype: str = "auto"
@@ -63,9 +73,12 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     auth_exempt_paths: list[str] = msgspec.field(default_factory=lambda: ["/health", "/ready", "/metrics"])
     max_body_bytes: int = 4 * 1024 * 1024
     max_n: int = 16
-    # supervision
+    max_seqs_per_request: int = 256  # prompts x n that one request may fan out to
+    priority_range: tuple[int, int] = (-100, 100)  # the priorities a request may ask for, inclusive
+    # supervision: a worker silent for heartbeat_timeout_s is dead to the scheduler, a tokenizer to its clients
     heartbeat_interval_s: float = 0.2
     heartbeat_timeout_s: float = 1.0
+    step_timeout_s: float = 120.0  # a model step running longer fails its requests, restarts the worker
 
     # ---------------------------------------------------------------- addresses
     def _address(self, name: str, port_offset: int) -> str:
@@ -94,6 +107,30 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def metrics_dir(self) -> str:
         return os.path.join(self.run_dir, "metrics")
+
+
+def _defaults() -> SimpleNamespace:
+    values = {}
+    for field in msgspec.structs.fields(EngineConfig):
+        if field.default is not msgspec.NODEFAULT:
+            values[field.name] = field.default
+        elif field.default_factory is not msgspec.NODEFAULT:
+            values[field.name] = field.default_factory()
+    return SimpleNamespace(**values)
+
+
+# EngineConfig's defaults by name (``DEFAULTS.max_num_seqs``): where every other default is read
+DEFAULTS = _defaults()
+_ENGINE_FIELDS = frozenset(f.name for f in msgspec.structs.fields(EngineConfig))
+
+
+def view_of(config: EngineConfig, view: type[V], **own: Any) -> V:
+    """``view`` (a process's config struct) built from ``config``: each field the two share by
+    name is copied; ``own`` gives the rest, and overrides what is resolved at run time."""
+    shared = {
+        f.name: getattr(config, f.name) for f in msgspec.structs.fields(view) if f.name in _ENGINE_FIELDS
+    }
+    return view(**{**shared, **own})
 
 
 def write_config(config: EngineConfig, path: str) -> None:

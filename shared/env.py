@@ -41,8 +41,17 @@ def triton_interpret() -> bool:
 
 
 def num_threads() -> int:
-    """ZEROSERVE_NUM_THREADS: torch intra-op threads in a worker (default: all cores)."""
+    """ZEROSERVE_NUM_THREADS: the launcher's value for EngineConfig.num_threads (torch threads
+    in a worker) when --num-threads is not given; 0 or unset: all cores."""
     return _int("ZEROSERVE_NUM_THREADS", 0)
+
+
+def fault_step_sleep_file() -> str | None:
+    """ZEROSERVE_FAULT_STEP_SLEEP_FILE, test-only fault injection, read by gpu_worker alone: a
+    path; when a file is there as a step starts, the worker removes it and sleeps for the
+    seconds it holds inside the step (a hung forward pass, heartbeats still going). Never set
+    it in production."""
+    return _str("ZEROSERVE_FAULT_STEP_SLEEP_FILE")
 
 
 def log_level() -> str:

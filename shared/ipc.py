@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 import time
+import weakref
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -24,6 +25,25 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # zmq drops the peer that sends a larger message
+
+# Messages one pipe (one peer, one direction, each end) holds before a send fails, so that a
+# peer that stops reading costs bounded memory. Normal operation stays far below it: the
+# busiest pipe, tokenizer -> one api process, carries one TextDelta per running request per
+# step (scheduler -> tokenizer is one TokenDeltas message per step), so this is seconds of a
+# full batch with the reader stalled; requests beyond it would be refused by admission anyway.
+HWM = 20_000
+
+
+class SendError(Exception):
+    """``send_now`` could not queue a message."""
+
+
+class PeerOverloaded(SendError):
+    """The pipe to the peer is at its high-water mark: the peer stopped reading or cannot keep up."""
+
+
+class PeerGone(SendError):
+    """A mandatory ROUTER has no peer with this identity any more (it disconnected or died)."""
 
 
 def make_run_dir(prefix: str = "zeroserve-") -> str:
@@ -50,7 +70,9 @@ class Codec(Generic[T]):
     def decode(self, frame: bytes | zmq.Frame) -> T | None:
         try:
             return self.decoder.decode(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as e:
+        # RecursionError: msgspec's answer to arrays/maps nested thousands deep (in a field it
+        # skips, say); a peer must not be able to end a process loop with one frame
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError, RecursionError) as e:
             self.drop(f"undecodable frame ({len(frame)} bytes): {e}")
             return None
 
@@ -63,11 +85,80 @@ class Codec(Generic[T]):
             )
             self._last_log = now
 
+    def decode_routed(self, parts: list[bytes]) -> tuple[bytes, T] | None:
+        """A ROUTER's [identity, payload] as (identity, message); anything else is dropped."""
+        if len(parts) != 2:
+            self.drop(f"{len(parts)} frame(s), not [identity, payload]")
+            return None
+        msg = self.decode(parts[1])
+        return None if msg is None else (parts[0], msg)
+
+
+# Every process reads its sockets through these three: the one place a bad frame is dropped.
+
+
+async def receive(sock: zmq.asyncio.Socket, codec: Codec[T]) -> T:
+    """The next message on a DEALER that decodes as the codec's inbox type."""
+    while True:
+        msg = codec.decode(await sock.recv(copy=True))
+        if msg is not None:
+            return msg
+
+
+async def receive_routed(sock: zmq.asyncio.Socket, codec: Codec[T]) -> tuple[bytes, T]:
+    """The next (sender identity, message) on a ROUTER that decodes as the codec's inbox type."""
+    while True:
+        got = codec.decode_routed(await sock.recv_multipart(copy=True))
+        if got is not None:
+            return got
+
+
+def receive_blocking(sock: zmq.Socket, codec: Codec[T]) -> T:
+    """``receive`` on a plain socket, for the worker: it has nothing else to do between steps."""
+    while True:
+        msg = codec.decode(sock.recv(copy=True))
+        if msg is not None:
+            return msg
+
+
+_sync_views: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def send_now(sock: zmq.Socket, frames: list[bytes]) -> None:
+    """Queue ``frames`` on ``sock`` at once, or raise ``PeerOverloaded`` (the pipe is at its
+    high-water mark) or ``PeerGone`` (a mandatory ROUTER knows no such identity).
+
+    An asyncio socket's own ``send`` would instead park the message in an unbounded Python
+    queue (or, with NOBLOCK, hide the error in a future no one awaits), so this goes through
+    a plain view of the same socket.
+    """
+    view = sock
+    if isinstance(sock, zmq.asyncio.Socket):
+        view = _sync_views.get(sock)
+        if view is None:
+            view = _sync_views[sock] = zmq.Socket.shadow(sock.underlying)
+    try:
+        view.send_multipart(frames, flags=zmq.NOBLOCK)
+    except zmq.Again:
+        raise PeerOverloaded("the peer is not reading (its queue is full)") from None
+    except zmq.ZMQError as e:
+        if e.errno == zmq.EHOSTUNREACH:
+            raise PeerGone("the peer is gone") from None
+        raise
+    finally:
+        if view is not sock:
+            # ZMQ's fd is edge-triggered: a send on the plain view may consume the readiness
+            # edge of a message that arrived meanwhile, and the asyncio socket's pending recv
+            # would then never wake. Reading EVENTS through the asyncio socket reschedules it.
+            sock.get(zmq.EVENTS)
+
 
 def _secure(sock: zmq.Socket, curve: CurveKeys | None, server: bool) -> None:
     if curve is None:
         return
     if server:
+        if not curve.server_secret:
+            raise ValueError("these CURVE keys are a client's (no server secret): this process cannot bind")
         sock.curve_secretkey = curve.server_secret.encode()
         sock.curve_publickey = curve.server_public.encode()
         sock.curve_server = True
@@ -77,14 +168,19 @@ def _secure(sock: zmq.Socket, curve: CurveKeys | None, server: bool) -> None:
         sock.curve_serverkey = curve.server_public.encode()
 
 
-def bind(ctx: zmq.Context, kind: int, address: str, curve: CurveKeys | None = None) -> zmq.Socket:
+def bind(
+    ctx: zmq.Context, kind: int, address: str, curve: CurveKeys | None = None, mandatory: bool = False
+) -> zmq.Socket:
+    """A bound socket. ``mandatory`` (ROUTER): a reply to a peer that is gone, or whose pipe is
+    full, fails (see ``send_now``) instead of vanishing, so the owner of its requests can be told."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.RCVHWM, HWM)
     if kind == zmq.ROUTER:
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a reply to a vanished peer is dropped, not raised
+        # otherwise a reply to a vanished peer, or to one at the high-water mark, is silently dropped
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1 if mandatory else 0)
     _secure(sock, curve, server=True)
     if address.startswith("ipc://"):
         path = address[len("ipc://") :]
@@ -100,8 +196,8 @@ def connect(
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.RCVHWM, HWM)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
     if identity is not None:
@@ -140,8 +236,7 @@ def new_curve_keys() -> CurveKeys:
     )
 
 
-def recv_router(parts: list[bytes]) -> tuple[bytes, bytes] | None:
-    """A ROUTER message is [identity, payload]; anything else is garbage."""
-    if len(parts) != 2:
-        return None
-    return parts[0], parts[1]
+def client_keys(curve: CurveKeys | None) -> CurveKeys | None:
+    """The keys of a process that only connects (api, batch client): the server secret blanked,
+    so a process facing the network never holds the key that lets it impersonate the engine."""
+    return None if curve is None else msgspec.structs.replace(curve, server_secret="")

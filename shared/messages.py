@@ -14,7 +14,8 @@ Path of a request (see docs/architecture.md):
     gpu_worker r0  --StepResult------->  scheduler_proc
     scheduler_proc --TokenDeltas------>  tokenizer_proc
     tokenizer_proc --TextDelta-------->  api_proc / client (owner)
-    anyone         --Abort------------>  tokenizer_proc / scheduler_proc
+    owner          --Abort------------>  tokenizer_proc / scheduler_proc (only the sender of the
+                                         request may abort it)
 """
 
 from __future__ import annotations
@@ -96,12 +97,17 @@ class GenerateRequest(msgspec.Struct, frozen=True, array_like=True, tag="generat
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     priority: int = 0
-    deadline_s: float | None = None  # seconds from arrival after which a waiting request times out
+    deadline_s: float | None = None  # seconds from arrival until it times out, queued or running
     cache_salt: str | None = None
     return_prompt: bool = False  # reply with the prompt's token ids and text (echo, prompt logprobs)
+    # seconds from arrival it may wait before it starts (then it ends with "timeout"); once
+    # running, only deadline_s bounds it. The API's request_timeout_s (server-wide) goes here.
+    queue_timeout_s: float | None = None
 
 
 class Abort(msgspec.Struct, frozen=True, array_like=True, tag="abort"):
+    """Ends a request; ignored unless it comes from the connection that sent the request."""
+
     request_id: str
     reason: str = "abort"
 
@@ -120,7 +126,8 @@ class DetokenizeRequest(msgspec.Struct, frozen=True, array_like=True, tag="detok
 
 
 class Ping(msgspec.Struct, frozen=True, array_like=True, tag="ping"):
-    """Heartbeat / readiness probe; answered with a Pong by whoever receives it."""
+    """Heartbeat / readiness probe: tokenizer_proc answers with a Pong, scheduler_proc with its
+    SchedulerStats."""
 
     sent_at: float
     request_id: str = ""
@@ -134,7 +141,7 @@ class TextDelta(msgspec.Struct, frozen=True, array_like=True, tag="text"):
 
     token_ids / logprobs / token_texts are the tokens behind this delta (token_texts: each
     token decoded on its own, for OpenAI logprobs; top_token_texts[i][j] is the text of
-    logprobs[i].top[j]; both filled only when logprobs were asked for). prompt_* fields are
+    logprobs[i].top[j]; both filled whenever logprobs is). prompt_* fields are
     set on the first delta only. Finish reasons: "stop", "length", "abort", "timeout",
     "error". num_output_tokens counts every token generated so far for the request.
     """
@@ -163,25 +170,46 @@ class TokenizeResult(msgspec.Struct, frozen=True, array_like=True, tag="tokenize
     error: ErrorInfo | None = None
 
 
+class EngineStatus(msgspec.Struct, frozen=True, array_like=True):
+    """A tokenizer's view of the engine, for readiness, /v1/models and /metrics.
+
+    stats is the scheduler's latest report, with workers_ready set only while the scheduler
+    answers the tokenizer's heartbeats. bad_frames counts the tokenizer's dropped frames.
+    """
+
+    model_name: str
+    max_model_len: int
+    vocab_size: int
+    draining: bool
+    bad_frames: int
+    stats: SchedulerStats
+
+
 class Pong(msgspec.Struct, frozen=True, array_like=True, tag="pong"):
+    """The answer to a Ping, and a worker's heartbeat. engine: set by tokenizer_proc only."""
+
     sent_at: float
     role: str
     ready: bool = True
     request_id: str = ""
-    info: dict[str, str | int | float | bool] = {}
+    engine: EngineStatus | None = None
 
 
 # --------------------------------------------------------------------------- tokenizer -> scheduler
 
 
 class EngineRequest(msgspec.Struct, frozen=True, array_like=True, tag="engine_request"):
+    """A tokenized request. params.max_tokens is resolved (>= 1 unless the prompt fills the
+    context); the scheduler checks it against the context length and the KV pool."""
+
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float
     priority: int = 0
-    deadline: float | None = None  # absolute time.monotonic()-free wall time (time.time())
+    deadline: float | None = None  # wall time (time.time()) after which it ends with finish_reason "timeout"
     cache_salt: str | None = None
+    queue_deadline: float | None = None  # wall time after which it ends with "timeout" if not yet started
 
 
 # --------------------------------------------------------------------------- scheduler -> worker
@@ -241,7 +269,17 @@ class StepResult(msgspec.Struct, frozen=True, array_like=True, tag="result"):
     error: str | None = None
 
 
+class WorkerExit(msgspec.Struct, frozen=True, array_like=True, tag="worker_exit"):
+    """The scheduler gave up on the worker (a step ran past step_timeout_s, or its heartbeats
+    stopped): the worker exits when it reads this, and its supervisor starts a fresh one."""
+
+    reason: str
+
+
 class WorkerReady(msgspec.Struct, frozen=True, array_like=True, tag="worker_ready"):
+    """max_model_len is the context the worker serves: the configured one, lowered to what its
+    KV pool holds. The scheduler enforces it and reports it onwards (SchedulerStats)."""
+
     rank: int
     num_kv_blocks: int
     block_size: int
@@ -272,7 +310,11 @@ class TokenDeltas(msgspec.Struct, frozen=True, array_like=True, tag="deltas"):
 
 
 class SchedulerStats(msgspec.Struct, frozen=True, array_like=True, tag="stats"):
-    """Snapshot for /metrics and readiness. Counters are cumulative."""
+    """Snapshot for /metrics and readiness. Counters are cumulative.
+
+    max_model_len: the context length the scheduler enforces (the worker's effective one,
+    which may be below the configured value); 0 while no worker is ready.
+    """
 
     num_running: int = 0
     num_waiting: int = 0
@@ -285,6 +327,7 @@ class SchedulerStats(msgspec.Struct, frozen=True, array_like=True, tag="stats"):
     num_kv_blocks: int = 0
     num_free_blocks: int = 0
     workers_ready: bool = True
+    max_model_len: int = 0
 
 
 # --------------------------------------------------------------------------- unions per inbox
@@ -297,7 +340,7 @@ ApiInbox = TextDelta | TokenizeResult | Pong
 SchedulerInbox = EngineRequest | Abort | Ping
 # scheduler_proc's inbox from worker rank 0
 SchedulerWorkerInbox = StepResult | WorkerReady | Pong
-# tokenizer_proc's inbox from the scheduler
-TokenizerEngineInbox = TokenDeltas | SchedulerStats | Pong
+# tokenizer_proc's inbox from the scheduler (SchedulerStats answers its heartbeat Ping)
+TokenizerEngineInbox = TokenDeltas | SchedulerStats
 # gpu_worker's inbox from the scheduler
-WorkerInbox = StepPlan | Ping
+WorkerInbox = StepPlan | WorkerExit

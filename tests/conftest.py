@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -92,6 +93,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        # zeroserve removes only what it made in a run dir it was given; the test made this one
+        shutil.rmtree(self.run_dir, ignore_errors=True)
         return self.process.returncode
 
 

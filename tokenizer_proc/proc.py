@@ -4,26 +4,54 @@ Inboxes:
     front  ROUTER  api processes / clients -> GenerateRequest | Abort | TokenizeRequest |
                                               DetokenizeRequest | Ping
     engine DEALER  scheduler               -> TokenDeltas | SchedulerStats
-Each request's incremental detokenizer and stop-string checker live here; a stop string
-ends the request (an Abort goes upstream so its KV blocks are freed at once).
+A request's prompt is built and its token ids checked against the vocabulary here
+(validation.py); its length against the context is the scheduler's to check. Each request's
+incremental detokenizer and stop-string checker live here; a stop string ends the request
+(an Abort goes upstream so its KV blocks are freed at once).
+
+Prompts are rendered and tokenized on one worker thread, never on the event loop: a
+multi-megabyte prompt or a burst of them must not stop this process answering pings and
+streaming everyone else's text. A request is *pending* while its prompt is built; an Abort
+(or a reused id) arriving meanwhile still takes effect, and the thread's results are handled
+back on the loop in arrival order, so requests reach the scheduler in the order they came.
+
+No work runs for nobody: an owner (api process, client) that disconnects, stops reading its
+replies (the front ROUTER is mandatory: such a reply fails instead of vanishing) or is silent
+for a few heartbeat timeouts has all its requests aborted upstream; if it speaks again, it
+is told they were lost. Requests failed because the scheduler went silent are aborted too,
+so a scheduler that was only stalled frees them when it reads again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
+import msgspec
 import zmq
 import zmq.asyncio
 
 from zeroserve.shared.config import EngineConfig
-from zeroserve.shared.ipc import Codec, bind, connect, recv_router, start_authenticator
+from zeroserve.shared.ipc import (
+    Codec,
+    PeerGone,
+    SendError,
+    bind,
+    connect,
+    receive,
+    receive_routed,
+    send_now,
+    start_authenticator,
+)
 from zeroserve.shared.messages import (
     Abort,
     DetokenizeRequest,
     EngineRequest,
+    EngineStatus,
     ErrorInfo,
     GenerateRequest,
     Ping,
@@ -38,10 +66,14 @@ from zeroserve.shared.messages import (
     TokenizerInbox,
 )
 from zeroserve.shared.proc_main import parse_proc_args, run_actor
-from zeroserve.tokenizer_proc.requests import PromptError, RequestState, build_prompt
+from zeroserve.tokenizer_proc.errors import TokenizerError
+from zeroserve.tokenizer_proc.requests import RequestState
 from zeroserve.tokenizer_proc.tokenizer import load_tokenizer
+from zeroserve.tokenizer_proc.validation import PromptCache, build_prompt, check_token_ids
 
 log = logging.getLogger("zeroserve.tokenizer")
+
+LOST_KEPT_S = 300.0  # how long the ids of an abandoned owner's requests wait for it to come back
 
 
 class TokenizerProcess:
@@ -50,13 +82,24 @@ class TokenizerProcess:
         self.tokenizer = load_tokenizer(config.model)
         self.ctx = zmq.asyncio.Context()
         self.auth = start_authenticator(self.ctx, config.curve)
-        self.front = bind(self.ctx, zmq.ROUTER, config.tokenizer_address(index), config.curve)
+        # mandatory: a reply to a dead or stalled owner fails, and its requests are aborted
+        self.front = bind(self.ctx, zmq.ROUTER, config.tokenizer_address(index), config.curve, mandatory=True)
         identity = f"tokenizer-{index}-{os.getpid()}".encode()
         self.engine = connect(self.ctx, zmq.DEALER, config.scheduler_address, config.curve, identity)
         self.front_codec: Codec = Codec(TokenizerInbox, f"tokenizer-{index}.front")
         self.engine_codec: Codec = Codec(TokenizerEngineInbox, f"tokenizer-{index}.engine")
         self.encoder = self.front_codec.encoder
         self.requests: dict[str, RequestState] = {}
+        # request id -> owner, while its prompt is built on self.work (not yet at the scheduler)
+        self.pending: dict[str, bytes] = {}
+        # one thread: FIFO, so results come back in arrival order; the tokenizer and the chat
+        # template are only ever used by it (the loop only decodes, for the detokenizers)
+        self.work = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self.prompt_cache = PromptCache()  # used on self.work only
+        self.owner_seen: dict[bytes, float] = {}  # front identity -> when it last sent anything
+        # front identity -> (when, ids) of requests aborted because it was silent, stalled or
+        # unreachable: told to it if it speaks again, so that a paused client does not wait forever
+        self.lost: dict[bytes, tuple[float, list[str]]] = {}
         self.stats = SchedulerStats(workers_ready=False)
         self.engine_seen = 0.0
         self.draining = False
@@ -65,80 +108,116 @@ class TokenizerProcess:
     # ------------------------------------------------------------------ inbox: api / clients
     async def front_loop(self) -> None:
         while True:
-            parsed = recv_router(await self.front.recv_multipart(copy=True))
-            if parsed is None:
-                self.front_codec.drop("not an [identity, payload] message")
-                continue
-            identity, payload = parsed
-            msg = self.front_codec.decode(payload)
+            identity, msg = await receive_routed(self.front, self.front_codec)
+            self.heard_from(identity)
             match msg:
                 case GenerateRequest():
                     self.on_generate(identity, msg)
                 case Abort():
-                    self.on_abort(msg)
+                    self.on_abort(identity, msg)
                 case TokenizeRequest():
-                    self.reply(identity, self.on_tokenize(msg))
+                    self.off_loop(identity, self.on_tokenize, msg)
                 case DetokenizeRequest():
-                    self.reply(identity, self.on_detokenize(msg))
+                    self.off_loop(identity, self.on_detokenize, msg)
                 case Ping():
                     self.reply(identity, self.pong(msg))
 
     def reply(self, identity: bytes, msg) -> None:
-        self.front.send_multipart([identity, self.encoder.encode(msg)])
+        try:
+            send_now(self.front, [identity, self.encoder.encode(msg)])
+        except SendError as e:
+            gone = isinstance(e, PeerGone)
+            self.abandon_owner(identity, "disconnected" if gone else "stopped reading its replies")
 
     def fail(self, identity: bytes, request_id: str, error: ErrorInfo) -> None:
         self.reply(identity, TextDelta(request_id=request_id, text="", finish_reason="error", error=error))
 
+    def off_loop(self, identity: bytes, handler, msg) -> None:
+        """Run ``handler(msg)`` on the worker thread and reply with what it returns."""
+
+        def done(fut: Future) -> None:
+            try:
+                result = fut.result()
+            except Exception:  # the handlers answer every expected failure themselves
+                log.exception("request %s: %s failed", msg.request_id, type(msg).__name__)
+                result = TokenizeResult(request_id=msg.request_id, error=internal())
+            self.reply(identity, result)
+
+        asyncio.get_running_loop().run_in_executor(self.work, handler, msg).add_done_callback(done)
+
     def on_generate(self, identity: bytes, req: GenerateRequest) -> None:
         if self.draining:
-            self.fail(
-                identity, req.request_id, ErrorInfo(503, "service_unavailable", "the server is shutting down")
-            )
+            self.fail(identity, req.request_id, unavailable("the server is shutting down"))
             return
         if not self.engine_alive():
             self.fail(
                 identity,
                 req.request_id,
-                ErrorInfo(
-                    503,
-                    "service_unavailable",
-                    "the engine is not ready (model loading or a worker restarting); retry shortly",
-                ),
+                unavailable("the engine is not ready (model loading or a worker restarting); retry shortly"),
             )
             return
-        if req.request_id in self.requests:
-            self.fail(
-                identity, req.request_id, ErrorInfo(400, "invalid_request_error", "duplicate request id")
-            )
+        # Guards this table, not the scheduler's: a reused id would take over the first request's text.
+        if req.request_id in self.requests or req.request_id in self.pending:
+            self.fail(identity, req.request_id, invalid("duplicate request id"))
             return
+        self.pending[req.request_id] = identity
+        build = functools.partial(
+            build_prompt, self.tokenizer, req, self.max_model_len, self.config.vocab_size, self.prompt_cache
+        )
+        arrival = time.time()  # queue time and deadline count from here, tokenization included
+        done = functools.partial(self.on_prompt_built, identity, req, arrival)
+        asyncio.get_running_loop().run_in_executor(self.work, build).add_done_callback(done)
+
+    def on_prompt_built(self, identity: bytes, req: GenerateRequest, now: float, fut: Future) -> None:
+        """Back on the loop: send the request on, unless it was aborted while being built."""
+        if self.pending.get(req.request_id) != identity:
+            return  # aborted, or its owner abandoned, meanwhile: never sent, nothing to free
+        del self.pending[req.request_id]
         try:
-            prompt_ids, params = build_prompt(
-                self.tokenizer, req, self.config.max_model_len, self.config.vocab_size
-            )
-        except PromptError as e:
-            self.fail(identity, req.request_id, e.info)
+            prompt_ids, params = fut.result()
+        except TokenizerError as e:
+            self.fail(identity, req.request_id, invalid(e.message, e.param))
             return
-        now = time.time()
-        self.requests[req.request_id] = RequestState(self.tokenizer, identity, req, prompt_ids)
-        self.engine.send(
-            self.encoder.encode(
-                EngineRequest(
-                    request_id=req.request_id,
-                    prompt_token_ids=prompt_ids,
-                    params=params,
-                    arrival_time=now,
-                    priority=req.priority,
-                    deadline=None if req.deadline_s is None else now + req.deadline_s,
-                    cache_salt=req.cache_salt,
-                )
+        except Exception:
+            log.exception("request %s: building the prompt failed", req.request_id)
+            self.fail(identity, req.request_id, internal())
+            return
+        if not self.engine_alive():  # the scheduler went silent while the prompt was built
+            self.fail(
+                identity, req.request_id, unavailable("the scheduler process stopped responding; retry")
+            )
+            return
+        frame = self.encoder.encode(
+            EngineRequest(
+                request_id=req.request_id,
+                prompt_token_ids=prompt_ids,
+                params=params,
+                arrival_time=now,
+                priority=req.priority,
+                deadline=None if req.deadline_s is None else now + req.deadline_s,
+                queue_deadline=None if req.queue_timeout_s is None else now + req.queue_timeout_s,
+                cache_salt=req.cache_salt,
             )
         )
+        try:  # never an unbounded Python queue in front of a scheduler that stopped reading
+            send_now(self.engine, [frame])
+        except SendError:
+            self.fail(identity, req.request_id, overloaded())
+            return
+        self.requests[req.request_id] = RequestState(self.tokenizer, identity, req, prompt_ids)
 
-    def on_abort(self, msg: Abort) -> None:
-        if self.requests.pop(msg.request_id, None) is not None:
-            self.engine.send(self.encoder.encode(msg))
+    def on_abort(self, identity: bytes, msg: Abort) -> None:
+        if self.pending.get(msg.request_id) == identity:
+            del self.pending[msg.request_id]  # on_prompt_built drops it: the scheduler never hears of it
+            return
+        state = self.requests.get(msg.request_id)
+        if state is None or state.owner != identity:  # only the connection that sent it may end it
+            return
+        del self.requests[msg.request_id]
+        self.abort_upstream(msg.request_id, msg.reason)
 
     def on_tokenize(self, req: TokenizeRequest) -> TokenizeResult:
+        """/tokenize (on the worker thread)."""
         try:
             if req.messages is not None:
                 text = self.tokenizer.apply_chat_template(
@@ -147,62 +226,58 @@ class TokenizerProcess:
                 ids = self.tokenizer.encode(text, add_special_tokens=False)
             else:
                 ids = self.tokenizer.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
-        except Exception as e:
-            return TokenizeResult(
-                request_id=req.request_id, error=ErrorInfo(400, "invalid_request_error", str(e))
+        except TokenizerError as e:  # our own: written for the client (no template, template raised)
+            return TokenizeResult(request_id=req.request_id, error=invalid(e.message, e.param))
+        except Exception:  # the text of anything else may carry internals: log it, say something fixed
+            log.warning("request %s: tokenize failed", req.request_id, exc_info=True)
+            message = "the prompt could not be tokenized" + (
+                "; check the messages' roles and content" if req.messages is not None else ""
             )
-        return TokenizeResult(
-            request_id=req.request_id, token_ids=ids, max_model_len=self.config.max_model_len
-        )
+            return TokenizeResult(request_id=req.request_id, error=invalid(message))
+        return TokenizeResult(request_id=req.request_id, token_ids=ids, max_model_len=self.max_model_len)
 
     def on_detokenize(self, req: DetokenizeRequest) -> TokenizeResult:
-        bad = [t for t in req.token_ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            return TokenizeResult(
-                request_id=req.request_id,
-                error=ErrorInfo(
-                    400,
-                    "invalid_request_error",
-                    f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})",
-                    param="tokens",
-                ),
+        """/detokenize (on the worker thread)."""
+        try:
+            check_token_ids(
+                req.token_ids, self.config.vocab_size or self.tokenizer.vocab_size, param="tokens"
             )
+        except TokenizerError as e:
+            return TokenizeResult(request_id=req.request_id, error=invalid(e.message, e.param))
         return TokenizeResult(
             request_id=req.request_id,
             token_ids=req.token_ids,
             text=self.tokenizer.decode(req.token_ids, skip_special_tokens=False),
         )
 
+    @property
+    def max_model_len(self) -> int:
+        """The context the engine serves: the worker's (it may lower the configured value to
+        what its KV pool holds), from the scheduler's stats; the configured one until known."""
+        return self.stats.max_model_len or self.config.max_model_len
+
     def pong(self, ping: Ping) -> Pong:
-        s = self.stats
         alive = self.engine_alive()
+        engine = EngineStatus(
+            model_name=self.config.served_model_name,
+            max_model_len=self.max_model_len,
+            vocab_size=self.config.vocab_size,
+            draining=self.draining,
+            bad_frames=self.front_codec.bad_frames + self.engine_codec.bad_frames,
+            stats=msgspec.structs.replace(self.stats, workers_ready=alive),
+        )
         return Pong(
             sent_at=ping.sent_at,
             role="tokenizer",
             ready=alive and not self.draining,
             request_id=ping.request_id,
-            info={
-                "model_name": self.config.served_model_name,
-                "max_model_len": self.config.max_model_len,
-                "vocab_size": self.config.vocab_size,
-                "workers_ready": alive,
-                "draining": self.draining,
-                "num_running": s.num_running,
-                "num_waiting": s.num_waiting,
-                "kv_cache_usage": s.kv_cache_usage,
-                "prefix_cache_queries": s.prefix_cache_queries,
-                "prefix_cache_hits": s.prefix_cache_hits,
-                "num_preemptions": s.num_preemptions,
-                "num_kv_blocks": s.num_kv_blocks,
-                "num_free_blocks": s.num_free_blocks,
-                "bad_frames": self.front_codec.bad_frames + self.engine_codec.bad_frames,
-            },
+            engine=engine,
         )
 
     # ------------------------------------------------------------------ inbox: scheduler
     async def engine_loop(self) -> None:
         while True:
-            msg = self.engine_codec.decode(await self.engine.recv(copy=True))
+            msg = await receive(self.engine, self.engine_codec)
             match msg:
                 case TokenDeltas():
                     for delta in msg.deltas:
@@ -219,44 +294,137 @@ class TokenizerProcess:
         if out.finish_reason is not None:
             del self.requests[delta.request_id]
             if delta.finish_reason is None:  # we stopped it (stop string): free its blocks now
-                self.engine.send(self.encoder.encode(Abort(request_id=delta.request_id, reason="stop")))
+                self.abort_upstream(delta.request_id, "stop")
         self.reply(state.owner, out)
 
     # ------------------------------------------------------------------ liveness
     def engine_alive(self) -> bool:
-        fresh = time.monotonic() - self.engine_seen < max(self.config.heartbeat_timeout_s * 2, 2.0)
-        return fresh and self.stats.workers_ready
+        return self.scheduler_heard() and self.stats.workers_ready
+
+    def scheduler_heard(self) -> bool:
+        """Whether the scheduler spoke lately. Its stats come every heartbeat; stats waiting
+        unread count too, else a tokenizer that was itself starved of CPU (its loop busy,
+        the machine loaded) would take its own lateness for the scheduler's silence."""
+        if time.monotonic() - self.engine_seen < max(self.config.heartbeat_timeout_s * 2, 2.0):
+            return True
+        return bool(self.engine.get(zmq.EVENTS) & zmq.POLLIN)
 
     async def heartbeat_loop(self) -> None:
-        ping = Ping(sent_at=0.0)
+        ping = self.encoder.encode(Ping(sent_at=0.0))
         was_alive = False
         while True:
-            self.engine.send(self.encoder.encode(ping))
+            try:
+                send_now(self.engine, [ping])
+            except SendError:
+                pass  # the scheduler is not reading: engine_alive() turns false below
             await asyncio.sleep(self.config.heartbeat_interval_s)
-            alive = time.monotonic() - self.engine_seen < max(self.config.heartbeat_timeout_s * 2, 2.0)
+            alive = self.scheduler_heard()
             if was_alive and not alive:
                 log.error("scheduler went silent; failing %d in-flight request(s)", len(self.requests))
                 for request_id, state in list(self.requests.items()):
+                    # it may only be stalled: when it reads again, the Abort frees the request
+                    self.abort_upstream(request_id, "scheduler silent")
                     self.fail(
                         state.owner,
                         request_id,
-                        ErrorInfo(
-                            503, "service_unavailable", "the scheduler process stopped responding; retry"
-                        ),
+                        unavailable("the scheduler process stopped responding; retry"),
                     )
                 self.requests.clear()
             was_alive = alive
+            self.check_owners()
+
+    # ------------------------------------------------------------------ owners (api processes, clients)
+    def heard_from(self, identity: bytes) -> None:
+        self.owner_seen[identity] = time.monotonic()
+        if self.lost and identity in self.lost:
+            _, request_ids = self.lost.pop(identity)
+            for request_id in request_ids:
+                self.fail(
+                    identity,
+                    request_id,
+                    unavailable(
+                        "the request was aborted: this client stopped answering the engine "
+                        "(silent or not reading its replies); retry"
+                    ),
+                )
+
+    def check_owners(self) -> None:
+        """Abort the requests of an owner silent for a few heartbeat timeouts: clients ping
+        every heartbeat_interval_s, so it is dead or hung and no one will read their text."""
+        now = time.monotonic()
+        for identity, (when, _) in list(self.lost.items()):
+            if now - when > LOST_KEPT_S:  # it never came back
+                del self.lost[identity]
+        if self.front.get(zmq.EVENTS) & zmq.POLLIN:
+            return  # unread messages: this process was late, the owners may not be silent
+        limit = max(self.config.heartbeat_timeout_s * 3, 2.0)
+        for identity, seen in list(self.owner_seen.items()):
+            if now - seen > limit:
+                self.abandon_owner(identity, f"has been silent for {now - seen:.1f}s")
+
+    def abandon_owner(self, identity: bytes, why: str) -> None:
+        """Abort every request of an owner that cannot take their text any more, so that none
+        keeps generating for nobody."""
+        self.owner_seen.pop(identity, None)
+        building = [request_id for request_id, owner in self.pending.items() if owner == identity]
+        for request_id in building:
+            del self.pending[request_id]  # on_prompt_built drops it: the scheduler never hears of it
+        orphans = [request_id for request_id, state in self.requests.items() if state.owner == identity]
+        for request_id in orphans:
+            del self.requests[request_id]
+            self.abort_upstream(request_id, "client gone")
+        if building or orphans:
+            log.warning(
+                "client %r %s; aborted its %d request(s)", identity, why, len(building) + len(orphans)
+            )
+            _, earlier = self.lost.get(identity, (0.0, []))
+            self.lost[identity] = (time.monotonic(), earlier + building + orphans)
+
+    def abort_upstream(self, request_id: str, reason: str) -> None:
+        """Best effort: if the scheduler is not reading, its own watchdog frees the requests of
+        a tokenizer that stopped pinging it."""
+        try:
+            send_now(self.engine, [self.encoder.encode(Abort(request_id=request_id, reason=reason))])
+        except SendError:
+            log.debug("could not send Abort for %s: the scheduler is not reading", request_id)
 
     async def drain(self) -> None:
         """Refuse new work, let in-flight requests finish (bounded), then stop."""
         self.draining = True
         deadline = time.monotonic() + 120
-        while self.requests and time.monotonic() < deadline and self.engine_alive():
+        while (self.requests or self.pending) and time.monotonic() < deadline and self.engine_alive():
             await asyncio.sleep(0.05)
+
+    def close(self) -> None:
+        self.work.shutdown(wait=False, cancel_futures=True)  # prompts no one will send on
 
     async def run(self) -> None:
         log.info("tokenizer %d listening on %s", self.index, self.config.tokenizer_address(self.index))
         await asyncio.gather(self.front_loop(), self.engine_loop(), self.heartbeat_loop())
+
+
+def invalid(message: str, param: str | None = None) -> ErrorInfo:
+    return ErrorInfo(status=400, type="invalid_request_error", message=message, param=param)
+
+
+def unavailable(message: str) -> ErrorInfo:
+    return ErrorInfo(status=503, type="service_unavailable", message=message)
+
+
+def overloaded() -> ErrorInfo:
+    return ErrorInfo(
+        status=429,
+        type="rate_limit_error",
+        message="The engine is overloaded: the scheduler is not taking requests. Retry later.",
+        code="engine_overloaded",
+    )
+
+
+def internal() -> ErrorInfo:
+    """A failure of ours, not the request's: the details are in this process' log."""
+    return ErrorInfo(
+        status=500, type="server_error", message="the tokenizer failed on this request; see the server log"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,77 +1,11 @@
-"""Per-request work in tokenizer_proc: building the prompt, and turning tokens into text."""
+"""Per-request work in tokenizer_proc: turning a request's tokens into text (the prompt is
+built and checked in validation.py)."""
 
 from __future__ import annotations
 
-import msgspec
-
-from zeroserve.shared.messages import ErrorInfo, GenerateRequest, SamplingParams, TextDelta, TokenDelta
+from zeroserve.shared.messages import GenerateRequest, TextDelta, TokenDelta
 from zeroserve.tokenizer_proc.detokenizer import IncrementalDetokenizer
-from zeroserve.tokenizer_proc.errors import TokenizerError
 from zeroserve.tokenizer_proc.stop_strings import StopChecker
-
-
-class PromptError(Exception):
-    def __init__(self, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.info = ErrorInfo(400, "invalid_request_error", message, param=param, code=code)
-
-
-def build_prompt(
-    tokenizer, req: GenerateRequest, max_model_len: int, vocab_size: int
-) -> tuple[list[int], SamplingParams]:
-    """Token ids of the request's prompt, and its params with max_tokens resolved.
-
-    Raises PromptError (HTTP 400) for an empty prompt, ids outside the vocabulary, or a
-    prompt (+ max_tokens) that does not fit the context, with vLLM's wording.
-    """
-    given = [x is not None for x in (req.prompt, req.messages, req.prompt_token_ids)]
-    if sum(given) != 1:
-        raise PromptError("exactly one of prompt, messages or prompt token ids must be given", param="prompt")
-    if req.messages is not None:
-        try:
-            text = tokenizer.apply_chat_template(
-                req.messages, add_generation_prompt=req.add_generation_prompt
-            )
-        except TokenizerError as e:  # the template's own raise_exception, or a malformed conversation
-            raise PromptError(e.message, param=e.param or "messages") from None
-        except Exception:  # never leak internals; the message says what to fix
-            raise PromptError(
-                "the chat template could not render these messages; check roles and content", param="messages"
-            ) from None
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        param = "messages"
-    elif req.prompt is not None:
-        ids = tokenizer.encode(req.prompt, add_special_tokens=True)
-        param = "prompt"
-    else:
-        ids = list(req.prompt_token_ids)
-        param = "prompt"
-        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-        if bad is not None:
-            raise PromptError(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})", param=param)
-    if not ids:
-        raise PromptError("the prompt is empty: it must contain at least one token", param=param)
-    params = req.params
-    if len(ids) >= max_model_len:
-        raise PromptError(
-            f"This model's maximum context length is {max_model_len} tokens. However, your prompt has "
-            f"{len(ids)} tokens, leaving no room for the completion. Please shorten the prompt.",
-            param=param,
-            code="context_length_exceeded",
-        )
-    if params.max_tokens <= 0:
-        params = msgspec.structs.replace(params, max_tokens=max_model_len - len(ids))
-    elif len(ids) + params.max_tokens > max_model_len:
-        raise PromptError(
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{len(ids) + params.max_tokens} tokens ({len(ids)} in the prompt, {params.max_tokens} for the "
-            "completion). Please reduce the prompt or max_tokens.",
-            param="max_tokens",
-            code="context_length_exceeded",
-        )
-    if params.min_tokens > params.max_tokens:
-        raise PromptError("min_tokens must not exceed max_tokens", param="min_tokens")
-    return ids, params
 
 
 class RequestState:

@@ -120,8 +120,12 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of text. add_special_tokens adds BOS/EOS as the model's config says; special
-        tokens written in the text (e.g. "<|im_start|>") are matched whole either way."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        tokens written in the text (e.g. "<|im_start|>") are matched whole either way.
+
+        Through encode_batch: it lets go of the GIL while it works (encode holds it, for
+        seconds on a multi-megabyte prompt), so tokenizer_proc's event loop keeps running
+        while its worker thread tokenizes."""
+        return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]

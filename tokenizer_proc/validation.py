@@ -1,25 +1,31 @@
-"""Turn a request's prompt into token ids and check them before the scheduler sees them.
+"""Turn a request's prompt into token ids, and check what only the tokenizer knows.
 
-Every failure is a TokenizerError subclass whose ``param`` names the request field at
-fault, so tokenizer_proc can answer with an OpenAI-style 400 instead of failing later.
+tokenizer_proc owns the vocabulary: prompt ids, stop_token_ids and /detokenize ids are
+checked here, for the HTTP API and the ZMQ client alike. The context length, min_tokens and
+the KV pool are the scheduler's (scheduler_proc/admission.py); the shape of an HTTP body is
+api_proc's. Every failure is a TokenizerError whose ``param`` names the request field at
+fault, so tokenizer_proc can answer with an OpenAI-style 400.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
-from .errors import ChatTemplateError, InvalidTokenIdError, PromptTooLongError, TokenizerError
+import msgspec
+
+from zeroserve.shared.messages import GenerateRequest, SamplingParams
+
+from .errors import ChatTemplateError, InvalidTokenIdError, TokenizerError
 from .tokenizer import Tokenizer
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int, param: str = "prompt_token_ids") -> None:
     """Raise InvalidTokenIdError naming the first id outside [0, vocab_size)."""
-    for i, token_id in enumerate(ids):
+    for token_id in ids:
         if not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id < vocab_size:
             raise InvalidTokenIdError(
-                f"{param}[{i}] = {token_id!r} is not a token id of this model: ids must be integers "
-                f"in [0, {vocab_size})",
-                param=param,
+                f"Token id {token_id} in {param} is outside the vocabulary [0, {vocab_size}).", param=param
             )
 
 
@@ -36,7 +42,8 @@ def encode_prompt(
 
     A plain prompt gets BOS when the model wants it (add_special_tokens); a chat is rendered by
     the template, which writes its own BOS. Given ids are checked against vocab_size (default:
-    the tokenizer's; pass the model's when its embedding is larger).
+    the tokenizer's; pass the model's when its embedding is larger). Given ids are the
+    completions API's ``prompt`` field, hence that param name in errors.
     """
     given = [
         name
@@ -45,35 +52,101 @@ def encode_prompt(
     ]
     if len(given) != 1:
         raise TokenizerError(
-            "give exactly one of prompt, messages or prompt_token_ids"
+            "exactly one of prompt, messages or prompt token ids must be given"
             + (f" (got {', '.join(given)})" if given else ""),
-            param=given[-1] if given else "prompt",
+            param="prompt",
         )
     if prompt_token_ids is not None:
         ids = list(prompt_token_ids)
-        check_token_ids(ids, vocab_size or tokenizer.vocab_size)
+        check_token_ids(ids, vocab_size or tokenizer.vocab_size, param="prompt")
         return ids
     if messages is not None:
         if not messages:
             raise ChatTemplateError("messages is empty: a chat needs at least one message")
-        return tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+        try:
+            return tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+        except TokenizerError as e:  # the template's own raise_exception, or a malformed conversation
+            raise TokenizerError(e.message, param=e.param or "messages") from None
+        except Exception:  # never leak internals; the message says what to fix
+            raise ChatTemplateError(
+                "the chat template could not render these messages; check roles and content"
+            ) from None
     return tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
 
 
-def check_prompt_length(num_prompt_tokens: int, max_model_len: int, max_tokens: int | None = None) -> None:
-    """The prompt must leave room for at least one token, and for max_tokens when given."""
-    if num_prompt_tokens == 0:
-        raise TokenizerError("the prompt is empty: it must hold at least one token", param="prompt")
-    if num_prompt_tokens >= max_model_len:
-        raise PromptTooLongError(
-            f"this model's maximum context length is {max_model_len} tokens, but the prompt has "
-            f"{num_prompt_tokens} tokens: shorten the prompt",
-            param="prompt",
+class PromptCache:
+    """Token ids of the last few distinct text prompts and chats, so that the n copies of one
+    request (the api sends them back to back, one GenerateRequest per choice) are rendered
+    and tokenized once. Bounded in entries and in cached tokens; the lists are shared by the
+    requests that hit them and must never be mutated. Not thread-safe: one user at a time."""
+
+    def __init__(self, max_entries: int = 64, max_tokens: int = 1 << 20):
+        self.max_entries = max_entries
+        self.max_tokens = max_tokens
+        self.num_tokens = 0
+        self.hits = 0
+        self._entries: OrderedDict[object, list[int]] = OrderedDict()
+
+    @staticmethod
+    def key(req: GenerateRequest) -> object | None:
+        """What the prompt's ids depend on; None when there is nothing to tokenize (token ids
+        given) or the request is malformed (encode_prompt says how)."""
+        if req.prompt_token_ids is not None or (req.prompt is None) == (req.messages is None):
+            return None
+        if req.prompt is not None:
+            return req.prompt
+        return (req.add_generation_prompt, msgspec.msgpack.encode(req.messages))
+
+    def get(self, key: object) -> list[int] | None:
+        ids = self._entries.get(key)
+        if ids is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+        return ids
+
+    def put(self, key: object, ids: list[int]) -> None:
+        if len(ids) > self.max_tokens or key in self._entries:
+            return
+        self._entries[key] = ids
+        self.num_tokens += len(ids)
+        while len(self._entries) > self.max_entries or self.num_tokens > self.max_tokens:
+            _, old = self._entries.popitem(last=False)
+            self.num_tokens -= len(old)
+
+
+def build_prompt(
+    tokenizer: Tokenizer,
+    req: GenerateRequest,
+    max_model_len: int,
+    vocab_size: int,
+    cache: PromptCache | None = None,
+) -> tuple[list[int], SamplingParams]:
+    """Token ids of the request's prompt, and its params with max_tokens resolved.
+
+    max_tokens <= 0 means the rest of the context; a prompt that leaves none resolves to
+    max_tokens <= 0, which the scheduler refuses, naming the prompt. vocab_size: the model's
+    (0: the tokenizer's); a top_k at or above it keeps every token, so it is turned off (0)
+    here, where the vocabulary is known. With a cache, a prompt seen lately is not tokenized again (the ids
+    returned may then be shared: do not mutate them). Raises TokenizerError.
+    """
+    vocab_size = vocab_size or tokenizer.vocab_size
+    key = None if cache is None else cache.key(req)
+    ids = None if key is None else cache.get(key)
+    if ids is None:
+        ids = encode_prompt(
+            tokenizer,
+            prompt=req.prompt,
+            messages=req.messages,
+            prompt_token_ids=req.prompt_token_ids,
+            add_generation_prompt=req.add_generation_prompt,
+            vocab_size=vocab_size,
         )
-    if max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
-        raise PromptTooLongError(
-            f"this model's maximum context length is {max_model_len} tokens, but {num_prompt_tokens + max_tokens} "
-            f"were requested ({num_prompt_tokens} in the prompt, {max_tokens} for the completion): lower "
-            f"max_tokens to at most {max_model_len - num_prompt_tokens} or shorten the prompt",
-            param="max_tokens",
-        )
+        if key is not None:
+            cache.put(key, ids)
+    params = req.params
+    check_token_ids(params.stop_token_ids, vocab_size, param="stop_token_ids")
+    if params.top_k >= vocab_size:  # every token anyway: off, so the sampler does no top-k at all
+        params = msgspec.structs.replace(params, top_k=0)
+    if params.max_tokens <= 0:
+        params = msgspec.structs.replace(params, max_tokens=max_model_len - len(ids))
+    return ids, params

@@ -4,9 +4,10 @@
 
 Llama-3-8B shape (benchmarks/configs/llama-3-8b) with random weights, bf16, on one GPU.
 Every request has the same random ``--input-len`` prompt length and decodes greedily with
-ignore_eos; only steps where the whole batch decodes are timed (after ``--warmup-steps``),
-each as wall time around ``runner.execute`` (the sampled ids come back to the host, so a
-step is complete when it returns). Hugging Face: ``generate`` of 1 and of 1 + output_len
+ignore_eos, scheduled by the real scheduler in-process; only steps where the whole batch
+decodes are timed (after ``--warmup-steps``), each as the runner's step time (wall time
+inside ``runner.execute``; the sampled ids come back to the host, so a step is complete
+when it returns). Hugging Face: ``generate`` of 1 and of 1 + output_len
 new tokens, the difference divided out, so its prefill is not counted either.
 
 CUDA graphs: if the ModelRunner captures graphs itself (``enforce_eager=False`` replaced
@@ -132,32 +133,23 @@ def bench_hf(args, config_dir, batches, dtype, rows) -> None:
 
 def decode_run(runner, batch: int, args) -> dict:
     """Prefill ``batch`` prompts, then time decode steps of the whole batch."""
-    from zeroserve.gpu_worker.offline import PlanBuilder
+    from zeroserve.launcher.inprocess import InProcessEngine
     from zeroserve.shared.messages import SamplingParams
 
-    builder = PlanBuilder(
-        runner.num_kv_blocks,
-        runner.block_size,
-        max_num_batched_tokens=max(2048, args.input_len),
-        max_num_seqs=batch,
-        max_model_len=runner.max_model_len,
-    )
+    engine = InProcessEngine(runner, max_num_seqs=batch, max_num_batched_tokens=max(2048, args.input_len))
     params = SamplingParams(
         max_tokens=args.warmup_steps + args.output_len + 1, temperature=0.0, ignore_eos=True
     )
-    for i, prompt in enumerate(prompts(batch, args.input_len, runner.vocab_size, seed=batch)):
-        builder.add(f"r{i}", prompt, params)
     step_times = []
-    while (plan := builder.schedule()) is not None:
-        decode = (
-            not plan.new and len(plan.running) == batch and all(r.num_new_tokens == 1 for r in plan.running)
-        )
-        start = time.perf_counter()
-        result = runner.execute(plan)
-        elapsed = time.perf_counter() - start
-        builder.update(result)
-        if decode:
-            step_times.append(elapsed)
+
+    def time_decodes(step) -> None:
+        plan = step.plan
+        if not plan.new and len(plan.running) == batch and all(r.num_new_tokens == 1 for r in plan.running):
+            step_times.append(step.result.step_time_s)
+
+    engine.generate(
+        prompts(batch, args.input_len, runner.vocab_size, seed=batch), params, on_step=time_decodes
+    )
     timed = step_times[args.warmup_steps :][: args.output_len]
     if not timed:
         raise RuntimeError(f"no decode steps were timed (got {len(step_times)} decode steps)")

@@ -9,9 +9,10 @@ logits = model.compute_logits(hidden[rows])
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
 
 from torch import nn
+
+from zeroserve.kernels.base import KernelBackend
 
 # architecture (as the loader names it) -> (module, class)
 MODELS: dict[str, tuple[str, str]] = {
@@ -30,6 +31,6 @@ def model_class(architecture: str) -> type[nn.Module]:
     return getattr(importlib.import_module(module), name)
 
 
-def build_model(cfg, ops: ModuleType, max_positions: int | None = None) -> nn.Module:
+def build_model(cfg, ops: KernelBackend, max_positions: int | None = None) -> nn.Module:
     """An empty model (parameters on the meta device) for ``cfg`` (a loader ModelConfig)."""
     return model_class(cfg.architecture)(cfg, ops, max_positions)

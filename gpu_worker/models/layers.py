@@ -1,9 +1,9 @@
 """Layers shared by the decoder-only families (Llama, Qwen2, Qwen3).
 
 Everything runs on a flat batch: ``T`` tokens from many sequences laid end to end, no batch
-dimension and no padding (see kernels/metadata.py). Hot ops go through the kernel interface
-(``ops = get_kernels(...)``); the projections are plain ``F.linear`` so BLAS / cuBLAS does the
-FLOPs. Projections that read the same input are merged into one matmul:
+dimension and no padding (see kernels/metadata.py). Every kernel, the projections included,
+goes through the kernel backend (``ops = get_kernels(...)``, kernels/base.py). Projections that
+read the same input are merged into one matmul:
 
     qkv_proj     [(Hq + 2 Hkv) * D, H]   rows: q | k | v
     gate_up_proj [2 I, H]                rows: gate | up
@@ -15,13 +15,12 @@ Hugging Face-named tensors (packing q/k/v and gate/up as it goes).
 from __future__ import annotations
 
 import math
-from types import ModuleType
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from zeroserve.kernels.base import KernelBackend, LinearHandle
 from zeroserve.kernels.metadata import AttentionMetadata
 
 KVCache = torch.Tensor  # one layer: [2, num_blocks, block_size, Hkv, D] (K pool, V pool)
@@ -34,57 +33,31 @@ def _param(*shape: int) -> nn.Parameter:
 class Linear(nn.Module):
     """y = x W^T (+ b). W: [out_features, in_features], as Hugging Face stores it.
 
-    On CPU in fp32, ``pack_for_cpu()`` reorders W once and drops the original. With the C++
-    CPU kernels (``kernels.PackedLinear``), into panels their GEMM streams with prefetching
-    (faster than oneDNN here at every batch size, and bit-identical to it for K <= ~1K);
-    otherwise into oneDNN's blocked layout. Either beats MKL's sgemm, which repacks W on every
-    call and at decode sizes (few rows, e.g. the 49152 x 576 lm_head) spends more on that
-    than on the multiply.
+    At the first forward W (and b) go to the backend's ``prepare_linear``, which returns a
+    handle in the form its ``linear`` reads (the C++ kernels' panels, oneDNN's blocked layout,
+    the tensor as is for cuBLAS); from then on the layer holds only that handle, so a packed
+    copy does not double the memory. Until then whoever holds the model can still edit W.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, ops: KernelBackend, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.ops = ops
         self.weight = _param(out_features, in_features)
         self.bias = _param(out_features) if bias else None
-        self.packed: torch.Tensor | None = None  # oneDNN
-        self.cpu_packed = None  # kernels.cpu PackedLinear
-        self._cpu_linear = None
-
-    def pack_for_cpu(self, kernels: ModuleType | None = None) -> None:
-        """kernels: the CPU kernel module (its PackedLinear / linear), or None for oneDNN."""
-        if kernels is not None and hasattr(kernels, "PackedLinear"):
-            self.cpu_packed = kernels.PackedLinear(self.weight, self.bias)
-            self._cpu_linear = kernels.linear
-        else:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
-        self.weight = None
+        self.handle: LinearHandle | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._cpu_linear is not None:
-            return self._cpu_linear(x, self.cpu_packed)
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
-
-
-def onednn_linear_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether Linear.pack_for_cpu works here (fp32 on CPU, a torch built with oneDNN)."""
-    if device.type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        w, x = torch.randn(8, 4), torch.randn(3, 4)
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
-        out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-        return bool(torch.allclose(out, F.linear(x, w), atol=1e-5))
-    except (AttributeError, RuntimeError):
-        return False
+        if self.handle is None:
+            self.handle = self.ops.prepare_linear(self.weight, self.bias)
+            self.weight = self.bias = None
+        return self.ops.linear(x, self.handle)
 
 
 class RMSNorm(nn.Module):
     """RMSNorm; with ``residual`` it adds first and returns (normed, new residual)."""
 
-    def __init__(self, size: int, eps: float, ops: ModuleType):
+    def __init__(self, size: int, eps: float, ops: KernelBackend):
         super().__init__()
         self.eps, self.ops = eps, ops
         self.weight = _param(size)
@@ -140,7 +113,12 @@ class RotaryEmbedding(nn.Module):
     """Holds the cos/sin cache (one per model, shared by every layer)."""
 
     def __init__(
-        self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None, ops: ModuleType
+        self,
+        head_dim: int,
+        max_positions: int,
+        theta: float,
+        scaling: dict[str, Any] | None,
+        ops: KernelBackend,
     ):
         super().__init__()
         self.ops = ops
@@ -165,7 +143,7 @@ class Attention(nn.Module):
         num_kv_heads: int,
         head_dim: int,
         rotary: RotaryEmbedding,
-        ops: ModuleType,
+        ops: KernelBackend,
         *,
         qkv_bias: bool = False,
         o_bias: bool = False,
@@ -176,8 +154,8 @@ class Attention(nn.Module):
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.scale = head_dim**-0.5
         self.ops = ops
-        self.qkv_proj = Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = Linear(self.q_size, hidden_size, bias=o_bias)
+        self.qkv_proj = Linear(hidden_size, self.q_size + 2 * self.kv_size, ops, bias=qkv_bias)
+        self.o_proj = Linear(self.q_size, hidden_size, ops, bias=o_bias)
         self.rotary = [rotary]  # a list: shared, not registered once per layer
         if qk_norm_eps is not None:  # Qwen3: RMSNorm over each head's D values
             self.q_norm = RMSNorm(head_dim, qk_norm_eps, ops)
@@ -206,11 +184,11 @@ class Attention(nn.Module):
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)), gate and up in one matmul."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, ops: ModuleType):
+    def __init__(self, hidden_size: int, intermediate_size: int, ops: KernelBackend):
         super().__init__()
         self.ops = ops
-        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size)
-        self.down_proj = Linear(intermediate_size, hidden_size)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, ops)
+        self.down_proj = Linear(intermediate_size, hidden_size, ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))

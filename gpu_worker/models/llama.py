@@ -9,13 +9,12 @@ Qwen2 and Qwen3 reuse it and change one knob each (qkv bias, per-head q/k norm).
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from zeroserve.gpu_worker.loader import ModelConfig
+from zeroserve.kernels.base import KernelBackend
 from zeroserve.kernels.metadata import AttentionMetadata
 
 from .layers import (
@@ -32,7 +31,7 @@ from .layers import (
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, rotary: RotaryEmbedding, ops: ModuleType, *, qkv_bias: bool, qk_norm: bool
+        self, cfg: ModelConfig, rotary: RotaryEmbedding, ops: KernelBackend, *, qkv_bias: bool, qk_norm: bool
     ):
         super().__init__()
         self.self_attn = Attention(
@@ -69,7 +68,7 @@ class DecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, ops: ModuleType, max_positions: int, *, qkv_bias: bool, qk_norm: bool
+        self, cfg: ModelConfig, ops: KernelBackend, max_positions: int, *, qkv_bias: bool, qk_norm: bool
     ):
         super().__init__()
         self.embed_tokens = nn.Module()
@@ -104,13 +103,13 @@ class LlamaForCausalLM(nn.Module):
     qkv_bias: bool | None = None  # None: as the config says (attention_bias)
     qk_norm: bool = False
 
-    def __init__(self, cfg: ModelConfig, ops: ModuleType, max_positions: int | None = None):
+    def __init__(self, cfg: ModelConfig, ops: KernelBackend, max_positions: int | None = None):
         super().__init__()
         self.config = cfg
         qkv_bias = cfg.attention_bias if self.qkv_bias is None else self.qkv_bias
         max_positions = max_positions or cfg.max_position_embeddings
         self.model = LlamaModel(cfg, ops, max_positions, qkv_bias=qkv_bias, qk_norm=self.qk_norm)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)  # tied: shares embed_tokens' weight
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, ops)  # tied: shares embed_tokens' weight
 
     def forward(
         self,
@@ -137,9 +136,3 @@ class LlamaForCausalLM(nn.Module):
         if weights:
             raise ValueError(f"checkpoint tensors not used by the model: {sorted(weights)[:5]}")
         self.to(device)
-
-    def pack_for_cpu(self, kernels: ModuleType | None = None) -> None:
-        """Every projection (and the head) packed for the CPU; see layers.Linear."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.pack_for_cpu(kernels)

@@ -7,7 +7,10 @@ Concurrent builders (several worker processes, parallel tests) each compile to a
 name and rename it into place: the rename is atomic, the last one wins, all are equal.
 
 No compiler, a failed compile, or a library that does not load: ``load()`` raises
-``CpuKernelsUnavailable`` saying why; the caller falls back to the torch kernels.
+``CpuKernelsUnavailable`` saying why; the caller falls back to the torch kernels. A cached
+library is loaded only if it belongs to this user (or root) and no one else can write it:
+it is checked on an open descriptor and loaded through that descriptor, so it cannot be
+swapped between the check and the load. A failed or interrupted compile leaves no file.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -30,9 +34,14 @@ SOURCE = Path(__file__).with_name("csrc") / "cpu_ops.cpp"
 ABI_VERSION = 3
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
 
+COMPILE_TIMEOUT_S = 600
+
 _lock = threading.Lock()
 _libs: dict[tuple[str, ...], ctypes.CDLL] = {}  # by extra flags ((): the serving build)
 _errors: dict[tuple[str, ...], str] = {}
+# descriptors of loaded libraries, kept open: the dynamic loader knows a library by the name it
+# was loaded under, so a /proc/self/fd/N name must never be reused for another file
+_fds: list[int] = []
 
 
 class CpuKernelsUnavailable(RuntimeError):
@@ -66,16 +75,62 @@ def library_path(compiler: str, flags: list[str]) -> Path:
 
 
 def _compile(compiler: str, flags: list[str], target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [compiler, *flags, str(SOURCE), "-o", tmp]
-    log.info("compiling the CPU kernels (once per machine): %s", " ".join(cmd))
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if result.returncode != 0:
-        os.unlink(tmp)
-        raise CpuKernelsUnavailable(f"compiling {SOURCE.name} failed:\n{result.stderr.strip()[-2000:]}")
-    os.replace(tmp, target)
+    installed = False
+    try:
+        cmd = [compiler, *flags, str(SOURCE), "-o", tmp]
+        log.info("compiling the CPU kernels (once per machine): %s", " ".join(cmd))
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise CpuKernelsUnavailable(
+                f"compiling {SOURCE.name} took over {COMPILE_TIMEOUT_S}s; gave up"
+            ) from None
+        if result.returncode != 0:
+            raise CpuKernelsUnavailable(f"compiling {SOURCE.name} failed:\n{result.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+        installed = True
+    finally:  # failed, timed out, interrupted: the half-written library must not stay behind
+        if not installed:
+            os.unlink(tmp)
+
+
+def _open_trusted(path: Path) -> int:
+    """An open descriptor of the library, once it is known that no one but this user (or root)
+    can have written it; raises CpuKernelsUnavailable otherwise."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    st = os.fstat(fd)
+    why = None
+    if not stat.S_ISREG(st.st_mode):
+        why = "is not a regular file"
+    elif st.st_uid not in (os.geteuid(), 0):
+        why = f"belongs to another user (uid {st.st_uid})"
+    elif st.st_mode & 0o022:
+        why = f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    if why is not None:
+        os.close(fd)
+        raise CpuKernelsUnavailable(
+            f"not loading {path}: it {why}, so it may not be the library zeroserve built; "
+            "delete it to rebuild, or point ZEROSERVE_CACHE_DIR at a directory of your own"
+        )
+    return fd
+
+
+def _dlopen(path: Path) -> ctypes.CDLL:
+    fd = _open_trusted(path)
+    by_fd = f"/proc/self/fd/{fd}"
+    if not os.path.exists(by_fd):  # no procfs (not Linux): the path, checked a moment ago
+        os.close(fd)
+        return ctypes.CDLL(str(path))
+    try:
+        lib = ctypes.CDLL(by_fd)
+    except OSError:
+        os.close(fd)
+        raise
+    _fds.append(fd)
+    return lib
 
 
 def _bind(lib: ctypes.CDLL) -> None:
@@ -144,7 +199,7 @@ def load(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
             path = library_path(compiler, flags)
             if not path.exists():
                 _compile(compiler, flags, path)
-            lib = ctypes.CDLL(str(path))
+            lib = _dlopen(path)
             if lib.zs_abi_version() != ABI_VERSION:
                 raise CpuKernelsUnavailable(f"{path} has ABI {lib.zs_abi_version()}, expected {ABI_VERSION}")
             _bind(lib)

@@ -1,4 +1,5 @@
-"""C++ CPU kernels behind the interface of kernels/reference/ops.py (same names, same contracts).
+"""C++ CPU kernels with the contracts of kernels/reference/ops.py (same names, same signatures);
+backend.py puts them behind the kernel interface.
 
 fp32 CPU tensors in the layouts the model produces go to the compiled kernels
 (csrc/cpu_ops.cpp); anything else (another dtype, a layout they do not take) falls back to
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from zeroserve.kernels.base import LinearHandle
 from zeroserve.kernels.cpu import build
 from zeroserve.kernels.metadata import AttentionMetadata
 from zeroserve.kernels.reference import ops as reference
@@ -227,8 +229,9 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class PackedLinear:
-    """A projection's weight [N, K] (and bias) in the panel layout of ``linear``, packed once."""
+class PackedLinear(LinearHandle):
+    """A projection's weight [N, K] (and bias) in the panel layout of ``linear``, packed once
+    (a copy: the original can be dropped)."""
 
     PANEL = 16
 

@@ -2,8 +2,10 @@
 
 Shapes: B rows (requests that sample this step), V vocabulary. ``logits`` are fp32 ``[B, V]``;
 per-request parameters are ``[B]`` tensors on the same device. No op modifies its inputs (one
-with nothing to do may return its input as is), so a faster backend (Triton) can replace any
-of them behind the same signature. Definitions follow vLLM / OpenAI (see each docstring).
+with nothing to do may return its input as is). Definitions follow vLLM / OpenAI (see each
+docstring). Every device runs these; the filter chain (``filter_logits``) and the greedy
+argmax are also in the kernel interface (kernels/base.py ``sampling_filter``, ``argmax_rows``),
+where a backend may put a faster version.
 
 Order the sampler applies them in (vLLM v1's):
 
@@ -190,6 +192,23 @@ def apply_top_k_top_p(
         values = values.masked_fill(values < threshold, float("-inf"))
     cutoff = _top_p_cutoff(logits, values, p)
     return logits.masked_fill(logits < cutoff, float("-inf"))
+
+
+def filter_logits(
+    logits: torch.Tensor,
+    temperature: torch.Tensor | None,
+    min_p: torch.Tensor | None,
+    top_k: torch.Tensor | None,
+    top_p: torch.Tensor | None,
+    max_k: int | None = None,
+) -> torch.Tensor:
+    """The whole filter chain in the sampler's order: temperature, min-p, top-k, top-p.
+    Each parameter a ``[B]`` tensor or None (no row uses it); max_k as in apply_top_k."""
+    if temperature is not None:
+        logits = apply_temperature(logits, temperature)
+    if min_p is not None:
+        logits = apply_min_p(logits, min_p)
+    return apply_top_k_top_p(logits, top_k, top_p, max_k)
 
 
 def _top_p_cutoff(logits: torch.Tensor, values: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Triton kernels behind the interface of kernels/reference/ops.py (same names, same contracts).
+"""Triton kernels with the contracts of kernels/reference/ops.py (same names, same signatures);
+backend.py puts them behind the kernel interface.
 
 Each op lives in its own module; this file only dispatches. No wrapper here syncs with the
 device or sizes anything from tensor *contents*: grids come from shapes and the host ints of

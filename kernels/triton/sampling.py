@@ -2,7 +2,8 @@
 
 Same signatures as kernels/reference/sampling.py (apply_min_p, apply_top_k, apply_top_p,
 apply_top_k_top_p, apply_temperature), all served by one fused kernel, plus
-``top_k_top_p_min_p_filter`` that applies the whole chain in one launch.
+``top_k_top_p_min_p_filter`` that applies the whole chain in one launch: the Triton backend's
+``sampling_filter`` (backend.py), which the sampler calls on a GPU.
 
 One program per row. Instead of a sort, each threshold is found by bisection over the
 order-preserving int32 image of the fp32 values (``key``), counting or summing over the row
@@ -214,10 +215,6 @@ def reference_filter(
     temperature: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The same chain through the torch reference ops (the oracle for tests and gpu checks)."""
-    from zeroserve.kernels.reference import sampling as ref
+    from zeroserve.kernels.reference.sampling import filter_logits
 
-    if temperature is not None:
-        logits = ref.apply_temperature(logits, temperature)
-    if min_p is not None:
-        logits = ref.apply_min_p(logits, min_p)
-    return ref.apply_top_k_top_p(logits, top_k, top_p)
+    return filter_logits(logits, temperature, min_p, top_k, top_p)

@@ -2,8 +2,10 @@
 create_app over it with aiohttp's test server.
 
 The fake "tokenizes" by whitespace, "generates" the words " t0 t1 ..." (" s{seed}_0 ..." with
-a seed), honours max_tokens / stop strings / logprobs like the engine, and records every
-GenerateRequest, every Abort (a stream closed before its last delta) and every ping.
+a seed), honours max_tokens / stop strings / logprobs like the engine, refuses what the engine
+refuses (token ids outside the vocabulary, the context length, min_tokens over max_tokens: the
+API leaves those to the engine), and records every GenerateRequest, every Abort (a stream
+closed before its last delta) and every ping.
 Words in the prompt (or the last message) trigger failures:
     OVERLOAD -> 429 at admission        TOOLONG -> 400 prompt too long
     CRASH    -> 2 tokens, then 503      HANG    -> 1 token, then nothing (until aborted)
@@ -23,9 +25,11 @@ from zeroserve.api_proc.app import create_app
 from zeroserve.api_proc.config import ApiConfig
 from zeroserve.shared.messages import (
     DetokenizeRequest,
+    EngineStatus,
     ErrorInfo,
     GenerateRequest,
     Pong,
+    SchedulerStats,
     TextDelta,
     TokenizeRequest,
     TokenizeResult,
@@ -46,18 +50,14 @@ class FakeEngineClient:
         self.vocab_size = vocab_size
         self.ready = True
         self.ping_fails = False
-        self.info: dict = {
-            "model_name": "fake",
-            "max_model_len": max_model_len,
-            "vocab_size": vocab_size,
-            "num_running": 3,
-            "num_waiting": 2,
-            "kv_cache_usage": 0.25,
-            "prefix_cache_queries": 1000,
-            "prefix_cache_hits": 400,
-            "num_preemptions": 7,
-            "workers_ready": True,
-        }
+        self.stats = SchedulerStats(
+            num_running=3,
+            num_waiting=2,
+            kv_cache_usage=0.25,
+            prefix_cache_queries=1000,
+            prefix_cache_hits=400,
+            num_preemptions=7,
+        )
         self.requests: list[GenerateRequest] = []
         self.aborted: list[str] = []
         self.finished: list[str] = []
@@ -66,7 +66,6 @@ class FakeEngineClient:
         self.detokenized: list[list[int]] = []
         self.tokenized: list[TokenizeRequest] = []
         self.started = asyncio.Event()  # set when a HANG request has sent its token
-        self.send_top_texts = True  # like tokenizer_proc; False: the API must look them up
 
     async def start(self) -> None:
         pass
@@ -90,7 +89,22 @@ class FakeEngineClient:
         self.pings += 1
         if self.ping_fails:
             raise TimeoutError("no pong")
-        return Pong(sent_at=time.time(), role="tokenizer", ready=self.ready, info=dict(self.info))
+        engine = EngineStatus(
+            model_name="fake",
+            max_model_len=self.max_model_len,
+            vocab_size=self.vocab_size,
+            draining=False,
+            bad_frames=0,
+            stats=self.stats,
+        )
+        return Pong(sent_at=time.time(), role="tokenizer", ready=self.ready, engine=engine)
+
+    async def ping_all(self, timeout: float = 1.0) -> list[Pong | None]:
+        """One tokenizer: its Pong, or None when pings fail."""
+        try:
+            return [await self.ping(timeout)]
+        except TimeoutError:
+            return [None]
 
     async def tokenize(self, req: TokenizeRequest) -> TokenizeResult:
         self.tokenized.append(req)
@@ -105,6 +119,11 @@ class FakeEngineClient:
 
     async def detokenize(self, req: DetokenizeRequest) -> TokenizeResult:
         self.detokenized.append(list(req.token_ids))
+        bad = [t for t in req.token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            message = f"Token id {bad[0]} in tokens is outside the vocabulary [0, {self.vocab_size})."
+            err = ErrorInfo(400, "invalid_request_error", message, param="tokens")
+            return TokenizeResult(request_id=req.request_id, error=err)
         return TokenizeResult(request_id=req.request_id, text=" ".join(f"<{t}>" for t in req.token_ids))
 
     def stream(self, req: GenerateRequest):
@@ -125,19 +144,20 @@ class FakeEngineClient:
             )
 
         try:
-            if req.prompt_token_ids is not None:
-                prompt_ids = list(req.prompt_token_ids)
-                prompt_text = " ".join(f"<{t}>" for t in prompt_ids)
-                bad = [t for t in prompt_ids if t >= self.vocab_size]
+            for param, ids in (("prompt", req.prompt_token_ids or []), ("stop_token_ids", p.stop_token_ids)):
+                bad = [t for t in ids if not 0 <= t < self.vocab_size]
                 if bad:
                     done = True
                     yield error(
                         400,
                         "invalid_request_error",
-                        f"Token id {bad[0]} is outside the vocabulary.",
-                        "prompt",
+                        f"Token id {bad[0]} in {param} is outside the vocabulary [0, {self.vocab_size}).",
+                        param,
                     )
                     return
+            if req.prompt_token_ids is not None:
+                prompt_ids = list(req.prompt_token_ids)
+                prompt_text = " ".join(f"<{t}>" for t in prompt_ids)
             else:
                 prompt_text = self._render(req)
                 prompt_ids = self._tokens(prompt_text)
@@ -162,6 +182,15 @@ class FakeEngineClient:
                     "max_tokens",
                 )
                 return
+            if p.min_tokens > max_tokens:
+                done = True
+                yield error(
+                    400,
+                    "invalid_request_error",
+                    f"min_tokens must be between 0 and max_tokens, got {p.min_tokens}.",
+                    "min_tokens",
+                )
+                return
             tag = f"s{p.seed}_" if p.seed is not None else "t"
             full, emitted = "", 0
             for k in range(max_tokens):
@@ -181,9 +210,11 @@ class FakeEngineClient:
                         extra.update(prompt_token_ids=prompt_ids, prompt_text=prompt_text)
                 if p.logprobs is not None:
                     top = [TopLogprob(token_id=900 + r, logprob=-1.0 - r) for r in range(p.logprobs)]
-                    extra.update(logprobs=[TokenLogprobs(logprob=-0.5, top=top)], token_texts=[piece])
-                    if self.send_top_texts:
-                        extra["top_token_texts"] = [[f"<{a.token_id}>" for a in top]]
+                    extra.update(
+                        logprobs=[TokenLogprobs(logprob=-0.5, top=top)],
+                        token_texts=[piece],
+                        top_token_texts=[[f"<{a.token_id}>" for a in top]],
+                    )
                 hits = [(full.find(s), s) for s in req.stop if s in full]
                 if hits:
                     pos, s = min(hits)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from api_fake_engine import MODEL, FakeEngineClient, api_client, sse_events
 
+from zeroserve.shared.messages import SchedulerStats
+
 
 async def test_completion_shape_and_usage():
     async with api_client() as client:
@@ -186,17 +188,6 @@ async def test_chat_logprobs_shape():
     assert len(content) == 2
 
 
-async def test_alternatives_without_texts_are_detokenized_once():
-    fake = FakeEngineClient()
-    fake.send_top_texts = False
-    async with api_client(fake) as client:
-        for _ in range(2):
-            resp = await client.post("/v1/completions", json={"prompt": "q", "max_tokens": 2, "logprobs": 2})
-            body = await resp.json()
-    assert body["choices"][0]["logprobs"]["top_logprobs"][1] == {"<900>": -1.0, "<901>": -2.0, " t1": -0.5}
-    assert sorted(fake.detokenized) == [[900], [901]]  # then cached
-
-
 async def test_chat_logprobs_stream():
     async with api_client() as client:
         resp = await client.post(
@@ -273,9 +264,9 @@ async def test_health_and_ready():
         assert (await client.get("/ready")).status == 200
         fake.ready = False
         loading = await client.get("/ready")
-        fake.ready, fake.info["workers_ready"] = True, False
+        fake.ready, fake.stats = True, SchedulerStats(workers_ready=False)
         worker_down = await client.get("/ready")
-        fake.info["workers_ready"], fake.ping_fails = True, True
+        fake.stats, fake.ping_fails = SchedulerStats(), True
         unreachable = await client.get("/ready")
         assert (await client.get("/health")).status == 200
         assert [r.status for r in (loading, worker_down, unreachable)] == [503, 503, 503]

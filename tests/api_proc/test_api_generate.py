@@ -1,45 +1,12 @@
-"""generate.py on its own: the token-text cache for logprob alternatives and EngineStreams'
-guarantees (every stream closed, transport failures become error deltas)."""
+"""generate.py on its own: EngineStreams' guarantees (every stream closed, transport failures
+become error deltas)."""
 
 from __future__ import annotations
 
-import asyncio
-
 from api_fake_engine import FakeEngineClient
 
-from zeroserve.api_proc.generate import EngineStreams, TokenTexts
-from zeroserve.shared.messages import GenerateRequest, SamplingParams, TokenizeResult
-
-
-class SlowDetokenizer:
-    def __init__(self, fail: bool = False):
-        self.calls: list[list[int]] = []
-        self.fail = fail
-
-    async def detokenize(self, req):
-        self.calls.append(list(req.token_ids))
-        await asyncio.sleep(0.05)
-        if self.fail:
-            raise TimeoutError("no answer")
-        return TokenizeResult(request_id=req.request_id, text=f"<{req.token_ids[0]}>")
-
-
-async def test_concurrent_lookups_of_one_token_ask_the_engine_once():
-    engine = SlowDetokenizer()
-    texts = TokenTexts(engine)
-    texts.learn([1], ["one"])
-    a, b = await asyncio.gather(texts.lookup({1, 7, 8}), texts.lookup({7}))
-    assert a == {1: "one", 7: "<7>", 8: "<8>"} and b == {7: "<7>"}
-    assert sorted(engine.calls) == [[7], [8]]
-    assert await texts.lookup({7}) == {7: "<7>"} and len(engine.calls) == 2  # cached
-
-
-async def test_failed_lookup_is_empty_and_not_cached():
-    engine = SlowDetokenizer(fail=True)
-    texts = TokenTexts(engine)
-    assert await texts.lookup({5}) == {5: ""}
-    await texts.lookup({5})
-    assert engine.calls == [[5], [5]]
+from zeroserve.api_proc.generate import EngineStreams
+from zeroserve.shared.messages import GenerateRequest, SamplingParams
 
 
 def gen(request_id: str, prompt: str) -> GenerateRequest:

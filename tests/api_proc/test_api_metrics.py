@@ -60,8 +60,9 @@ async def test_metrics_count_served_requests():
 RECORD = textwrap.dedent("""
     import sys
     from zeroserve.api_proc.metrics import ApiMetrics
+    from zeroserve.shared.messages import SchedulerStats
     mode, path = sys.argv[1], sys.argv[2]
-    engine = {"num_preemptions": 7, "num_running": 3, "prefix_cache_hits": 40}
+    engine = SchedulerStats(num_preemptions=7, num_running=3, prefix_cache_hits=40)
     m = ApiMetrics("test-model", lambda: engine, metrics_dir=path)
     if mode == "record":
         m.first_token(0.0, 0.5)

@@ -8,20 +8,19 @@ from api_fake_engine import MODEL, make_config
 
 from zeroserve.api_proc.errors import ApiError, from_decode_error
 from zeroserve.api_proc.protocol import ChatCompletionRequest, CompletionRequest, TokenizeBody
-from zeroserve.api_proc.requests import EngineLimits, chat_plan, completion_plan, tokenize_request
+from zeroserve.api_proc.requests import chat_plan, completion_plan, tokenize_request
 from zeroserve.shared.messages import SamplingParams
 
-LIMITS = EngineLimits(max_model_len=4096, vocab_size=32000)
 CONFIG = make_config()
 
 
 def completion(**body):
-    return completion_plan(msgspec.convert({"prompt": "hi", **body}, CompletionRequest), CONFIG, LIMITS)
+    return completion_plan(msgspec.convert({"prompt": "hi", **body}, CompletionRequest), CONFIG)
 
 
 def chat(**body):
     body = {"messages": [{"role": "user", "content": "hi"}], **body}
-    return chat_plan(msgspec.convert(body, ChatCompletionRequest), CONFIG, LIMITS)
+    return chat_plan(msgspec.convert(body, ChatCompletionRequest), CONFIG)
 
 
 def test_every_sampling_field_reaches_the_engine():
@@ -65,7 +64,8 @@ def test_every_sampling_field_reaches_the_engine():
     assert req.prompt == "hi" and req.messages is None and req.prompt_token_ids is None
     assert req.stop == ["\n", "END"] and req.include_stop_str_in_output is True
     assert req.skip_special_tokens is False and req.priority == -2 and req.cache_salt == "s"
-    assert req.deadline_s == CONFIG.request_timeout_s and req.return_prompt is False
+    assert req.queue_timeout_s == CONFIG.request_timeout_s and req.deadline_s is None
+    assert req.return_prompt is False
     assert req.request_id == f"{plan.request_id}-0" and plan.logprobs == 3
 
 
@@ -146,14 +146,12 @@ def test_limits_come_from_config():
     config = make_config(max_n=2, max_stop_strings=1, max_logprobs=5)
     body = msgspec.convert({"prompt": "x", "n": 3}, CompletionRequest)
     with pytest.raises(ApiError) as e:
-        completion_plan(body, config, LIMITS)
+        completion_plan(body, config)
     assert e.value.status == 400 and e.value.param == "n"
     with pytest.raises(ApiError, match="stop"):
-        completion_plan(
-            msgspec.convert({"prompt": "x", "stop": ["a", "b"]}, CompletionRequest), config, LIMITS
-        )
+        completion_plan(msgspec.convert({"prompt": "x", "stop": ["a", "b"]}, CompletionRequest), config)
     with pytest.raises(ApiError, match="logprobs"):
-        completion_plan(msgspec.convert({"prompt": "x", "logprobs": 6}, CompletionRequest), config, LIMITS)
+        completion_plan(msgspec.convert({"prompt": "x", "logprobs": 6}, CompletionRequest), config)
 
 
 def test_model_must_be_the_served_one():

@@ -148,10 +148,11 @@ def test_garbage_frames_on_every_socket_change_nothing(zeroserve_server):
                 await asyncio.sleep(0.2)
                 sock.close(0)
             ctx.term()
-            return await asyncio.wait_for(job, 120)
+            return await asyncio.wait_for(job, 120), await client.ping(timeout=5)
 
-    got = asyncio.run(under_attack())
+    got, pong = asyncio.run(under_attack())
     assert got["token_ids"] == expected["token_ids"]
+    assert pong.engine.bad_frames >= 10_000, "every frame sent to the tokenizer is counted as dropped"
     assert sorted(server.children()) == pids_before, "a process died or restarted"
     status, _ = server.get("/health")
     assert status == 200

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from zeroserve.shared.client import EngineClient, EngineError
-from zeroserve.shared.messages import SamplingParams
+from zeroserve.shared.messages import EngineStatus, SamplingParams, SchedulerStats
 
 PROMPTS = [
     "The capital of France is",
@@ -38,7 +38,7 @@ def reference_tokens(tokenizer, gguf_path):
 
     torch.set_num_threads(2)
     engine = InProcessEngine(
-        None, runner=ModelRunner(RunnerConfig(model=gguf_path, max_model_len=2048, num_kv_blocks=512))
+        ModelRunner(RunnerConfig(model=gguf_path, max_model_len=2048, num_kv_blocks=512))
     )
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     out = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
@@ -160,3 +160,16 @@ def test_bad_requests_get_typed_errors(zeroserve_server):
     assert [e.status for e in errors] == [400, 400, 400, 400]
     assert "vocabulary" in errors[0].message and "context length" in errors[1].message
     assert ok["usage"]["completion_tokens"] >= 1
+
+
+def test_ping_reports_the_engine_as_a_typed_status(zeroserve_server):
+    async def main():
+        async with EngineClient(zeroserve_server.tokenizer_address) as client:
+            return await client.ping(timeout=5)
+
+    pong = run(main())
+    engine = pong.engine
+    assert pong.ready and pong.role == "tokenizer"
+    assert isinstance(engine, EngineStatus) and isinstance(engine.stats, SchedulerStats)
+    assert engine.max_model_len == 2048 and engine.vocab_size >= 49152 and not engine.draining
+    assert engine.stats.workers_ready and engine.stats.num_kv_blocks > 0

@@ -2,10 +2,11 @@
 
 Each model is a random transformers model saved with save_pretrained into a temp folder and
 loaded by the ModelRunner through the real loader. HF's generate(do_sample=False) on each
-prompt alone is the reference; the runner is driven by hand-built plans (gpu_worker.offline)
-in the ways the scheduler drives it: one sequence, a ragged batch (all at once and under a
-tight token budget that mixes chunked prefills with decodes), a prefill in 3 chunks, and a
-request whose prefix is already in the cache (num_computed_tokens > 0, blocks reused).
+prompt alone is the reference; the runner is driven by the real scheduler in-process
+(launcher.inprocess): one sequence, a ragged batch (all at once and under a tight token
+budget that mixes chunked prefills with decodes), a prefill in 3 chunks, and a request whose
+prefix is already in the cache (num_computed_tokens > 0, blocks reused). Each test checks
+from the plans that the scheduler really drove the runner that way.
 
 initializer_range=0.2 makes the random models' greedy outputs varied (at 0.02 they repeat
 one token) with a top-2 logit margin ~1e-2, far above fp32 rounding.
@@ -24,8 +25,8 @@ torch.set_num_threads(1)  # tiny matmuls: a second thread costs more than it giv
 transformers = pytest.importorskip("transformers")
 
 from zeroserve.gpu_worker.model_runner import ModelRunner, RunnerConfig  # noqa: E402
-from zeroserve.gpu_worker.offline import PlanBuilder, generate  # noqa: E402
-from zeroserve.shared.messages import SamplingParams  # noqa: E402
+from zeroserve.launcher.inprocess import EngineStep, InProcessEngine  # noqa: E402
+from zeroserve.shared.messages import SamplingParams, StepPlan  # noqa: E402
 
 NUM_TOKENS = 32
 BLOCK_SIZE = 8  # small, so prompts and chunks cross block boundaries
@@ -107,49 +108,79 @@ def test_outputs_are_varied(case):
     assert len({t for out in case.expected for t in out}) > 40
 
 
+def run(runner, prompts, **limits) -> tuple[list[list[int]], list[StepPlan]]:
+    """Greedy outputs through a fresh in-process engine, and the plans it ran."""
+    steps: list[EngineStep] = []
+    outputs = InProcessEngine(runner, **limits).generate(prompts, GREEDY, on_step=steps.append)
+    return outputs, [s.plan for s in steps]
+
+
+def step_kinds(plans: list[StepPlan]) -> list[set[str]]:
+    """Per plan, what its rows did: "chunk" (a prefill that stops short of the prompt's end),
+    "prefill" (one that reaches it), "decode" (one token after the prompt)."""
+    prompt_len: dict[str, int] = {}
+    computed: dict[str, int] = {}
+    kinds = []
+    for plan in plans:
+        here = set()
+        prompt_len.update((n.request_id, n.num_prompt_tokens) for n in plan.new)
+        rows = [(n.request_id, n.num_computed_tokens, n.num_new_tokens) for n in plan.new]
+        rows += [(r.request_id, computed[r.request_id], r.num_new_tokens) for r in plan.running]
+        for rid, start, num_new in rows:
+            end = computed[rid] = start + num_new
+            if start >= prompt_len[rid]:
+                here.add("decode")
+            else:
+                here.add("chunk" if end < prompt_len[rid] else "prefill")
+        kinds.append(here)
+    return kinds
+
+
 def test_single_sequence(case):
-    assert generate(case.runner, [case.prompts[-1]], GREEDY) == [case.expected[-1]]
-    assert case.runner.num_requests == 0
+    outputs, plans = run(case.runner, [case.prompts[-1]])
+    assert outputs == [case.expected[-1]]
+    assert step_kinds(plans) == [{"prefill"}] + [{"decode"}] * (NUM_TOKENS - 1)
 
 
 def test_ragged_batch(case):
-    assert generate(case.runner, case.prompts, GREEDY) == case.expected
-    assert case.runner.num_requests == 0
+    engine = InProcessEngine(case.runner)
+    steps: list[EngineStep] = []
+    assert engine.generate(case.prompts, GREEDY, on_step=steps.append) == case.expected
+    first = steps[0].plan  # every prompt, whole, in one step of 8 ragged rows
+    assert sorted(n.num_new_tokens for n in first.new) == PROMPT_LENS
+    assert all(n.num_computed_tokens == 0 for n in first.new)
+    # the worker forgets finished requests when the next plan says so
+    assert case.runner.num_requests == len(PROMPT_LENS)
+    engine.generate([case.prompts[0]], GREEDY)
+    assert case.runner.num_requests == 1
 
 
 def test_ragged_batch_mixed_steps(case):
     """A 20-token budget: prefills are chunked and share steps with other rows' decodes."""
-    assert generate(case.runner, case.prompts, GREEDY, max_num_batched_tokens=20) == case.expected
+    outputs, plans = run(case.runner, case.prompts, max_num_batched_tokens=20)
+    assert outputs == case.expected
+    assert any({"chunk", "decode"} <= kinds for kinds in step_kinds(plans))
 
 
 def test_prefill_in_three_chunks(case):
-    prompt = case.prompts[-1]  # 40 tokens -> chunks of 14, 14, 12
-    builder = PlanBuilder(case.runner.num_kv_blocks, BLOCK_SIZE, max_num_batched_tokens=14)
-    builder.add("chunked", prompt, GREEDY)
-    chunks = []
-    while (plan := builder.schedule()) is not None:
-        chunks += [r.num_new_tokens for r in plan.new] + [r.num_new_tokens for r in plan.running]
-        builder.update(case.runner.execute(plan))
-    assert chunks[:3] == [14, 14, 12] and set(chunks[3:]) == {1}
-    assert builder.outputs["chunked"] == case.expected[-1]
+    outputs, plans = run(case.runner, [case.prompts[-1]], max_num_batched_tokens=14)
+    chunks = [r.num_new_tokens for plan in plans for r in [*plan.new, *plan.running]]
+    assert chunks[:3] == [14, 14, 12] and set(chunks[3:]) == {1}  # 40 tokens -> 14, 14, 12
+    assert outputs == [case.expected[-1]]
 
 
 def test_prefix_reuse(case):
     """A second request computes only its tail over blocks the first one filled."""
-    builder = PlanBuilder(case.runner.num_kv_blocks, BLOCK_SIZE)
-    builder.add("first", case.prompts[-1], GREEDY)
-    while (plan := builder.schedule()) is not None:
-        builder.update(case.runner.execute(plan))
-    prefix_blocks = builder.block_ids["first"][:4]  # tokens 0..31
-    builder.add("second", case.prefix_prompt, GREEDY, reuse_blocks=prefix_blocks, num_cached_tokens=32)
-    plan = builder.schedule()
-    assert plan.new[0].num_computed_tokens == 32 and plan.new[0].num_new_tokens == 3
-    assert plan.new[0].block_ids[:4] == prefix_blocks
-    builder.update(case.runner.execute(plan))
-    while (plan := builder.schedule()) is not None:
-        builder.update(case.runner.execute(plan))
-    assert builder.outputs["first"] == case.expected[-1]
-    assert builder.outputs["second"] == case.expected_prefix
+    engine = InProcessEngine(case.runner)
+    steps: list[EngineStep] = []
+    assert engine.generate([case.prompts[-1]], GREEDY, on_step=steps.append) == [case.expected[-1]]
+    prefix_blocks = steps[0].plan.new[0].block_ids[:4]  # tokens 0..31
+    steps.clear()
+    assert engine.generate([case.prefix_prompt], GREEDY, on_step=steps.append) == [case.expected_prefix]
+    second = steps[0].plan.new[0]
+    assert second.num_computed_tokens == 32 and second.num_new_tokens == 3
+    assert second.block_ids[:4] == prefix_blocks
+    assert steps[0].deltas[0].num_cached_tokens == 32
 
 
 def test_torch_reference_kernels_give_the_same_tokens(case, tmp_path):
@@ -160,9 +191,8 @@ def test_torch_reference_kernels_give_the_same_tokens(case, tmp_path):
             model=case.runner.config.model, block_size=BLOCK_SIZE, num_kv_blocks=128, kernel_backend="torch"
         )
     )
-    assert runner.ops.__name__ == "zeroserve.kernels.reference.ops"
-    assert case.runner.ops.__name__ == "zeroserve.kernels.cpu.ops"
-    assert generate(runner, case.prompts, GREEDY, max_num_batched_tokens=20) == case.expected
+    assert runner.ops.name == "torch" and case.runner.ops.name == "cpu"
+    assert run(runner, case.prompts, max_num_batched_tokens=20)[0] == case.expected
 
 
 def test_float16_kv_cache_stays_close_to_hf(case):
@@ -177,7 +207,7 @@ def test_float16_kv_cache_stays_close_to_hf(case):
     )
     assert runner.kv_caches[0].dtype == torch.float16
     assert runner.kv_spec.bytes_per_block * 2 == case.runner.kv_spec.bytes_per_block
-    outputs = generate(runner, case.prompts, GREEDY, max_num_batched_tokens=20)
+    outputs, _ = run(runner, case.prompts, max_num_batched_tokens=20)
     assert all(got[:12] == want[:12] for got, want in zip(outputs, case.expected))
     assert sum(got == want for got, want in zip(outputs, case.expected)) >= 6
 

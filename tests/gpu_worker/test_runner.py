@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 from zeroserve.gpu_worker.input_batch import PlanError  # noqa: E402
 from zeroserve.gpu_worker.kv_cache import GiB, KVCacheSpec, cpu_num_blocks  # noqa: E402
 from zeroserve.gpu_worker.model_runner import ModelRunner, RunnerConfig  # noqa: E402
-from zeroserve.gpu_worker.offline import generate  # noqa: E402
+from zeroserve.launcher.inprocess import InProcessEngine  # noqa: E402
 from zeroserve.shared.messages import (  # noqa: E402
     NewRequestData,
     RunningRequestData,
@@ -171,15 +171,15 @@ def test_reset_forgets_every_request(runner):
 
 def test_seeded_sampling_depends_only_on_the_seed(runner):
     seeded = SamplingParams(max_tokens=12, temperature=1.0, seed=1234, ignore_eos=True)
-    alone = generate(runner, [[7, 8, 9]], seeded)[0]
-    crowd = generate(
-        runner,
+    engine = InProcessEngine(runner)
+    alone = engine.generate([[7, 8, 9]], seeded)[0]
+    crowd = engine.generate(
         [[1, 2], [7, 8, 9], [5] * 9],
         [SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True), seeded, GREEDY],
     )[1]
     assert alone == crowd and len(alone) == 12
-    other_seed = generate(
-        runner, [[7, 8, 9]], SamplingParams(max_tokens=12, temperature=1.0, seed=99, ignore_eos=True)
+    other_seed = engine.generate(
+        [[7, 8, 9]], SamplingParams(max_tokens=12, temperature=1.0, seed=99, ignore_eos=True)
     )[0]
     assert other_seed != alone
 
@@ -261,9 +261,12 @@ def test_bad_num_prompt_tokens_is_rejected(runner):
 def test_projections_are_packed_at_the_first_step(model_dir, runner):
     """The C++ kernels' panels by default, oneDNN's layout with the torch kernels; both drop
     the plain weight and give the same greedy tokens (same seeded dummy weights)."""
+    from zeroserve.kernels.cpu.ops import PackedLinear
+    from zeroserve.kernels.reference.backend import OneDNNLinear
+
     runner.execute(StepPlan(0, new=[new("a", [1, 2, 3], [0])]))
     qkv = runner.model.model.layers[0].self_attn.qkv_proj
-    assert qkv.cpu_packed is not None and qkv.packed is None and qkv.weight is None
+    assert isinstance(qkv.handle, PackedLinear) and qkv.weight is None
     torch_runner = ModelRunner(
         RunnerConfig(
             model=model_dir,
@@ -273,7 +276,9 @@ def test_projections_are_packed_at_the_first_step(model_dir, runner):
             kernel_backend="torch",
         )
     )
-    torch_runner.execute(StepPlan(0, new=[new("a", [1, 2, 3], [0])]))
     qkv = torch_runner.model.model.layers[0].self_attn.qkv_proj
-    assert qkv.packed is not None and qkv.cpu_packed is None and qkv.weight is None
-    assert generate(runner, [[5, 6, 7]], GREEDY) == generate(torch_runner, [[5, 6, 7]], GREEDY)
+    assert qkv.handle is None and qkv.weight is not None  # still editable until the first step
+    torch_runner.execute(StepPlan(0, new=[new("a", [1, 2, 3], [0])]))
+    assert isinstance(qkv.handle, OneDNNLinear) and qkv.weight is None
+    greedy = InProcessEngine(runner).generate([[5, 6, 7]], GREEDY)
+    assert greedy == InProcessEngine(torch_runner).generate([[5, 6, 7]], GREEDY)

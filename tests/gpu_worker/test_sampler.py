@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 
 from zeroserve.gpu_worker.sampler import Sampler, SamplingBatch, make_generator
 from zeroserve.kernels.reference import sampling as ops
+from zeroserve.kernels.reference.backend import ReferenceKernels
 from zeroserve.shared.messages import SamplingParams
 
 torch.set_num_threads(2)
@@ -273,21 +272,66 @@ def test_build_rejects_mismatched_lists():
         SamplingBatch.build([SamplingParams()] * 2, [[], []], [[]], [None, None], EOS, "cpu")
 
 
-def test_sampler_uses_the_ops_backend_it_was_given():
-    calls = []
+class SpyKernels(ReferenceKernels):
+    """The torch backend, recording what the sampler asks of it."""
 
-    def spy_top_k_top_p(logits, k, p, max_k=None):
-        calls.append((k.tolist(), p, max_k))
-        return ops.apply_top_k_top_p(logits, k, p, max_k)
+    def __init__(self):
+        self.filters, self.argmaxes = [], 0
 
-    backend = types.SimpleNamespace(**{n: getattr(ops, n) for n in dir(ops) if n[0] != "_"})
-    backend.apply_top_k_top_p = spy_top_k_top_p
+    def sampling_filter(self, logits, temperature, min_p, top_k, top_p, max_top_k=None):
+        self.filters.append((temperature, min_p, top_k.tolist(), top_p, max_top_k))
+        return super().sampling_filter(logits, temperature, min_p, top_k, top_p, max_top_k)
+
+    def argmax_rows(self, x):
+        self.argmaxes += 1
+        return super().argmax_rows(x)
+
+
+def test_sampler_takes_its_filter_and_argmax_from_the_kernel_backend():
+    kernels = SpyKernels()
+    sampler = Sampler(kernels)
     params = [SamplingParams(top_k=3), SamplingParams(temperature=0.0, top_k=7)]
-    out = Sampler(backend).sample(random_logits(2), build(params))
-    assert calls == [([3, 0], None, 3)]  # the greedy row's top_k is switched off
+    out = sampler.sample(random_logits(2), build(params))
+    # the greedy row's top_k is switched off; the host knows the largest k (no device sync)
+    assert kernels.filters == [(None, None, [3, 0], None, 3)]
+    assert kernels.argmaxes == 1  # the greedy row's token
     assert len(out.token_ids) == 2
+    sampler.sample(random_logits(4), build([SamplingParams(temperature=0.0)] * 4))
+    assert kernels.argmaxes == 2 and len(kernels.filters) == 1  # all greedy: no filter
 
-    # a backend without max_k (filters that need no host-side k) is called without it
-    backend.apply_top_k_top_p = lambda logits, k, p: spy_top_k_top_p(logits, k, p)
-    Sampler(backend).sample(random_logits(2), build(params))
-    assert calls[1] == ([3, 0], None, None)
+
+# --------------------------------------------------------------------------- a top_k past the vocabulary
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_a_huge_top_k_costs_what_top_k_vocab_costs_and_samples_the_same(monkeypatch, top_p):
+    """top_k >= V keeps every token. As the batch's largest k it used to buy every row a
+    full-vocabulary topk; it must cost (and sample) what top_k = V, i.e. no top-k, does."""
+    widths: list[int] = []
+    topk = torch.Tensor.topk
+
+    def spy(self, k, *args, **kwargs):
+        widths.append(k)
+        return topk(self, k, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "topk", spy)
+    vocab = 4 * ops.TOP_P_CANDIDATES  # top-p's own candidates are not the whole vocabulary
+    logits = random_logits(6, vocab=vocab, seed=9)
+    runs = {}
+    for top_k in (vocab, 2**62, 2**63 - 1, 0):
+        widths.clear()
+        params = [SamplingParams(temperature=0.8, top_p=top_p, top_k=top_k, seed=i) for i in range(6)]
+        generators = [make_generator(i) for i in range(6)]
+        out = SAMPLER.sample(logits, build(params, generators=generators))
+        runs[top_k] = (out.token_ids, list(widths))
+    assert runs[2**62] == runs[vocab] == runs[2**63 - 1] == runs[0]  # as if top_k were off
+    assert all(w < vocab for w in runs[2**62][1]), f"a full-vocabulary topk: {runs[2**62][1]}"
+
+
+def test_a_real_top_k_next_to_a_huge_one_still_filters_its_row():
+    logits = random_logits(2, seed=10, scale=0.1)  # nearly flat: top_k decides what can come out
+    allowed = set(logits[1].topk(3).indices.tolist())
+    for seed in range(20):
+        params = [SamplingParams(top_k=2**40, seed=seed), SamplingParams(top_k=3, seed=seed)]
+        out = SAMPLER.sample(logits, build(params, generators=[make_generator(seed)] * 2))
+        assert out.token_ids[1] in allowed

@@ -20,7 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 torch.set_num_threads(2)
 
 from zeroserve.gpu_worker.model_runner import ModelRunner, RunnerConfig  # noqa: E402
-from zeroserve.gpu_worker.offline import generate  # noqa: E402
+from zeroserve.launcher.inprocess import InProcessEngine  # noqa: E402
 from zeroserve.shared import env  # noqa: E402
 from zeroserve.shared.messages import SamplingParams  # noqa: E402
 
@@ -105,13 +105,18 @@ def expected(request, gguf_path, prompts, runner) -> list[list[int]]:
 
 
 def test_each_prompt_alone(runner, prompts, params, expected):
+    engine = InProcessEngine(runner)
     for ids, want in zip(prompts, expected, strict=True):
-        assert generate(runner, [ids], params) == [want]
+        assert engine.generate([ids], params) == [want]
 
 
 def test_all_prompts_batched(runner, prompts, params, expected):
-    assert generate(runner, prompts, params) == expected
-    assert runner.num_requests == 0
+    engine = InProcessEngine(runner)
+    assert engine.generate(prompts, params) == expected
+    # again on the same engine: the prompts' full blocks (but the last token) come from the prefix cache
+    assert engine.generate(prompts, params) == expected
+    full_blocks = sum((len(p) - 1) // runner.block_size * runner.block_size for p in prompts)
+    assert full_blocks > 0 and engine.scheduler.stats().prefix_cache_hits >= full_blocks
 
 
 def test_reference_is_sensible(tokenizer, expected):

@@ -18,13 +18,16 @@ import pytest
 import torch
 
 from zeroserve.kernels import get_kernels
+from zeroserve.kernels.base import DenseLinear
 from zeroserve.kernels.cpu import build
 from zeroserve.kernels.metadata import AttentionMetadata
 from zeroserve.kernels.reference import ops as ref
+from zeroserve.kernels.reference.backend import ReferenceKernels
 
 if build._compiler() is None:  # a machine without g++ serves with the torch kernels (tested below)
     pytest.skip("no C++ compiler here", allow_module_level=True)
 from zeroserve.kernels.cpu import ops as cpu_ops  # noqa: E402  (with a compiler, a failed build fails)
+from zeroserve.kernels.cpu.backend import CpuKernels  # noqa: E402
 
 
 @pytest.fixture(params=["native", "scalar"])
@@ -137,16 +140,24 @@ def test_packed_linear_edges(ops):
 def test_model_linear_packs_for_the_cpu_kernels():
     from zeroserve.gpu_worker.models.layers import Linear
 
-    layer = Linear(40, 24, bias=True)
+    layer = Linear(40, 24, CpuKernels(), bias=True)
     gen = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(24, 40, generator=gen), torch.randn(24, generator=gen)
     layer.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
     layer.bias = torch.nn.Parameter(bias.clone(), requires_grad=False)
-    layer.pack_for_cpu(cpu_ops)
-    assert layer.weight is None and layer.cpu_packed is not None
     for rows in (1, 64):
         x = torch.randn(rows, 40, generator=gen)
         _close(layer(x), torch.nn.functional.linear(x, weight, bias), 1e-4)
+        assert layer.weight is None and isinstance(layer.handle, cpu_ops.PackedLinear)
+
+
+def test_cpu_backend_leaves_other_dtypes_to_the_torch_backend():
+    backend = CpuKernels()
+    weight = torch.randn(8, 4, dtype=torch.float64)
+    handle = backend.prepare_linear(weight, None)
+    assert isinstance(handle, DenseLinear)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    assert torch.equal(backend.linear(x, handle), torch.nn.functional.linear(x, weight))
 
 
 def test_other_dtypes_fall_back_to_the_reference(ops):
@@ -249,8 +260,8 @@ def test_extreme_scores_stay_finite():
 
 
 def test_cpu_is_the_default_backend_on_cpu():
-    assert get_kernels(None, "cpu") is cpu_ops
-    assert get_kernels("torch", "cpu") is ref
+    assert type(get_kernels(None, "cpu")) is CpuKernels
+    assert type(get_kernels("torch", "cpu")) is ReferenceKernels
 
 
 def test_threads_follow_torch():
@@ -274,13 +285,13 @@ def test_without_a_compiler_the_torch_kernels_serve_with_a_warning(tmp_path):
     code = (
         "import logging, sys; logging.basicConfig(level=logging.WARNING)\n"
         "from zeroserve.kernels import get_kernels\n"
-        "print(get_kernels(None, 'cpu').__name__)\n"
+        "print(get_kernels(None, 'cpu').name)\n"
     )
     result = _fresh_python(
         code, {"PATH": str(tmp_path), "CXX": "", "ZEROSERVE_CACHE_DIR": str(tmp_path / "cache")}
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "zeroserve.kernels.reference.ops"
+    assert result.stdout.strip() == "torch"
     assert "no C++ compiler" in result.stderr and "torch kernels" in result.stderr
 
 

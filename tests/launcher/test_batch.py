@@ -9,6 +9,7 @@ import subprocess
 import time
 
 from tests.conftest import zeroserve_command
+from zeroserve.launcher.batch import done_ids, parse_lines
 
 GOOD_BODIES = [
     ("/v1/completions", {"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}),
@@ -120,3 +121,133 @@ def test_batch_results_equal_the_http_api(zeroserve_server, tmp_path):
         assert batch["object"] == api["object"] and batch["usage"] == api["usage"]
         strip = lambda choices: [{k: v for k, v in c.items()} for c in choices]  # noqa: E731
         assert strip(batch["choices"]) == strip(api["choices"])
+
+
+# ------------------------------------------------------------------ input and resume, no engine
+
+
+def request_line(cid, prompt: str = "Hi", max_tokens: int = 2) -> str:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/completions", "body": body})
+
+
+def test_deeply_nested_lines_become_error_lines():
+    deep_body = '{"custom_id": "deep-body", "method": "POST", "url": "/v1/completions", "body": '
+    lines = ["[" * 100_000, deep_body + '{"p": ' + "[" * 5000 + "]" * 5000 + "}}", request_line("ok")]
+    jobs = parse_lines(lines)
+    assert [(j.line_no, j.error is None) for j in jobs] == [(1, False), (2, False), (3, True)]
+    assert "nests too deeply" in jobs[0].error and "nests too deeply" in jobs[1].error
+
+
+def test_generated_ids_never_equal_a_custom_id_of_the_input():
+    lines = [
+        "not json",  # line 1: would be line-1, which line 2 uses; line-1-2 is line 3's
+        request_line("line-1"),
+        request_line("line-1-2"),
+        request_line("x"),
+        request_line("x"),  # a duplicate: its own generated id
+        json.dumps({"custom_id": 7}),
+    ]
+    jobs = parse_lines(lines)
+    ids = [j.custom_id for j in jobs]
+    assert ids == ["line-1-3", "line-1", "line-1-2", "x", "line-5", "line-6"]
+    assert [j.custom_id for j in parse_lines(lines)] == ids  # the same on resume
+
+
+def result_line(cid: str, status: int = 200) -> str:
+    return json.dumps(
+        {"id": "b", "custom_id": cid, "response": {"status_code": status, "body": {}}, "error": None}
+    )
+
+
+def test_resume_keeps_a_whole_last_line_without_its_newline(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text(result_line("a") + "\n" + result_line("b"))  # killed between the line and "\n"
+    assert done_ids(str(out)) == {"a", "b"}
+    assert (
+        out.read_text() == result_line("a") + "\n" + result_line("b") + "\n"
+    )  # the next append is a new line
+
+
+def test_resume_cuts_a_torn_last_line(tmp_path):
+    out = tmp_path / "out.jsonl"
+    whole = result_line("a") + "\n"
+    out.write_text(whole + result_line("b")[:-7])
+    assert done_ids(str(out)) == {"a"}
+    assert out.read_text() == whole
+
+
+def test_resume_keeps_the_lines_after_one_it_cannot_read(tmp_path):
+    out = tmp_path / "out.jsonl"
+    text = result_line("a") + "\n" + "garbage\n" + result_line("c") + "\n"
+    out.write_text(text)
+    assert done_ids(str(out)) == {"a", "c"}
+    assert out.read_text() == text
+
+
+def test_resume_runs_transient_failures_again_without_duplicating_lines(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text(
+        result_line("a") + "\n" + result_line("b", 503) + "\n" + result_line("c", 400) + "\n"
+        + result_line("d", 429)
+    )  # fmt: skip
+    # b and d gave up on a busy engine: they run again; c's 400 is the request's own fault
+    assert done_ids(str(out)) == {"a", "c"}
+    assert out.read_text() == result_line("a") + "\n" + result_line("c", 400) + "\n"
+    assert not [p for p in tmp_path.iterdir() if p.name != "out.jsonl"], "no temporary file left"
+
+
+# ------------------------------------------------------------------ against real engines
+
+
+def test_hostile_lines_become_error_lines_and_resume_is_exact(zeroserve_server, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [
+        "[" * 100_000,  # line 1: nests too deeply for any JSON decoder
+        request_line("line-1"),  # the id line 1 would have been filed under
+        request_line("\ud800 lone surrogate"),
+        request_line("plain"),
+    ]
+    inp.write_text("\n".join(lines) + "\n")
+    done = subprocess.run(
+        batch_cmd(zeroserve_server, str(inp), str(out)), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    by_id = {line["custom_id"]: line["response"]["status_code"] for line in read_output(out)}
+    assert by_id == {"line-1-2": 400, "line-1": 200, "\ud800 lone surrogate": 200, "plain": 200}
+    again = subprocess.run(
+        batch_cmd(zeroserve_server, str(inp), str(out)), capture_output=True, text=True, timeout=300
+    )
+    assert again.returncode == 0 and "4 skipped" in again.stderr, again.stderr
+    assert len(read_output(out)) == 4
+
+
+def test_transient_failures_are_retried_until_they_succeed(tmp_path):
+    """Queue-full 429s (one running, one waiting) and a worker killed mid-job (503s while it
+    restarts) end as results, not as error lines."""
+    from tests.conftest import start_server
+    from tests.engine.test_engine_failures import role_pid
+
+    server = start_server("--max-num-seqs", "1", "--max-waiting-requests", "1", api_key=None)
+    try:
+        inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+        n = 24
+        inp.write_text("".join(request_line(f"r{i}", f"Count to {i}:", 8) + "\n" for i in range(n)))
+        worker = role_pid(server, "worker")
+        cmd = batch_cmd(server, str(inp), str(out))
+        cmd[cmd.index("--max-concurrency") + 1] = "12"
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not (out.exists() and len(out.read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+            time.sleep(0.05)
+        os.kill(worker, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=400)
+        assert proc.returncode == 0, stderr
+        lines = read_output(out)
+        assert sorted(line["custom_id"] for line in lines) == sorted(f"r{i}" for i in range(n))
+        assert [line["custom_id"] for line in lines if line["response"]["status_code"] != 200] == []
+        assert "retried" in stderr
+        assert role_pid(server, "worker") != worker  # the kill landed while the job ran
+    finally:
+        assert server.stop() == 0, server.log()

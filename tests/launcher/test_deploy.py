@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 
+import msgspec
 import pytest
 
 from tests.conftest import free_port, zeroserve_command
@@ -64,12 +65,14 @@ def test_supervisord_stack_serves_and_restarts_a_killed_worker(tmp_path):
         "1024",
         "--num-kv-blocks",
         "256",
+        "--num-threads",
+        "2",
         "--run-dir",
         str(tmp_path / "run"),
     )
     conf = os.path.join(out, "supervisord.conf")
     ctl = [os.path.join(BIN, "supervisorctl"), "-c", conf]
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", ZEROSERVE_NUM_THREADS="2")
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     subprocess.run([os.path.join(BIN, "supervisord"), "-c", conf], check=True, env=env, timeout=30)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -113,10 +116,9 @@ def test_systemd_units_verify_and_are_hardened(tmp_path):
             assert service[key] == "yes"
         assert service["ProtectSystem"] == "strict" and service["User"] == "zeroserve"
         assert service["Restart"] == "always"
-        assert (
-            " proc " in service["ExecStart"]
-            and "--config /etc/zeroserve/zeroserve.json" in service["ExecStart"]
-        )
+        config_file = "zeroserve-api.json" if "-api-" in unit else "zeroserve.json"
+        assert " proc " in service["ExecStart"]
+        assert f"--config /etc/zeroserve/{config_file} " in service["ExecStart"]
         if "worker" in unit:  # where the C++ CPU kernels are built and cached, writable under strict
             assert service["CacheDirectory"] == "zeroserve"
             with open(os.path.join(out, unit)) as f:
@@ -134,3 +136,17 @@ def test_systemd_units_verify_and_are_hardened(tmp_path):
     )
     complaints = [line for line in (verify.stdout + verify.stderr).splitlines() if out in line]
     assert verify.returncode == 0 and not complaints, complaints
+
+
+def test_api_processes_get_no_curve_server_secret(tmp_path):
+    """The api faces the network and only connects: its config holds the client keys alone."""
+    from zeroserve.shared.config import read_config
+
+    for kind in ("systemd", "supervisord"):
+        out = str(tmp_path / kind)
+        render(kind, out, "--transport", "tcp")
+        engine, api = read_config(f"{out}/zeroserve.json"), read_config(f"{out}/zeroserve-api.json")
+        assert engine.curve is not None and engine.curve.server_secret
+        assert api.curve is not None and api.curve.server_secret == ""
+        assert api.curve.client_secret == engine.curve.client_secret
+        assert msgspec.structs.replace(api, curve=engine.curve) == engine

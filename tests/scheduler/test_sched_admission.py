@@ -28,6 +28,30 @@ def test_context_length_limit_is_exact():
     assert (info.status, info.type, info.param) == (400, "invalid_request_error", "max_tokens")
 
 
+def test_each_context_limit_names_the_field_at_fault():
+    """The context rules live here alone (the API and the tokenizer leave them to the scheduler)."""
+    s = make_sched(max_model_len=64)
+    s.add_request(make_request("fits", [100] * 63, max_tokens=1))
+    err = refused(s, make_request("long", [100] * 64, max_tokens=1))
+    assert (err.param, err.code) == (
+        "prompt",
+        "context_length_exceeded",
+    ) and "prompt has 64 tokens" in err.message
+    # "the rest of the context" resolved by the tokenizer for a prompt that fills it: the prompt is at fault
+    assert refused(s, make_request("full", [100] * 70, max_tokens=-6)).param == "prompt"
+    err = refused(s, make_request("huge", [100], max_tokens=65))
+    assert err.param == "max_tokens" and err.message.startswith(
+        "max_tokens is 65, but this model's context holds 64"
+    )
+
+
+def test_min_tokens_may_reach_max_tokens_but_not_pass_it():
+    s = make_sched()
+    s.add_request(make_request("equal", [100], max_tokens=4, sampling={"min_tokens": 4}))
+    err = refused(s, make_request("over", [100], max_tokens=4, sampling={"min_tokens": 5}))
+    assert (err.status, err.param) == (400, "min_tokens") and "got 5" in err.message
+
+
 def test_kv_pool_limit_is_exact_and_the_largest_admitted_request_runs():
     s = make_sched(num_blocks=4)  # 16 token slots
     # KV holds prompt + max_tokens - 1 tokens (the last sampled token is never fed back)
@@ -94,7 +118,7 @@ def test_deadline_times_out_exactly_after_it_passes():
     assert not any("late" in p.finished_ids for p in d.plans), "the workers never knew it"
 
 
-def test_deadline_is_checked_before_admission_and_spares_started_requests():
+def test_deadline_is_checked_before_admission_and_ends_started_requests_too():
     s = make_sched(num_blocks=5, max_num_seqs=4)
     d = Driver(s)
     s.add_request(make_request("expired", [100], max_tokens=1, deadline=1.0))
@@ -107,12 +131,13 @@ def test_deadline_is_checked_before_admission_and_spares_started_requests():
         if s.stats().num_preemptions:
             break
     assert s.request("lo") in list(s.waiting)
-    d.run(now=50.0)  # long past lo's deadline, but it had started: it is served to the end
-    assert d.finish == {"expired": "timeout", "hi": "length", "lo": "length"}
+    d.run(now=50.0)  # past lo's deadline: that it started (then was preempted) does not spare it
+    assert d.finish == {"expired": "timeout", "hi": "length", "lo": "timeout"}
+    assert s.request("lo") is None and not s.has_unfinished()
 
 
 def test_seats_are_capped_by_the_token_budget_so_every_running_request_advances():
-    s = Scheduler(SchedulerConfig(num_blocks=64, block_size=4, max_num_seqs=16, max_num_batched_tokens=5))
+    s = make_sched(max_num_seqs=16, max_num_batched_tokens=5)
     d = Driver(s)
     for i in range(8):
         s.add_request(make_request(f"r{i}", [100 + i] * 3, max_tokens=6))
@@ -123,4 +148,4 @@ def test_seats_are_capped_by_the_token_budget_so_every_running_request_advances(
         assert before <= {r.request_id for r in plan.running}, "a running request skipped a step"
     assert len(d.finish) == 8
     with pytest.raises(ValueError, match="max_num_seqs"):
-        SchedulerConfig(num_blocks=8, max_num_seqs=0)
+        SchedulerConfig(num_blocks=8, max_model_len=64, max_num_seqs=0)

@@ -1,0 +1,79 @@
+"""The torch backend: the reference ops (ops.py, sampling.py) behind the kernel interface.
+
+Runs on any device; the oracle of the kernel tests, and the CPU serving path where the C++
+kernels cannot be built. Projections: on a CPU in fp32, W is reordered once into oneDNN's
+blocked layout (MKL's sgemm, behind ``F.linear``, repacks W on every call, and at decode sizes,
+e.g. the 49152 x 576 lm_head with a few rows, spends more on that than on the multiply);
+anywhere else ``F.linear`` reads W as it is (cuBLAS on a GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from zeroserve.kernels.base import DenseLinear, KernelBackend, LinearHandle
+from zeroserve.kernels.reference import ops, sampling
+
+__all__ = ["OneDNNLinear", "ReferenceKernels", "onednn_linear_available"]
+
+
+class OneDNNLinear(LinearHandle):
+    """W reordered into oneDNN's blocked layout (a copy: the original can be dropped)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.out_features, self.in_features = weight.shape
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        self.bias = bias
+
+
+@functools.cache
+def onednn_linear_available() -> bool:
+    """Whether this torch build runs oneDNN's packed fp32 linear (and gets it right)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        w, x = torch.randn(8, 4), torch.randn(3, 4)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return bool(torch.allclose(out, F.linear(x, w), atol=1e-5))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class ReferenceKernels(KernelBackend):
+    name = "torch"
+
+    rms_norm = staticmethod(ops.rms_norm)
+    rotary = staticmethod(ops.rotary)
+    silu_and_mul = staticmethod(ops.silu_and_mul)
+    write_kv = staticmethod(ops.write_kv)
+    paged_attention = staticmethod(ops.paged_attention)
+
+    def prepare_linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearHandle:
+        if weight.device.type == "cpu" and weight.dtype == torch.float32 and onednn_linear_available():
+            return OneDNNLinear(weight, bias)
+        return DenseLinear(weight, bias)
+
+    def linear(self, x: torch.Tensor, handle: LinearHandle) -> torch.Tensor:
+        if isinstance(handle, DenseLinear):
+            return F.linear(x, handle.weight, handle.bias)
+        if isinstance(handle, OneDNNLinear):
+            return torch.ops.mkldnn._linear_pointwise(x, handle.packed, handle.bias, "none", [], "")
+        raise TypeError(f"the {self.name} kernels cannot run {type(handle).__name__} handles")
+
+    def argmax_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return x.argmax(dim=-1)
+
+    def sampling_filter(
+        self,
+        logits: torch.Tensor,
+        temperature: torch.Tensor | None,
+        min_p: torch.Tensor | None,
+        top_k: torch.Tensor | None,
+        top_p: torch.Tensor | None,
+        max_top_k: int | None = None,
+    ) -> torch.Tensor:
+        return sampling.filter_logits(logits, temperature, min_p, top_k, top_p, max_top_k)

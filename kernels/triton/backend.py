@@ -1,0 +1,42 @@
+"""The Triton backend (NVIDIA GPUs): kernels/triton/ops.py and the sampling filter of
+sampling.py behind the kernel interface.
+
+Inherited from the torch backend: the projections (``F.linear``, i.e. cuBLAS, over the weight
+as it is; interpreted on a CPU in tests, oneDNN's fp32 path as the torch backend's) and the
+greedy argmax (torch's is one launch on a GPU already).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zeroserve.kernels.reference.backend import ReferenceKernels
+from zeroserve.kernels.triton import ops
+from zeroserve.kernels.triton.sampling import top_k_top_p_min_p_filter
+
+__all__ = ["TritonKernels"]
+
+
+class TritonKernels(ReferenceKernels):
+    name = "triton"
+
+    rms_norm = staticmethod(ops.rms_norm)
+    rotary = staticmethod(ops.rotary)
+    silu_and_mul = staticmethod(ops.silu_and_mul)
+    write_kv = staticmethod(ops.write_kv)
+    paged_attention = staticmethod(ops.paged_attention)
+
+    def sampling_filter(
+        self,
+        logits: torch.Tensor,
+        temperature: torch.Tensor | None,
+        min_p: torch.Tensor | None,
+        top_k: torch.Tensor | None,
+        top_p: torch.Tensor | None,
+        max_top_k: int | None = None,
+    ) -> torch.Tensor:
+        """One fused launch, by bisection instead of a sort: no device sync (the reference's
+        top-p syncs to find rows wider than its candidates), so max_top_k is not needed."""
+        if temperature is None and min_p is None and top_k is None and top_p is None:
+            return logits
+        return top_k_top_p_min_p_filter(logits, top_k, top_p, min_p, temperature)

@@ -1,0 +1,113 @@
+"""Bounded queues between processes: a peer that stops reading costs the sender a bounded
+number of messages, then a clear error, never unbounded memory or a silent loss."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from zeroserve.shared.client import EngineClient, EngineError
+from zeroserve.shared.ipc import HWM, PeerGone, PeerOverloaded, bind, connect, send_now
+from zeroserve.shared.messages import Ping, SamplingParams, TokenizeRequest
+
+# A pipe holds HWM messages at each end, plus what the kernel's socket buffer takes.
+LIMIT = 2 * HWM + 5_000
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def fill(sock: zmq.Socket, frames: list[bytes]) -> int:
+    """Send until the pipe refuses; how many it took."""
+    for n in range(LIMIT):
+        try:
+            send_now(sock, frames)
+        except PeerOverloaded:
+            return n
+    raise AssertionError(f"{LIMIT} messages queued to a peer that reads nothing: the queue is unbounded")
+
+
+@pytest.fixture
+def address():
+    run_dir = tempfile.mkdtemp(prefix="zs-hwm-")
+    yield f"ipc://{run_dir}/peer.sock"
+
+
+def test_dealer_to_a_router_that_stops_reading_is_bounded_then_refused(address):
+    ctx = zmq.Context()
+    try:
+        router = bind(ctx, zmq.ROUTER, address, mandatory=True)  # never reads
+        dealer = connect(ctx, zmq.DEALER, address, identity=b"sender")
+        accepted = fill(dealer, [b"x" * 200])
+        assert HWM <= accepted < LIMIT
+        for _ in range(1000):  # stays refused, and nothing piles up behind the refusal
+            with pytest.raises(PeerOverloaded):
+                send_now(dealer, [b"x" * 200])
+        router.close(0)
+        dealer.close(0)
+    finally:
+        ctx.term()
+
+
+def test_mandatory_router_reports_a_stalled_peer_and_a_gone_one(address):
+    async def main():
+        ctx = zmq.asyncio.Context()
+        router = bind(ctx, zmq.ROUTER, address, mandatory=True)
+        plain = bind(ctx, zmq.ROUTER, address.replace("peer", "plain"))
+        try:
+            reader = connect(ctx, zmq.DEALER, address, identity=b"slow-reader")
+            send_now(reader, [b"hello"])
+            identity, _ = await asyncio.wait_for(router.recv_multipart(), 5)
+            assert identity == b"slow-reader"
+            accepted = fill(router, [identity, b"y" * 200])  # the reader never reads
+            assert HWM <= accepted < LIMIT
+            with pytest.raises(PeerGone):
+                send_now(router, [b"nobody-by-this-name", b"z"])
+            # the scheduler's sockets keep zmq's plain ROUTER: an unroutable reply is dropped
+            send_now(plain, [b"nobody-by-this-name", b"z"])
+            reader.close(0)
+        finally:
+            router.close(0)
+            plain.close(0)
+            ctx.term()
+
+    asyncio.run(main())
+
+
+def test_client_whose_tokenizer_stops_reading_gets_overloaded_errors_at_once(address):
+    async def main():
+        ctx = zmq.asyncio.Context()
+        tokenizer = bind(ctx, zmq.ROUTER, address, mandatory=True)  # a hung tokenizer: reads nothing
+        try:
+            # a long heartbeat timeout: the 503 of a silent engine must not come first
+            async with EngineClient(address, heartbeat_timeout_s=60.0) as client:
+                fill(client.sockets[0], [client.codec.encode(Ping(sent_at=0.0))])
+                before = rss_bytes()
+                prompt = "word " * 20_000  # 100 kB a request: 200 MB if the refused ones were kept
+                for _ in range(2000):
+                    started = asyncio.get_running_loop().time()
+                    with pytest.raises(EngineError) as refused:
+                        await client.complete(prompt=prompt, params=SamplingParams(max_tokens=4))
+                    assert asyncio.get_running_loop().time() - started < 1.0
+                    assert refused.value.info.status == 429
+                    assert refused.value.info.code == "engine_overloaded"
+                    assert "overloaded" in refused.value.info.message
+                assert rss_bytes() - before < 50 * 1024 * 1024
+                assert not client.streams, "refused requests must not stay registered"
+                with pytest.raises(EngineError) as refused:
+                    await client.tokenize(TokenizeRequest(request_id="t1", prompt="hi"))
+                assert refused.value.info.status == 429
+                with pytest.raises(TimeoutError):
+                    await client.ping(timeout=5.0)
+        finally:
+            tokenizer.close(0)
+            ctx.term()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
