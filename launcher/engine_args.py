@@ -154,10 +154,17 @@ def default_device() -> str:
 # numeric flags whose value 0 or below (POSITIVE) or below 0 (NON_NEGATIVE; 0 = "work it out")
 # has no meaning: refused at the command line, before any process starts
 POSITIVE = (
-    "port", "api_workers", "num_tokenizers", "max_n", "max_seqs_per_request", "max_num_seqs",
+    "port", "num_tokenizers", "max_n", "max_seqs_per_request", "max_num_seqs",
     "max_num_batched_tokens", "block_size", "max_waiting_requests", "max_waiting_tokens", "step_timeout_s",
 )  # fmt: skip
-NON_NEGATIVE = ("max_model_len", "num_kv_blocks", "kv_cache_memory_gb", "num_threads", "priority_aging_s")
+NON_NEGATIVE = (
+    "api_workers",
+    "max_model_len",
+    "num_kv_blocks",
+    "kv_cache_memory_gb",
+    "num_threads",
+    "priority_aging_s",
+)
 
 
 def config_from_args(args: argparse.Namespace, run_dir: str | None = None) -> EngineConfig:

@@ -251,8 +251,16 @@ class SchedulerProcess:
         while True:
             await asyncio.sleep(cfg.heartbeat_interval_s)
             now = time.monotonic()
-            if self.worker_ready is not None and now - self.worker_seen > cfg.heartbeat_timeout_s:
+            # unread messages mean this loop was late (starved of CPU), not that peers went
+            # silent: judge them only once their messages have been read
+            if (
+                self.worker_ready is not None
+                and now - self.worker_seen > cfg.heartbeat_timeout_s
+                and not self.workers.get(zmq.EVENTS) & zmq.POLLIN
+            ):
                 self.on_worker_stuck(f"no heartbeat for {now - self.worker_seen:.1f}s")
+            if self.front.get(zmq.EVENTS) & zmq.POLLIN:
+                continue
             for identity, seen in list(self.tokenizer_seen.items()):
                 if now - seen > max(cfg.heartbeat_timeout_s * 4, 2.0):
                     del self.tokenizer_seen[identity]

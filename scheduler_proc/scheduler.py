@@ -342,23 +342,15 @@ class Scheduler:
         elif num_tokens >= r.max_len:
             finish = "length"
         lp = None if logprobs is None else [logprobs]
-        if r.sent_first_delta:
-            return TokenDelta(
-                request_id=r.request_id,
-                token_ids=[token],
-                logprobs=lp,
-                finish_reason=finish,
-                stop_reason=stop_reason,
-            )
-        r.sent_first_delta = True
+        first, r.sent_first_delta = not r.sent_first_delta, True
         return TokenDelta(
             request_id=r.request_id,
             token_ids=[token],
             logprobs=lp,
             finish_reason=finish,
             stop_reason=stop_reason,
-            num_prompt_tokens=r.num_prompt_tokens,
-            num_cached_tokens=r.num_cached_tokens,
+            num_prompt_tokens=r.num_prompt_tokens if first else 0,  # the prompt counts ride the first
+            num_cached_tokens=r.num_cached_tokens if first else 0,
         )
 
     def reset_kv_cache(self) -> None:

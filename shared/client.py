@@ -312,10 +312,11 @@ class EngineClient:
         return [a if isinstance(a, Pong) else None for a in answers]
 
 
-def overloaded() -> ErrorInfo:
+def overloaded(who: str = "it has stopped taking requests from this client") -> ErrorInfo:
+    """429 engine_overloaded: a queue between two processes is full (see ipc.HWM)."""
     return ErrorInfo(
         status=429,
         type="rate_limit_error",
-        message="The engine is overloaded: it has stopped taking requests from this client. Retry later.",
+        message=f"The engine is overloaded: {who}. Retry later.",
         code="engine_overloaded",
     )

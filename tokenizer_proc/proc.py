@@ -35,6 +35,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from zeroserve.shared.client import overloaded
 from zeroserve.shared.config import EngineConfig
 from zeroserve.shared.ipc import (
     Codec,
@@ -202,7 +203,7 @@ class TokenizerProcess:
         try:  # never an unbounded Python queue in front of a scheduler that stopped reading
             send_now(self.engine, [frame])
         except SendError:
-            self.fail(identity, req.request_id, overloaded())
+            self.fail(identity, req.request_id, overloaded("the scheduler is not taking requests"))
             return
         self.requests[req.request_id] = RequestState(self.tokenizer, identity, req, prompt_ids)
 
@@ -409,15 +410,6 @@ def invalid(message: str, param: str | None = None) -> ErrorInfo:
 
 def unavailable(message: str) -> ErrorInfo:
     return ErrorInfo(status=503, type="service_unavailable", message=message)
-
-
-def overloaded() -> ErrorInfo:
-    return ErrorInfo(
-        status=429,
-        type="rate_limit_error",
-        message="The engine is overloaded: the scheduler is not taking requests. Retry later.",
-        code="engine_overloaded",
-    )
 
 
 def internal() -> ErrorInfo:

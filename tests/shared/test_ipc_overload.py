@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import time
 
 import pytest
 import zmq
@@ -111,3 +112,36 @@ def test_client_whose_tokenizer_stops_reading_gets_overloaded_errors_at_once(add
             ctx.term()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_send_now_keeps_a_pending_receive_awake(loop, tmp_path):
+    """ZMQ's fd is edge-triggered: a send through send_now's plain view of an asyncio socket
+    must not swallow the wake-up of a receive parked on the same socket (the tokenizer once
+    stopped reading the scheduler's stats this way and declared it dead)."""
+    import uvloop
+
+    path = str(tmp_path / "s.sock")
+
+    async def main():
+        actx, ctx = zmq.asyncio.Context(), zmq.Context()
+        mine = actx.socket(zmq.DEALER)
+        peer = ctx.socket(zmq.DEALER)
+        mine.bind(f"ipc://{path}")
+        peer.connect(f"ipc://{path}")
+        try:
+            peer.send(b"hello")  # connected both ways
+            assert await asyncio.wait_for(mine.recv(), 5) == b"hello"
+            receiving = asyncio.ensure_future(mine.recv())
+            await asyncio.sleep(0.05)  # the receive is parked on the socket's fd
+            peer.send(b"reply")
+            time.sleep(0.1)  # it arrives while this loop does not run...
+            send_now(mine, [b"ping"])  # ...and the send sees the arrival
+            assert await asyncio.wait_for(receiving, 2) == b"reply"
+        finally:
+            mine.close(0)
+            peer.close(0)
+            ctx.term()
+            actx.term()
+
+    (uvloop.run if loop == "uvloop" else asyncio.run)(main())
