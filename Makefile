@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install serve test bench clean
+.PHONY: install serve test lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ serve: install
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 clean:
 	rm -rf $(VENV) build *.egg-info

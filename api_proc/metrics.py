@@ -120,6 +120,11 @@ ENGINE_STATS = {
         "Prompt tokens found in the prefix cache.",
         "counter",
     ),
+    "num_steps_over_target": (
+        "zeroserve:steps_over_itl_target",
+        "Steps whose decodes alone were predicted past --target-itl-ms (prefills got the minimum share).",
+        "counter",
+    ),
 }
 
 

@@ -56,6 +56,9 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     cache_salt: str | None = None
+    # ours: milliseconds from arrival until the request ends with finish_reason "timeout",
+    # queued or running; one the engine's measured speed cannot meet is refused with 429
+    deadline_ms: float | None = None
 
 
 class CompletionRequest(SamplingFields, kw_only=True):

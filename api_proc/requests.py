@@ -33,6 +33,7 @@ from zeroserve.api_proc.protocol import (
     TokenizeBody,
 )
 from zeroserve.shared.messages import ChatMessage, GenerateRequest, SamplingParams, TokenizeRequest
+from zeroserve.shared.sampling_rules import sampling_error
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 CHAT_ROLES = {"system", "user", "assistant", "tool", "developer"}
@@ -76,18 +77,6 @@ def check_model(model: str | None, config: ApiConfig) -> None:
 # --------------------------------------------------------------------------- checks
 
 
-def _finite(value: float, param: str) -> None:
-    if not math.isfinite(value):
-        raise bad_request(f"{param} must be a finite number, got {value}.", param)
-
-
-def _between(value: float | None, lo: float, hi: float, param: str) -> None:
-    if value is not None:
-        _finite(value, param)
-        if not lo <= value <= hi:
-            raise bad_request(f"{param} must be between {lo} and {hi}, got {value}.", param)
-
-
 def _stop_strings(stop: str | list[str] | None, config: ApiConfig) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > config.max_stop_strings:
@@ -121,21 +110,13 @@ def sampling_params(
     max_tokens_param: str = "max_tokens",
 ) -> SamplingParams:
     """Range-checked SamplingParams; max_tokens None means the rest of the context."""
-    _between(body.temperature, 0.0, 2.0, "temperature")
-    if body.top_p is not None:
-        _finite(body.top_p, "top_p")
-        if not 0.0 < body.top_p <= 1.0:
-            raise bad_request(f"top_p must be in (0, 1], got {body.top_p}.", "top_p")
+    error = sampling_error(body)  # the ranges every entry point shares (tokenizer_proc checks them too)
+    if error is not None:
+        raise bad_request(*error)
     if body.top_k is not None and not -1 <= body.top_k <= INT64_MAX:
         raise bad_request(
             f"top_k must be -1 or 0 (disabled) or a positive number, got {body.top_k}.", "top_k"
         )
-    _between(body.min_p, 0.0, 1.0, "min_p")
-    _between(body.presence_penalty, -2.0, 2.0, "presence_penalty")
-    _between(body.frequency_penalty, -2.0, 2.0, "frequency_penalty")
-    # logits are divided (or multiplied) by it in fp32: near 0 or huge they overflow to inf,
-    # and one row's NaN probabilities would fail the whole step
-    _between(body.repetition_penalty, 0.01, 100.0, "repetition_penalty")
     # max_tokens against the context and min_tokens against max_tokens are the scheduler's checks
     if max_tokens is not None:
         if max_tokens < 1:
@@ -181,6 +162,10 @@ def _check_common(body: SamplingFields, config: ApiConfig) -> int:
         raise bad_request("stream_options can only be set when stream is true.", "stream_options")
     if body.priority is not None and not INT64_MIN <= body.priority <= INT64_MAX:
         raise bad_request("priority must fit in a signed 64-bit integer.", "priority")
+    if body.deadline_ms is not None and not 0 < body.deadline_ms < math.inf:
+        raise bad_request(
+            f"deadline_ms must be a positive number of milliseconds, got {body.deadline_ms}.", "deadline_ms"
+        )
     return n
 
 
@@ -220,6 +205,7 @@ def _fan_out(
                     skip_special_tokens=body.skip_special_tokens is not False,
                     priority=body.priority or 0,
                     queue_timeout_s=config.request_timeout_s,
+                    deadline_s=None if body.deadline_ms is None else body.deadline_ms / 1000.0,
                     cache_salt=body.cache_salt,
                     return_prompt=return_prompt,
                     **prompt,

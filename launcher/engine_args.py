@@ -67,6 +67,12 @@ FLAGS: dict[str, list[Flag]] = {
             "seconds of waiting worth one priority level, so low priorities never starve; "
             "0: strict (priority, arrival) order",
         ),
+        Flag(
+            "target_itl_ms",
+            "inter-token latency target: each step takes decodes first, then as many prefill tokens as "
+            "keep its predicted time (a model learned from measured steps) under it; 0: off, the fixed "
+            "--max-num-batched-tokens budget alone",
+        ),
     ],
     "worker": [
         Flag("device", "cpu or cuda (default: cuda when available)", resolved=True),
@@ -164,6 +170,7 @@ NON_NEGATIVE = (
     "kv_cache_memory_gb",
     "num_threads",
     "priority_aging_s",
+    "target_itl_ms",
 )
 
 

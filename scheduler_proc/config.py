@@ -21,9 +21,17 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
         tokens the waiting requests still have to prefill and never refuses a request that
         arrives to an empty queue, so no request is refused forever.
     priority_aging_s: seconds of waiting worth one priority level. Requests are ordered by
-        ``priority + arrival_time / priority_aging_s`` (then arrival), which equals ordering
-        by priority minus time waited: a low-priority request overtakes newer high-priority
-        ones after a while instead of starving. None = strict (priority, arrival) order.
+        ``priority + min(due, arrival_time + priority_aging_s) / priority_aging_s`` (then
+        arrival; due: the request's deadline or queue deadline, whichever is first), which
+        equals ordering by priority minus time waited, with a deadline worth less than one
+        level (earliest deadline first among equal priorities): a low-priority request
+        overtakes newer high-priority ones after a while instead of starving. None = strict
+        (priority, due, arrival) order.
+    target_itl_ms: a latency target per step (0 = off). Once the step cost model
+        (``cost_model.py``) has learned from enough measured steps, each step takes its
+        decodes, then only as many prefill tokens as keep the predicted step time under the
+        target (never fewer than ``min_prefill_tokens``, so prompts progress when decodes alone
+        take longer), within ``max_num_batched_tokens`` as always.
     priority_range: the priorities a request may ask for (inclusive; smaller runs first). One
         outside is refused with HTTP 400, so no request jumps every queue for good, and with
         aging a request at the low end waits at most (max - min) * priority_aging_s behind
@@ -41,6 +49,7 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
     enable_prefix_caching: bool = DEFAULTS.enable_prefix_caching
     priority_aging_s: float | None = DEFAULTS.priority_aging_s
     priority_range: tuple[int, int] = DEFAULTS.priority_range
+    target_itl_ms: float = DEFAULTS.target_itl_ms
 
     @classmethod
     def from_engine(
@@ -55,6 +64,12 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
             eos_token_ids=tuple(eos_token_ids),
         )
 
+    @property
+    def min_prefill_tokens(self) -> int:
+        """Prefill tokens a step may hold under target_itl_ms even past the target: one block,
+        or 1/32 of the token budget if more, so time to first token stays bounded."""
+        return max(self.block_size, self.max_num_batched_tokens // 32)
+
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) < 1:
@@ -66,6 +81,10 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
         low, high = self.priority_range
         if low > high:
             raise ValueError(f"SchedulerConfig.priority_range: {low} is above {high}")
+        if not self.target_itl_ms >= 0:
+            raise ValueError(
+                f"SchedulerConfig.target_itl_ms must be >= 0 (0 = off), got {self.target_itl_ms}"
+            )
         if self.priority_aging_s is not None and not self.priority_aging_s > 0:
             raise ValueError(
                 f"SchedulerConfig.priority_aging_s must be > 0 or None, got {self.priority_aging_s}"

@@ -209,6 +209,7 @@ class SchedulerProcess:
 
     async def run_step(self, plan: StepPlan) -> None:
         waiter = self.step_waiters[plan.step_id] = asyncio.get_running_loop().create_future()
+        sent = time.perf_counter()
         await self.workers.send_multipart([self.worker_identity, self.encoder.encode(plan)])
         try:
             result = await asyncio.wait_for(waiter, self.config.step_timeout_s)
@@ -223,6 +224,11 @@ class SchedulerProcess:
         if result.error is not None:
             self.on_worker_dead(f"step failed: {result.error}")
             return
+        # the step cost model learns the step as a token's wait sees it: the worker's compute
+        # and both trips over the socket (on a busy machine the trips are not negligible)
+        round_trip = time.perf_counter() - sent
+        if round_trip > result.step_time_s:
+            result = msgspec.structs.replace(result, step_time_s=round_trip)
         deltas = self.scheduler.update_from_output(result)
         self.send_deltas(deltas)
 

@@ -15,6 +15,10 @@ How ``schedule`` fills a step (token budget ``max_num_batched_tokens``, cap ``ma
     out of blocks -> preempt running[-1] (lowest priority, latest arrival) by recompute,
       and admit no waiting request this step
 
+With ``target_itl_ms`` set and the step cost model (``cost_model.py``, learned from every
+step's measured time) warmed up, prefill chunks and admissions also stop at the predicted step
+time: target - predicted(decodes) seconds of prefill, never fewer than ``min_prefill_tokens``.
+
 A request samples only when the step reaches the end of its known tokens. Full blocks are
 registered in the prefix cache when they are scheduled, so a request admitted later in the
 same step (an n>1 sibling) already shares them. **Worker contract**: within one step, write
@@ -28,12 +32,14 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
+import math
 import operator
 import time
 
 from zeroserve.scheduler_proc.admission import AdmissionError, WaitingQueue, check_admission
 from zeroserve.scheduler_proc.block_manager import BlockManager
 from zeroserve.scheduler_proc.config import SchedulerConfig
+from zeroserve.scheduler_proc.cost_model import StepCostModel, StepShape, TimeBudget
 from zeroserve.scheduler_proc.request import Request, RequestStatus
 from zeroserve.shared.messages import (
     EngineRequest,
@@ -56,10 +62,11 @@ _by_sort_key = operator.attrgetter("sort_key")
 class _InFlight:
     """What the scheduler remembers about the plan the workers are running."""
 
-    __slots__ = ("plan", "step_id", "num_sampling", "keyed_blocks")
+    __slots__ = ("plan", "step_id", "num_sampling", "keyed_blocks", "shape")
 
-    def __init__(self, plan: StepPlan, num_sampling: int, keyed: list[int]) -> None:
+    def __init__(self, plan: StepPlan, num_sampling: int, keyed: list[int], shape: StepShape) -> None:
         self.plan = plan
+        self.shape = shape  # the step's cost features, learned with its measured time
         self.step_id = plan.step_id
         self.num_sampling = num_sampling  # requests expected to sample a token
         self.keyed_blocks = keyed  # blocks whose prefix keys rely on this step's KV writes
@@ -96,23 +103,72 @@ class Scheduler:
         self.prefix_cache_hits = 0  # of which found in the cache
         self.num_steps = 0
         self.tokens_scheduled_last_step = 0
+        # learned from every measured step, used when target_itl_ms is set (and for deadlines)
+        self.cost_model = StepCostModel()
+        self._target_s = cfg.target_itl_ms / 1000.0
+        self.num_steps_over_target = 0  # steps whose decodes alone were predicted past the target
 
     # ------------------------------------------------------------------ requests in and out
 
-    def add_request(self, req: EngineRequest) -> None:
-        """Queue ``req`` or raise AdmissionError (status 400: can never run, 429: queue full)."""
+    def add_request(self, req: EngineRequest, now: float | None = None) -> None:
+        """Queue ``req`` or raise AdmissionError (status 400: can never run, 429: queue full, or
+        a deadline that even a start at ``now`` (time.time() by default) could not meet).
+
+        Waiting requests of a priority run earliest due first (EDF): a request is due at its
+        deadline or queue deadline, whichever comes first. Strict order: (priority, due, arrival),
+        no due ranking last. With aging (seconds ``A`` per level), the score is
+        ``priority + min(due, arrival + A) / A``: a request without a due time (or a later one)
+        ranks as due A after arrival, so such requests keep arrival order, and a deadline moves a
+        request up by less than one level, never past a more urgent one that arrived with it.
+        """
         if req.request_id in self._requests:
             raise AdmissionError(400, f"Request id {req.request_id!r} is already in use; ids must be unique.",
                                  param="request_id")  # fmt: skip
         check_admission(self.cfg, req, self.waiting)
+        if req.deadline is not None and self.cost_model.warmed_up:
+            self._check_deadline(req, time.time() if now is None else now)
+        ends = [t for t in (req.deadline, req.queue_deadline) if t is not None]
+        due = min(ends) if ends else math.inf
         aging = self.cfg.priority_aging_s
-        score = req.priority if aging is None else req.priority + req.arrival_time / aging
-        r = Request(req, (score, req.arrival_time, next(self._seq)), self._eos, self.cfg.max_model_len)
+        if aging is None:
+            sort_key = (req.priority, due, req.arrival_time, next(self._seq))
+        else:
+            score = req.priority + min(due, req.arrival_time + aging) / aging
+            sort_key = (score, req.arrival_time, next(self._seq))
+        r = Request(req, sort_key, self._eos, self.cfg.max_model_len)
         if self.cfg.enable_prefix_caching:
             r.update_block_keys(self.block_size)
         self._requests[r.request_id] = r
         self.waiting.push(r)
         self.waiting.watch_deadline(r)
+
+    def predicted_service_s(self, req: EngineRequest) -> float:
+        """The least time ``req`` needs if it started now, by the cost model: its prefill in one
+        step beside today's decodes, then one decode step per token that ``min_tokens`` forces
+        (no more: it may stop at any token after those)."""
+        model, num_prompt = self.cost_model, len(req.prompt_token_ids)
+        prefill = self._decode_shape()
+        prefill.add_prefill(0, num_prompt)
+        seconds = model.predict(prefill)
+        forced = max(req.params.min_tokens, 1) - 1
+        if forced:
+            decode = self._decode_shape()
+            decode.add_decode(num_prompt + forced // 2)
+            seconds += forced * model.predict(decode)
+        return seconds
+
+    def _check_deadline(self, req: EngineRequest, now: float) -> None:
+        left = req.deadline - now
+        need = self.predicted_service_s(req)
+        if need > left:
+            raise AdmissionError(
+                429,
+                f"The request cannot meet its deadline: {max(left, 0.0) * 1000:.0f} ms remain, and even "
+                f"starting now it needs about {need * 1000:.0f} ms (its prompt and min_tokens at the "
+                "engine's measured speed). Allow a later deadline or retry when the engine is less busy.",
+                param="deadline_ms",
+                code="deadline_infeasible",
+            )
 
     def abort(self, request_id: str) -> bool:
         """End a request in any state and free its blocks now; False if the id is unknown."""
@@ -162,8 +218,10 @@ class Scheduler:
         keyed: list[int] = []  # blocks keyed this step
         running_data: list[RunningRequestData] = []
         new_data: list[NewRequestData] = []
+        shape = StepShape()
+        tb = self._time_budget()
         # 1. Running requests, best first (decodes, then chunks of running prefills).
-        budget, num_sampling, preempted = self._schedule_running(running_data, keyed)
+        budget, num_sampling, preempted = self._schedule_running(running_data, keyed, shape, tb)
 
         # 2. Waiting requests, best first, while budget, seats and blocks last (no skipping
         #    ahead: a big request at the head is not starved by small ones behind it).
@@ -179,6 +237,10 @@ class Scheduler:
                 hits = bm.find_cached_prefix(r.block_keys, (num_tokens - 1) // bs)
             num_computed = len(hits) * bs
             num_new = min(num_tokens - num_computed, budget)
+            if tb is not None:
+                num_new = tb.chunk(num_computed, num_new)
+                if num_new <= 0:
+                    break
             fresh = bm.allocate((num_computed + num_new + bs - 1) // bs - len(hits), hits)
             if fresh is None:
                 break
@@ -201,6 +263,9 @@ class Scheduler:
                 r.num_prompt_tokens))  # fmt: skip
             bisect.insort(running, r, key=_by_sort_key)
             budget -= num_new
+            shape.add_prefill(num_computed, num_new)
+            if tb is not None:
+                tb.spend(num_computed, num_new)
             if r.num_computed_tokens == num_tokens:
                 num_sampling += 1
             if caching:
@@ -212,12 +277,33 @@ class Scheduler:
         self._next_step_id += 1
         finished_ids, self._finished_ids = self._finished_ids, []
         plan = StepPlan(step_id, new_data, running_data, finished_ids)
-        self._inflight = _InFlight(plan, num_sampling, keyed)
+        self._inflight = _InFlight(plan, num_sampling, keyed, shape)
         self.num_steps += 1
         self.tokens_scheduled_last_step = self.cfg.max_num_batched_tokens - budget
         return plan
 
-    def _schedule_running(self, out: list[RunningRequestData], keyed: list[int]) -> tuple[int, int, bool]:
+    def _time_budget(self) -> TimeBudget | None:
+        """The step's prefill allowance under target_itl_ms: the target less the predicted time of
+        its decodes (None: no target, or the cost model has not seen enough steps yet)."""
+        model = self.cost_model
+        if not self._target_s or not model.warmed_up:
+            return None
+        left = self._target_s - model.predict(self._decode_shape())
+        if left <= 0:
+            self.num_steps_over_target += 1
+        return TimeBudget(model, left, self.cfg.min_prefill_tokens)
+
+    def _decode_shape(self) -> StepShape:
+        """The running requests that decode in the next step (a step of nothing else)."""
+        shape = StepShape()
+        for r in self.running:
+            if len(r.all_token_ids) - r.num_computed_tokens == 1:
+                shape.add_decode(r.num_computed_tokens + 1)
+        return shape
+
+    def _schedule_running(
+        self, out: list[RunningRequestData], keyed: list[int], shape: StepShape, tb: TimeBudget | None
+    ) -> tuple[int, int, bool]:
         """Step 1 of schedule(): running requests, best first; returns (budget left, number
         sampling, whether a request was preempted).
 
@@ -241,6 +327,7 @@ class Scheduler:
             if remaining == 1:
                 if num_computed % bs:  # fast path: a decode with room in its last block
                     out.append(r.decode_data)
+                    shape.add_decode(num_computed + 1)
                     r.num_computed_tokens = num_computed = num_computed + 1
                     budget -= 1
                     num_sampling += 1
@@ -250,6 +337,8 @@ class Scheduler:
                 num_new = need = 1
             else:  # the next chunk of a prefill
                 num_new = min(remaining, budget - (n - i))
+                if tb is not None and num_new > 0:
+                    num_new = tb.chunk(num_computed, num_new)
                 if num_new <= 0:
                     continue
                 need = (num_computed + num_new + bs - 1) // bs - len(r.block_ids)
@@ -265,6 +354,12 @@ class Scheduler:
             r.block_ids += fresh
             out.append(RunningRequestData(r.request_id, fresh, num_new))
             budget -= num_new
+            if remaining == 1:
+                shape.add_decode(num_computed + 1)
+            else:
+                shape.add_prefill(num_computed, num_new)
+                if tb is not None:
+                    tb.spend(num_computed, num_new)
             r.num_computed_tokens = num_computed = num_computed + num_new
             if num_computed == len(r.all_token_ids):
                 num_sampling += 1
@@ -287,6 +382,7 @@ class Scheduler:
         if result.error is not None:
             requests = inflight.requests(self._requests)
             return self._fail(requests, inflight.keyed_blocks, f"The engine step failed: {result.error}")
+        self.cost_model.update(inflight.shape, result.step_time_s)
         live, lps, tokens = self._requests, result.logprobs, result.sampled_token_ids
         deltas: list[TokenDelta] = []
         append = deltas.append
@@ -379,6 +475,8 @@ class Scheduler:
             tokens_scheduled_last_step=self.tokens_scheduled_last_step,
             num_kv_blocks=self.blocks.num_blocks,
             num_free_blocks=self.blocks.num_free_blocks,
+            num_steps_over_target=self.num_steps_over_target,
+            step_cost_error=self.cost_model.error,
         )
 
     def check_invariants(self) -> None:

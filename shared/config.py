@@ -54,6 +54,7 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_waiting_tokens: int = 4_000_000
     enable_prefix_caching: bool = True
     priority_aging_s: float | None = 10.0  # waiting this long is worth one priority level; None = strict
+    target_itl_ms: float = 0.0  # size each step to this predicted time (learned cost model); 0 = off
     # worker
     device: str = "cpu"
     dtype: str = "auto"

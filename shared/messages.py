@@ -328,6 +328,10 @@ class SchedulerStats(msgspec.Struct, frozen=True, array_like=True, tag="stats"):
     num_free_blocks: int = 0
     workers_ready: bool = True
     max_model_len: int = 0
+    # steps whose decodes alone were predicted past --target-itl-ms (prefills then get only the
+    # minimum share); and the step cost model's mean relative error on steps it had not seen yet
+    num_steps_over_target: int = 0
+    step_cost_error: float = 0.0
 
 
 # --------------------------------------------------------------------------- unions per inbox

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import msgspec
 
 from zeroserve.shared.messages import GenerateRequest, SamplingParams
+from zeroserve.shared.sampling_rules import sampling_error
 
 from .errors import ChatTemplateError, InvalidTokenIdError, TokenizerError
 from .tokenizer import Tokenizer
@@ -144,6 +145,9 @@ def build_prompt(
         if key is not None:
             cache.put(key, ids)
     params = req.params
+    error = sampling_error(params)  # ZMQ clients reach us without the API's checks
+    if error is not None:
+        raise TokenizerError(*error)
     check_token_ids(params.stop_token_ids, vocab_size, param="stop_token_ids")
     if params.top_k >= vocab_size:  # every token anyway: off, so the sampler does no top-k at all
         params = msgspec.structs.replace(params, top_k=0)

@@ -201,3 +201,14 @@ def test_huge_integers_are_400_not_an_encoding_failure(field):
         with pytest.raises(ApiError) as e:
             completion(prompt=prompt)
         assert e.value.param == param
+
+
+def test_deadline_ms_becomes_the_engine_deadline_of_every_choice():
+    plan = completion(deadline_ms=2500, n=2)
+    assert [r.deadline_s for r in plan.requests] == [2.5, 2.5]
+    assert all(r.queue_timeout_s == CONFIG.request_timeout_s for r in plan.requests)
+    assert chat(deadline_ms=100).requests[0].deadline_s == 0.1
+    for bad in (0, -5, float("inf"), float("nan")):
+        with pytest.raises(ApiError) as e:
+            completion(deadline_ms=bad)
+        assert e.value.status == 400 and e.value.param == "deadline_ms"

@@ -267,6 +267,37 @@ def test_the_zmq_client_is_held_to_the_same_priority_range(server):
 # --------------------------------------------------------------------------- item 4: sampling values
 
 
+def test_the_zmq_client_cannot_poison_a_batch_with_non_finite_sampling_values(server):
+    """A NaN temperature from a ZMQ client (no API in front) would make the step's sampling fail
+    for every request in the batch; the tokenizer refuses it, and a stream beside it is whole."""
+    from zeroserve.shared.client import EngineClient, EngineError
+    from zeroserve.shared.messages import SamplingParams
+
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+    async def main():
+        async with EngineClient(server.tokenizer_address) as client:
+            alone = await client.complete(prompt="Once upon a time", params=greedy)
+            beside = asyncio.ensure_future(client.complete(prompt="Once upon a time", params=greedy))
+            errors = []
+            for bad in (
+                {"temperature": float("nan")},
+                {"temperature": float("inf")},
+                {"top_p": float("nan")},
+                {"min_p": 2.0},
+                {"repetition_penalty": 0.0},
+                {"presence_penalty": float("-inf")},
+            ):
+                with pytest.raises(EngineError) as e:
+                    await client.complete(prompt="Hi", params=SamplingParams(max_tokens=4, **bad))
+                errors.append((e.value.info.status, e.value.info.param, next(iter(bad))))
+            return alone, await beside, errors
+
+    alone, beside, errors = asyncio.run(main())
+    assert all(status == 400 and param == name for status, param, name in errors), errors
+    assert beside["token_ids"] == alone["token_ids"] and len(alone["token_ids"]) == 24
+
+
 def test_repetition_penalty_must_keep_logits_finite(server):
     for bad in (0, 1e-300, 0.001, 100.5, 1e300):
         status, payload = server.post(

@@ -29,9 +29,18 @@ class _WorkerRequest:
         self.request_id, self.tokens, self.blocks, self.computed = request_id, tokens, blocks, computed
 
 
+# one request's share of a step, for a step time formula: (tokens computed before, tokens
+# computed now, whether it is a decode: a request the worker held computing its last token)
+Work = tuple[int, int, bool]
+
+
 class FakeWorker:
+    """``step_time`` (optional) gives each StepResult's step_time_s from the step's work."""
+
     def __init__(self, num_blocks: int, block_size: int,
-                 next_token: Callable[[str, list[int]], int] = context_token) -> None:  # fmt: skip
+                 next_token: Callable[[str, list[int]], int] = context_token,
+                 step_time: Callable[[list[Work]], float] | None = None) -> None:  # fmt: skip
+        self.step_time = step_time
         self.bs = block_size
         self.kv: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
         self.reqs: dict[str, _WorkerRequest] = {}
@@ -49,6 +58,7 @@ class FakeWorker:
             assert rid in self.reqs, f"told to forget {rid!r}, never told about it"
             del self.reqs[rid]
         work: list[tuple[_WorkerRequest, int]] = []
+        shares: list[Work] = []
         hits: list[_WorkerRequest] = []
         for n in plan.new:
             assert n.request_id not in self.reqs, f"{n.request_id!r} sent as new twice"
@@ -58,11 +68,15 @@ class FakeWorker:
             hits.append(st)
             self.reqs[n.request_id] = st
             work.append((st, n.num_new_tokens))
+            shares.append((st.computed, n.num_new_tokens, False))
         for r in plan.running:
             st = self.reqs[r.request_id]
             st.blocks += r.new_block_ids
             assert r.num_new_tokens >= 1
             work.append((st, r.num_new_tokens))
+            shares.append(
+                (st.computed, r.num_new_tokens, r.num_new_tokens == 1 == len(st.tokens) - st.computed)
+            )
         for st, k in work:  # every layer: write K/V of the whole batch first ...
             assert st.computed + k <= len(st.tokens), f"{st.request_id}: computes unknown tokens"
             assert len(st.blocks) == -(-(st.computed + k) // bs), f"{st.request_id}: block table size"
@@ -83,7 +97,8 @@ class FakeWorker:
                 st.tokens.append(token)
                 ids.append(st.request_id)
                 tokens.append(token)
-        return StepResult(plan.step_id, ids, tokens)
+        seconds = self.step_time(shares) if self.step_time is not None else 0.0
+        return StepResult(plan.step_id, ids, tokens, step_time_s=seconds)
 
 
 def make_request(

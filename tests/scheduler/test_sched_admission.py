@@ -103,7 +103,8 @@ def test_token_limit_never_refuses_into_an_empty_queue():
 def test_deadline_times_out_exactly_after_it_passes():
     s = make_sched(max_num_seqs=1)
     d = Driver(s)
-    s.add_request(make_request("busy", [100], max_tokens=10, arrival=0.0))
+    # more urgent, so it holds the one seat (by deadline alone, "late" would run first)
+    s.add_request(make_request("busy", [100], max_tokens=10, arrival=0.0, priority=-1))
     s.add_request(make_request("late", [101, 102], max_tokens=2, arrival=0.0, deadline=5.0))
     d.step(now=1.0)
     d.step(now=5.0)  # at the deadline: still waiting, not yet late

@@ -34,6 +34,7 @@ CHANGED = {
     "max_waiting_tokens": 12_345,
     "enable_prefix_caching": False,
     "priority_aging_s": 2.5,
+    "target_itl_ms": 150.0,
     "device": "cuda:1",
     "dtype": "float16",
     "kv_cache_dtype": "bfloat16",

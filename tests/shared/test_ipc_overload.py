@@ -16,6 +16,8 @@ from zeroserve.shared.client import EngineClient, EngineError
 from zeroserve.shared.ipc import HWM, PeerGone, PeerOverloaded, bind, connect, send_now
 from zeroserve.shared.messages import Ping, SamplingParams, TokenizeRequest
 
+pytestmark = pytest.mark.timeout(120)  # a socket left open would hang Context.term() for good
+
 # A pipe holds HWM messages at each end, plus what the kernel's socket buffer takes.
 LIMIT = 2 * HWM + 5_000
 
@@ -26,13 +28,21 @@ def rss_bytes() -> int:
 
 
 def fill(sock: zmq.Socket, frames: list[bytes]) -> int:
-    """Send until the pipe refuses; how many it took."""
-    for n in range(LIMIT):
-        try:
-            send_now(sock, frames)
-        except PeerOverloaded:
-            return n
-    raise AssertionError(f"{LIMIT} messages queued to a peer that reads nothing: the queue is unbounded")
+    """Send until the pipe refuses, and again once zmq's io thread has moved what it could
+    towards the peer (it runs beside us: on a loaded machine it is still moving at the first
+    refusal); how many it took."""
+    total = 0
+    for _ in range(2):
+        for n in range(LIMIT - total):
+            try:
+                send_now(sock, frames)
+            except PeerOverloaded:
+                total += n
+                break
+        else:
+            raise AssertionError(f"{LIMIT} messages queued to a peer that reads nothing: unbounded")
+        time.sleep(0.5)
+    return total
 
 
 @pytest.fixture
@@ -44,17 +54,15 @@ def address():
 def test_dealer_to_a_router_that_stops_reading_is_bounded_then_refused(address):
     ctx = zmq.Context()
     try:
-        router = bind(ctx, zmq.ROUTER, address, mandatory=True)  # never reads
+        bind(ctx, zmq.ROUTER, address, mandatory=True)  # a ROUTER that never reads
         dealer = connect(ctx, zmq.DEALER, address, identity=b"sender")
         accepted = fill(dealer, [b"x" * 200])
         assert HWM <= accepted < LIMIT
         for _ in range(1000):  # stays refused, and nothing piles up behind the refusal
             with pytest.raises(PeerOverloaded):
                 send_now(dealer, [b"x" * 200])
-        router.close(0)
-        dealer.close(0)
     finally:
-        ctx.term()
+        ctx.destroy(linger=0)  # closes every socket first, even after a failed assertion
 
 
 def test_mandatory_router_reports_a_stalled_peer_and_a_gone_one(address):
@@ -73,11 +81,8 @@ def test_mandatory_router_reports_a_stalled_peer_and_a_gone_one(address):
                 send_now(router, [b"nobody-by-this-name", b"z"])
             # the scheduler's sockets keep zmq's plain ROUTER: an unroutable reply is dropped
             send_now(plain, [b"nobody-by-this-name", b"z"])
-            reader.close(0)
         finally:
-            router.close(0)
-            plain.close(0)
-            ctx.term()
+            ctx.destroy(linger=0)
 
     asyncio.run(main())
 
@@ -85,7 +90,7 @@ def test_mandatory_router_reports_a_stalled_peer_and_a_gone_one(address):
 def test_client_whose_tokenizer_stops_reading_gets_overloaded_errors_at_once(address):
     async def main():
         ctx = zmq.asyncio.Context()
-        tokenizer = bind(ctx, zmq.ROUTER, address, mandatory=True)  # a hung tokenizer: reads nothing
+        bind(ctx, zmq.ROUTER, address, mandatory=True)  # a hung tokenizer: reads nothing
         try:
             # a long heartbeat timeout: the 503 of a silent engine must not come first
             async with EngineClient(address, heartbeat_timeout_s=60.0) as client:
@@ -108,8 +113,7 @@ def test_client_whose_tokenizer_stops_reading_gets_overloaded_errors_at_once(add
                 with pytest.raises(TimeoutError):
                     await client.ping(timeout=5.0)
         finally:
-            tokenizer.close(0)
-            ctx.term()
+            ctx.destroy(linger=0)
 
     asyncio.run(asyncio.wait_for(main(), 60))
 
@@ -139,9 +143,7 @@ def test_send_now_keeps_a_pending_receive_awake(loop, tmp_path):
             send_now(mine, [b"ping"])  # ...and the send sees the arrival
             assert await asyncio.wait_for(receiving, 2) == b"reply"
         finally:
-            mine.close(0)
-            peer.close(0)
-            ctx.term()
-            actx.term()
+            ctx.destroy(linger=0)
+            actx.destroy(linger=0)
 
     (uvloop.run if loop == "uvloop" else asyncio.run)(main())
