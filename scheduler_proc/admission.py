@@ -15,6 +15,7 @@ what needs the tokenizer (token ids against the vocabulary).
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Iterator
 
 from zeroserve.scheduler_proc.config import SchedulerConfig
@@ -144,10 +145,9 @@ class WaitingQueue:
         self.num_tokens += len(req.all_token_ids)
 
     def watch_deadline(self, req: Request) -> None:
-        """Expire it if it is still waiting (never started) at its deadline or its queue deadline."""
-        ends = [t for t in (req.deadline, req.queue_deadline) if t is not None]
-        if ends:
-            heapq.heappush(self._deadlines, (min(ends), req.sort_key, req))
+        """Expire it if it is still waiting (never started) when it is due."""
+        if req.due != math.inf:
+            heapq.heappush(self._deadlines, (req.due, req.sort_key, req))
 
     def peek(self) -> Request | None:
         heap = self._heap

@@ -40,6 +40,12 @@ class StepShape:
         self.prefill_tokens = 0
         self.prefill_attention = 0
 
+    def copy(self) -> StepShape:
+        shape = StepShape()
+        shape.decode_rows, shape.decode_context = self.decode_rows, self.decode_context
+        shape.prefill_tokens, shape.prefill_attention = self.prefill_tokens, self.prefill_attention
+        return shape
+
     def add_decode(self, context: int) -> None:
         self.decode_rows += 1
         self.decode_context += context

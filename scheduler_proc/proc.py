@@ -30,7 +30,7 @@ import zmq.asyncio
 
 from zeroserve.scheduler_proc.scheduler import AdmissionError, Scheduler, SchedulerConfig
 from zeroserve.shared.config import EngineConfig
-from zeroserve.shared.ipc import Codec, bind, receive_routed, start_authenticator
+from zeroserve.shared.ipc import Codec, bind, has_unread, receive_routed, start_authenticator
 from zeroserve.shared.messages import (
     Abort,
     EngineRequest,
@@ -257,15 +257,14 @@ class SchedulerProcess:
         while True:
             await asyncio.sleep(cfg.heartbeat_interval_s)
             now = time.monotonic()
-            # unread messages mean this loop was late (starved of CPU), not that peers went
-            # silent: judge them only once their messages have been read
+            # peers are judged only once their queued messages have been read
             if (
                 self.worker_ready is not None
                 and now - self.worker_seen > cfg.heartbeat_timeout_s
-                and not self.workers.get(zmq.EVENTS) & zmq.POLLIN
+                and not has_unread(self.workers)
             ):
                 self.on_worker_stuck(f"no heartbeat for {now - self.worker_seen:.1f}s")
-            if self.front.get(zmq.EVENTS) & zmq.POLLIN:
+            if has_unread(self.front):
                 continue
             for identity, seen in list(self.tokenizer_seen.items()):
                 if now - seen > max(cfg.heartbeat_timeout_s * 4, 2.0):

@@ -22,8 +22,16 @@ Lifecycle (preempted: blocks freed, tokens kept, recomputed when it runs again):
 
 from __future__ import annotations
 
+import math
+
 from zeroserve.scheduler_proc.block_manager import hash_block, root_key
 from zeroserve.shared.messages import EngineRequest, RunningRequestData, SamplingParams
+
+
+def due_time(req: EngineRequest) -> float:
+    """When the request must have ended, or (its queue deadline) started: the earlier of the two
+    (wall time), math.inf without either. Waiting requests expire, and rank, by it."""
+    return min(t for t in (req.deadline, req.queue_deadline, math.inf) if t is not None)
 
 
 class RequestStatus:
@@ -40,7 +48,7 @@ class Request:
 
     __slots__ = (
         "request_id", "prompt_token_ids", "all_token_ids", "params", "arrival_time", "priority",
-        "deadline", "queue_deadline", "cache_salt", "sort_key", "status", "block_ids", "num_computed_tokens",
+        "deadline", "due", "cache_salt", "sort_key", "status", "block_ids", "num_computed_tokens",
         "block_keys", "num_cached_blocks", "num_cached_tokens", "started", "sent_first_delta",
         "known_to_workers", "stop_token_ids", "stop_set", "max_len", "min_len", "num_prompt_tokens",
         "num_preemptions", "decode_data", "_root_key",
@@ -58,7 +66,7 @@ class Request:
         self.arrival_time = req.arrival_time
         self.priority = req.priority
         self.deadline = req.deadline
-        self.queue_deadline = req.queue_deadline
+        self.due = due_time(req)
         self.cache_salt = req.cache_salt
         self.sort_key = sort_key  # smaller runs first, larger is preempted first
         self.status = RequestStatus.WAITING

@@ -32,15 +32,15 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
-import math
 import operator
 import time
 
 from zeroserve.scheduler_proc.admission import AdmissionError, WaitingQueue, check_admission
 from zeroserve.scheduler_proc.block_manager import BlockManager
 from zeroserve.scheduler_proc.config import SchedulerConfig
-from zeroserve.scheduler_proc.cost_model import StepCostModel, StepShape, TimeBudget
-from zeroserve.scheduler_proc.request import Request, RequestStatus
+from zeroserve.scheduler_proc.cost_model import StepShape, TimeBudget
+from zeroserve.scheduler_proc.latency import LatencyPolicy
+from zeroserve.scheduler_proc.request import Request, RequestStatus, due_time
 from zeroserve.shared.messages import (
     EngineRequest,
     ErrorInfo,
@@ -103,10 +103,7 @@ class Scheduler:
         self.prefix_cache_hits = 0  # of which found in the cache
         self.num_steps = 0
         self.tokens_scheduled_last_step = 0
-        # learned from every measured step, used when target_itl_ms is set (and for deadlines)
-        self.cost_model = StepCostModel()
-        self._target_s = cfg.target_itl_ms / 1000.0
-        self.num_steps_over_target = 0  # steps whose decodes alone were predicted past the target
+        self.latency = LatencyPolicy(cfg.target_itl_ms, cfg.min_prefill_tokens)
 
     # ------------------------------------------------------------------ requests in and out
 
@@ -125,10 +122,8 @@ class Scheduler:
             raise AdmissionError(400, f"Request id {req.request_id!r} is already in use; ids must be unique.",
                                  param="request_id")  # fmt: skip
         check_admission(self.cfg, req, self.waiting)
-        if req.deadline is not None and self.cost_model.warmed_up:
-            self._check_deadline(req, time.time() if now is None else now)
-        ends = [t for t in (req.deadline, req.queue_deadline) if t is not None]
-        due = min(ends) if ends else math.inf
+        self.latency.check_deadline(req, time.time() if now is None else now, self.running)
+        due = due_time(req)
         aging = self.cfg.priority_aging_s
         if aging is None:
             sort_key = (req.priority, due, req.arrival_time, next(self._seq))
@@ -141,34 +136,6 @@ class Scheduler:
         self._requests[r.request_id] = r
         self.waiting.push(r)
         self.waiting.watch_deadline(r)
-
-    def predicted_service_s(self, req: EngineRequest) -> float:
-        """The least time ``req`` needs if it started now, by the cost model: its prefill in one
-        step beside today's decodes, then one decode step per token that ``min_tokens`` forces
-        (no more: it may stop at any token after those)."""
-        model, num_prompt = self.cost_model, len(req.prompt_token_ids)
-        prefill = self._decode_shape()
-        prefill.add_prefill(0, num_prompt)
-        seconds = model.predict(prefill)
-        forced = max(req.params.min_tokens, 1) - 1
-        if forced:
-            decode = self._decode_shape()
-            decode.add_decode(num_prompt + forced // 2)
-            seconds += forced * model.predict(decode)
-        return seconds
-
-    def _check_deadline(self, req: EngineRequest, now: float) -> None:
-        left = req.deadline - now
-        need = self.predicted_service_s(req)
-        if need > left:
-            raise AdmissionError(
-                429,
-                f"The request cannot meet its deadline: {max(left, 0.0) * 1000:.0f} ms remain, and even "
-                f"starting now it needs about {need * 1000:.0f} ms (its prompt and min_tokens at the "
-                "engine's measured speed). Allow a later deadline or retry when the engine is less busy.",
-                param="deadline_ms",
-                code="deadline_infeasible",
-            )
 
     def abort(self, request_id: str) -> bool:
         """End a request in any state and free its blocks now; False if the id is unknown."""
@@ -219,7 +186,7 @@ class Scheduler:
         running_data: list[RunningRequestData] = []
         new_data: list[NewRequestData] = []
         shape = StepShape()
-        tb = self._time_budget()
+        tb = self.latency.time_budget(self.running)
         # 1. Running requests, best first (decodes, then chunks of running prefills).
         budget, num_sampling, preempted = self._schedule_running(running_data, keyed, shape, tb)
 
@@ -281,25 +248,6 @@ class Scheduler:
         self.num_steps += 1
         self.tokens_scheduled_last_step = self.cfg.max_num_batched_tokens - budget
         return plan
-
-    def _time_budget(self) -> TimeBudget | None:
-        """The step's prefill allowance under target_itl_ms: the target less the predicted time of
-        its decodes (None: no target, or the cost model has not seen enough steps yet)."""
-        model = self.cost_model
-        if not self._target_s or not model.warmed_up:
-            return None
-        left = self._target_s - model.predict(self._decode_shape())
-        if left <= 0:
-            self.num_steps_over_target += 1
-        return TimeBudget(model, left, self.cfg.min_prefill_tokens)
-
-    def _decode_shape(self) -> StepShape:
-        """The running requests that decode in the next step (a step of nothing else)."""
-        shape = StepShape()
-        for r in self.running:
-            if len(r.all_token_ids) - r.num_computed_tokens == 1:
-                shape.add_decode(r.num_computed_tokens + 1)
-        return shape
 
     def _schedule_running(
         self, out: list[RunningRequestData], keyed: list[int], shape: StepShape, tb: TimeBudget | None
@@ -382,7 +330,7 @@ class Scheduler:
         if result.error is not None:
             requests = inflight.requests(self._requests)
             return self._fail(requests, inflight.keyed_blocks, f"The engine step failed: {result.error}")
-        self.cost_model.update(inflight.shape, result.step_time_s)
+        self.latency.model.update(inflight.shape, result.step_time_s)
         live, lps, tokens = self._requests, result.logprobs, result.sampled_token_ids
         deltas: list[TokenDelta] = []
         append = deltas.append
@@ -475,8 +423,8 @@ class Scheduler:
             tokens_scheduled_last_step=self.tokens_scheduled_last_step,
             num_kv_blocks=self.blocks.num_blocks,
             num_free_blocks=self.blocks.num_free_blocks,
-            num_steps_over_target=self.num_steps_over_target,
-            step_cost_error=self.cost_model.error,
+            num_steps_over_target=self.latency.num_steps_over_target,
+            step_cost_error=self.latency.model.error,
         )
 
     def check_invariants(self) -> None:

@@ -30,7 +30,7 @@ import zmq
 import zmq.asyncio
 
 from zeroserve.shared.config import DEFAULTS, CurveKeys
-from zeroserve.shared.ipc import Codec, SendError, connect, receive, send_now
+from zeroserve.shared.ipc import Codec, SendError, connect, has_unread, receive, send_now
 from zeroserve.shared.messages import (
     Abort,
     ApiInbox,
@@ -116,9 +116,6 @@ class EngineClient:
         except SendError:
             pass
 
-    def _unread(self, index: int) -> bool:
-        return bool(self.sockets[index].get(zmq.EVENTS) & zmq.POLLIN)
-
     async def _recv_loop(self, index: int) -> None:
         sock = self.sockets[index]
         while True:
@@ -145,7 +142,7 @@ class EngineClient:
             now = time.monotonic()
             for request_id, (i, queue) in list(self.streams.items()):
                 # unread replies: this loop was late, not the tokenizer silent
-                if now - self.last_seen[i] > self.heartbeat_timeout_s and not self._unread(i):
+                if now - self.last_seen[i] > self.heartbeat_timeout_s and not has_unread(self.sockets[i]):
                     del self.streams[request_id]
                     # the tokenizer may only be stalled: when it reads again, this frees the request
                     self._send_quietly(i, Abort(request_id=request_id, reason="engine silent"))

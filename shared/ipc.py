@@ -124,6 +124,13 @@ def receive_blocking(sock: zmq.Socket, codec: Codec[T]) -> T:
 _sync_views: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def has_unread(sock: zmq.Socket) -> bool:
+    """Whether messages wait unread on ``sock``. A watcher checks this before calling a peer
+    silent: with messages queued, it is this process that was late (its loop busy, the machine
+    loaded), not the peer that went quiet."""
+    return bool(sock.get(zmq.EVENTS) & zmq.POLLIN)
+
+
 def send_now(sock: zmq.Socket, frames: list[bytes]) -> None:
     """Queue ``frames`` on ``sock`` at once, or raise ``PeerOverloaded`` (the pipe is at its
     high-water mark) or ``PeerGone`` (a mandatory ROUTER knows no such identity).

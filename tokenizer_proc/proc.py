@@ -43,6 +43,7 @@ from zeroserve.shared.ipc import (
     SendError,
     bind,
     connect,
+    has_unread,
     receive,
     receive_routed,
     send_now,
@@ -308,7 +309,7 @@ class TokenizerProcess:
         the machine loaded) would take its own lateness for the scheduler's silence."""
         if time.monotonic() - self.engine_seen < max(self.config.heartbeat_timeout_s * 2, 2.0):
             return True
-        return bool(self.engine.get(zmq.EVENTS) & zmq.POLLIN)
+        return has_unread(self.engine)
 
     async def heartbeat_loop(self) -> None:
         ping = self.encoder.encode(Ping(sent_at=0.0))
@@ -356,8 +357,8 @@ class TokenizerProcess:
         for identity, (when, _) in list(self.lost.items()):
             if now - when > LOST_KEPT_S:  # it never came back
                 del self.lost[identity]
-        if self.front.get(zmq.EVENTS) & zmq.POLLIN:
-            return  # unread messages: this process was late, the owners may not be silent
+        if has_unread(self.front):
+            return  # this process was late: the owners may not be silent
         limit = max(self.config.heartbeat_timeout_s * 3, 2.0)
         for identity, seen in list(self.owner_seen.items()):
             if now - seen > limit:

@@ -53,7 +53,7 @@ def warm_up(s: Scheduler, d: Driver) -> None:
         s.add_request(make_request(f"dec{i}", [100 + i] * (40 + 90 * i), max_tokens=400, arrival=0.0))
         d.step()
         d.step()
-    while not s.cost_model.warmed_up:
+    while not s.latency.model.warmed_up:
         d.step()
 
 
@@ -91,7 +91,7 @@ def test_every_step_stays_under_the_target_once_learned():
     chunks += [n.num_new_tokens for p in d.plans[first:] for n in p.new if n.request_id.startswith("long")]
     assert len(chunks) > 8 and max(chunks) < 400, "prompts were split into chunks"
     assert max(after) > target * 0.8, "steps were filled up to the target, not kept far below it"
-    assert s.num_steps_over_target == 0 and s.stats().num_steps_over_target == 0
+    assert s.latency.num_steps_over_target == 0 and s.stats().num_steps_over_target == 0
 
 
 def test_under_noise_steps_stay_under_the_target_within_the_models_error():
@@ -99,7 +99,7 @@ def test_under_noise_steps_stay_under_the_target_within_the_models_error():
     s, d, timed = setup(target * 1000, noise=0.03)
     warm_up(s, d)
     first = long_prompts(s, d, n=6)
-    err = s.cost_model.error
+    err = s.latency.model.error
     assert 0.01 < err < 0.06
     assert max(timed.times[first:]) <= target * (1 + 3 * err)
     assert s.stats().step_cost_error == err
@@ -113,10 +113,10 @@ def test_with_decodes_alone_over_the_target_prefills_still_progress():
     for i in range(40):
         s.add_request(make_request(f"dec{i}", [100 + i] * (8 + 24 * i), max_tokens=600, arrival=0.0))
         d.step()
-    while not s.cost_model.warmed_up:
+    while not s.latency.model.warmed_up:
         d.step()
     floor = s.cfg.min_prefill_tokens
-    before = s.num_steps_over_target
+    before = s.latency.num_steps_over_target
     first = long_prompts(s, d, n=1)
     prefill = [
         sum(r.num_new_tokens for r in p.running if r.num_new_tokens > 1)
@@ -124,8 +124,8 @@ def test_with_decodes_alone_over_the_target_prefills_still_progress():
         for p in d.plans[first:]
     ]
     assert max(prefill) == floor, prefill
-    assert s.num_steps_over_target - before >= 1500 // floor
-    assert s.stats().num_steps_over_target == s.num_steps_over_target
+    assert s.latency.num_steps_over_target - before >= 1500 // floor
+    assert s.stats().num_steps_over_target == s.latency.num_steps_over_target
 
 
 # ---------------------------------------------------------------------------- deadlines
@@ -166,5 +166,5 @@ def test_an_infeasible_deadline_is_refused_at_once_once_the_model_is_warm():
     with pytest.raises(AdmissionError):
         s.add_request(make_request("forced", [301] * 100, max_tokens=400, arrival=10.0, deadline=11.0,
                                    sampling={"min_tokens": 300}), now=10.0)  # fmt: skip
-    need = s.predicted_service_s(make_request("x", [302] * 1500, max_tokens=1))
+    need = s.latency.predicted_service_s(make_request("x", [302] * 1500, max_tokens=1), s.running)
     assert 0.15 < need < 0.3
