@@ -265,11 +265,6 @@ async def run_jobs(
                         write(output_line(job.custom_id, e.status, e.body()), False)
                         return
                     delay = backoff_s(attempt, e)
-                except RecursionError:
-                    write(
-                        output_line(job.custom_id, 400, ApiError(400, "body nests too deeply").body()), False
-                    )
-                    return
                 except Exception:  # one request's bug must not end the job: log it, file an error
                     log.exception("batch line %d (%s) failed", job.line_no, job.custom_id)
                     error = ApiError(500, "internal error while running this request; see the log")
