@@ -30,7 +30,10 @@ from zeroserve.shared import env
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "cpu_ops.cpp"
+CSRC = Path(__file__).with_name("csrc")
+# every source in csrc/ goes into the one library (cpu_ops.cpp: the fp32 model ops; the others:
+# the quantized projections); each Python module declares the argtypes of the functions it calls
+SOURCES = sorted(CSRC.glob("*.cpp"))
 ABI_VERSION = 3
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
 
@@ -69,7 +72,12 @@ def _cpu_flags() -> str:
 def library_path(compiler: str, flags: list[str]) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.blake2b(digest_size=10)
-    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), version.encode(), _cpu_flags().encode()):
+    for part in (
+        *(src.read_bytes() for src in SOURCES),
+        " ".join(flags).encode(),
+        version.encode(),
+        _cpu_flags().encode(),
+    ):
         key.update(part)
     return Path(env.cache_dir()) / "cpu_kernels" / key.hexdigest() / "libzeroserve_cpu.so"
 
@@ -80,16 +88,18 @@ def _compile(compiler: str, flags: list[str], target: Path) -> None:
     os.close(fd)
     installed = False
     try:
-        cmd = [compiler, *flags, str(SOURCE), "-o", tmp]
+        cmd = [compiler, *flags, *map(str, SOURCES), "-o", tmp]
         log.info("compiling the CPU kernels (once per machine): %s", " ".join(cmd))
         try:
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             raise CpuKernelsUnavailable(
-                f"compiling {SOURCE.name} took over {COMPILE_TIMEOUT_S}s; gave up"
+                f"compiling {' '.join(src.name for src in SOURCES)} took over {COMPILE_TIMEOUT_S}s; gave up"
             ) from None
         if result.returncode != 0:
-            raise CpuKernelsUnavailable(f"compiling {SOURCE.name} failed:\n{result.stderr.strip()[-2000:]}")
+            raise CpuKernelsUnavailable(
+                f"compiling {' '.join(src.name for src in SOURCES)} failed:\n{result.stderr.strip()[-2000:]}"
+            )
         os.replace(tmp, target)
         installed = True
     finally:  # failed, timed out, interrupted: the half-written library must not stay behind
