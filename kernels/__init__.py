@@ -32,8 +32,11 @@ log = logging.getLogger(__name__)
 __all__ = ["AttentionMetadata", "BACKENDS", "KernelBackend", "LinearHandle", "get_kernels"]
 
 
-def get_kernels(backend: str | None = None, device: str | None = None) -> KernelBackend:
-    """The kernel backend named ``backend`` ("torch" | "cpu" | "triton"), else the one for ``device``."""
+def get_kernels(
+    backend: str | None = None, device: str | None = None, quantization: str = "none"
+) -> KernelBackend:
+    """The kernel backend named ``backend`` ("torch" | "cpu" | "triton"), else the one for
+    ``device``; ``quantization`` is the resolved mode its ``prepare_linear`` applies."""
     if backend is None:
         from zeroserve.shared import env
 
@@ -53,4 +56,4 @@ def get_kernels(backend: str | None = None, device: str | None = None) -> Kernel
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {sorted(BACKENDS)}")
     module, cls = BACKENDS[backend]
-    return getattr(importlib.import_module(module), cls)()
+    return getattr(importlib.import_module(module), cls)(quantization)

@@ -52,6 +52,12 @@ class KernelBackend(ABC):
 
     name: ClassVar[str]  # what RunnerConfig.kernel_backend / ZEROSERVE_KERNELS call it
 
+    def __init__(self, quantization: str = "none"):
+        # the resolved --quantization mode ("none", "int8", "q4", "fp8"; never "auto"): what
+        # prepare_linear makes of a plain weight. A GGUFWeight is always served from its blocks
+        # where this backend has a kernel for its type, whatever the mode.
+        self.quantization = quantization
+
     # ------------------------------------------------------------------ model ops
 
     @abstractmethod

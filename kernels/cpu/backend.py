@@ -28,7 +28,11 @@ class CpuKernels(ReferenceKernels):
     paged_attention = staticmethod(ops.paged_attention)
     argmax_rows = staticmethod(ops.argmax_rows)
 
-    def prepare_linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearHandle:
+    def __init__(self, quantization: str = "none"):
+        super().__init__(quantization)
+        self.linear_kernels[ops.PackedLinear] = ops.linear
+
+    def prepare_dense(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearHandle:
         """fp32 weights are packed into the panels of the C++ GEMM (faster than oneDNN here at
         every batch size, and bit-identical to it for K <= ~1K)."""
         if (
@@ -38,9 +42,4 @@ class CpuKernels(ReferenceKernels):
             and (bias is None or bias.dtype == torch.float32)
         ):
             return ops.PackedLinear(weight, bias)
-        return super().prepare_linear(weight, bias)
-
-    def linear(self, x: torch.Tensor, handle: LinearHandle) -> torch.Tensor:
-        if isinstance(handle, ops.PackedLinear):
-            return ops.linear(x, handle)
-        return super().linear(x, handle)
+        return super().prepare_dense(weight, bias)

@@ -10,11 +10,14 @@ anywhere else ``F.linear`` reads W as it is (cuBLAS on a GPU).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from zeroserve.kernels.base import DenseLinear, KernelBackend, LinearHandle
+from zeroserve.kernels.quantized import GGUFWeight
 from zeroserve.kernels.reference import ops, sampling
 
 __all__ = ["OneDNNLinear", "ReferenceKernels", "onednn_linear_available"]
@@ -52,17 +55,52 @@ class ReferenceKernels(KernelBackend):
     write_kv = staticmethod(ops.write_kv)
     paged_attention = staticmethod(ops.paged_attention)
 
-    def prepare_linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearHandle:
+    def __init__(self, quantization: str = "none"):
+        super().__init__(quantization)
+        # handle class -> the function that runs it; each backend adds the handles it makes
+        self.linear_kernels: dict[type[LinearHandle], Callable[[torch.Tensor, Any], torch.Tensor]] = {
+            DenseLinear: lambda x, h: F.linear(x, h.weight, h.bias),
+            OneDNNLinear: lambda x, h: torch.ops.mkldnn._linear_pointwise(
+                x, h.packed, h.bias, "none", [], ""
+            ),
+        }
+
+    def prepare_linear(self, weight: torch.Tensor | GGUFWeight, bias: torch.Tensor | None) -> LinearHandle:
+        """By the weight's kind, then the backend's quantization mode: a GGUFWeight goes to
+        prepare_gguf; a float weight to prepare_int8 / prepare_fp8 in those modes, else
+        prepare_dense. Subclasses override the step they do differently."""
+        if isinstance(weight, GGUFWeight):
+            return self.prepare_gguf(weight, bias)
+        if self.quantization == "int8" and weight.dim() == 2 and weight.dtype == torch.float32:
+            return self.prepare_int8(weight, bias)
+        if self.quantization == "fp8" and weight.dim() == 2:
+            return self.prepare_fp8(weight, bias)
+        return self.prepare_dense(weight, bias)
+
+    def prepare_dense(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearHandle:
         if weight.device.type == "cpu" and weight.dtype == torch.float32 and onednn_linear_available():
             return OneDNNLinear(weight, bias)
         return DenseLinear(weight, bias)
 
+    def prepare_gguf(self, weight: GGUFWeight, bias: torch.Tensor | None) -> LinearHandle:
+        """The torch reference of a GGUF linear: the file's values dequantized to fp32 (the
+        oracle the block kernels are tested against; the fallback where there is none)."""
+        return self.prepare_dense(weight.dequantize().to(weight.data.device), bias)
+
+    def prepare_int8(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearHandle:
+        raise NotImplementedError("int8 projections are not implemented yet")
+
+    def prepare_fp8(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearHandle:
+        raise ValueError(
+            f"--quantization fp8 needs an NVIDIA GPU of compute capability 8.9 or newer (the {self.name} "
+            "kernels have no fp8 projection); on a CPU use int8 or q4"
+        )
+
     def linear(self, x: torch.Tensor, handle: LinearHandle) -> torch.Tensor:
-        if isinstance(handle, DenseLinear):
-            return F.linear(x, handle.weight, handle.bias)
-        if isinstance(handle, OneDNNLinear):
-            return torch.ops.mkldnn._linear_pointwise(x, handle.packed, handle.bias, "none", [], "")
-        raise TypeError(f"the {self.name} kernels cannot run {type(handle).__name__} handles")
+        run = self.linear_kernels.get(type(handle))
+        if run is None:
+            raise TypeError(f"the {self.name} kernels cannot run {type(handle).__name__} handles")
+        return run(x, handle)
 
     def argmax_rows(self, x: torch.Tensor) -> torch.Tensor:
         return x.argmax(dim=-1)
