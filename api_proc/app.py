@@ -7,8 +7,8 @@ Routes:
     POST /v1/completions, /v1/chat/completions   serving.py
     GET  /v1/models
     POST /tokenize, /detokenize                  vLLM's shapes
-    GET  /health   200 while the process runs
-    GET  /ready    200 when the engine takes work; 503 loading, draining, worker down
+    GET  /health   200 while the process runs; each engine replica (live, waiting, running, KV usage)
+    GET  /ready    200 when the engine takes work (a replica is live); 503 loading, draining, workers down
     GET  /metrics  prometheus text
 """
 
@@ -133,7 +133,25 @@ async def detokenize(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    return _json({"status": "ok"})
+    """200 while this process runs, with each engine replica as last reported (no fresh ping:
+    probes must stay cheap); ``replicas`` is empty until the engine first answers."""
+    engine = request.app[STATE].monitor.engine
+    replicas = []
+    if engine is not None:
+        for r in engine.replicas:
+            s = r.stats
+            replicas.append(
+                {
+                    "id": r.replica_id,
+                    "live": r.live,
+                    "waiting": s.num_waiting,
+                    "running": s.num_running,
+                    "kv_usage": s.kv_cache_usage,
+                    "prefix_cache_hits": s.prefix_cache_hits,
+                    "prefix_cache_queries": s.prefix_cache_queries,
+                }
+            )
+    return _json({"status": "ok", "replicas": replicas})
 
 
 async def ready(request: web.Request) -> web.Response:
@@ -158,7 +176,9 @@ def create_app(config: ApiConfig, client: Any, metrics: ApiMetrics | None = None
     and max_model_len) runs while the app does."""
     monitor = EngineMonitor(client, config.ping_interval_s, config.ping_timeout_s)
     if metrics is None:
-        metrics = ApiMetrics(config.model_name, monitor.scheduler_stats, config.metrics_dir)
+        metrics = ApiMetrics(
+            config.model_name, lambda: monitor.engine, config.metrics_dir, monitor.router_stats
+        )
     app = web.Application(
         client_max_size=config.max_body_bytes,
         middlewares=[openai_errors, auth_middleware(config.api_keys, config.auth_exempt_paths)],

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from zeroserve.api_proc.errors import ApiError
-from zeroserve.shared.messages import EngineStatus, Pong, SchedulerStats
+from zeroserve.shared.messages import EngineStatus, Pong, RouterStats
 
 log = logging.getLogger("zeroserve.api")
 
@@ -26,6 +26,8 @@ class EngineMonitor:
         self.timeout_s = timeout_s
         self.latest: Pong | None = None  # last answer, kept while the engine is silent
         self.answers: list[Pong | None] = []  # the last round, one per tokenizer (None: silent)
+        # each tokenizer's latest routing counters (kept while it is silent: counters never drop)
+        self.routers: dict[int, RouterStats] = {}
         self.reachable = False
         self.draining = False  # set on SIGTERM: /ready answers 503 so balancers move on
         self._task: asyncio.Task | None = None
@@ -35,10 +37,6 @@ class EngineMonitor:
     def engine(self) -> EngineStatus | None:
         """The latest answer's engine status, None before the first answer."""
         return self.latest.engine if self.latest is not None else None
-
-    def scheduler_stats(self) -> SchedulerStats | None:
-        engine = self.engine
-        return engine.stats if engine is not None else None
 
     async def refresh(self) -> Pong | None:
         """Ping every tokenizer now (one round in flight however many callers wait); the first
@@ -56,6 +54,9 @@ class EngineMonitor:
             answers = []
             log.debug("engine ping failed: %s", type(e).__name__)
         before, self.answers = self.silent(), answers
+        for i, answer in enumerate(answers):
+            if answer is not None and answer.engine is not None and answer.engine.router is not None:
+                self.routers[i] = answer.engine.router
         silent = self.silent()
         if silent and silent != before and len(silent) < len(answers):  # all silent: logged below
             log.warning("tokenizer(s) %s do not answer pings", ", ".join(map(str, silent)))
@@ -67,6 +68,10 @@ class EngineMonitor:
             return None
         self.latest, self.reachable = pong, True
         return pong
+
+    def router_stats(self) -> list[RouterStats]:
+        """Every tokenizer's routing counters (each routes its own share of the requests)."""
+        return list(self.routers.values())
 
     def silent(self) -> list[int]:
         """Tokenizers that did not answer the last round."""
@@ -101,6 +106,8 @@ class EngineMonitor:
         if not pong.ready:
             return False, "the engine is loading"
         if pong.engine is not None and not pong.engine.stats.workers_ready:
+            if len(pong.engine.replicas) > 1:
+                return False, "no engine replica is live (their workers are down or restarting)"
             return False, "a worker is down (restarting)"
         return True, "ready"
 

@@ -7,7 +7,11 @@ Two sources, so that N api processes report the truth:
   of any api process sums every process' files;
 - engine-wide numbers (running / waiting requests, KV usage, preemptions, prefix cache) are
   the engine's own, read from the latest Pong at scrape time by ``EngineStatsCollector``:
-  each scrape reports them once, whichever process answers.
+  each scrape reports them once, whichever process answers. They carry a ``replica`` label
+  (``r0`` ... with ``--data-parallel-size``): each replica has its own queue and KV pool. The
+  routers' numbers (decisions per replica and reason, matched prefix blocks per decision, the
+  time a decision takes, failovers) come the same way, from every tokenizer's latest Pong,
+  summed over the tokenizers (each routes its own share of the requests).
 
 request_queue_time_seconds is approximate: the time from the API receiving a request to the
 engine's first message about it. The engine sends that message with the first token, so it
@@ -21,10 +25,10 @@ import os
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from zeroserve.shared.messages import SchedulerStats
+from zeroserve.shared.messages import BucketCounts, EngineStatus, RouterStats
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # what generate_latest writes
 LABELS = ["model_name"]
@@ -143,32 +147,96 @@ def enable_multiprocess(metrics_dir: str) -> None:
 
 
 class EngineStatsCollector:
-    """Engine-wide gauges and counters from the latest Pong's SchedulerStats, read at scrape time."""
+    """Engine-wide gauges and counters per replica from the latest Pong, and the routers'
+    counters from every tokenizer's, read at scrape time."""
 
-    def __init__(self, model_name: str, engine_stats: Callable[[], SchedulerStats | None]):
+    def __init__(
+        self,
+        model_name: str,
+        engine: Callable[[], EngineStatus | None],
+        routers: Callable[[], list[RouterStats]] = list,
+    ):
         self.model_name = model_name
-        self.engine_stats = engine_stats
+        self.engine = engine
+        self.routers = routers
 
     def collect(self):
-        stats = self.engine_stats()
-        if stats is None:
-            return  # not reported yet: absent rather than made-up zeros
-        for field, (name, doc, kind) in ENGINE_STATS.items():
-            family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, doc, labels=LABELS)
-            family.add_metric([self.model_name], float(getattr(stats, field)))
-            yield family
+        engine = self.engine()
+        if engine is not None:  # else not reported yet: absent rather than made-up zeros
+            # a tokenizer that lists no replicas (one fixed scheduler, an older one) reports r0
+            replicas = [(r.replica_id, r.stats) for r in engine.replicas] or [("r0", engine.stats)]
+            for field, (name, doc, kind) in ENGINE_STATS.items():
+                family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(
+                    name, doc, labels=[*LABELS, "replica"]
+                )
+                for replica_id, stats in replicas:
+                    family.add_metric([self.model_name, replica_id], float(getattr(stats, field)))
+                yield family
+        routers = self.routers()
+        if routers:
+            yield from self.router_families(routers)
+
+    def router_families(self, routers: list[RouterStats]):
+        decisions: dict[tuple[str, str], int] = {}
+        for router in routers:
+            for d in router.decisions:
+                decisions[(d.replica_id, d.reason)] = decisions.get((d.replica_id, d.reason), 0) + d.count
+        family = CounterMetricFamily(
+            "zeroserve:router_requests",
+            "Routing decisions, by the replica chosen and why (prefix, load, balance, session, "
+            "round_robin, least_loaded).",
+            labels=[*LABELS, "replica", "reason"],
+        )
+        for (replica_id, reason), count in sorted(decisions.items()):
+            family.add_metric([self.model_name, replica_id, reason], float(count))
+        yield family
+        failovers = CounterMetricFamily(
+            "zeroserve:router_failovers",
+            "Requests re-sent to another replica after theirs failed before their first token.",
+            labels=LABELS,
+        )
+        failovers.add_metric([self.model_name], float(sum(r.failovers for r in routers)))
+        yield failovers
+        yield self.histogram(
+            "zeroserve:router_matched_prefix_blocks",
+            "Leading KV blocks of the prompt the chosen replica held, per routing decision.",
+            [r.matched_blocks for r in routers],
+        )
+        yield self.histogram(
+            "zeroserve:router_decision_time_seconds",
+            "Time the router took to choose a replica.",
+            [r.decision_seconds for r in routers],
+        )
+
+    def histogram(self, name: str, doc: str, parts: list[BucketCounts]) -> HistogramMetricFamily:
+        """The sum of the tokenizers' histograms (their bounds are the same constants)."""
+        bounds = parts[0].bounds
+        counts = [0] * (len(bounds) + 1)
+        total = 0.0
+        for h in parts:
+            if h.bounds == bounds and len(h.counts) == len(counts):
+                counts = [a + b for a, b in zip(counts, h.counts, strict=True)]
+                total += h.total
+        cumulative, buckets = 0, []
+        for bound, count in zip([*map(str, bounds), "+Inf"], counts, strict=True):
+            cumulative += count
+            buckets.append((bound, float(cumulative)))
+        family = HistogramMetricFamily(name, doc, labels=LABELS)
+        family.add_metric([self.model_name], buckets, sum_value=total)
+        return family
 
 
 class ApiMetrics:
     def __init__(
         self,
         model_name: str,
-        engine_stats: Callable[[], SchedulerStats | None],
+        engine: Callable[[], EngineStatus | None],
         metrics_dir: str | None = None,
+        routers: Callable[[], list[RouterStats]] = list,
     ):
         self.model_name = model_name
         self.metrics_dir = metrics_dir
-        self.engine_stats = EngineStatsCollector(model_name, engine_stats)
+        self.engine_stats = EngineStatsCollector(model_name, engine, routers)
         if metrics_dir is not None:
             enable_multiprocess(metrics_dir)
             self.registry = None  # values live in the files; a scrape builds a registry over them

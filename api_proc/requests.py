@@ -191,6 +191,7 @@ def _fan_out(
     prompts: list[dict],
     *,
     return_prompt: bool = False,
+    session: str | None = None,
 ) -> list[GenerateRequest]:
     stop = _stop_strings(body.stop, config)
     out = []
@@ -208,6 +209,7 @@ def _fan_out(
                     deadline_s=None if body.deadline_ms is None else body.deadline_ms / 1000.0,
                     cache_salt=body.cache_salt,
                     return_prompt=return_prompt,
+                    session=session or body.user,
                     **prompt,
                 )
             )
@@ -257,7 +259,8 @@ def completion_prompts(prompt: str | list, config: ApiConfig, n: int = 1) -> lis
     return [{"prompt_token_ids": list(ids)} for ids in prompt]
 
 
-def completion_plan(body: CompletionRequest, config: ApiConfig) -> GenerationPlan:
+def completion_plan(body: CompletionRequest, config: ApiConfig, session: str | None = None) -> GenerationPlan:
+    """session: the X-Session-Id header (else the body's `user`) keeps requests on one replica."""
     n = _check_common(body, config)
     logprobs = _logprobs_count(body.logprobs, "logprobs", config)
     if body.echo and logprobs is not None:
@@ -275,7 +278,9 @@ def completion_plan(body: CompletionRequest, config: ApiConfig) -> GenerationPla
         created=int(time.time()),
         model=config.model_name,
         chat=False,
-        requests=_fan_out(request_id, body, config, params, n, prompts, return_prompt=bool(body.echo)),
+        requests=_fan_out(
+            request_id, body, config, params, n, prompts, return_prompt=bool(body.echo), session=session
+        ),
         n=n,
         num_prompts=len(prompts),
         stream=bool(body.stream),
@@ -324,7 +329,7 @@ def chat_messages(messages: list[ChatMessageIn], config: ApiConfig) -> list[Chat
     return out
 
 
-def chat_plan(body: ChatCompletionRequest, config: ApiConfig) -> GenerationPlan:
+def chat_plan(body: ChatCompletionRequest, config: ApiConfig, session: str | None = None) -> GenerationPlan:
     n = _check_common(body, config)
     top = _logprobs_count(body.top_logprobs, "top_logprobs", config)
     if top is not None and not body.logprobs:
@@ -342,7 +347,7 @@ def chat_plan(body: ChatCompletionRequest, config: ApiConfig) -> GenerationPlan:
         created=int(time.time()),
         model=config.model_name,
         chat=True,
-        requests=_fan_out(request_id, body, config, params, n, [prompt]),
+        requests=_fan_out(request_id, body, config, params, n, [prompt], session=session),
         n=n,
         num_prompts=1,
         stream=bool(body.stream),

@@ -33,6 +33,7 @@ SSE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",  # proxies must not buffer the stream
 }
+SESSION_HEADER = "X-Session-Id"  # routes a session's requests to one replica (as the body's `user` does)
 _decoders: dict[type, msgspec.json.Decoder] = {}
 
 
@@ -87,7 +88,7 @@ def decode_body(raw: bytes, kind: type) -> Any:
 async def completions(request: web.Request) -> web.StreamResponse:
     state: ApiState = request.app[STATE]
     body = await read_body(request, CompletionRequest, state.config)
-    plan = completion_plan(body, state.config)
+    plan = completion_plan(body, state.config, request.headers.get(SESSION_HEADER))
     await state.monitor.require_engine()
     return await run_plan(request, state, plan)
 
@@ -95,7 +96,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state: ApiState = request.app[STATE]
     body = await read_body(request, ChatCompletionRequest, state.config)
-    plan = chat_plan(body, state.config)
+    plan = chat_plan(body, state.config, request.headers.get(SESSION_HEADER))
     await state.monitor.require_engine()
     return await run_plan(request, state, plan)
 

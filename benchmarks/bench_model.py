@@ -4,6 +4,12 @@ achieved GFLOP/s against a torch.mm fp32 peak measured in the same run.
 
     .venv/bin/python benchmarks/bench_model.py                       # SmolLM2-135M, all batches
     .venv/bin/python benchmarks/bench_model.py --batches 1,64 --no-hf
+    .venv/bin/python benchmarks/bench_model.py --quantization q4 --load-format auto --no-hf
+
+--quantization MODE runs the projections in that mode (q4 needs real GGUF blocks: --load-format
+auto); then the rate is in GOP/s (the same operation count, whatever the arithmetic) and its
+share is of the run's peak for that arithmetic: torch._int_mm int8 for int8 / q4 (int8 dots),
+torch.mm in bf16 for bf16, torch.mm fp32 otherwise.
 
 Decode at context C: each sequence arrives with C - 1 tokens already "cached" (a prefix hit,
 num_computed_tokens = C - 1; the KV values do not change the cost), so no prefill is paid
@@ -29,6 +35,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from zeroserve.gpu_worker.model_runner import ModelRunner, RunnerConfig  # noqa: E402
+from zeroserve.shared.config import DEFAULTS  # noqa: E402
 from zeroserve.shared.messages import NewRequestData, RunningRequestData, SamplingParams, StepPlan  # noqa: E402
 from zeroserve.shared.model_files import resolve_model  # noqa: E402
 
@@ -40,6 +47,27 @@ def mm_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
     torch.mm(a, b)
     best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
     return 2 * size**3 / best / 1e9
+
+
+def int8_peak_gops(size: int = 2048, repeats: int = 5) -> float:
+    a = torch.randint(-127, 128, (size, size), dtype=torch.int8)
+    b = torch.randint(-127, 128, (size, size), dtype=torch.int8)
+    torch._int_mm(a, b)
+    return 2 * size**3 / min(_timed(lambda: torch._int_mm(a, b)) for _ in range(repeats)) / 1e9
+
+
+def bf16_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size, dtype=torch.bfloat16), torch.randn(size, size, dtype=torch.bfloat16)
+    torch.mm(a, b)
+    return 2 * size**3 / min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats)) / 1e9
+
+
+# the run's peak for a mode's arithmetic: (what it is called, how it is measured)
+PEAKS = {
+    "int8": ("torch._int_mm int8", int8_peak_gops),
+    "q4": ("torch._int_mm int8", int8_peak_gops),
+    "bf16": ("torch.mm bf16", bf16_peak_gflops),
+}
 
 
 def _timed(fn) -> float:
@@ -183,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--kernel-backend", default=None, choices=["torch", "cpu"], help="default: cpu where it builds"
     )
+    p.add_argument(
+        "--quantization",
+        default="none",
+        choices=["auto", "none", "int8", "q4", "bf16"],
+        help="projection format (bf16: --dtype bfloat16 on a CPU with bf16 units); default none (fp32)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -200,14 +234,19 @@ def main(argv: list[str] | None = None) -> int:
             max_model_len=max(args.context + args.steps + 2, pre_len),
             kv_cache_dtype=args.kv_cache_dtype,
             kernel_backend=args.kernel_backend,
+            quantization="none" if args.quantization == "bf16" else args.quantization,
+            dtype="bfloat16" if args.quantization == "bf16" else DEFAULTS.dtype,
         )
     )
+    mode = runner.quantization
+    peak_name, peak_fn = PEAKS.get(mode, ("torch.mm fp32", mm_peak_gflops))
+    unit = "GFLOP/s" if mode in ("none", "bf16") else "GOP/s"
     cfg = runner.model_config
     hf = None if args.no_hf else hf_model(cfg)
-    peak = mm_peak_gflops()
+    peak = peak_fn()
     print(
-        f"# {os.path.basename(path)} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}), fp32, "
-        f"{torch.get_num_threads()} threads, torch.mm fp32 peak {peak:.1f} GFLOP/s",
+        f"# {os.path.basename(path)} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}), "
+        f"{runner.quantization_summary}, {torch.get_num_threads()} threads, {peak_name} peak {peak:.1f} {unit}",
         file=sys.stderr,
     )
     # a shared machine: every time is the best of several runs, and so is the peak
@@ -231,15 +270,15 @@ def main(argv: list[str] | None = None) -> int:
         gflops = step_flops(cfg, tokens, (pre_len + 1) / 2, pre_seqs) / seconds / 1e9  # causal: ~half
         hf_tps = tokens / bench_hf_prefill(hf, pre_seqs, pre_len) if hf is not None else None
         rows.append((f"prefill {pre_seqs}x{pre_len}", seconds, tokens / seconds, gflops, hf_tps))
-    peak = max(peak, mm_peak_gflops())
+    peak = max(peak, peak_fn())
 
     print(
-        f"\n{cfg.architecture} {os.path.basename(path)} shapes, context {args.context}, fp32 CPU "
-        f"({runner.ops.name} kernels, KV cache {str(runner.kv_dtype).removeprefix('torch.')}), "
-        f"{torch.get_num_threads()} threads; torch.mm fp32 peak {peak:.1f} GFLOP/s (2048^3, best of the run); "
+        f"\n{cfg.architecture} {os.path.basename(path)} shapes, context {args.context}, CPU, "
+        f"{runner.quantization_summary}, KV cache {str(runner.kv_dtype).removeprefix('torch.')}, "
+        f"{torch.get_num_threads()} threads; {peak_name} peak {peak:.1f} {unit} (2048^3, best of the run); "
         f"decode time: best of {args.steps} steps\n"
     )
-    print("| step | time (ms) | zeroserve tok/s | GFLOP/s | % of mm peak | HF generate tok/s | speedup |")
+    print(f"| step | time (ms) | zeroserve tok/s | {unit} | % of peak | HF generate tok/s | speedup |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, seconds, tps, gflops, hf_tps in rows:
         hf_cell = f"{hf_tps:.1f}" if hf_tps else "-"

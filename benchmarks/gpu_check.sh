@@ -6,10 +6,12 @@
 #   DEVICE=cpu TINY=1 bash benchmarks/gpu_check.sh   # CPU dry run at toy sizes
 #
 # Sections, each under its own time limit so one hang cannot eat the others' time
-# (total < 8 minutes on one H200):
+# (total < 8.5 minutes on one H200):
 #   1. compile check   every kernel -> cubin for this GPU's arch (no launch)         45 s
-#   2. check_kernels   every Triton kernel vs its torch reference, fp32 and bf16     140 s
-#   3. bench_kernels   decode attention GB/s vs peak, prefill TFLOP/s, elementwise    80 s
+#   2. check_kernels   every Triton kernel vs its torch reference, fp32 and bf16;   150 s
+#                      on sm_89+ also fp8: e4m3 linear (Triton, _scaled_mm), e4m3 KV cache
+#   3. bench_kernels   decode attention GB/s vs peak, prefill TFLOP/s, elementwise;  110 s
+#                      fp8 linear vs bf16 cuBLAS (SmolLM2, Llama-3-8B), e4m3 KV decode
 #   4. bench_e2e       Llama-3-8B dummy weights: decode tok/s at batch 1/32/256,      190 s
 #                      eager and CUDA graphs, beside HF generate
 # A failing section is reported and the script goes on; the exit status is 1 if any failed.
@@ -73,8 +75,8 @@ if [ "$DEVICE" = cuda ]; then
   run "compile check sm_$ARCH" 45 env -u TRITON_INTERPRET "$PY" -m zeroserve.kernels.triton.compile_check --quick \
       --arch "$ARCH" --json "$OUT/compile_check.json"
 fi
-run check_kernels 140 "$PY" benchmarks/gpu/check_kernels.py --device "$DEVICE" $TINY_FLAG --out "$OUT"
-run bench_kernels 80 "$PY" benchmarks/gpu/bench_kernels.py --device "$DEVICE" $TINY_FLAG --out "$OUT"
+run check_kernels 150 "$PY" benchmarks/gpu/check_kernels.py --device "$DEVICE" $TINY_FLAG --out "$OUT"
+run bench_kernels 110 "$PY" benchmarks/gpu/bench_kernels.py --device "$DEVICE" $TINY_FLAG --out "$OUT"
 run bench_e2e 190 "$PY" benchmarks/gpu/bench_e2e.py --device "$DEVICE" $TINY_FLAG --out "$OUT"
 
 # --- one summary table from the JSON files ------------------------------------------------
@@ -100,6 +102,12 @@ if b:
         summary[f"decode attn b{r['batch']} ctx{r['context']}"] = f"{r['GB/s']:.0f} GB/s ({r['% of peak']:.0f}% of peak), {r['us']:.0f} us"
     for r in b.get("sections", {}).get("extend attention (prefill)", []):
         summary[f"prefill attn {r['tokens']} tokens"] = f"{r['TFLOP/s']:.0f} TFLOP/s"
+    for r in b.get("sections", {}).get("fp8 linear vs bf16", []):
+        cells = [f"{k[:-2]} {r[k]:.2f}x" for k in ("torch._scaled_mm x", "triton x") if k in r]
+        summary[f"fp8 {r['proj']} M{r['M']}"] = f"bf16 {r['bf16 us']:.0f} us; vs bf16: " + ", ".join(cells)
+    for r in b.get("sections", {}).get("decode attention, e4m3 KV cache", []):
+        summary[f"decode attn e4m3 b{r['batch']} ctx{r['context']}"] = ", ".join(
+            f"{k} {v:.0f}" for k, v in r.items() if k.endswith("us") or k.endswith("GB/s"))
 e = load("bench_e2e")
 if e:
     for title in ("hf generate", "zeroserve eager", "zeroserve cuda graphs"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 
 import msgspec
 import torch
@@ -22,18 +23,27 @@ from zeroserve.gpu_worker.input_batch import PlanError, RequestStates, build_inp
 from zeroserve.gpu_worker.kv_cache import KVCacheSpec, allocate_kv_cache, cpu_num_blocks, cuda_num_blocks
 from zeroserve.gpu_worker.loader import ModelConfig, load_checkpoint
 from zeroserve.gpu_worker.models import build_model
+from zeroserve.gpu_worker.models.layers import Linear
+from zeroserve.gpu_worker.quantization import (
+    DTYPES,
+    CheckpointFacts,
+    available_modes,
+    cpu_flags,
+    gguf_kernel_types,
+    resolve_dtype,
+    resolve_quantization,
+)
 from zeroserve.gpu_worker.sampler import Sampler, SamplingBatch, make_generator
 from zeroserve.kernels import get_kernels
 from zeroserve.kernels.metadata import AttentionMetadata
+from zeroserve.kernels.quantized import GGUFWeight
 from zeroserve.shared import env
 from zeroserve.shared.config import DEFAULTS, EngineConfig, view_of
 from zeroserve.shared.messages import StepPlan, StepResult
 
-__all__ = ["ModelRunner", "PlanError", "RunnerConfig"]
+__all__ = ["ModelRunner", "PlanError", "RunnerConfig", "resolve_dtype"]
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -52,6 +62,7 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_num_batched_tokens: int = DEFAULTS.max_num_batched_tokens
     max_num_seqs: int = DEFAULTS.max_num_seqs
     kernel_backend: str | None = DEFAULTS.kernel_backend  # "torch" | "cpu" | "triton"; None: by device
+    quantization: str = DEFAULTS.quantization  # auto | none | int8 | q4 | fp8 (gpu_worker/quantization.py)
     enforce_eager: bool = DEFAULTS.enforce_eager  # GPU: no CUDA graphs
     load_format: str = DEFAULTS.load_format  # auto | hf | gguf | dummy (random weights, config from the file)
     num_threads: int = DEFAULTS.num_threads  # CPU: torch intra-op threads; 0 = torch's default (all cores)
@@ -62,12 +73,20 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
         return view_of(config, cls)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"dtype {name!r} is not supported; choose auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
+def weight_formats(model: torch.nn.Module, mode: str) -> str:
+    """What the projections (packed: qkv, gate_up) run in, by format and count: "Q4_1 x120,
+    Q8_0 x1", "int8 x121". Read before the first step, from the weights, not the handles."""
+    formats: Counter[str] = Counter()
+    for layer in model.modules():
+        if isinstance(layer, Linear) and layer.weight is not None:
+            w = layer.weight
+            if isinstance(w, GGUFWeight):
+                formats[w.type_name] += 1
+            elif mode in ("int8", "fp8", "bf16") and w.dim() == 2 and w.dtype == torch.float32:
+                formats[mode] += 1
+            else:
+                formats[str(w.dtype).removeprefix("torch.")] += 1
+    return ", ".join(f"{name} x{n}" for name, n in sorted(formats.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 class ModelRunner:
@@ -84,13 +103,32 @@ class ModelRunner:
         elif self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)
         torch.manual_seed(config.seed)
-        self.dtype = resolve_dtype(config.dtype, self.device)
-        self.ops = get_kernels(config.kernel_backend, str(self.device))
-
         path = resolve_model(config.model)
+        backend = get_kernels(config.kernel_backend, str(self.device)).name
+        kernel_types = gguf_kernel_types(backend)
+        choice = resolve_quantization(
+            config.quantization,
+            config.dtype,
+            self.device,
+            CheckpointFacts.of(path, config.load_format),
+            cpu_flags(),
+            available_modes(backend),
+            kernel_types,
+            torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else None,
+        )
+        if choice.warning:
+            log.warning("%s", choice.reason)
+        self.quantization, self.dtype = choice.mode, choice.dtype
+        self.ops = get_kernels(backend, str(self.device), quantization=choice.mode)
+
         self.model_config: ModelConfig
         self.model_config, weights = load_checkpoint(
-            path, dtype=self.dtype, device=self.device, load_format=config.load_format, seed=config.seed
+            path,
+            dtype=self.dtype,
+            device=self.device,
+            load_format=config.load_format,
+            seed=config.seed,
+            keep_quantized=(True if kernel_types is None else kernel_types) if choice.mode == "q4" else False,
         )
         cfg = self.model_config
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
@@ -102,6 +140,11 @@ class ModelRunner:
         self.model = build_model(cfg, self.ops, self.max_model_len)
         self.model.load_weights(weights, self.device)
         self.model.train(False)  # inference only (no dropout layers anyway)
+        # "quantization q4 (auto: GGUF Q4_1 blocks, avx512_vnni): Q4_1 x120, Q8_0 x1 on cpu kernels"
+        self.quantization_summary = (
+            f"quantization {choice.mode} ({choice.reason}): {weight_formats(self.model, choice.mode)} "
+            f"on {self.ops.name} kernels"
+        )
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = list(cfg.eos_token_ids)
         self.block_size = config.block_size
@@ -138,7 +181,7 @@ class ModelRunner:
             self._capture_cuda_graphs()
         self.load_time_s = time.perf_counter() - start
         log.info(
-            "model ready in %.1f s: %s, %s on %s, %d KV blocks of %d tokens (%.1f MiB, %s), %s kernels",
+            "model ready in %.1f s: %s, %s on %s, %d KV blocks of %d tokens (%.1f MiB, %s), %s",
             self.load_time_s,
             cfg.architecture,
             str(self.dtype).removeprefix("torch."),
@@ -147,7 +190,7 @@ class ModelRunner:
             self.block_size,
             self.num_kv_blocks * self.kv_spec.bytes_per_block / 2**20,
             str(self.kv_dtype).removeprefix("torch."),
-            self.ops.name,
+            self.quantization_summary,
         )
 
     # ------------------------------------------------------------------ setup
@@ -155,9 +198,22 @@ class ModelRunner:
     def _kv_cache_dtype(self) -> torch.dtype:
         name = self.config.kv_cache_dtype
         if name == "auto":
+            # a quantized CPU step spends as long in attention as in the projections; fp16 K/V
+            # halve the bytes it streams. --quantization none stays fp32 (bit-exact with HF).
+            if self.device.type == "cpu" and self.quantization != "none":
+                return torch.float16
             return self.dtype
+        if name == "fp8":  # e4m3 at scale 1.0, written and read by the Triton kernels (kv_write.py)
+            if self.device.type != "cuda" or torch.cuda.get_device_capability(self.device) < (8, 9):
+                raise ValueError(
+                    "kv_cache_dtype fp8 needs an NVIDIA GPU of compute capability 8.9 or newer (Ada, "
+                    f"Hopper), not {self.device}; on a CPU use float16 or bfloat16 to halve the KV bytes"
+                )
+            return torch.float8_e4m3fn
         if name not in DTYPES:
-            raise ValueError(f"kv_cache_dtype {name!r} is not supported; choose auto, {', '.join(DTYPES)}")
+            raise ValueError(
+                f"kv_cache_dtype {name!r} is not supported; choose auto, {', '.join(DTYPES)}, fp8 (GPU)"
+            )
         kv_dtype = DTYPES[name]
         if kv_dtype != self.dtype and self.device.type != "cpu":
             raise ValueError(

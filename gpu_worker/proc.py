@@ -22,6 +22,7 @@ import threading
 import time
 from typing import NoReturn
 
+import msgspec
 import zmq
 
 from zeroserve.shared import env
@@ -50,16 +51,17 @@ class Heartbeat(threading.Thread):
     thread-safe), and ends the process when the step in progress (``step_started``, set by the
     main thread) has run past ``step_timeout_s + STEP_EXIT_GRACE_S``."""
 
-    def __init__(self, config: EngineConfig, rank: int):
+    def __init__(self, config: EngineConfig, rank: int, replica: int = 0):
         super().__init__(name="heartbeat", daemon=True)
-        self.config, self.rank = config, rank
+        self.config, self.rank, self.replica = config, rank, replica
         self.stop = threading.Event()
         self.step_started: float | None = None  # time.monotonic() when the current step began
 
     def run(self) -> None:
         ctx = zmq.Context()
         identity = f"worker-{self.rank}-hb-{os.getpid()}".encode()
-        sock = connect(ctx, zmq.DEALER, self.config.worker_address, self.config.curve, identity)
+        address = self.config.worker_address_of(self.replica)
+        sock = connect(ctx, zmq.DEALER, address, self.config.curve, identity)
         encoder = Codec(Pong, "worker.heartbeat").encoder
         limit = self.config.step_timeout_s + STEP_EXIT_GRACE_S
         while not self.stop.wait(self.config.heartbeat_interval_s):
@@ -86,17 +88,47 @@ def injected_stall(path: str | None) -> None:
     time.sleep(seconds)
 
 
-def serve(config: EngineConfig, rank: int) -> None:
+def cpu_share(replica: int, replicas: int, cores: list[int]) -> list[int]:
+    """Replica #replica's slice of ``cores`` when ``replicas`` split them evenly (the first ones
+    get the remainder); with more replicas than cores, replicas share single cores round-robin."""
+    if replicas >= len(cores):
+        return [cores[replica % len(cores)]]
+    size, extra = divmod(len(cores), replicas)
+    start = replica * size + min(replica, extra)
+    return cores[start : start + size + (replica < extra)]
+
+
+def replica_placement(config: EngineConfig, replica: int) -> dict:
+    """Where replica #replica's worker runs, as RunnerConfig overrides. On a CPU each worker is
+    kept on its own share of the cores, so that replicas do not thrash each other's caches and
+    OpenMP pools (torch threads: --num-threads, else the share's size); on a GPU replica r takes
+    device r (modulo the devices there are)."""
+    if config.data_parallel_size == 1:
+        return {}
+    if config.device == "cpu":
+        share = cpu_share(replica, config.data_parallel_size, sorted(os.sched_getaffinity(0)))
+        os.sched_setaffinity(0, share)
+        log.info("replica %d: pinned to cores %s", replica, ",".join(map(str, share)))
+        return {"num_threads": config.num_threads or len(share)}
+    if config.device == "cuda":
+        import torch
+
+        return {"device": f"cuda:{replica % max(torch.cuda.device_count(), 1)}"}
+    return {}
+
+
+def serve(config: EngineConfig, rank: int, replica: int = 0) -> None:
     env.set_cpu_thread_env()
+    placement = replica_placement(config, replica)  # before torch starts its thread pool
     started = time.monotonic()
     from zeroserve.gpu_worker.model_runner import ModelRunner, RunnerConfig
 
-    runner = ModelRunner(RunnerConfig.from_engine(config))
+    runner = ModelRunner(msgspec.structs.replace(RunnerConfig.from_engine(config), **placement))
     load_time = time.monotonic() - started
 
     ctx = zmq.Context()
     identity = f"worker-{rank}-{os.getpid()}".encode()
-    sock = connect(ctx, zmq.DEALER, config.worker_address, config.curve, identity)
+    sock = connect(ctx, zmq.DEALER, config.worker_address_of(replica), config.curve, identity)
     codec: Codec = Codec(WorkerInbox, f"worker-{rank}")
     ready = WorkerReady(
         rank=rank,
@@ -107,10 +139,16 @@ def serve(config: EngineConfig, rank: int) -> None:
         eos_token_ids=list(runner.eos_token_ids),
         load_time_s=load_time,
     )
-    heartbeat = Heartbeat(config, rank)
+    heartbeat = Heartbeat(config, rank, replica)
     heartbeat.start()
     sock.send(codec.encode(ready))
-    log.info("worker rank %d ready in %.1fs: %d KV blocks", rank, load_time, runner.num_kv_blocks)
+    log.info(
+        "worker rank %d ready in %.1fs: %d KV blocks, %s",
+        rank,
+        load_time,
+        runner.num_kv_blocks,
+        runner.quantization_summary,
+    )
     fault_file = env.fault_step_sleep_file()
 
     while True:
@@ -141,6 +179,6 @@ def main(argv: list[str] | None = None) -> None:
     die_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        serve(config, args.index)
+        serve(config, args.index, args.replica)
     except KeyboardInterrupt:
         sys.exit(0)

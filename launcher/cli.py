@@ -17,7 +17,7 @@ COMMANDS = {
     "batch": "zeroserve.launcher.batch",
     "deploy": "zeroserve.launcher.deploy",
 }
-PROC_ROLES = ("api", "tokenizer", "scheduler", "worker")
+PROC_ROLES = ("api", "tokenizer", "scheduler", "worker", "registry")
 
 
 def add_serve_parser(sub) -> None:

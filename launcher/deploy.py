@@ -224,6 +224,11 @@ WantedBy=multi-user.target
 def run(args: argparse.Namespace) -> int:
     from zeroserve.launcher.engine_args import config_from_args
 
+    if args.data_parallel_size != 1:  # the files below hold one scheduler and one worker
+        raise SystemExit(
+            "zeroserve deploy: --data-parallel-size is not supported here yet (it renders one replica); "
+            "run `zeroserve serve --data-parallel-size N` under your service manager instead"
+        )
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     api_keys = list(args.api_keys)

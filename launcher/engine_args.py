@@ -18,6 +18,9 @@ from zeroserve.shared.model_files import model_display_name, resolve_model
 # appended to a flag's help for --help; the README table shows the default in its own column
 DEFAULT_NOTE = " (default: %(default)s)"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# kernels/quantized.QUANTIZATIONS, written out so that parsing flags does not import torch
+# (tests/gpu_worker/test_quantization.py checks they agree)
+QUANTIZATIONS = ("auto", "none", "int8", "q4", "fp8")
 
 
 class Flag(NamedTuple):
@@ -41,6 +44,18 @@ FLAGS: dict[str, list[Flag]] = {
         ),
         Flag("api_workers", "HTTP processes sharing the port via SO_REUSEPORT"),
         Flag("num_tokenizers", "tokenizer processes"),
+        Flag(
+            "data_parallel_size",
+            "engine replicas (each a scheduler and its worker, with its own KV pool and prefix cache) behind "
+            "the same API; on CPU the cores are split between them (--num-threads is then per replica)",
+        ),
+        Flag(
+            "routing",
+            "how tokenizers pick a replica: prefix_aware (the replica holding most of the prompt's leading "
+            "KV blocks, unless loads are too uneven), least_loaded (fewest waiting*4 + running), "
+            "round_robin; auto: prefix_aware with several replicas",
+            ("auto", "prefix_aware", "least_loaded", "round_robin"),
+        ),
         Flag(
             "served_model_name",
             "model name in /v1/models and responses (default: from the file name)",
@@ -76,12 +91,18 @@ FLAGS: dict[str, list[Flag]] = {
     ],
     "worker": [
         Flag("device", "cpu or cuda (default: cuda when available)", resolved=True),
-        Flag("dtype", "compute dtype (auto: float32 on CPU, bfloat16 on GPU)", DTYPES),
+        Flag(
+            "dtype",
+            "compute dtype (auto: float32 on CPU, bfloat16 on GPU); on a CPU, bfloat16 means bf16 weights "
+            "with float32 activations where the CPU has avx512_bf16 or AMX, else float32 (the log says why)",
+            DTYPES,
+        ),
         Flag(
             "kv_cache_dtype",
-            "KV cache dtype (auto: the compute dtype); on CPU float16 halves the KV memory and the "
-            "bytes decode attention reads, at ~1e-3 relative error in K/V",
-            DTYPES,
+            "KV cache dtype (auto: float16 on a CPU serving a quantized mode, else the compute dtype); on "
+            "CPU float16 halves the KV memory and the bytes decode attention reads, at ~1e-3 relative "
+            "error in K/V; fp8 (e4m3, scale 1.0): NVIDIA GPUs of compute capability 8.9+",
+            (*DTYPES, "fp8"),
         ),
         Flag("num_kv_blocks", "KV blocks to allocate; 0: sized from memory"),
         Flag("kv_cache_memory_gb", "memory for the KV cache in GiB; 0: CPU 2 GiB, GPU from utilization"),
@@ -91,9 +112,23 @@ FLAGS: dict[str, list[Flag]] = {
             "kernel implementation (default: cpu on CPU, triton on CUDA)",
             ("torch", "cpu", "triton"),
         ),
+        Flag(
+            "quantization",
+            "weight format of the projections. none: the checkpoint's values in --dtype (float32: "
+            "bit-exact with transformers); int8: int8 weights per output channel x int8 activations per "
+            "token (CPU, fast with VNNI); q4: a GGUF file's own 4-bit/8-bit blocks, kept packed (CPU); "
+            "fp8: e4m3 weights and activations (GPU, sm_89+); auto: on CPU the fastest mode that passes "
+            "the quality bar here (q4 for a block-quantized GGUF, int8 for float weights, with VNNI; "
+            "else none), on GPU none. --dtype bfloat16 on a CPU with avx512_bf16/AMX: bf16 weights",
+            QUANTIZATIONS,
+        ),
         Flag("enforce_eager", "GPU: do not capture CUDA graphs"),
         Flag("load_format", "dummy: random weights at the model's shape", ("auto", "dummy")),
-        Flag("num_threads", "CPU: torch threads in the worker; 0: ZEROSERVE_NUM_THREADS, else all cores"),
+        Flag(
+            "num_threads",
+            "CPU: torch threads in each worker; 0: ZEROSERVE_NUM_THREADS, else all cores (with "
+            "--data-parallel-size N: each worker's 1/N share of them)",
+        ),
         Flag("seed", "seed for unseeded sampling"),
         Flag("step_timeout_s", "a model step taking longer fails its requests and restarts the worker"),
     ],
@@ -160,7 +195,7 @@ def default_device() -> str:
 # numeric flags whose value 0 or below (POSITIVE) or below 0 (NON_NEGATIVE; 0 = "work it out")
 # has no meaning: refused at the command line, before any process starts
 POSITIVE = (
-    "port", "num_tokenizers", "max_n", "max_seqs_per_request", "max_num_seqs",
+    "port", "num_tokenizers", "data_parallel_size", "max_n", "max_seqs_per_request", "max_num_seqs",
     "max_num_batched_tokens", "block_size", "max_waiting_requests", "max_waiting_tokens", "step_timeout_s",
 )  # fmt: skip
 NON_NEGATIVE = (
@@ -172,6 +207,16 @@ NON_NEGATIVE = (
     "priority_aging_s",
     "target_itl_ms",
 )
+
+
+def check_quantization(args: argparse.Namespace, model: str, device: str) -> None:
+    """--quantization / --dtype combinations no machine of this kind serves, refused here."""
+    from zeroserve.gpu_worker.quantization import CheckpointFacts, check_flags
+
+    try:
+        check_flags(args.quantization, args.dtype, device, CheckpointFacts.of(model, args.load_format))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def config_from_args(args: argparse.Namespace, run_dir: str | None = None) -> EngineConfig:
@@ -195,6 +240,7 @@ def config_from_args(args: argparse.Namespace, run_dir: str | None = None) -> En
         raise SystemExit(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
     if args.priority_range[0] > args.priority_range[1]:
         raise SystemExit(f"--priority-range: MIN is above MAX in {args.priority_range}")
+    check_quantization(args, model, args.device or default_device())
     run_dir = run_dir or args.run_dir or make_run_dir()
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     values = {flag.field: getattr(args, flag.field) for flags in FLAGS.values() for flag in flags}

@@ -13,6 +13,8 @@ import argparse
 import sys
 import time
 
+from zeroserve.launcher.engine_args import QUANTIZATIONS
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -35,6 +37,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--quantization",
+        default="auto",
+        choices=QUANTIZATIONS,
+        help="projection weights' format, as for `zeroserve serve` (default auto)",
+    )
 
 
 def _fail(message: str) -> int:
@@ -81,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
                 model=path,
                 device=args.device or default_device(),
                 dtype=args.dtype,
+                quantization=args.quantization,
                 block_size=block_size,
                 num_kv_blocks=-(-total // block_size),
                 max_model_len=total,

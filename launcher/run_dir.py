@@ -8,7 +8,8 @@ new private temporary directory is made. zeroserve removes only what it made:
       config.json             the engine config (mode 0600)
       api-config.json         the same for api processes, without the CURVE server secret
       metrics/                prometheus multiprocess files (*.db); removed if made by this run
-      tokenizer-0.sock ...    ipc sockets (removed if still there)
+      tokenizer-0.sock ...    ipc sockets (removed if still there); with replicas also
+                              scheduler-R.sock, workers-R.sock, replay-R.sock, registry-*.sock
 
 An existing DIR must be a directory of the current user that group and others cannot write
 (they could swap the sockets). A name zeroserve uses that holds something zeroserve did not
@@ -94,7 +95,13 @@ class RunDir:
     def sockets(self, config: EngineConfig) -> list[str]:
         if config.transport != "ipc":
             return []
-        addresses = [*config.tokenizer_addresses, config.scheduler_address, config.worker_address]
+        addresses = list(config.tokenizer_addresses)
+        for r in range(config.data_parallel_size):
+            addresses += [config.scheduler_address_of(r), config.worker_address_of(r)]
+        if config.uses_registry:
+            addresses += [config.replay_address_of(r) for r in range(config.data_parallel_size)]
+            addresses += [config.registry_publish_address, config.registry_subscribe_address]
+        addresses = [a for a in addresses if a.startswith("ipc://")]  # a registry_address may be tcp
         return [a[len("ipc://") :] for a in addresses]
 
     def prepare(self, config: EngineConfig) -> tuple[str, str]:

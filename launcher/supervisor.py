@@ -5,8 +5,13 @@ Each role runs as its own interpreter with the same command supervisord/systemd 
 exponential backoff (1 s doubling to 30 s; reset after a minute of good health); while a
 worker is down the engine reports not-ready and its requests fail fast with an error.
 
+With ``--data-parallel-size N`` > 1 there are N replicas, each a scheduler and its worker
+(``--replica R``: its own sockets, its share of the CPU cores), and the registry bus role
+through which they announce themselves to the tokenizers. A dead child is restarted alone:
+the other replicas keep serving, and the engine is ready while any replica is.
+
 Shutdown (SIGTERM/SIGINT): api and tokenizer processes drain first (refuse new work, finish
-what is in flight), then the scheduler and workers stop; every process exits 0.
+what is in flight), then the schedulers, workers and the bus stop; every process exits 0.
 """
 
 from __future__ import annotations
@@ -32,17 +37,19 @@ ROLES = {  # role -> package run with `python -m`
     "tokenizer": "zeroserve.tokenizer_proc",
     "scheduler": "zeroserve.scheduler_proc",
     "worker": "zeroserve.gpu_worker",
+    "registry": "zeroserve.shared.registry",
 }
 BACKOFF_START_S, BACKOFF_MAX_S, HEALTHY_AFTER_S = 1.0, 30.0, 60.0
 
 
-def proc_command(role: str, config_path: str, index: int) -> list[str]:
+def proc_command(role: str, config_path: str, index: int, replica: int | None = None) -> list[str]:
     """The command line of one process; it names its role (``zeroserve proc worker ...``)."""
     script = os.path.join(os.path.dirname(sys.executable), "zeroserve")
     if not os.path.exists(script):
         script = shutil.which("zeroserve") or ""
     head = [sys.executable, script] if script else [sys.executable, "-m", "zeroserve.launcher.cli"]
-    return head + ["proc", role, "--config", config_path, "--index", str(index)]
+    tail = [] if replica is None else ["--replica", str(replica)]
+    return head + ["proc", role, "--config", config_path, "--index", str(index), *tail]
 
 
 def child_env(config: EngineConfig) -> dict[str, str]:
@@ -57,6 +64,7 @@ class Child:
     role: str
     index: int
     command: list[str]
+    replica: int | None = None  # scheduler / worker of replica #replica, when there are several
     popen: subprocess.Popen | None = None
     started_at: float = 0.0
     restarts: int = 0
@@ -66,7 +74,8 @@ class Child:
 
     @property
     def name(self) -> str:
-        return self.role if self.index == 0 else f"{self.role}-{self.index}"
+        name = self.role if self.index == 0 else f"{self.role}-{self.index}"
+        return name if self.replica is None else f"{name}-r{self.replica}"
 
 
 def engine_config(args) -> tuple[EngineConfig, RunDir]:
@@ -90,16 +99,19 @@ class Supervisor:
         except BaseException:
             self.run_dir.release()
             raise
-        order = [
-            ("worker", 1),
-            ("scheduler", 1),
-            ("tokenizer", config.num_tokenizers),
-            ("api", config.api_workers),
-        ]
+        # (role, instances, replica): the bus first, so replicas find it as they come up
+        order: list[tuple[str, int, int | None]] = [("registry", 1, None)] if config.uses_registry else []
+        replicas = config.data_parallel_size
+        for r in range(replicas):
+            order += [
+                ("worker", 1, None if replicas == 1 else r),
+                ("scheduler", 1, None if replicas == 1 else r),
+            ]
+        order += [("tokenizer", config.num_tokenizers, None), ("api", config.api_workers, None)]
         paths = {"api": api_config_path}  # the api only connects: its file lacks the CURVE server secret
         self.children = [
-            Child(role, i, proc_command(role, paths.get(role, self.config_path), i))
-            for role, n in order
+            Child(role, i, proc_command(role, paths.get(role, self.config_path), i, replica), replica)
+            for role, n, replica in order
             for i in range(n)
         ]
         self.stopping = False
@@ -149,7 +161,8 @@ class Supervisor:
             )
 
     async def wait_ready(self, timeout_s: float = 600.0) -> None:
-        """Block until tokenizer 0 reports a ready engine; raise if a child keeps failing."""
+        """Block until tokenizer 0 reports a ready engine (with replicas: one of them ready);
+        raise if a child keeps failing."""
         started = time.monotonic()
         async with EngineClient(self.config.tokenizer_addresses, self.config.curve) as client:
             last_note = 0.0
@@ -200,7 +213,8 @@ class Supervisor:
         """Drain front to back; kill whatever does not exit in time. True if all exited 0."""
         self.stopping = True
         clean = True
-        for stage, timeout in ((("api", "tokenizer"), drain_timeout_s), (("scheduler", "worker"), 15.0)):
+        stages = ((("api", "tokenizer"), drain_timeout_s), (("scheduler", "worker", "registry"), 15.0))
+        for stage, timeout in stages:
             self._signal(stage, signal.SIGTERM)
             if not self._wait(stage, timeout):
                 log.error("%s did not stop in %.0fs; killing", "/".join(stage), timeout)

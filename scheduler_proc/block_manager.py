@@ -26,30 +26,17 @@ before its (more widely shared) beginning.
 
 from __future__ import annotations
 
-import hashlib
-from array import array
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-_ROOT_KEY = hashlib.blake2b(b"zeroserve.prefix-cache.root", digest_size=32).digest()
+# the key functions live in shared/ because the tokenizer's router computes the same keys
+from zeroserve.shared.prefix_hash import hash_block, root_key
 
+if TYPE_CHECKING:
+    from zeroserve.scheduler_proc.kv_events import KVEventLog
 
-def root_key(cache_salt: str | None) -> bytes:
-    """The parent key of a request's first block: fixed, or derived from its cache salt."""
-    if not cache_salt:
-        return _ROOT_KEY
-    return hashlib.blake2b(b"zeroserve.prefix-cache.salt:" + cache_salt.encode(), digest_size=32).digest()
-
-
-def hash_block(parent_key: bytes, token_ids: Sequence[int]) -> bytes:
-    """Key of one full block: blake2b-256 over the parent key (32 bytes) and the int64 token ids.
-
-    The parent key has a fixed length, so the byte string is unambiguous. Python's ``hash()``
-    would be salted per process and weak against crafted collisions; this key is neither.
-    """
-    h = hashlib.blake2b(parent_key, digest_size=32)
-    h.update(array("q", token_ids))
-    return h.digest()
+__all__ = ["BlockManager", "hash_block", "root_key"]
 
 
 class BlockManager:
@@ -72,6 +59,9 @@ class BlockManager:
         self._cached_free: OrderedDict[int, None] = OrderedDict()  # keyed, ref 0: LRU, oldest first
         self._cached: dict[bytes, int] = {}  # key -> block holding that prefix
         self.num_evictions = 0
+        # KV events for routers (kv_events.py): set by a scheduler publishing to a registry bus;
+        # None (the single-replica default) costs one test per keyed or evicted block
+        self.events: KVEventLog | None = None
 
     # ------------------------------------------------------------------ pool state
 
@@ -116,6 +106,8 @@ class BlockManager:
         assert self.block_key[block] is None and self.ref_cnt[block] > 0, f"block {block} not fresh"
         self._cached[key] = block
         self.block_key[block] = key
+        if self.events is not None:
+            self.events.stored(key)
         return True
 
     def uncache(self, blocks: Iterable[int]) -> None:
@@ -127,13 +119,21 @@ class BlockManager:
             self.block_key[block] = None
             if self._cached.get(key) == block:
                 del self._cached[key]
+                if self.events is not None:
+                    self.events.removed(key)
             if block in self._cached_free:
                 del self._cached_free[block]
                 self._free.append(block)
 
     def reset_prefix_cache(self) -> None:
         """Forget every prefix key (the workers lost their KV cache, e.g. after a restart)."""
-        self.uncache([b for b in range(self.num_blocks) if self.block_key[b] is not None])
+        events, self.events = self.events, None  # one AllBlocksCleared, not a removal per block
+        try:
+            self.uncache([b for b in range(self.num_blocks) if self.block_key[b] is not None])
+        finally:
+            self.events = events
+        if events is not None:
+            events.cleared()
 
     # ------------------------------------------------------------------ allocate / free
 
@@ -169,9 +169,12 @@ class BlockManager:
                 block = free.popleft()
             else:
                 block, _ = cached_free.popitem(last=False)
-                del self._cached[self.block_key[block]]  # type: ignore[index]
+                key = self.block_key[block]
+                del self._cached[key]  # type: ignore[index]
                 self.block_key[block] = None
                 self.num_evictions += 1
+                if self.events is not None:
+                    self.events.removed(key)  # type: ignore[arg-type]
             ref_cnt[block] = 1
             out.append(block)
         return out

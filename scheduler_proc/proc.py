@@ -28,6 +28,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from zeroserve.scheduler_proc.kv_events import ReplicaPublisher
 from zeroserve.scheduler_proc.scheduler import AdmissionError, Scheduler, SchedulerConfig
 from zeroserve.shared.config import EngineConfig
 from zeroserve.shared.ipc import Codec, bind, has_unread, receive_routed, start_authenticator
@@ -53,12 +54,13 @@ log = logging.getLogger("zeroserve.scheduler")
 
 
 class SchedulerProcess:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, replica: int = 0):
         self.config = config
+        self.replica = replica  # which of the data_parallel_size replicas this scheduler is
         self.ctx = zmq.asyncio.Context()
         self.auth = start_authenticator(self.ctx, config.curve)
-        self.front = bind(self.ctx, zmq.ROUTER, config.scheduler_address, config.curve)
-        self.workers = bind(self.ctx, zmq.ROUTER, config.worker_address, config.curve)
+        self.front = bind(self.ctx, zmq.ROUTER, config.scheduler_address_of(replica), config.curve)
+        self.workers = bind(self.ctx, zmq.ROUTER, config.worker_address_of(replica), config.curve)
         self.front_codec: Codec = Codec(SchedulerInbox, "scheduler.front")
         self.worker_codec: Codec = Codec(SchedulerWorkerInbox, "scheduler.workers")
         self.encoder = self.front_codec.encoder
@@ -71,6 +73,10 @@ class SchedulerProcess:
         # step_id -> the worker's answer, awaited by run_step; None: the worker was lost meanwhile
         self.step_waiters: dict[int, asyncio.Future[StepResult | None]] = {}
         self.wake = asyncio.Event()
+        # with several replicas: announce, load reports and KV events on the registry bus
+        self.publisher = (
+            ReplicaPublisher(self.ctx, config, replica, self.stats) if config.uses_registry else None
+        )
 
     # ------------------------------------------------------------------ inbox: tokenizers
     async def front_loop(self) -> None:
@@ -151,6 +157,8 @@ class SchedulerProcess:
         self.worker_identity = identity
         self.worker_ready = ready
         self.worker_seen = time.monotonic()
+        if self.publisher is not None:
+            self.publisher.attach(self.scheduler.blocks, ready)
         log.info(
             "worker rank %d ready: %d KV blocks of %d tokens, max_model_len %d (loaded in %.1fs)",
             ready.rank,
@@ -167,6 +175,8 @@ class SchedulerProcess:
         self.worker_ready = None
         self.worker_identity = None
         self.scheduler = None
+        if self.publisher is not None:
+            self.publisher.detach()
 
     def on_worker_stuck(self, why: str, message: str | None = None) -> None:
         """Give up on a worker that may still be alive (a step that never ends, heartbeats that
@@ -206,6 +216,8 @@ class SchedulerProcess:
                 if plan is None:
                     break
                 await self.run_step(plan)
+                if self.publisher is not None:
+                    self.publisher.flush()
 
     async def run_step(self, plan: StepPlan) -> None:
         waiter = self.step_waiters[plan.step_id] = asyncio.get_running_loop().create_future()
@@ -280,12 +292,15 @@ class SchedulerProcess:
     async def run(self) -> None:
         log.info(
             "scheduler listening on %s (tokenizers) and %s (workers)",
-            self.config.scheduler_address,
-            self.config.worker_address,
+            self.config.scheduler_address_of(self.replica),
+            self.config.worker_address_of(self.replica),
         )
-        await asyncio.gather(self.front_loop(), self.worker_loop(), self.step_loop(), self.watchdog_loop())
+        loops = [self.front_loop(), self.worker_loop(), self.step_loop(), self.watchdog_loop()]
+        if self.publisher is not None:
+            loops.append(self.publisher.run())
+        await asyncio.gather(*loops)
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, _ = parse_proc_args("scheduler", argv)
-    run_actor("scheduler", lambda: SchedulerProcess(config))
+    config, args = parse_proc_args("scheduler", argv)
+    run_actor("scheduler", lambda: SchedulerProcess(config, args.replica))

@@ -44,6 +44,11 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     # processes
     num_tokenizers: int = 1
     api_workers: int = 1
+    # replicas (data parallel): each a scheduler and its worker(s) with its own KV pool, routed by
+    # the tokenizers; with several, they meet the tokenizers on the registry bus
+    data_parallel_size: int = 1
+    routing: str = "auto"  # auto: prefix_aware with several replicas (or a registry), else round_robin
+    registry_address: str | None = None  # the bus (tcp://HOST:PORT or ipc://PATH); None: in run_dir if N > 1
     # scheduler
     block_size: int = 16
     max_num_seqs: int = 128
@@ -58,11 +63,14 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     # worker
     device: str = "cpu"
     dtype: str = "auto"
-    kv_cache_dtype: str = "auto"  # auto = the compute dtype; CPU: float16 / bfloat16 halve the KV bytes
+    kv_cache_dtype: str = "auto"  # auto = the compute dtype (CPU, quantized: float16); fp8: GPU
     num_kv_blocks: int = 0  # 0 = size from memory
     kv_cache_memory_gb: float = 0.0  # CPU: 0 = default
     gpu_memory_utilization: float = 0.9
     kernel_backend: str | None = None
+    # none | int8 | q4 | fp8 | auto (kernels/quantized.QUANTIZATIONS); auto: resolved per machine and
+    # checkpoint by the worker (gpu_worker/quantization.py)
+    quantization: str = "auto"
     enforce_eager: bool = False
     load_format: str = "auto"
     num_threads: int = 0  # torch threads in the worker, 0 = all cores
@@ -104,6 +112,61 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     def worker_address(self) -> str:
         """Where scheduler_proc talks to workers: plans out, results and heartbeats in (ROUTER)."""
         return self._address("workers", 60)
+
+    # ---------------------------------------------------------------- replicas
+    # Replica 0 keeps the single-engine addresses (scheduler.sock, workers.sock; tcp base_port+50
+    # and +60); replica r > 0 gets scheduler-r.sock / workers-r.sock (tcp +100+3r, +101+3r); each
+    # replica's KV-event replay ROUTER is replay-r.sock (tcp +102+3r); the bus is +70 (publishers)
+    # and +71 (subscribers).
+
+    @staticmethod
+    def replica_id(replica: int) -> str:
+        """The id a local replica announces itself with (remote ones may use any unique string)."""
+        return f"r{replica}"
+
+    def scheduler_address_of(self, replica: int) -> str:
+        if replica == 0:
+            return self.scheduler_address
+        return self._address(f"scheduler-{replica}", 100 + 3 * replica)
+
+    def worker_address_of(self, replica: int) -> str:
+        if replica == 0:
+            return self.worker_address
+        return self._address(f"workers-{replica}", 101 + 3 * replica)
+
+    def replay_address_of(self, replica: int) -> str:
+        """Where replica #replica answers KV-event replay requests (ROUTER)."""
+        return self._address(f"replay-{replica}", 102 + 3 * replica)
+
+    @property
+    def uses_registry(self) -> bool:
+        """Whether replicas and tokenizers meet on the registry bus (else: one replica, fixed address)."""
+        return self.data_parallel_size > 1 or self.registry_address is not None
+
+    @property
+    def routing_policy(self) -> str:
+        if self.routing != "auto":
+            return self.routing
+        return "prefix_aware" if self.uses_registry else "round_robin"
+
+    def _registry_address(self, side: str, port_step: int) -> str:
+        base = self.registry_address
+        if base is None:
+            return self._address(f"registry-{side}", 70 + port_step)
+        if base.startswith("ipc://"):
+            return f"{base}-{side}.sock"
+        host, _, port = base.rpartition(":")
+        return f"{host}:{int(port) + port_step}"
+
+    @property
+    def registry_publish_address(self) -> str:
+        """The bus's XSUB side: each replica's PUB connects here."""
+        return self._registry_address("pub", 0)
+
+    @property
+    def registry_subscribe_address(self) -> str:
+        """The bus's XPUB side: each tokenizer's SUB connects here."""
+        return self._registry_address("sub", 1)
 
     @property
     def metrics_dir(self) -> str:

@@ -20,6 +20,8 @@ Path of a request (see docs/architecture.md):
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 # --------------------------------------------------------------------------- sampling
@@ -103,6 +105,8 @@ class GenerateRequest(msgspec.Struct, frozen=True, array_like=True, tag="generat
     # seconds from arrival it may wait before it starts (then it ends with "timeout"); once
     # running, only deadline_s bounds it. The API's request_timeout_s (server-wide) goes here.
     queue_timeout_s: float | None = None
+    # requests of one session (the body's `user`, or the X-Session-Id header) stick to one replica
+    session: str | None = None
 
 
 class Abort(msgspec.Struct, frozen=True, array_like=True, tag="abort"):
@@ -182,7 +186,43 @@ class EngineStatus(msgspec.Struct, frozen=True, array_like=True):
     vocab_size: int
     draining: bool
     bad_frames: int
+    stats: SchedulerStats  # with several replicas: their sum (kv_cache_usage: the mean of the live ones)
+    replicas: list[ReplicaStatus] = []  # each replica this tokenizer knows, in id order
+    router: RouterStats | None = None  # this tokenizer's routing decisions (None: one fixed replica)
+
+
+class ReplicaStatus(msgspec.Struct, frozen=True, array_like=True):
+    """One replica as a tokenizer sees it: live = it answers, its worker is ready, and (with a
+    registry) its load reports keep coming; stats: its scheduler's latest report."""
+
+    replica_id: str
+    live: bool
     stats: SchedulerStats
+
+
+class BucketCounts(msgspec.Struct, frozen=True, array_like=True):
+    """Cumulative observations: counts[i] fell at or below bounds[i] (and above the bound
+    before); the last count is above every bound."""
+
+    bounds: list[float]
+    counts: list[int]
+    total: float = 0.0
+
+
+class RouteCount(msgspec.Struct, frozen=True, array_like=True):
+    replica_id: str
+    reason: str  # the Router's RouteDecision.reason ("prefix", "load", "session", ...), or "failover"
+    count: int
+
+
+class RouterStats(msgspec.Struct, frozen=True, array_like=True):
+    """A tokenizer's routing since it started (cumulative): decisions per (replica, reason), the
+    prompt's blocks the chosen replica held per decision, and the time each decision took."""
+
+    decisions: list[RouteCount]
+    matched_blocks: BucketCounts
+    decision_seconds: BucketCounts
+    failovers: int = 0  # requests re-sent to another replica after theirs failed before a token
 
 
 class Pong(msgspec.Struct, frozen=True, array_like=True, tag="pong"):
@@ -334,6 +374,95 @@ class SchedulerStats(msgspec.Struct, frozen=True, array_like=True, tag="stats"):
     step_cost_error: float = 0.0
 
 
+# --------------------------------------------------------------------------- replicas -> registry bus -> routers
+# Every replica (one scheduler and its workers) publishes these on the registry bus
+# (shared/registry.py) under a topic frame: b"announce", b"load", b"kv". Each tokenizer's
+# Router (tokenizer_proc/router.py) builds its view of the replicas from them.
+
+
+class ReplicaAnnounce(msgspec.Struct, frozen=True, array_like=True, tag="announce"):
+    """A replica says it exists: at start and every ~1 s, so a router that starts later learns it
+    within a second. started_at (wall time) changes when the replica restarts: its KV event
+    sequence starts again at 0 and its cache is empty."""
+
+    replica_id: str
+    model: str
+    request_address: str  # its ROUTER for EngineRequest / Abort / Ping
+    replay_address: str  # its ROUTER for KVReplayRequest
+    block_size: int
+    num_kv_blocks: int
+    max_model_len: int
+    started_at: float
+
+
+class LoadReport(msgspec.Struct, frozen=True, array_like=True, tag="load"):
+    """A replica's load every ~100 ms. Counters (prefix_*) are cumulative, in tokens."""
+
+    replica_id: str
+    seq: int
+    waiting: Annotated[int, msgspec.Meta(ge=0)]
+    running: Annotated[int, msgspec.Meta(ge=0)]
+    kv_usage: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]  # fraction of KV blocks held by requests
+    prefix_hits: Annotated[int, msgspec.Meta(ge=0)] = 0
+    prefix_queries: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class BlockStored(msgspec.Struct, frozen=True, array_like=True, tag="stored"):
+    """Blocks now held in the prefix cache, in the order they were keyed. A hash is
+    ``prefix_hash.event_hash`` of the chained block key, so it names the whole prefix (salt
+    included) and needs no parent to be looked up; parent_hash is the parent of
+    block_hashes[0] when known (None: not stated, or the first block of a prompt)."""
+
+    block_hashes: list[int]
+    parent_hash: int | None = None
+
+
+class BlockRemoved(msgspec.Struct, frozen=True, array_like=True, tag="removed"):
+    """Blocks no longer in the prefix cache (evicted, or their KV turned out invalid)."""
+
+    block_hashes: list[int]
+
+
+class AllBlocksCleared(msgspec.Struct, frozen=True, array_like=True, tag="cleared"):
+    """The replica's prefix cache is empty (its workers restarted)."""
+
+
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+class KVEventBatch(msgspec.Struct, frozen=True, array_like=True, tag="kv"):
+    """The events of one scheduler step (or ~20 ms), in order. seq counts batches from 0 per
+    replica start: a subscriber that sees seq jump asks the replica to replay what it missed."""
+
+    replica_id: str
+    seq: int
+    ts: float
+    events: list[KVEvent]
+
+
+class KVReplayRequest(msgspec.Struct, frozen=True, array_like=True, tag="replay"):
+    """To a replica's replay ROUTER: send the batches from from_seq on."""
+
+    from_seq: int
+
+
+class KVReplayReply(msgspec.Struct, frozen=True, array_like=True, tag="replay_reply"):
+    """The batches from the requested seq to the latest, in order (empty: nothing newer)."""
+
+    replica_id: str
+    batches: list[KVEventBatch]
+
+
+class KVReplayUnavailable(msgspec.Struct, frozen=True, array_like=True, tag="replay_unavailable"):
+    """The requested batches left the replica's ring buffer; instead, the whole prefix cache as
+    of batch ``seq`` (-1: before the first batch): a router drops what it knew of this replica,
+    takes these hashes and continues from batch seq + 1."""
+
+    replica_id: str
+    seq: int
+    block_hashes: list[int]
+
+
 # --------------------------------------------------------------------------- unions per inbox
 
 # tokenizer_proc's inbox from api processes and clients (a ROUTER socket)
@@ -348,3 +477,8 @@ SchedulerWorkerInbox = StepResult | WorkerReady | Pong
 TokenizerEngineInbox = TokenDeltas | SchedulerStats
 # gpu_worker's inbox from the scheduler
 WorkerInbox = StepPlan | WorkerExit
+# a router's inbox from the registry bus (the topic frame is only for filtering)
+RegistryInbox = ReplicaAnnounce | LoadReport | KVEventBatch
+# a replica's replay ROUTER, and the answers its requester reads
+ReplayInbox = KVReplayRequest
+ReplayAnswer = KVReplayReply | KVReplayUnavailable

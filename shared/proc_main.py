@@ -32,8 +32,15 @@ def parse_proc_args(role: str, argv: list[str] | None = None) -> tuple[EngineCon
         default=0,
         help="which instance of this role (tokenizer / api number, worker rank)",
     )
+    parser.add_argument(
+        "--replica",
+        type=int,
+        default=0,
+        help="scheduler / worker: which engine replica it belongs to (0 .. data_parallel_size-1)",
+    )
     args = parser.parse_args(argv)
-    setup_logging(role if args.index == 0 else f"{role}-{args.index}")
+    name = role if args.index == 0 else f"{role}-{args.index}"
+    setup_logging(name if args.replica == 0 else f"{name} r{args.replica}")
     return read_config(args.config), args
 
 

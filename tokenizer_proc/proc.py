@@ -3,7 +3,8 @@
 Inboxes:
     front  ROUTER  api processes / clients -> GenerateRequest | Abort | TokenizeRequest |
                                               DetokenizeRequest | Ping
-    engine DEALER  scheduler               -> TokenDeltas | SchedulerStats
+    engine DEALER  scheduler (one per replica) -> TokenDeltas | SchedulerStats
+    bus    SUB     registry (with replicas)    -> ReplicaAnnounce | LoadReport | KVEventBatch
 A request's prompt is built and its token ids checked against the vocabulary here
 (validation.py); its length against the context is the scheduler's to check. Each request's
 incremental detokenizer and stop-string checker live here; a stop string ends the request
@@ -14,6 +15,13 @@ multi-megabyte prompt or a burst of them must not stop this process answering pi
 streaming everyone else's text. A request is *pending* while its prompt is built; an Abort
 (or a reused id) arriving meanwhile still takes effect, and the thread's results are handled
 back on the loop in arrival order, so requests reach the scheduler in the order they came.
+
+Replicas (replicas.py): each request goes to the replica the Router picks (the one fixed
+scheduler without a registry) and stays there; its deltas count only from that replica, and
+its Abort goes there. A replica that fails a request before its first token (its worker died,
+restarted or is not ready: a 503), whose scheduler goes silent, or that leaves the Router's
+rotation, has such requests re-sent once to another replica, transparently; a request that
+already streamed text ends with the error instead, since its text cannot be taken back.
 
 No work runs for nobody: an owner (api process, client) that disconnects, stops reading its
 replies (the front ROUTER is mandatory: such a reply fails instead of vanishing) or is silent
@@ -31,7 +39,6 @@ import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import msgspec
 import zmq
 import zmq.asyncio
 
@@ -42,9 +49,7 @@ from zeroserve.shared.ipc import (
     PeerGone,
     SendError,
     bind,
-    connect,
     has_unread,
-    receive,
     receive_routed,
     send_now,
     start_authenticator,
@@ -58,17 +63,16 @@ from zeroserve.shared.messages import (
     GenerateRequest,
     Ping,
     Pong,
-    SchedulerStats,
     TextDelta,
     TokenDelta,
     TokenDeltas,
-    TokenizerEngineInbox,
     TokenizeRequest,
     TokenizeResult,
     TokenizerInbox,
 )
 from zeroserve.shared.proc_main import parse_proc_args, run_actor
 from zeroserve.tokenizer_proc.errors import TokenizerError
+from zeroserve.tokenizer_proc.replicas import ReplicaSet
 from zeroserve.tokenizer_proc.requests import RequestState
 from zeroserve.tokenizer_proc.tokenizer import load_tokenizer
 from zeroserve.tokenizer_proc.validation import PromptCache, build_prompt, check_token_ids
@@ -87,9 +91,8 @@ class TokenizerProcess:
         # mandatory: a reply to a dead or stalled owner fails, and its requests are aborted
         self.front = bind(self.ctx, zmq.ROUTER, config.tokenizer_address(index), config.curve, mandatory=True)
         identity = f"tokenizer-{index}-{os.getpid()}".encode()
-        self.engine = connect(self.ctx, zmq.DEALER, config.scheduler_address, config.curve, identity)
+        self.replicas = ReplicaSet(config, self.ctx, identity, self)
         self.front_codec: Codec = Codec(TokenizerInbox, f"tokenizer-{index}.front")
-        self.engine_codec: Codec = Codec(TokenizerEngineInbox, f"tokenizer-{index}.engine")
         self.encoder = self.front_codec.encoder
         self.requests: dict[str, RequestState] = {}
         # request id -> owner, while its prompt is built on self.work (not yet at the scheduler)
@@ -102,8 +105,6 @@ class TokenizerProcess:
         # front identity -> (when, ids) of requests aborted because it was silent, stalled or
         # unreachable: told to it if it speaks again, so that a paused client does not wait forever
         self.lost: dict[bytes, tuple[float, list[str]]] = {}
-        self.stats = SchedulerStats(workers_ready=False)
-        self.engine_seen = 0.0
         self.draining = False
         self.index = index
 
@@ -184,29 +185,31 @@ class TokenizerProcess:
             log.exception("request %s: building the prompt failed", req.request_id)
             self.fail(identity, req.request_id, internal())
             return
-        if not self.engine_alive():  # the scheduler went silent while the prompt was built
-            self.fail(
-                identity, req.request_id, unavailable("the scheduler process stopped responding; retry")
-            )
+        replica = self.replicas.choose(prompt_ids, req.cache_salt, req.session)
+        if replica is None:  # the scheduler(s) went silent while the prompt was built
+            message = "the scheduler process stopped responding; retry"
+            if self.replicas.router is not None:
+                message = "no engine replica is serving (all loading, restarting or silent); retry shortly"
+            self.fail(identity, req.request_id, unavailable(message))
             return
-        frame = self.encoder.encode(
-            EngineRequest(
-                request_id=req.request_id,
-                prompt_token_ids=prompt_ids,
-                params=params,
-                arrival_time=now,
-                priority=req.priority,
-                deadline=None if req.deadline_s is None else now + req.deadline_s,
-                queue_deadline=None if req.queue_timeout_s is None else now + req.queue_timeout_s,
-                cache_salt=req.cache_salt,
-            )
+        engine_request = EngineRequest(
+            request_id=req.request_id,
+            prompt_token_ids=prompt_ids,
+            params=params,
+            arrival_time=now,
+            priority=req.priority,
+            deadline=None if req.deadline_s is None else now + req.deadline_s,
+            queue_deadline=None if req.queue_timeout_s is None else now + req.queue_timeout_s,
+            cache_salt=req.cache_salt,
         )
         try:  # never an unbounded Python queue in front of a scheduler that stopped reading
-            send_now(self.engine, [frame])
+            send_now(replica.sock, [self.encoder.encode(engine_request)])
         except SendError:
             self.fail(identity, req.request_id, overloaded("the scheduler is not taking requests"))
             return
-        self.requests[req.request_id] = RequestState(self.tokenizer, identity, req, prompt_ids)
+        self.requests[req.request_id] = RequestState(
+            self.tokenizer, identity, req, prompt_ids, engine_request, replica.replica_id
+        )
 
     def on_abort(self, identity: bytes, msg: Abort) -> None:
         if self.pending.get(msg.request_id) == identity:
@@ -216,7 +219,7 @@ class TokenizerProcess:
         if state is None or state.owner != identity:  # only the connection that sent it may end it
             return
         del self.requests[msg.request_id]
-        self.abort_upstream(msg.request_id, msg.reason)
+        self.abort_upstream(state, msg.reason)
 
     def on_tokenize(self, req: TokenizeRequest) -> TokenizeResult:
         """/tokenize (on the worker thread)."""
@@ -255,18 +258,23 @@ class TokenizerProcess:
     @property
     def max_model_len(self) -> int:
         """The context the engine serves: the worker's (it may lower the configured value to
-        what its KV pool holds), from the scheduler's stats; the configured one until known."""
-        return self.stats.max_model_len or self.config.max_model_len
+        what its KV pool holds), from the schedulers' stats (the smallest, with replicas); the
+        configured one until known."""
+        known = [r.stats.max_model_len for r in self.replicas.replicas.values() if r.stats.max_model_len]
+        return min(known, default=self.config.max_model_len)
 
     def pong(self, ping: Ping) -> Pong:
         alive = self.engine_alive()
+        stats, replicas = self.replicas.status(alive)
         engine = EngineStatus(
             model_name=self.config.served_model_name,
             max_model_len=self.max_model_len,
             vocab_size=self.config.vocab_size,
             draining=self.draining,
-            bad_frames=self.front_codec.bad_frames + self.engine_codec.bad_frames,
-            stats=msgspec.structs.replace(self.stats, workers_ready=alive),
+            bad_frames=self.front_codec.bad_frames + self.replicas.bad_frames(),
+            stats=stats,
+            replicas=replicas,
+            router=self.replicas.router_stats(),
         )
         return Pong(
             sent_at=ping.sent_at,
@@ -276,64 +284,119 @@ class TokenizerProcess:
             engine=engine,
         )
 
-    # ------------------------------------------------------------------ inbox: scheduler
-    async def engine_loop(self) -> None:
-        while True:
-            msg = await receive(self.engine, self.engine_codec)
-            match msg:
-                case TokenDeltas():
-                    for delta in msg.deltas:
-                        self.on_delta(delta)
-                case SchedulerStats():
-                    self.stats = msg
-                    self.engine_seen = time.monotonic()
+    # ------------------------------------------------------------------ inbox: schedulers
+    def on_engine_message(self, replica_id: str, msg) -> None:
+        """A replica's message (its SchedulerStats are kept by self.replicas)."""
+        if isinstance(msg, TokenDeltas):
+            for delta in msg.deltas:
+                self.on_delta(replica_id, delta)
 
-    def on_delta(self, delta: TokenDelta) -> None:
+    def on_delta(self, replica_id: str, delta: TokenDelta) -> None:
         state = self.requests.get(delta.request_id)
-        if state is None:
-            return  # aborted by its owner meanwhile
+        if state is None or state.replica != replica_id:
+            return  # aborted by its owner meanwhile, or re-sent elsewhere
+        if delta.error is not None and delta.error.status == 503:
+            self.replicas.mark_dead(replica_id)  # its worker died, restarted or is not ready
+            if state.first and self.fail_over(state, delta.error.message, abort_old=False):
+                return
         out = state.advance(delta)
         if out.finish_reason is not None:
             del self.requests[delta.request_id]
             if delta.finish_reason is None:  # we stopped it (stop string): free its blocks now
-                self.abort_upstream(delta.request_id, "stop")
+                self.abort_upstream(state, "stop")
         self.reply(state.owner, out)
+
+    def fail_over(self, state: RequestState, why: str, abort_old: bool) -> bool:
+        """Re-send a request that has not streamed a token to another replica, once; False when
+        it was re-sent already or no other replica can take it."""
+        if state.resent or self.replicas.router is None or state.engine_request is None:
+            return False
+        req = state.req
+        replica = self.replicas.choose(
+            state.prompt_ids, req.cache_salt, req.session, exclude=(state.replica,)
+        )
+        if replica is None:
+            return False
+        try:
+            send_now(replica.sock, [self.encoder.encode(state.engine_request)])
+        except SendError:
+            return False
+        if abort_old:  # it may only be slow: when it reads again, the Abort frees the request
+            self.abort_upstream(state, "moved to another replica")
+        log.warning(
+            "request %s: replica %s lost it before its first token (%s); re-sent to %s",
+            req.request_id,
+            state.replica,
+            why,
+            replica.replica_id,
+        )
+        state.replica, state.resent = replica.replica_id, True
+        self.replicas.failovers += 1
+        return True
 
     # ------------------------------------------------------------------ liveness
     def engine_alive(self) -> bool:
-        return self.scheduler_heard() and self.stats.workers_ready
-
-    def scheduler_heard(self) -> bool:
-        """Whether the scheduler spoke lately. Its stats come every heartbeat; stats waiting
-        unread count too, else a tokenizer that was itself starved of CPU (its loop busy,
-        the machine loaded) would take its own lateness for the scheduler's silence."""
-        if time.monotonic() - self.engine_seen < max(self.config.heartbeat_timeout_s * 2, 2.0):
-            return True
-        return has_unread(self.engine)
+        """Whether a replica serves: its scheduler answers, its worker is ready (and, with a
+        registry, the Router hears from it)."""
+        return self.replicas.any_serving()
 
     async def heartbeat_loop(self) -> None:
-        ping = self.encoder.encode(Ping(sent_at=0.0))
-        was_alive = False
         while True:
-            try:
-                send_now(self.engine, [ping])
-            except SendError:
-                pass  # the scheduler is not reading: engine_alive() turns false below
+            self.replicas.ping_all()
             await asyncio.sleep(self.config.heartbeat_interval_s)
-            alive = self.scheduler_heard()
-            if was_alive and not alive:
-                log.error("scheduler went silent; failing %d in-flight request(s)", len(self.requests))
-                for request_id, state in list(self.requests.items()):
-                    # it may only be stalled: when it reads again, the Abort frees the request
-                    self.abort_upstream(request_id, "scheduler silent")
-                    self.fail(
-                        state.owner,
-                        request_id,
-                        unavailable("the scheduler process stopped responding; retry"),
-                    )
-                self.requests.clear()
-            was_alive = alive
+            silent, left = self.replicas.check_serving()
+            for replica in silent:
+                self.on_replica_silent(replica.replica_id)
+            for replica in left:
+                self.on_replica_left(replica.replica_id, lost=not replica.stats.workers_ready)
             self.check_owners()
+
+    def requests_on(self, replica_id: str) -> list[tuple[str, RequestState]]:
+        return [(rid, state) for rid, state in self.requests.items() if state.replica == replica_id]
+
+    def on_replica_silent(self, replica_id: str) -> None:
+        """Its scheduler stopped answering: requests without a token move to another replica
+        (if there is one), the others fail."""
+        mine = self.requests_on(replica_id)
+        if self.replicas.router is None:
+            log.error("scheduler went silent; failing %d in-flight request(s)", len(mine))
+        else:
+            log.error("replica %s: scheduler went silent with %d request(s) in flight", replica_id, len(mine))
+        for request_id, state in mine:
+            if state.first and self.fail_over(state, "its scheduler went silent", abort_old=True):
+                continue
+            # it may only be stalled: when it reads again, the Abort frees the request
+            self.abort_upstream(state, "scheduler silent")
+            del self.requests[request_id]
+            self.fail(state.owner, request_id, unavailable("the scheduler process stopped responding; retry"))
+
+    def on_replica_left(self, replica_id: str, lost: bool) -> None:
+        """The Router stopped hearing it (within a second), or its worker is down. Requests
+        without a token move at once. The rest stay, to finish or to get the scheduler's own
+        error, unless ``lost``: a scheduler without a ready worker has failed everything it held,
+        so what is still mapped to it here (sent just before a restart) will never finish."""
+        for request_id, state in self.requests_on(replica_id):
+            if state.first and self.fail_over(state, "it left the rotation", abort_old=True):
+                continue
+            if lost:
+                del self.requests[request_id]
+                self.fail(
+                    state.owner,
+                    request_id,
+                    unavailable(f"engine replica {replica_id} lost its model worker; retry the request"),
+                )
+
+    def on_replica_restarted(self, replica_id: str) -> None:
+        """Its scheduler is a new process, which never heard of our requests there."""
+        for request_id, state in self.requests_on(replica_id):
+            if state.first and self.fail_over(state, "its scheduler restarted", abort_old=False):
+                continue
+            del self.requests[request_id]
+            self.fail(
+                state.owner,
+                request_id,
+                unavailable(f"engine replica {replica_id} restarted and lost the request; retry"),
+            )
 
     # ------------------------------------------------------------------ owners (api processes, clients)
     def heard_from(self, identity: bytes) -> None:
@@ -373,8 +436,7 @@ class TokenizerProcess:
             del self.pending[request_id]  # on_prompt_built drops it: the scheduler never hears of it
         orphans = [request_id for request_id, state in self.requests.items() if state.owner == identity]
         for request_id in orphans:
-            del self.requests[request_id]
-            self.abort_upstream(request_id, "client gone")
+            self.abort_upstream(self.requests.pop(request_id), "client gone")
         if building or orphans:
             log.warning(
                 "client %r %s; aborted its %d request(s)", identity, why, len(building) + len(orphans)
@@ -382,11 +444,15 @@ class TokenizerProcess:
             _, earlier = self.lost.get(identity, (0.0, []))
             self.lost[identity] = (time.monotonic(), earlier + building + orphans)
 
-    def abort_upstream(self, request_id: str, reason: str) -> None:
-        """Best effort: if the scheduler is not reading, its own watchdog frees the requests of
-        a tokenizer that stopped pinging it."""
+    def abort_upstream(self, state: RequestState, reason: str) -> None:
+        """Tell the request's replica. Best effort: if the scheduler is not reading, its own
+        watchdog frees the requests of a tokenizer that stopped pinging it."""
+        request_id = state.req.request_id
+        replica = self.replicas.replicas.get(state.replica)
+        if replica is None:
+            return  # it left: its scheduler is gone, and the request with it
         try:
-            send_now(self.engine, [self.encoder.encode(Abort(request_id=request_id, reason=reason))])
+            send_now(replica.sock, [self.encoder.encode(Abort(request_id=request_id, reason=reason))])
         except SendError:
             log.debug("could not send Abort for %s: the scheduler is not reading", request_id)
 
@@ -399,10 +465,11 @@ class TokenizerProcess:
 
     def close(self) -> None:
         self.work.shutdown(wait=False, cancel_futures=True)  # prompts no one will send on
+        self.replicas.close()
 
     async def run(self) -> None:
         log.info("tokenizer %d listening on %s", self.index, self.config.tokenizer_address(self.index))
-        await asyncio.gather(self.front_loop(), self.engine_loop(), self.heartbeat_loop())
+        await asyncio.gather(self.front_loop(), self.heartbeat_loop(), self.replicas.registry_loop())
 
 
 def invalid(message: str, param: str | None = None) -> ErrorInfo:

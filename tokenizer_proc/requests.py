@@ -3,7 +3,7 @@ built and checked in validation.py)."""
 
 from __future__ import annotations
 
-from zeroserve.shared.messages import GenerateRequest, TextDelta, TokenDelta
+from zeroserve.shared.messages import EngineRequest, GenerateRequest, TextDelta, TokenDelta
 from zeroserve.tokenizer_proc.detokenizer import IncrementalDetokenizer
 from zeroserve.tokenizer_proc.stop_strings import StopChecker
 
@@ -11,11 +11,22 @@ from zeroserve.tokenizer_proc.stop_strings import StopChecker
 class RequestState:
     """Detokenizer, stop strings and counters of one request in flight."""
 
-    def __init__(self, tokenizer, owner: bytes, req: GenerateRequest, prompt_ids: list[int]):
+    def __init__(
+        self,
+        tokenizer,
+        owner: bytes,
+        req: GenerateRequest,
+        prompt_ids: list[int],
+        engine_request: EngineRequest | None = None,
+        replica: str = "",
+    ):
         self.tokenizer = tokenizer
         self.owner = owner
         self.req = req
         self.prompt_ids = prompt_ids
+        self.engine_request = engine_request  # as sent: re-sent as is if its replica fails it
+        self.replica = replica  # the replica serving it: only its deltas count, aborts go there
+        self.resent = False  # re-sent once already (a second failure reaches the owner)
         self.detok = IncrementalDetokenizer(
             tokenizer, prompt_ids, skip_special_tokens=req.skip_special_tokens
         )

@@ -6,7 +6,10 @@ Decode attention is memory-bound: its figure of merit is bytes of K/V read per s
 against the card's peak (H200: 4.8 TB/s; ``--peak-gbps``). Llama-3-8B heads (32 q, 8 KV,
 head_dim 128), bf16, batch 64 / 256, context 1k / 2k / 4k, every sequence at full context.
 Also: extend attention TFLOP/s on a 2k-token prefill, the elementwise kernels' GB/s, and the
-sampling filter against the torch reference (a sort). Writes ``bench_kernels.json``.
+sampling filter against the torch reference (a sort). On sm_89+: the fp8 (e4m3 W8A8) linear,
+``torch._scaled_mm`` and the Triton GEMM, quantization included, against bf16 cuBLAS at the
+projections of SmolLM2-135M and Llama-3-8B (benchmarks/configs), and decode attention over
+an e4m3 KV cache. Writes ``bench_kernels.json``.
 """
 
 from __future__ import annotations
@@ -164,8 +167,116 @@ def main() -> int:
             )
         print_table(rows, ["filter", "rows", "vocab", "triton us", "torch ref us"])
 
+    if dev != "cuda" or torch.cuda.get_device_capability() >= (8, 9):
+        report.save()  # the sections so far survive if the time limit cuts the fp8 ones short
+        bench_fp8(report, dev, args, iters, warmup)
     report.save()
     return report.exit_code()
+
+
+def projection_shapes(tiny: bool) -> list[tuple[str, int, int]]:
+    """(name, K, N) of every projection of SmolLM2-135M and of Llama-3-8B (from its config)."""
+    if tiny:
+        return [("tiny qkv", 96, 160), ("tiny down", 144, 96)]
+    import json
+
+    path = os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "..", "configs", "llama-3-8b", "config.json"
+    )
+    shapes = []
+    # SmolLM2-135M: hidden 576, 9 heads / 3 KV heads of 64, intermediate 1536, vocab 49152
+    for model, c in (
+        ("smollm2", dict(h=576, i=1536, q=9 * 64, kv=3 * 64, v=49152)),
+        ("llama3-8b", None),
+    ):
+        if c is None:
+            with open(path) as f:
+                cfg = json.load(f)
+            hd = cfg["hidden_size"] // cfg["num_attention_heads"]
+            c = dict(
+                h=cfg["hidden_size"],
+                i=cfg["intermediate_size"],
+                q=cfg["num_attention_heads"] * hd,
+                kv=cfg["num_key_value_heads"] * hd,
+                v=cfg["vocab_size"],
+            )
+        shapes += [
+            (f"{model} qkv", c["h"], c["q"] + 2 * c["kv"]),
+            (f"{model} o", c["q"], c["h"]),
+            (f"{model} gate_up", c["h"], 2 * c["i"]),
+            (f"{model} down", c["i"], c["h"]),
+            (f"{model} lm_head", c["h"], c["v"]),
+        ]
+    return shapes
+
+
+def bench_fp8(report, dev, args, iters, warmup) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from zeroserve.kernels.metadata import AttentionMetadata
+    from zeroserve.kernels.triton import fp8
+    from zeroserve.kernels.triton import ops as tri
+    from zeroserve.kernels.triton.attention_decode import decode_bytes
+
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    batches = (1, 4) if args.tiny else (1, 64, 2048)
+    with report.section("fp8 linear vs bf16") as rows:
+        for name, k, n in projection_shapes(args.tiny):
+            w = torch.randn(n, k, device=dev, dtype=dtype) * 0.02
+            handles = [fp8.Fp8Linear(w, None, use_scaled_mm=False)]
+            if fp8.scaled_mm_usable(torch.device(dev), n, k):
+                handles.append(fp8.Fp8Linear(w, None, use_scaled_mm=True))
+            for m in batches:
+                x = torch.randn(m, k, device=dev, dtype=dtype)
+                t_dense = time_fn(lambda x=x, w=w: F.linear(x, w), dev, warmup, iters)
+                row = {"proj": name, "M": m, "K": k, "N": n, "bf16 us": t_dense * 1e6}
+                for h in handles:
+                    t = time_fn(lambda x=x, h=h: fp8.fp8_linear(x, h), dev, warmup, iters)
+                    row[f"{h.kernel} us"] = t * 1e6
+                    row[f"{h.kernel} x"] = t_dense / t
+                    row[f"{h.kernel} TFLOP/s"] = 2 * m * k * n / t / 1e12
+                rows.append(row)
+                print(row, flush=True)
+            del w, handles
+        columns = ["proj", "M", "K", "N", "bf16 us"]
+        for kernel in ("torch._scaled_mm", "triton"):
+            columns += [f"{kernel} us", f"{kernel} x"]
+        print_table(rows, columns)
+
+    with report.section("decode attention, e4m3 KV cache") as rows:
+        bs = 16
+        hq, hkv, d = (4, 2, 64) if args.tiny else (32, 8, 128)
+        grid = [(2, 64)] if args.tiny else [(64, 4096), (256, 2048)]
+        for batch, ctx in grid:
+            blocks = batch * ctx // bs
+            row = {"batch": batch, "context": ctx}
+            for cache_dtype in (dtype, torch.float8_e4m3fn):
+                k = torch.randn(blocks, bs, hkv, d, device=dev, dtype=dtype).to(cache_dtype)
+                v = torch.randn(blocks, bs, hkv, d, device=dev, dtype=dtype).to(cache_dtype)
+                meta = AttentionMetadata.build(
+                    [1] * batch, [ctx] * batch, [[0]] * batch, [-1] * batch, device=dev
+                )
+                meta.block_tables = (
+                    torch.randperm(blocks, device=dev, dtype=torch.int64)
+                    .to(torch.int32)
+                    .view(batch, ctx // bs)
+                )
+                q = torch.randn(batch, hq, d, device=dev, dtype=dtype)
+                t = time_fn(
+                    lambda q=q, k=k, v=v, meta=meta: tri.paged_attention(q, k, v, meta, d**-0.5),
+                    dev,
+                    warmup,
+                    iters,
+                )
+                elem = torch.empty((), dtype=cache_dtype).element_size()
+                key = "e4m3" if cache_dtype == torch.float8_e4m3fn else str(dtype).removeprefix("torch.")
+                row[f"{key} us"] = t * 1e6
+                row[f"{key} GB/s"] = decode_bytes(batch, ctx, hq, hkv, d, elem) / t / 1e9
+                del k, v
+            rows.append(row)
+            print(row, flush=True)
+        print_table(rows, list(rows[0]) if rows else [])
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 
 Llama-3-8B head shapes (32 query heads, 8 KV heads, head_dim 128) plus a head_dim 64 / GQA 1
 case; ragged decode contexts up to 4k; an extend batch mixing fresh prefills, chunks after
-cached prefixes and decode rows. Writes ``check_kernels.json``; exit status 1 on a mismatch.
+cached prefixes and decode rows. On sm_89+ also the e4m3 (fp8) projections and KV cache
+(``check_fp8``). Writes ``check_kernels.json``; exit status 1 on a mismatch.
 """
 
 from __future__ import annotations
@@ -193,6 +194,13 @@ def main() -> int:
                     ATTN_TOL["bfloat16"],
                 )
 
+    fp8_ok = dev != "cuda" or torch.cuda.get_device_capability() >= (8, 9)
+    if not fp8_ok:
+        report.data["fp8"] = "skipped: e4m3 needs compute capability 8.9+"
+        print("\n=== fp8 sections skipped: e4m3 needs compute capability 8.9+", flush=True)
+    else:
+        check_fp8(report, record, paged, dev, args.tiny, hq, hkv, d)
+
     with report.section("sampling filters fp32"):
         logits = torch.randn(64, vocab, device=dev) * 3
         top_k = torch.randint(0, 200, (64,), device=dev)
@@ -212,6 +220,75 @@ def main() -> int:
     )
     report.save()
     return 1 if bad or report.data["errors"] else 0
+
+
+def check_fp8(report, record, paged, dev, tiny, hq, hkv, d) -> None:
+    """e4m3 projections (activation quantization, the Triton GEMM, torch._scaled_mm) at
+    SmolLM2-135M and Llama-3-8B shapes, and attention over an e4m3 KV cache, each against the
+    torch reference over the same e4m3 values."""
+    import torch
+
+    from zeroserve.kernels.reference import ops as ref
+    from zeroserve.kernels.triton import fp8
+    from zeroserve.kernels.triton import ops as tri
+
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    if tiny:
+        shapes = [(1, 96, 100), (37, 128, 48)]
+    else:  # (M, K, N): SmolLM2 qkv and down, Llama-3-8B qkv and down, and an N % 16 != 0
+        shapes = [(1, 576, 960), (256, 1536, 576), (1, 4096, 6144), (256, 14336, 4096), (37, 4096, 4100)]
+    with report.section("fp8 projections"):
+        for m, k, n in shapes:
+            x = torch.randn(m, k, device=dev, dtype=dtype)
+            w = torch.randn(n, k, device=dev) * 0.02
+            b = torch.randn(n, device=dev, dtype=dtype)
+            q, s = fp8.quantize_rows(x)
+            q_ref, s_ref = fp8.quantize_rows_reference(x)
+            record("fp8 quantize_rows", dtype, f"[{m}, {k}]", q.float(), q_ref.float(), 0.0)
+            record("fp8 row scales", dtype, f"[{m}, {k}]", s, s_ref, 0.0)
+            paths = [False] + ([True] if fp8.scaled_mm_usable(torch.device(dev), n, k) else [])
+            for use_scaled_mm in paths:
+                h = fp8.Fp8Linear(w, b, use_scaled_mm=use_scaled_mm)
+                # same e4m3 values on both sides: the bf16 output rounding and summation order
+                record(
+                    f"fp8 linear ({h.kernel})",
+                    dtype,
+                    f"{m}x{k}x{n}",
+                    fp8.fp8_linear(x, h),
+                    fp8.fp8_linear_reference(x, h),
+                    2e-2,
+                )
+    with report.section("fp8 KV cache"):
+        q, k_cache, v_cache, meta = paged([1] * 4, [1, 15, 63, 300], hq, hkv, d, dtype)
+        caches = [torch.zeros(k_cache.shape, device=dev, dtype=torch.float8_e4m3fn) for _ in range(4)]
+        n = 40
+        slots = torch.randperm(k_cache.shape[0] * k_cache.shape[1], device=dev)[:n]
+        slots[::7] = -1
+        kk, vv = torch.randn(2, n, hkv, d, device=dev, dtype=dtype) * 100  # some beyond 448: saturate
+        tri.write_kv(kk, vv, caches[0], caches[1], slots)
+        ref.write_kv(kk, vv, caches[2], caches[3], slots)
+        record(
+            "write_kv e4m3", dtype, f"[{n}, {hkv}, {d}] -> paged", caches[0].float(), caches[2].float(), 0.0
+        )
+        fk, fv = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
+        record(
+            "decode over e4m3 cache",
+            dtype,
+            "S=4 max_ctx=300",
+            tri.paged_attention(q, fk, fv, meta, d**-0.5),
+            ref.paged_attention(q, fk, fv, meta, d**-0.5),
+            ATTN_TOL["bfloat16"],
+        )
+        q, k_cache, v_cache, meta = paged([5, 1, 17], [5, 40, 63], hq, hkv, d, dtype)
+        fk, fv = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
+        record(
+            "extend over e4m3 cache",
+            dtype,
+            "q_lens=[5, 1, 17]",
+            tri.paged_attention(q, fk, fv, meta, d**-0.5),
+            ref.paged_attention(q, fk, fv, meta, d**-0.5),
+            ATTN_TOL["bfloat16"],
+        )
 
 
 if __name__ == "__main__":

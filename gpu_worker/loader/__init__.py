@@ -13,9 +13,12 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Collection
 from typing import Literal
 
 import torch
+
+from zeroserve.kernels.quantized import GGUFWeight
 
 from .config import ModelConfig, expected_shapes
 from .dummy import dummy_weights
@@ -95,12 +98,16 @@ def load_checkpoint(
     load_format: LoadFormat = "auto",
     seed: int = 0,
     progress: bool | None = None,
-) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    keep_quantized: bool | Collection[str] = False,
+) -> tuple[ModelConfig, dict[str, torch.Tensor | GGUFWeight]]:
     """(config, weights in HF names, each `dtype` on `device`).
 
     load_format: "auto" picks by path; "dummy" reads only the config and returns random
     weights (seeded); "hf"/"gguf" insist on that format. progress: a tqdm bar on stderr
-    (None: only for checkpoints over 512 MiB). GGUF tensors are dequantized to float32 first.
+    (None: only for checkpoints over 512 MiB). GGUF tensors are dequantized to float32 first,
+    except with ``keep_quantized`` (``--quantization q4``): a GGUF file's block-quantized
+    matrices stay in their blocks as ``GGUFWeight`` (True: every block type; else the type
+    names the kernels serve, the others dequantized with a log line). Other formats ignore it.
     """
     start = time.perf_counter()
     fmt = checkpoint_format(path)
@@ -117,7 +124,9 @@ def load_checkpoint(
     else:
         with GGUFFile(path) as g:
             cfg = config_from_gguf(g)
-            weights = load_gguf_weights(g, cfg, dtype=dtype, device=device, progress=progress)
+            weights = load_gguf_weights(
+                g, cfg, dtype=dtype, device=device, progress=progress, keep_quantized=keep_quantized
+            )
     log.info(
         "loaded %s (%s, %d tensors) in %.1f s",
         path,

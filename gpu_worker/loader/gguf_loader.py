@@ -10,15 +10,19 @@ Quirks of llama.cpp's converter undone here, so models never see them:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections import Counter
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 from gguf.quants import dequantize
+
+from zeroserve.kernels.quantized import GGUFWeight
 
 from .config import GGUF_ARCHITECTURES, ModelConfig, check_tensors, expected_shapes
 from .errors import (
@@ -30,10 +34,14 @@ from .errors import (
 from .gguf_file import GGUFFile, GGUFTensorInfo
 from .progress import progress_bar
 
+log = logging.getLogger(__name__)
+
 Q = GGMLQuantizationType
 SUPPORTED_TYPES = frozenset(
     {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K}
 )
+
+FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})  # loaded as tensors whatever keep_quantized says
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -274,9 +282,19 @@ def _check_types(g: GGUFFile, infos: list[GGUFTensorInfo]) -> None:
 
 
 def load_gguf_weights(
-    g: GGUFFile, cfg: ModelConfig, *, dtype: torch.dtype, device: str | torch.device, progress: bool | None
-) -> dict[str, torch.Tensor]:
-    """All weights of an open GGUF file in HF names, checked, dequantized and cast to `dtype`."""
+    g: GGUFFile,
+    cfg: ModelConfig,
+    *,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    progress: bool | None,
+    keep_quantized: bool | Collection[str] = False,
+) -> dict[str, torch.Tensor | GGUFWeight]:
+    """All weights of an open GGUF file in HF names, checked, dequantized and cast to `dtype`.
+
+    keep_quantized: block-quantized matrices (not F32/F16/BF16) come back as ``GGUFWeight``
+    (the file's bytes, q/k rows un-permuted, no float copy): True for every block type, or the
+    names of the types the kernels serve (the others are dequantized, and the log says which)."""
     infos = {hf_name(n) or n: info for n, info in g.tensors.items() if n != ROPE_FREQS}
     check_tensors(
         cfg,
@@ -293,13 +311,40 @@ def load_gguf_weights(
             for kind in ("weight", "bias"):
                 permute[f"model.layers.{i}.self_attn.q_proj.{kind}"] = cfg.num_attention_heads
                 permute[f"model.layers.{i}.self_attn.k_proj.{kind}"] = cfg.num_key_value_heads
-    weights: dict[str, torch.Tensor] = {}
+    weights: dict[str, torch.Tensor | GGUFWeight] = {}
+    unserved: dict[str, list[str]] = {}  # block type without a kernel -> tensors dequantized
     total = sum(i.nbytes for i in infos.values())
     with progress_bar(total, progress, f"dequantizing {os.path.basename(g.path)}") as bar:
         for name, info in infos.items():
+            if keep_quantized and len(info.shape) == 2 and info.type_name not in FLOAT_TYPES:
+                if keep_quantized is True or info.type_name in keep_quantized:
+                    weights[name] = _blocks(g, info, permute.get(name)).to(device)
+                    bar.update(info.nbytes)
+                    continue
+                unserved.setdefault(info.type_name, []).append(info.name)
             w = _dequantize(g, info)
             if name in permute:
                 w = undo_llama_qk_permute(w, permute[name])
             weights[name] = torch.from_numpy(w).to(device=device, dtype=dtype)
             bar.update(info.nbytes)
+    for type_name, names in unserved.items():
+        log.warning(
+            "%s: %d %s tensor(s) (%s%s) dequantized to %s: the kernels have no %s block kernel",
+            g.path,
+            len(names),
+            type_name,
+            ", ".join(names[:3]),
+            ", ..." if len(names) > 3 else "",
+            str(dtype).removeprefix("torch."),
+            type_name,
+        )
     return weights
+
+
+def _blocks(g: GGUFFile, info: GGUFTensorInfo, n_head: int | None) -> GGUFWeight:
+    """The tensor's blocks as a GGUFWeight (a copy out of the memory map: the file closes)."""
+    data = torch.from_numpy(np.array(g.raw(info), copy=True))
+    w = GGUFWeight(data, info.ggml_type, info.shape)
+    if n_head is not None:  # the llama q/k row interleave, undone on whole rows (see undo_llama_qk_permute)
+        w = w.permute_rows(undo_llama_qk_permute(np.arange(info.shape[0]), n_head))
+    return w

@@ -14,14 +14,19 @@ Hugging Face-named tensors (packing q/k/v and gate/up as it goes).
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from zeroserve.kernels.base import KernelBackend, LinearHandle
 from zeroserve.kernels.metadata import AttentionMetadata
+from zeroserve.kernels.quantized import GGUFWeight
+
+log = logging.getLogger(__name__)
 
 KVCache = torch.Tensor  # one layer: [2, num_blocks, block_size, Hkv, D] (K pool, V pool)
 
@@ -35,8 +40,9 @@ class Linear(nn.Module):
 
     At the first forward W (and b) go to the backend's ``prepare_linear``, which returns a
     handle in the form its ``linear`` reads (the C++ kernels' panels, oneDNN's blocked layout,
-    the tensor as is for cuBLAS); from then on the layer holds only that handle, so a packed
-    copy does not double the memory. Until then whoever holds the model can still edit W.
+    the tensor as is for cuBLAS, int8 with scales, GGUF blocks); from then on the layer holds
+    only that handle, so a packed copy does not double the memory. Until then whoever holds
+    the model can still edit W. W may be a GGUFWeight (``--quantization q4``) instead of a tensor.
     """
 
     def __init__(self, in_features: int, out_features: int, ops: KernelBackend, bias: bool = False):
@@ -52,6 +58,37 @@ class Linear(nn.Module):
             self.handle = self.ops.prepare_linear(self.weight, self.bias)
             self.weight = self.bias = None
         return self.ops.linear(x, self.handle)
+
+
+class VocabEmbedding(nn.Module):
+    """Token ids [T] -> rows of the embedding [T, H]. Over a GGUFWeight (``--quantization q4``)
+    only the looked-up rows are dequantized: by the C++ kernels where the backend has them,
+    else by ``GGUFWeight.dequantize(rows)``; the table stays in its blocks (and a tied lm_head
+    multiplies against the same blocks)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, ops: KernelBackend):
+        super().__init__()
+        self.weight = _param(num_embeddings, embedding_dim)
+        self.gguf_rows = _gguf_rows(ops)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if not isinstance(weight, GGUFWeight):
+            return F.embedding(input_ids, weight)
+        if self.gguf_rows is not None:
+            return self.gguf_rows(weight, input_ids)
+        return weight.dequantize(input_ids).to(input_ids.device)
+
+
+def _gguf_rows(ops: KernelBackend):
+    """The C++ row dequantizer where the backend is the cpu one and the kernels have it."""
+    if ops.name != "cpu":
+        return None
+    try:
+        from zeroserve.kernels.cpu.gguf import gguf_rows
+    except ImportError:
+        return None
+    return gguf_rows
 
 
 class RMSNorm(nn.Module):
@@ -213,15 +250,49 @@ def hf_sources(param_name: str) -> list[str]:
     return [param_name]
 
 
+def _stack(
+    name: str, sources: list[str], parts: list[torch.Tensor | GGUFWeight]
+) -> torch.Tensor | GGUFWeight:
+    """The parts of one packed parameter, rows one after another. GGUF blocks stack as bytes
+    when every part has the same block type; mixed parts (llama.cpp's Q4_K_M keeps some v_proj
+    in Q6_K) are dequantized, said in the log, as one handle holds one format."""
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(p, GGUFWeight) for p in parts) and len({p.ggml_type for p in parts}) == 1:
+        return GGUFWeight.cat(parts)
+    if any(isinstance(p, GGUFWeight) for p in parts):
+        kinds = ", ".join(
+            f"{s.rsplit('.', 2)[-2]} {p.type_name if isinstance(p, GGUFWeight) else str(p.dtype).removeprefix('torch.')}"
+            for s, p in zip(sources, parts)
+        )
+        log.warning("%s: parts of different types (%s): dequantized to float32 to stack them", name, kinds)
+        parts = [p.dequantize().to(p.data.device) if isinstance(p, GGUFWeight) else p.float() for p in parts]
+    return torch.cat(parts, dim=0)
+
+
+def set_weight(owner: nn.Module, attr: str, value: torch.Tensor | GGUFWeight) -> None:
+    """Put a loaded weight in place of ``owner.<attr>``: a tensor as a frozen Parameter, a
+    GGUFWeight (not a tensor: it cannot be a Parameter) as a plain attribute."""
+    if isinstance(value, GGUFWeight):
+        owner._parameters.pop(attr, None)
+        object.__setattr__(owner, attr, value)
+    else:
+        owner.__dict__.pop(attr, None)
+        owner._parameters[attr] = (
+            value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
+        )
+
+
 def load_packed_weights(
     module: nn.Module,
-    weights: dict[str, torch.Tensor],
+    weights: dict[str, torch.Tensor | GGUFWeight],
     device: torch.device | str,
     skip: set[str] = frozenset(),
 ) -> None:
     """Fill every parameter of ``module`` from HF-named ``weights`` (which it empties as it
     goes, so peak memory stays near one copy of the model). Raises KeyError / ValueError
-    naming the tensor when one is missing or has the wrong shape."""
+    naming the tensor when one is missing or has the wrong shape. A GGUFWeight (``--quantization
+    q4``) stays in its blocks and takes the parameter's place as a plain attribute."""
     for name, param in list(module.named_parameters()):
         if name in skip:
             continue
@@ -229,12 +300,16 @@ def load_packed_weights(
         missing = [s for s in sources if s not in weights]
         if missing:
             raise KeyError(f"checkpoint has no tensor {missing[0]!r}, needed for {name}")
-        parts = [weights.pop(s) for s in sources]
-        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        if tuple(tensor.shape) != tuple(param.shape):
+        weight = _stack(name, sources, [weights.pop(s) for s in sources])
+        if tuple(weight.shape) != tuple(param.shape):
             raise ValueError(
-                f"{name}: checkpoint gives shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}"
+                f"{name}: checkpoint gives shape {tuple(weight.shape)}, model expects {tuple(param.shape)}"
             )
         owner_name, _, attr = name.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
-        owner._parameters[attr] = nn.Parameter(tensor.to(device).contiguous(), requires_grad=False)
+        if isinstance(weight, GGUFWeight):
+            if not isinstance(owner, (Linear, VocabEmbedding)):
+                raise ValueError(f"{name}: a {weight.type_name} block weight where the model needs a tensor")
+            set_weight(owner, attr, weight.to(device))
+        else:
+            set_weight(owner, attr, weight.to(device).contiguous())

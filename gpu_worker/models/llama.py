@@ -10,7 +10,6 @@ Qwen2 and Qwen3 reuse it and change one knob each (qkv bias, per-head q/k norm).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from zeroserve.gpu_worker.loader import ModelConfig
@@ -24,8 +23,9 @@ from .layers import (
     Linear,
     RMSNorm,
     RotaryEmbedding,
-    _param,
+    VocabEmbedding,
     load_packed_weights,
+    set_weight,
 )
 
 
@@ -71,8 +71,7 @@ class LlamaModel(nn.Module):
         self, cfg: ModelConfig, ops: KernelBackend, max_positions: int, *, qkv_bias: bool, qk_norm: bool
     ):
         super().__init__()
-        self.embed_tokens = nn.Module()
-        self.embed_tokens.weight = _param(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, ops)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, ops)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, self.rotary, ops, qkv_bias=qkv_bias, qk_norm=qk_norm)
@@ -87,7 +86,7 @@ class LlamaModel(nn.Module):
         kv_caches: list[KVCache],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        hidden = F.embedding(input_ids, self.embed_tokens.weight)
+        hidden = self.embed_tokens(input_ids)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
@@ -131,8 +130,8 @@ class LlamaForCausalLM(nn.Module):
         if tied:
             weights.pop("lm_head.weight", None)
         load_packed_weights(self, weights, device, skip={"lm_head.weight"} if tied else set())
-        if tied:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        if tied:  # the same tensor (or GGUF blocks), never a copy
+            set_weight(self.lm_head, "weight", self.model.embed_tokens.weight)
         if weights:
             raise ValueError(f"checkpoint tensors not used by the model: {sorted(weights)[:5]}")
         self.to(device)

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from zeroserve.kernels.base import DenseLinear, KernelBackend, LinearHandle
 from zeroserve.kernels.quantized import GGUFWeight
 from zeroserve.kernels.reference import ops, sampling
+from zeroserve.kernels.reference.bf16 import Bf16DenseLinear, bf16_dense_linear
+from zeroserve.kernels.reference.int8 import Int8Linear, int8_linear
 
 __all__ = ["OneDNNLinear", "ReferenceKernels", "onednn_linear_available"]
 
@@ -63,11 +65,13 @@ class ReferenceKernels(KernelBackend):
             OneDNNLinear: lambda x, h: torch.ops.mkldnn._linear_pointwise(
                 x, h.packed, h.bias, "none", [], ""
             ),
+            Int8Linear: int8_linear,
+            Bf16DenseLinear: bf16_dense_linear,
         }
 
     def prepare_linear(self, weight: torch.Tensor | GGUFWeight, bias: torch.Tensor | None) -> LinearHandle:
         """By the weight's kind, then the backend's quantization mode: a GGUFWeight goes to
-        prepare_gguf; a float weight to prepare_int8 / prepare_fp8 in those modes, else
+        prepare_gguf; a float weight to prepare_int8 / prepare_fp8 / prepare_bf16 in those modes, else
         prepare_dense. Subclasses override the step they do differently."""
         if isinstance(weight, GGUFWeight):
             return self.prepare_gguf(weight, bias)
@@ -75,6 +79,8 @@ class ReferenceKernels(KernelBackend):
             return self.prepare_int8(weight, bias)
         if self.quantization == "fp8" and weight.dim() == 2:
             return self.prepare_fp8(weight, bias)
+        if self.quantization == "bf16" and weight.dim() == 2 and weight.is_floating_point():
+            return self.prepare_bf16(weight, bias)
         return self.prepare_dense(weight, bias)
 
     def prepare_dense(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearHandle:
@@ -88,7 +94,14 @@ class ReferenceKernels(KernelBackend):
         return self.prepare_dense(weight.dequantize().to(weight.data.device), bias)
 
     def prepare_int8(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearHandle:
-        raise NotImplementedError("int8 projections are not implemented yet")
+        """int8 weights per output channel, x per token at run time (its two largest channels
+        kept in fp32), torch._int_mm: kernels/reference/int8.py."""
+        return Int8Linear(weight, bias)
+
+    def prepare_bf16(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearHandle:
+        """W rounded to bf16 (no fp32 copy kept), x rounded to bf16 per call: oneDNN's bf16
+        linear where torch has it, else F.linear on bf16; y comes back as fp32."""
+        return Bf16DenseLinear(weight, bias)
 
     def prepare_fp8(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearHandle:
         raise ValueError(

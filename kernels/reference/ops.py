@@ -68,6 +68,12 @@ def write_kv(
     k, v: [T, Hkv, D]; slot_mapping: [T] int64, -1 for padding tokens (skipped).
     """
     num_blocks, block_size, hkv, d = k_cache.shape
+    if k_cache.dtype == torch.float8_e4m3fn:
+        # e4m3 at scale 1.0, saturated as the Triton kv_write does (an overflowing cast may be
+        # NaN); copied as bytes: index_copy_ has no fp8 kernel on CPUs
+        k = k.float().clamp(-448.0, 448.0).to(k_cache.dtype).view(torch.uint8)
+        v = v.float().clamp(-448.0, 448.0).to(v_cache.dtype).view(torch.uint8)
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     if bool((slot_mapping < 0).any()):
         keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]

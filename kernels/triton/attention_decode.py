@@ -14,6 +14,9 @@ With one split the split kernel writes the normalized output directly and no red
 Host ints only (``max_seq_len``, tensor shapes) size the grid and the scratch buffers, so the
 wrapper neither syncs nor depends on data: a CUDA graph captured with ``max_seq_len`` set to
 the model's context limit replays correctly for any shorter contexts (empty splits exit).
+
+An fp8 (e4m3) cache holds K/V at scale 1.0 (see kv_write.py); tiles are widened to q's dtype
+before the dots, so q is never rounded to fp8.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr,
     DOT_F32: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -79,7 +83,8 @@ def _decode_split_kernel(
         other=0.0,
     ).to(tl.float32)  # (G, D)
     if not DOT_F32:
-        q = q.to(k_cache_ptr.dtype.element_ty)
+        # the dots run in the cache's dtype, or in q's when the cache is e4m3 (widened per tile)
+        q = q.to(q_ptr.dtype.element_ty if KV_FP8 else k_cache_ptr.dtype.element_ty)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -97,7 +102,7 @@ def _decode_split_kernel(
         if DOT_F32:
             qk = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=FP32_DOT)
         else:
-            qk = tl.dot(q, tl.trans(k))  # (G, N), fp32 accumulate
+            qk = tl.dot(q, tl.trans(k.to(q.dtype)))  # (G, N), fp32 accumulate
         qk = tl.where(p_mask[None, :], qk * scale_log2e, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -109,7 +114,7 @@ def _decode_split_kernel(
         if DOT_F32:
             pv = tl.dot(p, v.to(tl.float32), input_precision=FP32_DOT)
         else:
-            pv = tl.dot(p.to(v_cache_ptr.dtype.element_ty), v)
+            pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
@@ -204,6 +209,7 @@ def decode_attention(
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "KV cache needs a contiguous head dim"
     assert block_tables.stride(-1) == 1, "block table rows must be contiguous"
     group = hq // hkv
+    kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
     d_pad = max(16, next_pow2(head_dim))
     if split_len is None:
         split_len = choose_split_len(num_seqs, hkv, max_seq_len, block_n, device_sms(q.device))
@@ -245,7 +251,8 @@ def decode_attention(
         PAGE_SIZE=page_size,
         BLOCK_N=block_n,
         DIRECT=direct,
-        DOT_F32=dot_in_fp32(k_cache.dtype),
+        DOT_F32=dot_in_fp32(q.dtype if kv_fp8 else k_cache.dtype),
+        KV_FP8=kv_fp8,
         num_warps=4,
         num_stages=2,
     )

@@ -13,6 +13,9 @@ sequence and all G query heads of one KV head, as ``BLOCK_M * G_PAD`` rows of on
 is token ``r // G_PAD``, head ``r % G_PAD``), so each K/V tile is loaded once for the whole
 group. Keys before the first row's position need no mask; the rest go through a causal mask.
 Decode rows (q_len == 1) of a mixed batch are just short sequences here.
+
+An fp8 (e4m3) cache holds K/V at scale 1.0 (see kv_write.py); tiles are widened to q's dtype
+before the dots, so q is never rounded to fp8.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ def _attend_tile(
     if DOT_F32:
         qk = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=FP32_DOT)
     else:
-        qk = tl.dot(q, tl.trans(k))
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)))  # no-op unless the cache is e4m3
     qk = qk * scale_log2e
     if MASKED:
         allowed = (pos[None, :] <= q_pos[:, None]) & p_mask[None, :]
@@ -79,7 +82,7 @@ def _attend_tile(
     if DOT_F32:
         pv = tl.dot(p, v.to(tl.float32), input_precision=FP32_DOT)
     else:
-        pv = tl.dot(p.to(v_cache_ptr.dtype.element_ty), v)
+        pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
     acc = acc * alpha[:, None] + pv
     return acc, m_new, l_i
 
@@ -113,6 +116,7 @@ def _extend_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_F32: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     m_block = tl.program_id(0)
     seq = tl.program_id(1)
@@ -137,7 +141,8 @@ def _extend_kernel(
     q_off = (q_start + tok).to(tl.int64) * stride_qt + heads * stride_qh
     q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=io_mask, other=0.0).to(tl.float32)
     if not DOT_F32:
-        q = q.to(k_cache_ptr.dtype.element_ty)
+        # the dots run in the cache's dtype, or in q's when the cache is e4m3 (widened per tile)
+        q = q.to(q_ptr.dtype.element_ty if KV_FP8 else k_cache_ptr.dtype.element_ty)
     q_pos = prefix + tok  # absolute position of each row's token
 
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
@@ -232,7 +237,8 @@ def extend_attention(
 
     query_start_loc: [S+1] int32; seq_lens: [S] int32; block_tables: [S, W] int32.
     """
-    fp32 = dot_in_fp32(k_cache.dtype)
+    kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
+    fp32 = dot_in_fp32(q.dtype if kv_fp8 else k_cache.dtype)
     if block_n is None:
         # fp32 tiles are twice the bytes and 3xTF32 triples the dot's temporaries: a narrower
         # key tile and no pipelining keep shared memory within sm_80's 163 KiB
@@ -277,6 +283,7 @@ def extend_attention(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         DOT_F32=fp32,
+        KV_FP8=kv_fp8,
         num_warps=4,
         num_stages=1 if fp32 else 2,
     )

@@ -3,15 +3,19 @@ sampling.py behind the kernel interface.
 
 Inherited from the torch backend: the projections (``F.linear``, i.e. cuBLAS, over the weight
 as it is; interpreted on a CPU in tests, oneDNN's fp32 path as the torch backend's) and the
-greedy argmax (torch's is one launch on a GPU already).
+greedy argmax (torch's is one launch on a GPU already). ``--quantization fp8``: e4m3 weights
+and per-token e4m3 activations (kernels/triton/fp8.py), on GPUs of compute capability 8.9+.
 """
 
 from __future__ import annotations
 
 import torch
 
+from zeroserve.kernels.base import LinearHandle
 from zeroserve.kernels.reference.backend import ReferenceKernels
 from zeroserve.kernels.triton import ops
+from zeroserve.kernels.triton._common import interpreting
+from zeroserve.kernels.triton.fp8 import Fp8Linear, fp8_linear, require_fp8_device
 from zeroserve.kernels.triton.sampling import top_k_top_p_min_p_filter
 
 __all__ = ["TritonKernels"]
@@ -25,6 +29,20 @@ class TritonKernels(ReferenceKernels):
     silu_and_mul = staticmethod(ops.silu_and_mul)
     write_kv = staticmethod(ops.write_kv)
     paged_attention = staticmethod(ops.paged_attention)
+
+    def __init__(self, quantization: str = "none"):
+        super().__init__(quantization)
+        self.linear_kernels[Fp8Linear] = fp8_linear
+
+    def prepare_fp8(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearHandle:
+        """e4m3 weight, per-output-channel scales: ``torch._scaled_mm`` or the Triton GEMM. A GPU
+        below compute capability 8.9 is a ValueError; so is a CPU, except under the interpreter
+        (the kernel tests)."""
+        if weight.device.type == "cuda":
+            require_fp8_device(weight.device)
+        elif not interpreting():
+            return super().prepare_fp8(weight, bias)
+        return Fp8Linear(weight, bias)
 
     def sampling_filter(
         self,

@@ -10,7 +10,8 @@ the JIT would specialize it) and compiled through the full pipeline (TTIR -> TTG
 PTX -> cubin with the ptxas shipped in the Triton wheel). No CUDA driver is needed.
 
 Exit status 1 if any launch fails to compile or needs more shared memory than the target
-has. Must run without TRITON_INTERPRET (interpreted kernels cannot be compiled).
+has. Launches labelled "fp8 ..." (e4m3 projections and KV cache) are compiled only for sm_89+
+(Triton has no e4m3 type below) and reported as skipped elsewhere; ``--fp8`` compiles just them. Must run without TRITON_INTERPRET (interpreted kernels cannot be compiled).
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ SIG_DTYPE = {
     torch.int8: "i8",
     torch.uint8: "u8",
     torch.bool: "i1",
+    torch.float8_e4m3fn: "fp8e4nv",
 }
+FP8_MIN_ARCH = 89
 OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
@@ -144,6 +147,7 @@ def llama3_8b_launches() -> list[Launch]:
                 meta = AttentionMetadata.build([3, 1], [40, 7], [[0, 1, 2], [3]], [0] * 4)
                 label[0] = f"extend {name} d{head_dim}"
                 ops.paged_attention(q, cache, cache, meta, scale)
+        fp8_launches(label, hidden, inter, hq, hkv)
         logits = torch.empty(4, 128256)
         params = (torch.zeros(4, dtype=torch.int64), torch.ones(4), torch.zeros(4), torch.ones(4))
         label[0] = "sampling filter (all)"
@@ -156,6 +160,45 @@ def llama3_8b_launches() -> list[Launch]:
     for launch in launches:
         unique.setdefault(launch.key, launch)
     return list(unique.values())
+
+
+def fp8_launches(label: list[str], hidden: int, inter: int, hq: int, hkv: int) -> None:
+    """The e4m3 kernels (call within ``recording``): per-token activation quantization, the
+    GEMM in each tile configuration (decode, mid, prefill M; N not a multiple of 16), and
+    the KV write / decode / extend over an e4m3 cache with bf16 queries."""
+    from zeroserve.kernels.metadata import AttentionMetadata
+    from zeroserve.kernels.triton import fp8, ops
+
+    e4m3 = torch.float8_e4m3fn
+    label[0] = "fp8 quantize_rows"
+    fp8.quantize_rows(torch.empty(4, hidden, dtype=torch.bfloat16))
+    for m, n, bias in ((1, 3 * hidden, False), (64, 2 * inter, False), (256, hidden, True), (1, 100, True)):
+        label[0] = f"fp8 gemm m{m} n{n}" + (" bias" if bias else "")
+        fp8.fp8_matmul(
+            torch.empty(m, hidden, dtype=e4m3),
+            torch.empty(m, 1),
+            torch.empty(n, hidden, dtype=e4m3),
+            torch.empty(n),
+            torch.empty(n, dtype=torch.bfloat16) if bias else None,
+            torch.bfloat16,
+        )
+    head_dim = 128
+    q = torch.empty(4, hq, head_dim, dtype=torch.bfloat16)
+    k = torch.empty(4, hkv, head_dim, dtype=torch.bfloat16)
+    cache = torch.empty(8, 16, hkv, head_dim, dtype=e4m3)
+    label[0] = f"fp8 kv write_kv d{head_dim}"
+    ops.write_kv(k, k, cache, cache, torch.zeros(4, dtype=torch.int64))
+    for batch, ctx in ((256, 4096), (1, 4096)):
+        meta = AttentionMetadata.build([1] * batch, [ctx] * batch, [[0]] * batch, [0] * batch)
+        label[0] = f"fp8 kv decode d{head_dim} b{batch} ctx{ctx}"
+        ops.paged_attention(torch.empty(batch, hq, head_dim, dtype=torch.bfloat16), cache, cache, meta, 0.1)
+    meta = AttentionMetadata.build([3, 1], [40, 7], [[0, 1, 2], [3]], [0] * 4)
+    label[0] = f"fp8 kv extend d{head_dim}"
+    ops.paged_attention(q, cache, cache, meta, 0.1)
+
+
+def fp8_only_launches() -> list[Launch]:
+    return [launch for launch in llama3_8b_launches() if launch.label.startswith("fp8")]
 
 
 # One launch of every kernel and every code path (16-bit tensor-core dots, fp32 3xTF32 dots,
@@ -172,6 +215,12 @@ QUICK = (
     "decode fp32 d128 b1 ctx4096",
     "extend fp32 d128",
     "sampling filter (all)",
+    "fp8 quantize_rows",
+    "fp8 gemm m1 n12288",
+    "fp8 gemm m256 n4096 bias",
+    "fp8 kv write_kv d128",
+    "fp8 kv decode d128 b1 ctx4096",
+    "fp8 kv extend d128",
 )
 
 
@@ -187,6 +236,9 @@ def compile_all(arches: list[int], launches: list[Launch] | None = None) -> tupl
     failures = []
     for launch in launches:
         for arch in arches:
+            if launch.label.startswith("fp8") and arch < FP8_MIN_ARCH:
+                launch.results[arch] = {"ok": False, "skipped": f"e4m3 needs sm_{FP8_MIN_ARCH}+"}
+                continue
             start = time.perf_counter()
             try:
                 src = triton.compiler.ASTSource(
@@ -214,15 +266,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (repeatable)")
     parser.add_argument("--json", help="write the per-launch results here")
     parser.add_argument("--quick", action="store_true", help="one launch per kernel and code path")
+    parser.add_argument("--fp8", action="store_true", help="only the e4m3 launches (sm_89+)")
     args = parser.parse_args(argv)
     arches = args.arch or [90, 80]
     start = time.perf_counter()
-    launches, failures = compile_all(arches, quick_launches() if args.quick else None)
+    chosen = quick_launches() if args.quick else fp8_only_launches() if args.fp8 else None
+    launches, failures = compile_all(arches, chosen)
     for launch in launches:
         cells = []
         for arch in arches:
             r = launch.results[arch]
-            cells.append(f"sm_{arch}: " + (f"ok {r['shared_bytes'] // 1024}KiB smem" if r["ok"] else "FAIL"))
+            verdict = (
+                f"ok {r['shared_bytes'] // 1024}KiB smem" if r["ok"] else "skip" if "skipped" in r else "FAIL"
+            )
+            cells.append(f"sm_{arch}: {verdict}")
         print(
             f"{launch.fn.fn.__name__:24s} {launch.label:32s} warps={launch.options.get('num_warps', 4)} "
             + "  ".join(cells)

@@ -4,6 +4,11 @@ Grid ``(T,)``; one program copies one token's ``[Hkv, D]`` keys and values. The 
 ``block * bs + offset`` of the ``[N, bs, Hkv, D]`` cache; slot -1 marks a padding token (a
 CUDA-graph bucket's filler row) and writes nothing. Offsets are int64: a large cache has
 more than 2**31 elements.
+
+An fp8 cache (``--kv-cache-dtype fp8``, float8_e4m3fn) stores K and V with a fixed scale of
+1.0, vLLM's default without calibrated scales: values are clamped to e4m3's +-448 and rounded
+to nearest (3 mantissa bits: within 2^-4 of the value, or 2^-10 absolute below 2^-6), and the
+attention kernels read them back as they are.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import triton
 import triton.language as tl
 
 from zeroserve.kernels.triton._common import last_dim_contiguous, next_pow2
+from zeroserve.kernels.triton.fp8 import E4M3_MAX, FP8_DTYPE, e4m3_round
 
 
 @triton.jit
@@ -34,6 +40,7 @@ def _write_kv_kernel(
     HEAD_DIM: tl.constexpr,
     H_PAD: tl.constexpr,
     D_PAD: tl.constexpr,
+    FP8_MAX: tl.constexpr,
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -46,8 +53,13 @@ def _write_kv_kernel(
     ck = k_cache_ptr + slot * stride_ck_slot + h[:, None] * stride_ck_head + d[None, :]
     cv = v_cache_ptr + slot * stride_cv_slot + h[:, None] * stride_cv_head + d[None, :]
     # through fp32: the interpreter only converts bf16 correctly to and from fp32
-    tl.store(ck, k.to(tl.float32).to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(cv, v.to(tl.float32).to(v_cache_ptr.dtype.element_ty), mask=mask)
+    k = k.to(tl.float32)
+    v = v.to(tl.float32)
+    if FP8_MAX > 0:  # an e4m3 cache: saturate (an overflowing cast is NaN), round on the grid
+        k = e4m3_round(tl.minimum(tl.maximum(k, -FP8_MAX), FP8_MAX))
+        v = e4m3_round(tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX))
+    tl.store(ck, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(cv, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def write_kv(
@@ -84,5 +96,6 @@ def write_kv(
         HEAD_DIM=head_dim,
         H_PAD=next_pow2(hkv),
         D_PAD=next_pow2(head_dim),
+        FP8_MAX=E4M3_MAX if k_cache.dtype == FP8_DTYPE else 0.0,
         num_warps=4 if hkv * head_dim >= 2048 else 2,
     )

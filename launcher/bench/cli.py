@@ -41,15 +41,28 @@ def _float_list(text: str) -> tuple[float, ...]:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model id to request (default: the first id of GET /v1/models)")
     p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
-    p.add_argument("--dataset", default="random", help="random | chat | jsonl:PATH (default: random)")
     p.add_argument(
-        "--input-len", type=int, default=256, help="prompt tokens (random) or user-turn tokens (chat)"
+        "--dataset", default="random", help="random | chat | shared-prefix | jsonl:PATH (default: random)"
+    )
+    p.add_argument(
+        "--input-len",
+        type=int,
+        default=256,
+        help="prompt tokens (random), user-turn tokens (chat) or question tokens after the prefix "
+        "(shared-prefix)",
     )
     p.add_argument("--output-len", type=int, default=128, help="output tokens asked per request")
     p.add_argument("--range-ratio", type=float, default=0.0, help="random lengths uniform in len*(1±r)")
     p.add_argument("--num-system-prompts", type=int, default=4, help="chat: distinct shared system prompts")
     p.add_argument("--system-prompt-len", type=int, default=256, help="chat: tokens per system prompt")
     p.add_argument("--turns", type=int, default=3, help="chat: user turns per conversation")
+    p.add_argument(
+        "--num-groups",
+        type=int,
+        default=4,
+        help="shared-prefix: distinct prefixes (each a group of requests)",
+    )
+    p.add_argument("--prefix-len", type=int, default=512, help="shared-prefix: tokens per shared prefix")
     p.add_argument(
         "--tokenizer",
         default=None,
@@ -109,7 +122,7 @@ def _config(args, base_url: str):
         from zeroserve.shared.env import api_keys
 
         api_key = (api_keys() or [None])[0]
-    for name in ("input_len", "output_len", "num_system_prompts", "turns"):
+    for name in ("input_len", "output_len", "num_system_prompts", "turns", "num_groups", "prefix_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     return ServeConfig(
@@ -127,6 +140,8 @@ def _config(args, base_url: str):
         num_system_prompts=args.num_system_prompts,
         system_prompt_len=args.system_prompt_len,
         turns=args.turns,
+        num_groups=args.num_groups,
+        prefix_len=args.prefix_len,
         goodput=parse_goodput(args.goodput),
         percentiles=tuple(args.percentiles),
         num_warmups=args.num_warmups,

@@ -1,4 +1,5 @@
-"""Benchmark prompts, generated locally: random lengths, multi-turn chat, or a user's JSONL.
+"""Benchmark prompts, generated locally: random lengths, multi-turn chat, shared prefixes, or a
+user's JSONL.
 
 A `BenchRequest` is what one HTTP request will carry: a text prompt (completions) or a
 message list (chat), the prompt length we believe it has, and the number of output tokens
@@ -225,6 +226,37 @@ def chat_dataset(
     return requests
 
 
+def shared_prefix_dataset(
+    num: int,
+    input_len: int,
+    output_len: int,
+    counter: TokenCounter,
+    seed: int = 0,
+    num_groups: int = 4,
+    prefix_len: int = 512,
+) -> list[BenchRequest]:
+    """``num_groups`` system prompts of ``prefix_len`` tokens, each shared by many questions of
+    ``input_len`` tokens (vLLM's ``prefix_repetition``): the workload where routing by prefix
+    affinity pays, since a replica that served a group holds its prefix in its KV cache.
+
+    Request i belongs to a group drawn at random (seeded), so concurrent requests mix groups
+    and a router cannot do well just by arrival order. Completions prompts are the prefix then
+    the question; each word after the first is one " word" token, so the prefix tokenizes the
+    same in every request of its group.
+    """
+    rng = random.Random(seed)
+    prefixes = [
+        text_of_length(prefix_len, counter, rng, prefix=f"System {seed}-{g}:")[0] for g in range(num_groups)
+    ]
+    requests = []
+    for _ in range(num):
+        group = rng.randrange(num_groups)
+        question, n = text_of_length(input_len, counter, rng)
+        prompt = f"{prefixes[group]} {question}"
+        requests.append(BenchRequest(prompt, len(counter.encode(prompt)), output_len, conversation=group))
+    return requests
+
+
 def jsonl_dataset(path: str, num: int, output_len: int, counter: TokenCounter) -> list[BenchRequest]:
     """One request per line: {"prompt": str} or {"messages": [...]}, optionally with
     "max_tokens"/"output_len"; an OpenAI batch line ({"body": {...}}) or a bare JSON string
@@ -281,12 +313,17 @@ def messages_to_text(messages: list[dict]) -> str:
 def build_dataset(
     name: str, num: int, input_len: int, output_len: int, counter: TokenCounter, seed: int = 0, **kw
 ) -> list[BenchRequest]:
-    """--dataset random | chat | jsonl:PATH."""
+    """--dataset random | chat | shared-prefix | jsonl:PATH."""
     if name == "random":
         return random_dataset(num, input_len, output_len, counter, seed, kw.get("range_ratio", 0.0))
     if name == "chat":
         keys = ("num_system_prompts", "system_prompt_len", "turns")
         return chat_dataset(num, input_len, output_len, counter, seed, **{k: kw[k] for k in keys if k in kw})
+    if name == "shared-prefix":
+        keys = ("num_groups", "prefix_len")
+        return shared_prefix_dataset(
+            num, input_len, output_len, counter, seed, **{k: kw[k] for k in keys if k in kw}
+        )
     if name.startswith("jsonl:"):
         return jsonl_dataset(name[len("jsonl:") :], num, output_len, counter)
-    raise ValueError(f"unknown dataset {name!r}: use random, chat or jsonl:PATH")
+    raise ValueError(f"unknown dataset {name!r}: use random, chat, shared-prefix or jsonl:PATH")

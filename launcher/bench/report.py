@@ -10,6 +10,8 @@
     duration_s, total_input_tokens, total_output_tokens
     request_throughput, output_throughput, total_token_throughput, mean_concurrency
     goodput (req/s meeting every SLO), goodput_fraction   null without --goodput
+    prefix_cache_hit_rate   prompt tokens found in the server's prefix cache / looked up, over
+                      the timed requests (from zeroserve's /metrics; null for other servers)
     usage_reported    successful requests whose token counts came from the server's usage
     output_len_mismatch   successful requests whose output length differs from the asked one
     {mean,median,std,min,max,p50,p90,p99}_{ttft,tpot,itl,e2el}_ms   (percentiles as asked)
@@ -70,6 +72,8 @@ def format_summary(result: dict) -> str:
     row("Output token throughput (tok/s):", result["output_throughput"])
     row("Total token throughput (tok/s):", result["total_token_throughput"])
     row("Mean concurrency:", result["mean_concurrency"])
+    if result.get("prefix_cache_hit_rate") is not None:
+        row("Prefix cache hit rate (server, %):", 100.0 * result["prefix_cache_hit_rate"])
     if result.get("goodput") is not None:
         row("Goodput (req/s):", result["goodput"])
         row("Requests within SLOs (%):", 100.0 * result["goodput_fraction"])

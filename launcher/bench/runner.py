@@ -50,6 +50,8 @@ class ServeConfig:
     num_system_prompts: int = 4
     system_prompt_len: int = 256
     turns: int = 3
+    num_groups: int = 4  # shared-prefix
+    prefix_len: int = 512
     goodput: dict = field(default_factory=dict)
     percentiles: tuple = (50, 90, 99)
     num_warmups: int = 1
@@ -101,6 +103,8 @@ def prepare_requests(
         num_system_prompts=cfg.num_system_prompts,
         system_prompt_len=cfg.system_prompt_len,
         turns=cfg.turns,
+        num_groups=cfg.num_groups,
+        prefix_len=cfg.prefix_len,
     )
     timed = build_dataset(
         cfg.dataset, cfg.num_prompts, cfg.input_len, cfg.output_len, counter, cfg.seed, **kw
@@ -205,6 +209,31 @@ async def _send_all(
     return list(results), start, end or time.perf_counter()
 
 
+PREFIX_HITS, PREFIX_QUERIES = "zeroserve:prefix_cache_hits", "zeroserve:prefix_cache_queries"
+STATS_SETTLE_S = 1.5  # an api process refreshes the engine's stats every second
+
+
+async def prefix_cache_counts(session: aiohttp.ClientSession, cfg: ServeConfig) -> tuple[float, float] | None:
+    """(hits, queries) in tokens from the server's /metrics, summed over its replicas; None when
+    it does not export them (another server, or an older zeroserve)."""
+    url = cfg.base_url.rstrip("/") + "/metrics"
+    try:
+        async with session.get(url, headers=headers_for(cfg.api_key)) as resp:
+            if resp.status != 200:
+                return None
+            text = await resp.text()
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        return None
+    totals = {PREFIX_HITS: 0.0, PREFIX_QUERIES: 0.0}
+    seen = False
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0].removesuffix("_total")
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+            seen = True
+    return (totals[PREFIX_HITS], totals[PREFIX_QUERIES]) if seen else None
+
+
 async def run_serve(
     cfg: ServeConfig,
     requests: list[BenchRequest] | None = None,
@@ -230,7 +259,14 @@ async def run_serve(
             if failed := [r for r in warm if not r.success]:
                 warnings.add(f"{len(failed)} of {len(warm)} warm-up requests failed ({failed[0].error})")
         gaps = arrival_gaps(len(requests), cfg.request_rate, cfg.burstiness, random.Random(cfg.seed))
+        if (cache_before := await prefix_cache_counts(session, cfg)) is not None:
+            await asyncio.sleep(STATS_SETTLE_S)  # let the warm-ups' counts reach /metrics first
+            cache_before = await prefix_cache_counts(session, cfg)
         results, start, end = await _send_all(session, cfg, url, model, requests, fields, gaps, cfg.base_url)
+        cache_after = None
+        if cache_before is not None:
+            await asyncio.sleep(STATS_SETTLE_S)
+            cache_after = await prefix_cache_counts(session, cfg)
     metrics = compute_metrics(results, end - start, cfg.percentiles, cfg.goodput)
     if (
         metrics["completed"]
@@ -244,6 +280,9 @@ async def run_serve(
         warnings.add(
             f"{metrics['output_len_mismatch']} requests did not get exactly the output length asked for"
         )
+    hit_rate = None
+    if cache_before is not None and cache_after is not None and cache_after[1] > cache_before[1]:
+        hit_rate = (cache_after[0] - cache_before[0]) / (cache_after[1] - cache_before[1])
     if metrics["failed"]:
         warnings.add(f"{metrics['failed']} of {len(results)} requests failed: {metrics['errors']}")
     return {
@@ -257,6 +296,7 @@ async def run_serve(
         "fields_sent": list(fields),
         "fields_dropped": list(dropped),
         **metrics,
+        "prefix_cache_hit_rate": hit_rate,
         "warnings": list(warnings),
         "per_request": [_request_record(r, start) for r in results],
     }

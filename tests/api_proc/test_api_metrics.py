@@ -19,7 +19,12 @@ def samples(text: str) -> dict[tuple[str, tuple], float]:
     return out
 
 
+ENGINE_WIDE = ("zeroserve:num_", "zeroserve:kv_cache", "zeroserve:prefix_cache")  # per replica
+
+
 def value(all_samples: dict, name: str, **labels) -> float:
+    if name.startswith(ENGINE_WIDE):
+        labels.setdefault("replica", "r0")  # one engine without replicas reports as r0
     return all_samples[(name, tuple(sorted({"model_name": MODEL, **labels}.items())))]
 
 
@@ -60,9 +65,12 @@ async def test_metrics_count_served_requests():
 RECORD = textwrap.dedent("""
     import sys
     from zeroserve.api_proc.metrics import ApiMetrics
-    from zeroserve.shared.messages import SchedulerStats
+    from zeroserve.shared.messages import EngineStatus, SchedulerStats
     mode, path = sys.argv[1], sys.argv[2]
-    engine = SchedulerStats(num_preemptions=7, num_running=3, prefix_cache_hits=40)
+    stats = SchedulerStats(num_preemptions=7, num_running=3, prefix_cache_hits=40)
+    engine = EngineStatus(
+        model_name="test-model", max_model_len=8, vocab_size=8, draining=False, bad_frames=0, stats=stats
+    )
     m = ApiMetrics("test-model", lambda: engine, metrics_dir=path)
     if mode == "record":
         m.first_token(0.0, 0.5)

@@ -37,7 +37,7 @@ def reference_tokens(tokenizer, gguf_path):
     from zeroserve.launcher.inprocess import InProcessEngine
 
     torch.set_num_threads(2)
-    engine = InProcessEngine(
+    engine = InProcessEngine(  # the server's default --quantization too: the same projections
         ModelRunner(RunnerConfig(model=gguf_path, max_model_len=2048, num_kv_blocks=512))
     )
     prompts = [tokenizer.encode(p) for p in PROMPTS]

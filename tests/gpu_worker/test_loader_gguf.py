@@ -26,6 +26,7 @@ from zeroserve.gpu_worker.loader import (
     load_model_config,
 )
 from zeroserve.gpu_worker.loader.gguf_loader import rope_scaling_from_freqs
+from zeroserve.kernels.quantized import GGUFWeight
 
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(1)
@@ -368,3 +369,121 @@ def test_not_gguf(tmp_path):
     path.write_bytes(b"PK\x03\x04" + bytes(100))
     with pytest.raises(CorruptCheckpointError, match="not a GGUF file"):
         load_checkpoint(str(path))
+
+
+# --------------------------------------------------------------------------- --quantization q4
+
+
+def test_keep_quantized_returns_the_files_blocks_unpermuted(tmp_path):
+    """q/k rows un-permuted as whole block rows: the blocks dequantize to exactly what the
+    default load gives; F32 tensors (norms, an F32 matrix) stay tensors."""
+    model = tiny_model("llama", tie_word_embeddings=True)
+    qtypes = {n: Q.Q4_1 for n in ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.1.ffn_down.weight")}
+    qtypes["token_embd.weight"] = Q.Q8_0
+    expected = write_gguf(tmp_path / "q.gguf", model, "llama", qtypes=qtypes)
+    _, weights = load_checkpoint(str(tmp_path / "q.gguf"), keep_quantized=True)
+    for name, want in expected.items():
+        w = weights[name]
+        if to_gguf_name(name) in qtypes:
+            assert isinstance(w, GGUFWeight) and w.type_name == qtypes[to_gguf_name(name)].name, name
+            assert w.shape == want.shape
+            assert torch.equal(w.dequantize(), torch.from_numpy(want)), name
+            rows = torch.tensor([3, 0, 3])
+            assert torch.equal(w.dequantize(rows), torch.from_numpy(want)[rows]), name
+        else:
+            assert isinstance(w, torch.Tensor) and torch.equal(w, torch.from_numpy(want)), name
+
+
+def test_block_types_without_a_kernel_are_dequantized_and_logged(tmp_path, caplog):
+    model = tiny_model("llama")
+    qtypes = {"blk.0.attn_q.weight": Q.Q4_1, "blk.0.ffn_up.weight": Q.Q5_0, "blk.1.ffn_up.weight": Q.Q5_0}
+    expected = write_gguf(tmp_path / "q.gguf", model, "llama", qtypes=qtypes)
+    with caplog.at_level("WARNING"):
+        _, weights = load_checkpoint(str(tmp_path / "q.gguf"), keep_quantized={"Q4_1", "Q8_0"})
+    assert isinstance(weights["model.layers.0.self_attn.q_proj.weight"], GGUFWeight)
+    up = weights["model.layers.1.mlp.up_proj.weight"]
+    assert isinstance(up, torch.Tensor) and torch.equal(
+        up, torch.from_numpy(expected["model.layers.1.mlp.up_proj.weight"])
+    )
+    assert "2 Q5_0 tensor(s) (blk.0.ffn_up.weight, blk.1.ffn_up.weight)" in caplog.text
+    assert "no Q5_0 block kernel" in caplog.text
+
+
+def q4_runner(path, quantization="q4", **kw):
+    from zeroserve.gpu_worker.model_runner import ModelRunner, RunnerConfig
+
+    return ModelRunner(
+        RunnerConfig(
+            model=str(path),
+            quantization=quantization,
+            kernel_backend="torch",
+            num_kv_blocks=16,
+            **{"kv_cache_dtype": "float32", **kw},  # q4's default is fp16 K/V on a CPU: like with like
+        )
+    )
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_q4_model_over_blocks_computes_what_the_dequantized_model_does(tmp_path, tied, caplog):
+    """The torch backend's q4 is dequantize + dense, so q4 and none must agree exactly: the
+    stacking of q|k|v and gate|up, the un-permuted q/k rows, the embedding's row lookup and the
+    tied lm_head over the same blocks. Mixed parts (q Q4_1, k Q8_0) are dequantized and logged."""
+    from zeroserve.launcher.inprocess import InProcessEngine
+    from zeroserve.shared.messages import SamplingParams
+
+    model = tiny_model("llama", tie_word_embeddings=tied)
+    qtypes = {
+        f"blk.{i}.{t}.weight": Q.Q4_1
+        for i in range(2)
+        for t in ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up", "ffn_down", "attn_output")
+    }
+    qtypes["blk.1.attn_k.weight"] = Q.Q8_0
+    qtypes["token_embd.weight"] = Q.Q8_0
+    if not tied:
+        qtypes["output.weight"] = Q.Q4_0
+    write_gguf(tmp_path / "q.gguf", model, "llama", qtypes=qtypes)
+    with caplog.at_level("WARNING"):
+        q4 = q4_runner(tmp_path / "q.gguf")
+    assert (
+        "model.layers.1.self_attn.qkv_proj.weight: parts of different types (q_proj Q4_1, k_proj Q8_0, v_proj Q4_1)"
+        in caplog.text
+    )
+    layers = q4.model.model.layers
+    assert isinstance(layers[0].self_attn.qkv_proj.weight, GGUFWeight)
+    assert isinstance(layers[1].self_attn.qkv_proj.weight, torch.Tensor)  # mixed: dequantized
+    assert isinstance(layers[0].mlp.gate_up_proj.weight, GGUFWeight)
+    embed = q4.model.model.embed_tokens.weight
+    assert isinstance(embed, GGUFWeight)
+    assert (q4.model.lm_head.weight is embed) == tied  # tied: the same blocks, no float copy
+    # projections by format: 2 layers x (qkv, o, gate_up, down) minus the mixed qkv, + lm_head
+    assert q4.quantization_summary.endswith(
+        f": Q4_1 x7, {'Q8_0' if tied else 'Q4_0'} x1, float32 x1 on torch kernels"
+    )
+    none = q4_runner(tmp_path / "q.gguf", quantization="none")
+    ids = [5, 6, 7, 8, 200, 9, 255, 0]
+    assert torch.equal(prefill_logits(q4, ids), prefill_logits(none, ids))
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    assert InProcessEngine(q4).generate(prompts, params) == InProcessEngine(none).generate(prompts, params)
+
+
+def prefill_logits(runner, ids: list[int]) -> torch.Tensor:
+    """Logits of every position of one prompt (in the runner's first KV block)."""
+    from zeroserve.kernels.metadata import AttentionMetadata
+
+    n = len(ids)
+    meta = AttentionMetadata.build([n], [n], [[0]], list(range(n)), runner.device)
+    with torch.inference_mode():
+        hidden = runner.model(torch.tensor(ids), torch.arange(n), runner.kv_caches, meta)
+        return runner.model.compute_logits(hidden)
+
+
+def test_quantized_cpu_modes_store_kv_as_fp16_unless_told(tmp_path):
+    """auto K/V on a CPU: fp16 for a quantized mode (attention streams half the bytes), the
+    compute dtype for none (bit-exact with transformers); an explicit dtype always wins."""
+    write_gguf(tmp_path / "q.gguf", tiny_model("llama"), "llama", qtypes={"blk.0.ffn_up.weight": Q.Q4_1})
+    assert q4_runner(tmp_path / "q.gguf", kv_cache_dtype="auto").kv_dtype == torch.float16
+    assert q4_runner(tmp_path / "q.gguf", kv_cache_dtype="bfloat16").kv_dtype == torch.bfloat16
+    assert (
+        q4_runner(tmp_path / "q.gguf", quantization="none", kv_cache_dtype="auto").kv_dtype == torch.float32
+    )

@@ -95,7 +95,10 @@ class Case:
         with torch.inference_mode():
             self.expected = [hf_greedy(self.hf, p) for p in self.prompts]
             self.expected_prefix = hf_greedy(self.hf, self.prefix_prompt)
-        self.runner = ModelRunner(RunnerConfig(model=folder, block_size=BLOCK_SIZE, num_kv_blocks=128))
+        # quantization none: fp32 weights as transformers has them (the CPU default quantizes)
+        self.runner = ModelRunner(
+            RunnerConfig(model=folder, block_size=BLOCK_SIZE, num_kv_blocks=128, quantization="none")
+        )
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -188,7 +191,11 @@ def test_torch_reference_kernels_give_the_same_tokens(case, tmp_path):
     kernel tests) must also reproduce HF through the whole model."""
     runner = ModelRunner(
         RunnerConfig(
-            model=case.runner.config.model, block_size=BLOCK_SIZE, num_kv_blocks=128, kernel_backend="torch"
+            model=case.runner.config.model,
+            block_size=BLOCK_SIZE,
+            num_kv_blocks=128,
+            kernel_backend="torch",
+            quantization="none",
         )
     )
     assert runner.ops.name == "torch" and case.runner.ops.name == "cpu"
@@ -202,7 +209,11 @@ def test_float16_kv_cache_stays_close_to_hf(case):
     prompt agrees with HF for its first 12 tokens and most agree for all 32."""
     runner = ModelRunner(
         RunnerConfig(
-            model=case.runner.config.model, block_size=BLOCK_SIZE, num_kv_blocks=128, kv_cache_dtype="float16"
+            model=case.runner.config.model,
+            block_size=BLOCK_SIZE,
+            num_kv_blocks=128,
+            kv_cache_dtype="float16",
+            quantization="none",
         )
     )
     assert runner.kv_caches[0].dtype == torch.float16

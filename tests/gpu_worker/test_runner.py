@@ -57,8 +57,14 @@ def model_dir(tmp_path_factory) -> str:
 
 @pytest.fixture
 def runner(model_dir) -> ModelRunner:
-    return ModelRunner(
-        RunnerConfig(model=model_dir, load_format="dummy", block_size=BLOCK, num_kv_blocks=NUM_BLOCKS)
+    return ModelRunner(  # fp32 projections: the tests below look at their handles and exact values
+        RunnerConfig(
+            model=model_dir,
+            load_format="dummy",
+            block_size=BLOCK,
+            num_kv_blocks=NUM_BLOCKS,
+            quantization="none",
+        )
     )
 
 
@@ -274,6 +280,7 @@ def test_projections_are_packed_at_the_first_step(model_dir, runner):
             block_size=BLOCK,
             num_kv_blocks=NUM_BLOCKS,
             kernel_backend="torch",
+            quantization="none",
         )
     )
     qkv = torch_runner.model.model.layers[0].self_attn.qkv_proj

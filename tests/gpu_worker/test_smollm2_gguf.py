@@ -49,7 +49,10 @@ def prompts(tokenizer) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def runner(gguf_path) -> ModelRunner:
-    return ModelRunner(RunnerConfig(model=gguf_path, max_model_len=256, num_kv_blocks=64))
+    # quantization none: the GGUF's values in fp32, as transformers loads them
+    return ModelRunner(
+        RunnerConfig(model=gguf_path, max_model_len=256, num_kv_blocks=64, quantization="none")
+    )
 
 
 @pytest.fixture(scope="module")

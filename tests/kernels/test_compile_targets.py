@@ -69,7 +69,9 @@ def test_every_kernel_compiles_for_target(compile_results, arch):
     assert returncode == 0, f"compile for sm_{arch} failed:\n{output[-4000:]}"
     records = json.loads(json_path.read_text())
     compiled = {r["kernel"] for r in records if r["results"][str(arch)]["ok"]}
-    missing = launched_kernels() - compiled
+    # e4m3 kernels exist from sm_89 on: skipped below it (test_triton_fp8.py compiles them for 89/90)
+    skipped = {r["kernel"] for r in records if r["results"][str(arch)].get("skipped")}
+    missing = launched_kernels() - compiled - skipped
     assert not missing, f"kernels never compiled for sm_{arch}: {sorted(missing)}"
     # both dot paths of the attention kernels were built
     labels = {r["label"] for r in records}

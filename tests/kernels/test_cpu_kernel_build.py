@@ -122,5 +122,5 @@ def test_a_compile_that_times_out_leaves_no_file(tmp_path):
     proc, kernels_dir = _start(tmp_path, timeout=3)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    assert "ERR compiling cpu_ops.cpp took over 3s" in out
+    assert "ERR compiling " in out and "cpu_ops.cpp" in out and "took over 3s" in out
     assert list(kernels_dir.glob("*/*")) == []

@@ -305,7 +305,8 @@ def test_a_failing_compiler_is_reported(tmp_path):
     )
     result = _fresh_python(code, {"CXX": str(fake), "ZEROSERVE_CACHE_DIR": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr
-    assert "ERR compiling cpu_ops.cpp failed" in result.stdout and "this compiler is broken" in result.stdout
+    assert "ERR compiling " in result.stdout and "cpu_ops.cpp" in result.stdout
+    assert "failed" in result.stdout and "this compiler is broken" in result.stdout
 
 
 def test_concurrent_first_builds_all_load(tmp_path):

@@ -11,7 +11,8 @@ from zeroserve.shared.messages import SamplingParams
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    rc = generate.run(build_parser().parse_args(["generate", *argv]))
+    # fp32 projections, as the reference: the chat test relies on fp32's reply ending before 64 tokens
+    rc = generate.run(build_parser().parse_args(["generate", "--quantization", "none", *argv]))
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -24,7 +25,9 @@ def reference(gguf_path):
     from zeroserve.tokenizer_proc.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(gguf_path)
-    engine = InProcessEngine(ModelRunner(RunnerConfig(model=gguf_path, max_model_len=256, num_kv_blocks=16)))
+    engine = InProcessEngine(
+        ModelRunner(RunnerConfig(model=gguf_path, max_model_len=256, num_kv_blocks=16, quantization="none"))
+    )
 
     def greedy(prompt_ids: list[int], max_tokens: int) -> list[int]:
         return engine.generate([prompt_ids], SamplingParams(max_tokens=max_tokens, temperature=0.0))[0]

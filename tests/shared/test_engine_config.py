@@ -42,6 +42,7 @@ CHANGED = {
     "kv_cache_memory_gb": 1.5,
     "gpu_memory_utilization": 0.5,
     "kernel_backend": "torch",
+    "quantization": "int8",
     "enforce_eager": True,
     "load_format": "dummy",
     "num_threads": 3,

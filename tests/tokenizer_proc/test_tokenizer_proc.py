@@ -79,7 +79,7 @@ class Harness:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.proc.close()
-        for sock in (self.client, self.scheduler, self.proc.front, self.proc.engine):
+        for sock in (self.client, self.scheduler, self.proc.front):
             sock.close(0)
         self.ctx.term()
         self.proc.ctx.term()
