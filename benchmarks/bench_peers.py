@@ -65,6 +65,7 @@ def targets(args: argparse.Namespace, gguf: str) -> list[dict]:
                     str(args.threads),
                 ],
                 "env": {},
+                "ready": "/health",
                 "port": port,
             }
         )
@@ -98,6 +99,7 @@ def targets(args: argparse.Namespace, gguf: str) -> list[dict]:
                         "VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}",
                         "OMP_NUM_THREADS": str(args.threads),
                     },
+                    "ready": "/health",
                     "port": port,
                 }
             )
@@ -130,6 +132,7 @@ def targets(args: argparse.Namespace, gguf: str) -> list[dict]:
                     *extra,
                 ],
                 "env": {"OMP_WAIT_POLICY": "PASSIVE"},
+                "ready": "/ready",
                 "port": port,
             }
         )
@@ -137,13 +140,23 @@ def targets(args: argparse.Namespace, gguf: str) -> list[dict]:
     return out
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> bool:
+def server_env(extra: dict[str, str]) -> dict[str, str]:
+    """This environment without the OpenMP settings the benchmark itself runs under (a peer
+    left with OMP_WAIT_POLICY=PASSIVE would pay a thread wake-up at every op: 3x slower for
+    llama.cpp), plus what the target sets."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "KMP_"))}
+    return {**env, **extra}
+
+
+def wait_ready(url: str, path: str, proc: subprocess.Popen, timeout: float) -> bool:
+    """Until ``url + path`` answers 200 (zeroserve's /ready: a worker has loaded; the peers'
+    /health), or the server exits, or ``timeout``."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
             return False
         try:
-            with urllib.request.urlopen(url + "/v1/models", timeout=5) as r:
+            with urllib.request.urlopen(url + path, timeout=5) as r:
                 if r.status == 200:
                     return True
         except OSError:
@@ -202,7 +215,7 @@ def main() -> None:
             )
         url = f"http://127.0.0.1:{t['port']}"
         try:
-            if not wait_ready(url, proc, args.start_timeout):
+            if not wait_ready(url, t["ready"], proc, args.start_timeout):
                 tail = log_path.read_text(errors="replace").splitlines()[-15:]
                 print("   did not come up; last log lines:\n     " + "\n     ".join(tail), flush=True)
                 results.append({**t, "error": "did not start"})
