@@ -21,7 +21,9 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from zeroserve.shared import env as _env  # noqa: E402  (no torch: sets OpenMP's env before torch loads it)
+
+_env.set_cpu_thread_env()  # as the worker process does: PASSIVE threads after a short spin
 
 
 def prompts_for(batch: int, input_len: int, vocab: int, seed: int = 0) -> list[list[int]]:

@@ -210,7 +210,8 @@ def main() -> None:
                 t["cmd"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **t["env"]},
+                env=server_env(t["env"]),
+                cwd=out_dir,  # not the repo: its top-level packages (kernels/, ...) would shadow a peer's
                 start_new_session=True,
             )
         url = f"http://127.0.0.1:{t['port']}"

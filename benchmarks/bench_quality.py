@@ -24,7 +24,9 @@ import os
 import sys
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from zeroserve.shared import env as _env  # noqa: E402  (no torch: sets OpenMP's env before torch loads it)
+
+_env.set_cpu_thread_env()  # as the worker process does: PASSIVE threads after a short spin
 
 import torch  # noqa: E402
 
