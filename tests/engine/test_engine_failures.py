@@ -181,3 +181,36 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero():
     assert server.process.wait(60) == 0, server.log()
     assert "every process exited cleanly" in server.log()
     assert not [p for p in children if pid_alive(p)]
+
+
+def test_a_restarted_scheduler_gets_a_worker_again():
+    """kill -9 the scheduler: its supervisor starts a new one, which has never heard the
+    running worker's WorkerReady; it answers the worker's heartbeats with WorkerExit, the
+    worker restarts and says ready, and the engine serves again (before the fix it stayed
+    without a worker: /ready 503 forever)."""
+    server = start_server(api_key=None)
+    try:
+        worker = role_pid(server, "worker")
+        os.kill(role_pid(server, "scheduler"), signal.SIGKILL)
+
+        async def served_again():
+            async with EngineClient(server.tokenizer_address) as client:
+                deadline = time.monotonic() + 90
+                while True:
+                    try:
+                        return await client.complete(
+                            prompt="Hello again", params=SamplingParams(temperature=0, max_tokens=8)
+                        )
+                    except EngineError as e:
+                        assert e.info.status == 503, e.info
+                        if time.monotonic() > deadline:
+                            raise AssertionError(
+                                "engine not serving again within 90s:\n" + server.log()
+                            ) from e
+                        await asyncio.sleep(0.5)
+
+        assert asyncio.run(served_again())["usage"]["completion_tokens"] == 8
+        assert not pid_alive(worker), "the old worker, unknown to the new scheduler, should have restarted"
+        assert "telling it to restart" in server.log()
+    finally:
+        server.stop()
