@@ -20,14 +20,13 @@ The rule (a pure function, unit-tested with made-up machines):
     CUDA    int8/q4    any         any                        ValueError (CPU modes)
 
 On a CPU every mode computes in float32 (activations in and out of each projection are fp32);
-only the weights' format changes. ``auto`` picks a mode only where its kernels are in the tree
-(``available``), so it never lands on a mode that would fail at the first step.
+only the weights' format changes. ``auto`` picks only among the modes the backend has
+projections for (``available_modes``), so it never lands on one that fails at the first step.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -127,20 +126,11 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def _module_exists(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
-
-
 def gguf_kernel_types(backend: str) -> frozenset[str] | None:
     """GGUF block types ``backend`` multiplies from their blocks (by name); None: every type
     (the torch backend, whose reference dequantizes any block type at prepare time)."""
     if backend != "cpu":
         return None
-    if not _module_exists("zeroserve.kernels.cpu.gguf"):
-        return frozenset()
     from gguf.constants import GGMLQuantizationType
 
     from zeroserve.kernels.cpu.gguf import GGUF_KERNEL_TYPES
@@ -149,15 +139,9 @@ def gguf_kernel_types(backend: str) -> frozenset[str] | None:
 
 
 def available_modes(backend: str) -> frozenset[str]:
-    """The modes whose kernels this tree has for ``backend`` (``auto`` picks only among these)."""
-    modes = {"none", "q4"}
-    if _module_exists("zeroserve.kernels.reference.int8"):
-        modes.add("int8")
-    if backend != "triton" and _module_exists("zeroserve.kernels.reference.bf16"):
-        modes.add("bf16")
-    if backend == "triton" and _module_exists("zeroserve.kernels.triton.fp8"):
-        modes.add("fp8")
-    return frozenset(modes)
+    """The modes ``backend`` has projections for (``auto`` picks only among these): fp8 is
+    the Triton backend's, bf16 (fp32 activations) the CPU ones'."""
+    return frozenset({"none", "q4", "int8", "fp8" if backend == "triton" else "bf16"})
 
 
 def resolve_quantization(

@@ -9,8 +9,8 @@ import asyncio
 import json
 import time
 
-from zeroserve.shared.client import EngineClient
-from zeroserve.shared.messages import SchedulerStats
+from zeroserve.shared.client import EngineClient, EngineError
+from zeroserve.shared.messages import SamplingParams, SchedulerStats
 
 # lines the launcher and api_proc write when something broke that a client may not have seen
 BAD_LOG_LINES = ("restarting", "unhandled error", "Traceback")
@@ -75,3 +75,22 @@ def error_body_problem(raw: bytes) -> str | None:
     if "param" not in err or "code" not in err:
         return f"error body lacks param or code: {raw[:200]!r}"
     return None
+
+
+async def serve_again(server, within_s: float = 90.0, max_tokens: int = 4) -> dict:
+    """A completion, retried while the engine answers 503 (a process being restarted), for at
+    most ``within_s``: how the failure tests see the engine come back."""
+    async with EngineClient(server.tokenizer_address) as client:
+        deadline = time.monotonic() + within_s
+        while True:
+            try:
+                return await client.complete(
+                    prompt="Hello again", params=SamplingParams(temperature=0, max_tokens=max_tokens)
+                )
+            except EngineError as e:
+                assert e.info.status == 503, e.info
+                if time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"engine not serving again within {within_s:g}s:\n" + server.log()
+                    ) from e
+                await asyncio.sleep(0.5)

@@ -11,7 +11,8 @@ import time
 import zmq
 
 from tests.conftest import start_server
-from zeroserve.shared.client import EngineClient, EngineError
+from tests.stack_health import serve_again
+from zeroserve.shared.client import EngineClient
 from zeroserve.shared.messages import SamplingParams
 
 
@@ -80,23 +81,7 @@ def test_kill_worker_fails_in_flight_then_recovers_and_no_orphans():
             assert end["end"] - killed_at < 2.0, f"request ended {end['end'] - killed_at:.2f}s after the kill"
 
         # the supervisor restarts the worker; the engine serves again within 60 s
-        async def phase2():
-            async with EngineClient(server.tokenizer_address) as client:
-                deadline = time.monotonic() + 60
-                while True:
-                    try:
-                        return await client.complete(
-                            prompt="Hello again", params=SamplingParams(temperature=0, max_tokens=8)
-                        )
-                    except EngineError as e:
-                        assert e.info.status == 503, e.info
-                        if time.monotonic() > deadline:
-                            raise AssertionError(
-                                "engine not serving again within 60s:\n" + server.log()
-                            ) from e
-                        await asyncio.sleep(0.5)
-
-        assert asyncio.run(phase2())["usage"]["completion_tokens"] == 8
+        assert asyncio.run(serve_again(server, 60, max_tokens=8))["usage"]["completion_tokens"] == 8
         status, _ = server.get("/ready", timeout=5)
         assert status == 200
         assert role_pid(server, "worker") != worker
@@ -193,23 +178,7 @@ def test_a_restarted_scheduler_gets_a_worker_again():
         worker = role_pid(server, "worker")
         os.kill(role_pid(server, "scheduler"), signal.SIGKILL)
 
-        async def served_again():
-            async with EngineClient(server.tokenizer_address) as client:
-                deadline = time.monotonic() + 90
-                while True:
-                    try:
-                        return await client.complete(
-                            prompt="Hello again", params=SamplingParams(temperature=0, max_tokens=8)
-                        )
-                    except EngineError as e:
-                        assert e.info.status == 503, e.info
-                        if time.monotonic() > deadline:
-                            raise AssertionError(
-                                "engine not serving again within 90s:\n" + server.log()
-                            ) from e
-                        await asyncio.sleep(0.5)
-
-        assert asyncio.run(served_again())["usage"]["completion_tokens"] == 8
+        assert asyncio.run(serve_again(server, 90, max_tokens=8))["usage"]["completion_tokens"] == 8
         assert not pid_alive(worker), "the old worker, unknown to the new scheduler, should have restarted"
         assert "telling it to restart" in server.log()
     finally:

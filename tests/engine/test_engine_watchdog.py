@@ -17,7 +17,8 @@ import pytest
 
 from tests.conftest import start_server
 from tests.engine.test_engine_failures import role_pid
-from zeroserve.shared.client import EngineClient, EngineError
+from tests.stack_health import serve_again
+from zeroserve.shared.client import EngineClient
 from zeroserve.shared.messages import SamplingParams
 
 STEP_TIMEOUT_S = 2.0  # the worker's own limit is STEP_EXIT_GRACE_S (2 s) later
@@ -64,21 +65,6 @@ def wait_for_status(server, want: int, within_s: float) -> float:
             return time.monotonic()
         time.sleep(0.1)
     raise AssertionError(f"/ready never answered {want} within {within_s}s:\n{server.log()}")
-
-
-async def serve_again(server, within_s: float = 90.0) -> dict:
-    async with EngineClient(server.tokenizer_address) as client:
-        deadline = time.monotonic() + within_s
-        while True:
-            try:
-                return await client.complete(
-                    prompt="Hello again", params=SamplingParams(temperature=0, max_tokens=4)
-                )
-            except EngineError as e:
-                assert e.info.status == 503, e.info
-                if time.monotonic() > deadline:
-                    raise AssertionError("engine not serving again:\n" + server.log()) from e
-                await asyncio.sleep(0.5)
 
 
 def stall_during_a_request(server, stall_file: str, seconds: float) -> tuple[list, float]:
