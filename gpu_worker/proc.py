@@ -49,9 +49,7 @@ def exit_for_restart(why: str) -> NoReturn:
 class Heartbeat(threading.Thread):
     """Sends Pong(role="worker") every interval on its own socket (zmq sockets are not
     thread-safe), and ends the process when the step in progress (``step_started``, set by the
-    main thread) has run past ``step_timeout_s + STEP_EXIT_GRACE_S``, or when the scheduler
-    answers a heartbeat with WorkerExit (a restarted scheduler that never heard this worker's
-    WorkerReady)."""
+    main thread) has run past ``step_timeout_s + STEP_EXIT_GRACE_S``."""
 
     def __init__(self, config: EngineConfig, rank: int, replica: int = 0):
         super().__init__(name="heartbeat", daemon=True)
@@ -64,18 +62,13 @@ class Heartbeat(threading.Thread):
         identity = f"worker-{self.rank}-hb-{os.getpid()}".encode()
         address = self.config.worker_address_of(self.replica)
         sock = connect(ctx, zmq.DEALER, address, self.config.curve, identity)
-        codec: Codec = Codec(WorkerInbox, "worker.heartbeat")
+        encoder = Codec(Pong, "worker.heartbeat").encoder
         limit = self.config.step_timeout_s + STEP_EXIT_GRACE_S
         while not self.stop.wait(self.config.heartbeat_interval_s):
             started = self.step_started
             if started is not None and time.monotonic() - started > limit:
                 exit_for_restart(f"a step has run for more than {limit:g}s (step_timeout_s + grace)")
-            # a scheduler that does not know this worker (it was restarted) answers its
-            # heartbeats with WorkerExit: start afresh and say ready to it
-            while sock.poll(0):
-                if isinstance(codec.decode(sock.recv()), WorkerExit):
-                    exit_for_restart("the scheduler does not know this worker (it restarted)")
-            sock.send(codec.encode(Pong(sent_at=time.time(), role="worker")))
+            sock.send(encoder.encode(Pong(sent_at=time.time(), role="worker")))
         sock.close(0)
         ctx.term()
 

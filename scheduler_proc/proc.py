@@ -68,9 +68,6 @@ class SchedulerProcess:
         self.worker_identity: bytes | None = None
         self.worker_ready: WorkerReady | None = None
         self.worker_seen = 0.0
-        # until a first worker says ready: heartbeat identity -> when a worker that never said
-        # ready to this scheduler was first heard (a scheduler restarted under a running worker)
-        self.unknown_workers: dict[bytes, float] | None = {}
         self.owner: dict[str, bytes] = {}  # request_id -> tokenizer identity
         self.tokenizer_seen: dict[bytes, float] = {}
         # step_id -> the worker's answer, awaited by run_step; None: the worker was lost meanwhile
@@ -135,12 +132,8 @@ class SchedulerProcess:
             identity, msg = await receive_routed(self.workers, self.worker_codec)
             match msg:
                 case Pong():
-                    if msg.role != "worker":
-                        pass
-                    elif self.worker_ready is not None:
+                    if self.worker_ready is not None and msg.role == "worker":
                         self.worker_seen = time.monotonic()
-                    else:
-                        self.on_unknown_worker(identity)
                 case WorkerReady():
                     self.on_worker_ready(identity, msg)
                 case StepResult():
@@ -148,30 +141,7 @@ class SchedulerProcess:
                     if waiter is not None and not waiter.done():
                         waiter.set_result(msg)
 
-    def on_unknown_worker(self, heartbeat_identity: bytes) -> None:
-        """A worker heart-beats that never said ready to this scheduler, which has not had a
-        worker yet: the scheduler was restarted under a running worker (which said ready once,
-        to the one before). Once that has lasted a heartbeat timeout (a worker just starting
-        says ready well within it), the worker is told to exit, through its heartbeat socket:
-        its supervisor starts a fresh one, which says ready with an empty KV pool. (A worker
-        this scheduler gave up on was sent WorkerExit then, and ends itself: see
-        on_worker_stuck.)"""
-        if self.unknown_workers is None:
-            return
-        now = time.monotonic()
-        since = self.unknown_workers.setdefault(heartbeat_identity, now)
-        if now - since < self.config.heartbeat_timeout_s:
-            return
-        del self.unknown_workers[heartbeat_identity]
-        why = "this scheduler does not know the worker (the scheduler restarted); start afresh"
-        log.warning("a worker heart-beats without having said ready here: telling it to restart")
-        try:
-            self.workers.send_multipart([heartbeat_identity, self.encoder.encode(WorkerExit(reason=why))])
-        except zmq.ZMQError:  # gone meanwhile
-            pass
-
     def on_worker_ready(self, identity: bytes, ready: WorkerReady) -> None:
-        self.unknown_workers = None
         if self.worker_ready is not None:
             self.fail_all("the model worker restarted; the request was lost")
         cfg = self.config
