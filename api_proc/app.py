@@ -10,6 +10,7 @@ Routes:
     GET  /health   200 while the process runs; each engine replica (live, waiting, running, KV usage)
     GET  /ready    200 when the engine takes work (a replica is live); 503 loading, draining, workers down
     GET  /metrics  prometheus text
+    GET  /dashboard  a live page over /metrics (dashboard.py)
 """
 
 from __future__ import annotations
@@ -22,14 +23,20 @@ from typing import Any
 from aiohttp import web
 
 from zeroserve.api_proc import responses
-from zeroserve.api_proc.auth import auth_middleware
+from zeroserve.api_proc.audit import setup_accounting
+from zeroserve.api_proc.auth import auth_middleware, tenants_of
 from zeroserve.api_proc.config import ApiConfig
+from zeroserve.api_proc.dashboard import add_dashboard_routes
 from zeroserve.api_proc.engine_state import EngineMonitor
 from zeroserve.api_proc.errors import ApiError, error_response, from_error_info
-from zeroserve.api_proc.metrics import CONTENT_TYPE, ApiMetrics
+from zeroserve.api_proc.metrics import CONTENT_TYPE, ApiMetrics, CacheInfo
 from zeroserve.api_proc.protocol import DetokenizeBody, TokenizeBody
+from zeroserve.api_proc.request_log import access_log_sink, context_of, note_error, request_middleware
+from zeroserve.api_proc.request_log import install as install_request_ids
 from zeroserve.api_proc.requests import check_model, check_token_ids, new_request_id, tokenize_request
 from zeroserve.api_proc.serving import STATE, ApiState, chat_completions, completions, read_body
+from zeroserve.api_proc.tracing import trace_middleware
+from zeroserve.shared import tracing
 from zeroserve.shared.messages import DetokenizeRequest
 
 log = logging.getLogger("zeroserve.api")
@@ -41,6 +48,7 @@ async def openai_errors(request: web.Request, handler):
     try:
         return await handler(request)
     except ApiError as e:
+        note_error(request, e)
         return error_response(e)
     except web.HTTPException as e:
         if e.status < 400:
@@ -64,17 +72,18 @@ async def openai_errors(request: web.Request, handler):
             err = ApiError(413, "The request body is over the size limit. Send a smaller request.")
         else:
             err = ApiError(e.status, e.reason or "The request failed.")
+        note_error(request, err)
         return error_response(err)
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path[:200])
-        return error_response(
-            ApiError(
-                500,
-                "Internal server error; the request was not completed. Retry, and report it if it persists.",
-            )
+        err = ApiError(
+            500,
+            "Internal server error; the request was not completed. Retry, and report it if it persists.",
         )
+        note_error(request, err)
+        return error_response(err)
 
 
 async def models(request: web.Request) -> web.Response:
@@ -104,7 +113,9 @@ async def _engine_call(state: ApiState, coro: Any) -> Any:
 async def tokenize(request: web.Request) -> web.Response:
     state: ApiState = request.app[STATE]
     body = await read_body(request, TokenizeBody, state.config)
-    res = await _engine_call(state, state.client.tokenize(tokenize_request(body, state.config)))
+    ctx = context_of(request)
+    client_id = ctx.request_id if ctx is not None else None
+    res = await _engine_call(state, state.client.tokenize(tokenize_request(body, state.config, client_id)))
     if res.error is not None:
         raise from_error_info(res.error, state.config.retry_after_s)
     engine = state.monitor.engine
@@ -125,7 +136,9 @@ async def detokenize(request: web.Request) -> web.Response:
     check_model(body.model, state.config)
     check_token_ids(body.tokens, "tokens")
     await state.monitor.require_engine()
-    req = DetokenizeRequest(request_id=new_request_id("detok"), token_ids=body.tokens)
+    ctx = context_of(request)
+    client_id = ctx.request_id if ctx is not None else None
+    req = DetokenizeRequest(request_id=new_request_id("detok", client_id), token_ids=body.tokens)
     res = await _engine_call(state, state.client.detokenize(req))
     if res.error is not None:
         raise from_error_info(res.error, state.config.retry_after_s)
@@ -176,20 +189,43 @@ def create_app(config: ApiConfig, client: Any, metrics: ApiMetrics | None = None
     and max_model_len) runs while the app does."""
     monitor = EngineMonitor(client, config.ping_interval_s, config.ping_timeout_s)
     if metrics is None:
-        metrics = ApiMetrics(
-            config.model_name, lambda: monitor.engine, config.metrics_dir, monitor.router_stats
+        cache_info = CacheInfo(
+            config.block_size,
+            config.kv_cache_dtype,
+            config.enable_prefix_caching,
+            config.gpu_memory_utilization,
         )
-    app = web.Application(
-        client_max_size=config.max_body_bytes,
-        middlewares=[openai_errors, auth_middleware(config.api_keys, config.auth_exempt_paths)],
-    )
-    app[STATE] = ApiState(
+        metrics = ApiMetrics(
+            config.model_name,
+            lambda: monitor.engine,
+            config.metrics_dir,
+            monitor.router_stats,
+            prefix=config.metrics_prefix,
+            cache_info=cache_info,
+        )
+    tracer = tracing.init("api", config)
+    tenants, limits = tenants_of(config)
+    state = ApiState(
         config=config,
         client=client,
         monitor=monitor,
         metrics=metrics,
         started=int(time.time()),
+        request_sinks=[access_log_sink(config.log_prompts), metrics.record_sink],
+        wants_text=config.log_prompts,
     )
+    app = web.Application(
+        client_max_size=config.max_body_bytes,
+        middlewares=[
+            request_middleware(lambda: state.request_sinks),  # outermost: sees every outcome
+            *([] if tracer is None else [trace_middleware(tracer)]),  # sees the status sent
+            openai_errors,
+            auth_middleware(tenants, config.auth_exempt_paths, limits),
+        ],
+    )
+    app[STATE] = state
+    install_request_ids(app)
+    setup_accounting(app, state, tenants)  # per-tenant metrics, the audit trail, /admin
 
     async def monitor_ctx(app: web.Application):
         monitor.start()
@@ -205,4 +241,5 @@ def create_app(config: ApiConfig, client: Any, metrics: ApiMetrics | None = None
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics_endpoint)
+    add_dashboard_routes(app, config.metrics_prefix)
     return app

@@ -25,6 +25,16 @@ class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
     # auth: Bearer keys; empty = no auth. Exempt paths never need a key (probes, scrapes).
     api_keys: list[str] = DEFAULTS.api_keys
     auth_exempt_paths: list[str] = msgspec.field(default_factory=lambda: list(DEFAULTS.auth_exempt_paths))
+    api_keys_file: str | None = DEFAULTS.api_keys_file  # tenants with their keys and limits (auth.py)
+    admin_key: str | None = DEFAULTS.admin_key  # /admin exists only with one (admin.py)
+    api_workers: int = DEFAULTS.api_workers  # per-tenant limits: each api process enforces 1/api_workers
+
+    # audit trail (api_proc/audit): the store URL resolved from --audit-db and the state dir, or
+    # None: off (an ApiConfig made by hand, as in tests, records nothing unless given one)
+    audit_store: str | None = None
+    state_dir: str = DEFAULTS.state_dir  # resolved by from_engine; the spool lives in STATE_DIR/audit-spool
+    audit_content: str = DEFAULTS.audit_content
+    audit_retention_days: float = DEFAULTS.audit_retention_days
 
     # limits on a request; over them is a 4xx before anything reaches the engine
     max_body_bytes: int = DEFAULTS.max_body_bytes
@@ -58,12 +68,26 @@ class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
     # prometheus multiprocess dir shared by every api process of one deployment (wiped by
     # the launcher at deployment start), or None for a single process' in-memory registry
     metrics_dir: str | None = None
+    # the access log line of each request carries its prompt and output text (--log-prompts)
+    log_prompts: bool = DEFAULTS.log_prompts
+    # /metrics names start with "<prefix>:" (vllm: for vLLM's dashboards); the KV cache's settings
+    # are reported as cache_config_info, as vLLM does
+    metrics_prefix: str = DEFAULTS.metrics_prefix
+    block_size: int = DEFAULTS.block_size
+    kv_cache_dtype: str = DEFAULTS.kv_cache_dtype
+    enable_prefix_caching: bool = DEFAULTS.enable_prefix_caching
+    gpu_memory_utilization: float = DEFAULTS.gpu_memory_utilization
+    # OpenTelemetry: the api span of each request, parent of the engine's (None: tracing off)
+    otlp_traces_endpoint: str | None = DEFAULTS.otlp_traces_endpoint
 
     @classmethod
     def from_engine(cls, config: EngineConfig, index: int = 0) -> ApiConfig:
         """The api process #index of a deployment. It talks to every tokenizer frontend (the
         client picks one per request id); keys from the config and ZEROSERVE_API_KEY both work."""
+        from zeroserve.api_proc.audit.store import resolve_url
+
         keys = list(dict.fromkeys([*config.api_keys, *env.api_keys()]))
+        state_dir = config.state_dir or env.state_dir()
         return view_of(
             config,
             cls,
@@ -76,4 +100,7 @@ class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
             api_keys=keys,
             auth_exempt_paths=list(config.auth_exempt_paths),
             metrics_dir=config.metrics_dir,
+            admin_key=config.admin_key or env.admin_key(),
+            state_dir=state_dir,
+            audit_store=resolve_url(config.audit_db, state_dir),
         )

@@ -16,8 +16,8 @@ import asyncio
 import logging
 from typing import Any, NamedTuple
 
-from zeroserve.api_proc.metrics import ApiMetrics
-from zeroserve.shared.messages import ErrorInfo, GenerateRequest, TextDelta
+from zeroserve.api_proc.metrics import ApiMetrics, ParentRequest
+from zeroserve.shared.messages import ErrorInfo, GenerateRequest, RequestTimings, TextDelta
 
 log = logging.getLogger("zeroserve.api")
 
@@ -138,8 +138,10 @@ class ChoiceState:
         counts_prompt: bool,
         echo_text: str | None = None,
         echo: bool = False,
+        parent: ParentRequest | None = None,
     ):
         self.index = index
+        self.parent = parent  # the prompt's n choices, for the per-request metrics
         self.arrival = arrival
         self.metrics = metrics
         self.counts_prompt = counts_prompt  # the first choice of a prompt carries its prompt tokens
@@ -150,6 +152,10 @@ class ChoiceState:
         self.num_prompt_tokens = 0
         self.num_tokens = 0  # output tokens seen in deltas
         self.num_output_tokens = 0  # the engine's own count, when it sends one
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
+        self.replica: str | None = None  # the engine replica that served it
+        self.first_token_at: float | None = None  # monotonic, for the request's TTFT
+        self.timings: RequestTimings | None = None  # the engine's phases, latest known
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.offset = 0  # characters of text so far (logprobs text_offset)
@@ -169,13 +175,18 @@ class ChoiceState:
                 text = (
                     delta.prompt_text if delta.prompt_text is not None else self.echo_fallback or ""
                 ) + text
-            if self.metrics is not None:
-                self.metrics.first_message(self.arrival, now)
         if delta.num_prompt_tokens:
             self.num_prompt_tokens = delta.num_prompt_tokens
+            self.num_cached_tokens = delta.num_cached_tokens
+        if delta.replica is not None:
+            self.replica = delta.replica
+        if delta.timings is not None:
+            self.timings = delta.timings
         self.num_output_tokens = max(self.num_output_tokens, delta.num_output_tokens)
         if delta.token_ids:
             self.num_tokens += len(delta.token_ids)
+            if self.first_token_at is None:
+                self.first_token_at = now
             if self.metrics is not None:
                 if self._last_token_at is None:
                     self.metrics.first_token(self.arrival, now)
@@ -194,6 +205,11 @@ class ChoiceState:
                     delta.finish_reason,
                     self.num_prompt_tokens if self.counts_prompt else 0,
                     self.completion_tokens,
+                    timings=delta.timings,
+                    started=self.timings,
+                    cached_tokens=self.num_cached_tokens if self.counts_prompt else 0,
+                    first_token_at=self.first_token_at,
+                    parent=self.parent,
                 )
         self.text.append(text)
         self.offset += len(text)

@@ -2,8 +2,9 @@
 checks (each failure a 400 naming the field) and the fan-out of n choices and batched prompts.
 
 Choice order, as OpenAI and vLLM number them: prompt p, sample j -> choice p * n + j, engine
-request id f"{request_id}-{choice}". With a seed, sample j uses seed + j, so the n choices
-differ while a batch of prompts gives each prompt what it would get alone.
+request id f"{request_id}-{choice}", where request_id is "cmpl-{X-Request-Id}-{8 hex}" (also the
+body's `id`). With a seed, sample j uses seed + j, so the n choices differ while a batch of
+prompts gives each prompt what it would get alone.
 
 max_tokens left out means "as many as the context leaves": the API sends max_tokens = 0,
 which tokenizer_proc resolves to max_model_len - prompt_len once the prompt is tokenized.
@@ -60,8 +61,13 @@ class GenerationPlan:
         return choice // self.n
 
 
-def new_request_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def new_request_id(prefix: str, client_id: str | None = None) -> str:
+    """An engine request id. With the request's X-Request-Id (client_id) it quotes it, so every
+    log line and message that names the engine request names the client's id too; the random
+    tail keeps it unique when two requests send the same X-Request-Id."""
+    if client_id is None:
+        return f"{prefix}-{uuid.uuid4().hex}"
+    return f"{prefix}-{client_id}-{uuid.uuid4().hex[:8]}"
 
 
 def check_model(model: str | None, config: ApiConfig) -> None:
@@ -259,8 +265,11 @@ def completion_prompts(prompt: str | list, config: ApiConfig, n: int = 1) -> lis
     return [{"prompt_token_ids": list(ids)} for ids in prompt]
 
 
-def completion_plan(body: CompletionRequest, config: ApiConfig, session: str | None = None) -> GenerationPlan:
-    """session: the X-Session-Id header (else the body's `user`) keeps requests on one replica."""
+def completion_plan(
+    body: CompletionRequest, config: ApiConfig, session: str | None = None, client_id: str | None = None
+) -> GenerationPlan:
+    """session: the X-Session-Id header (else the body's `user`) keeps requests on one replica;
+    client_id: the request's X-Request-Id, quoted in the engine request ids."""
     n = _check_common(body, config)
     logprobs = _logprobs_count(body.logprobs, "logprobs", config)
     if body.echo and logprobs is not None:
@@ -272,7 +281,7 @@ def completion_plan(body: CompletionRequest, config: ApiConfig, session: str | N
     max_tokens = body.max_tokens if body.max_tokens is not None else config.default_completion_max_tokens
     params = sampling_params(body, config, max_tokens=max_tokens, logprobs=logprobs)
     prompts = completion_prompts(body.prompt, config, n)
-    request_id = new_request_id("cmpl")
+    request_id = new_request_id("cmpl", client_id)
     return GenerationPlan(
         request_id=request_id,
         created=int(time.time()),
@@ -329,7 +338,9 @@ def chat_messages(messages: list[ChatMessageIn], config: ApiConfig) -> list[Chat
     return out
 
 
-def chat_plan(body: ChatCompletionRequest, config: ApiConfig, session: str | None = None) -> GenerationPlan:
+def chat_plan(
+    body: ChatCompletionRequest, config: ApiConfig, session: str | None = None, client_id: str | None = None
+) -> GenerationPlan:
     n = _check_common(body, config)
     top = _logprobs_count(body.top_logprobs, "top_logprobs", config)
     if top is not None and not body.logprobs:
@@ -340,7 +351,7 @@ def chat_plan(body: ChatCompletionRequest, config: ApiConfig, session: str | Non
     params = sampling_params(body, config, max_tokens=max_tokens, logprobs=logprobs, max_tokens_param=param)
     check_fan_out(1, n, config)
     messages = chat_messages(body.messages, config)
-    request_id = new_request_id("chatcmpl")
+    request_id = new_request_id("chatcmpl", client_id)
     prompt = {"messages": messages, "add_generation_prompt": body.add_generation_prompt is not False}
     return GenerationPlan(
         request_id=request_id,
@@ -360,13 +371,13 @@ def chat_plan(body: ChatCompletionRequest, config: ApiConfig, session: str | Non
 # --------------------------------------------------------------------------- tokenize
 
 
-def tokenize_request(body: TokenizeBody, config: ApiConfig) -> TokenizeRequest:
+def tokenize_request(body: TokenizeBody, config: ApiConfig, client_id: str | None = None) -> TokenizeRequest:
     """vLLM's /tokenize: a prompt (special tokens added by default) or chat messages
     (the template adds them, so add_special_tokens defaults to false)."""
     check_model(body.model, config)
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("Send exactly one of prompt or messages.", "prompt")
-    request_id = new_request_id("tok")
+    request_id = new_request_id("tok", client_id)
     if body.prompt is not None:
         return TokenizeRequest(
             request_id=request_id, prompt=body.prompt, add_special_tokens=body.add_special_tokens is not False

@@ -11,8 +11,10 @@ engine failure is an error event followed by ``data: [DONE]``.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -23,8 +25,9 @@ from zeroserve.api_proc.config import ApiConfig
 from zeroserve.api_proc.engine_state import EngineMonitor
 from zeroserve.api_proc.errors import ApiError, bad_request, from_decode_error, from_error_info
 from zeroserve.api_proc.generate import ChoiceState, EngineStreams, LogprobEntry, logprob_entries
-from zeroserve.api_proc.metrics import ApiMetrics
+from zeroserve.api_proc.metrics import ApiMetrics, ParentRequest
 from zeroserve.api_proc.protocol import ChatCompletionRequest, CompletionRequest
+from zeroserve.api_proc.request_log import RequestContext, RequestRecord, context_of
 from zeroserve.api_proc.requests import GenerationPlan, chat_plan, completion_plan
 from zeroserve.shared.messages import TextDelta
 
@@ -46,6 +49,10 @@ class ApiState:
     monitor: EngineMonitor
     metrics: ApiMetrics
     started: int
+    # called once with each request's record at its end (request_log.py); each must only enqueue
+    request_sinks: list[Callable[[RequestRecord], None]] = field(default_factory=list)
+    # whether handlers copy prompt and output text into the request's context (--log-prompts, audit)
+    wants_text: bool = False
 
 
 STATE = web.AppKey("zeroserve_api_state", ApiState)
@@ -85,31 +92,94 @@ def decode_body(raw: bytes, kind: type) -> Any:
         ) from None
 
 
+def _begin(ctx: RequestContext | None, body: Any, config: ApiConfig) -> str | None:
+    """What the body says about the request, into its context; returns its X-Request-Id."""
+    if ctx is None:
+        return None
+    ctx.model = body.model or config.model_name
+    ctx.stream = bool(body.stream)
+    return ctx.request_id
+
+
 async def completions(request: web.Request) -> web.StreamResponse:
     state: ApiState = request.app[STATE]
+    ctx = context_of(request)
     body = await read_body(request, CompletionRequest, state.config)
-    plan = completion_plan(body, state.config, request.headers.get(SESSION_HEADER))
+    client_id = _begin(ctx, body, state.config)
+    plan = completion_plan(body, state.config, request.headers.get(SESSION_HEADER), client_id)
     await state.monitor.require_engine()
-    return await run_plan(request, state, plan)
+    return await run_plan(request, state, plan, ctx)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state: ApiState = request.app[STATE]
+    ctx = context_of(request)
     body = await read_body(request, ChatCompletionRequest, state.config)
-    plan = chat_plan(body, state.config, request.headers.get(SESSION_HEADER))
+    client_id = _begin(ctx, body, state.config)
+    plan = chat_plan(body, state.config, request.headers.get(SESSION_HEADER), client_id)
     await state.monitor.require_engine()
-    return await run_plan(request, state, plan)
+    return await run_plan(request, state, plan, ctx)
 
 
-async def run_plan(request: web.Request, state: ApiState, plan: GenerationPlan) -> web.StreamResponse:
+async def run_plan(
+    request: web.Request, state: ApiState, plan: GenerationPlan, ctx: RequestContext | None = None
+) -> web.StreamResponse:
+    if ctx is not None and ctx.trace is not None:  # the engine's spans continue the api span's trace
+        plan.requests = ctx.trace.continue_in(plan)
     choices = new_choices(plan, state.metrics)
     config = state.config
-    async with EngineStreams(
-        state.client, plan.requests, config.request_timeout_s, config.engine_stall_timeout_s
-    ) as streams:
-        if plan.stream:
-            return await _stream(request, state, plan, choices, streams)
-        return await _whole(state, plan, choices, streams)
+    ended = None
+    try:
+        async with EngineStreams(
+            state.client, plan.requests, config.request_timeout_s, config.engine_stall_timeout_s
+        ) as streams:
+            if plan.stream:
+                return await _stream(request, state, plan, choices, streams, ctx)
+            return await _whole(state, plan, choices, streams)
+    except asyncio.CancelledError:
+        ended = "abort"  # the client left
+        raise
+    except ApiError:
+        ended = "error"
+        raise
+    finally:
+        if ctx is not None:
+            fill_context(ctx, plan, choices, state.wants_text, ended)
+
+
+def fill_context(
+    ctx: RequestContext, plan: GenerationPlan, choices: list[ChoiceState], wants_text: bool, ended: str | None
+) -> None:
+    """The request's outcome, summed over its choices, into its context (for its record)."""
+    ctx.model = plan.model
+    ctx.prompt_tokens = sum(c.num_prompt_tokens for c in choices if c.counts_prompt)
+    ctx.cached_tokens = sum(c.num_cached_tokens for c in choices if c.counts_prompt)
+    ctx.completion_tokens = sum(c.completion_tokens for c in choices)
+    first = choices[0] if choices else None
+    ctx.finish_reason = first.finish_reason if first is not None and first.finish_reason else ended
+    firsts = [c.first_token_at for c in choices if c.first_token_at is not None]
+    if firsts:
+        ctx.ttft_s = min(firsts) - ctx.started_mono
+    ctx.replica = next((c.replica for c in choices if c.replica is not None), None)
+    if wants_text:
+        ctx.prompt_text = prompt_text(plan)
+        texts = ["".join(c.text) for c in choices]
+        ctx.output_text = texts[0] if len(texts) == 1 else responses.encode(texts).decode()
+
+
+def prompt_text(plan: GenerationPlan) -> str:
+    """The prompt(s) as the client sent them: a string, else JSON (chat messages, token ids, a batch)."""
+    prompts: list[Any] = []
+    for r in plan.requests[:: plan.n]:
+        if r.prompt is not None:
+            prompts.append(r.prompt)
+        elif r.messages is not None:
+            prompts.append([{"role": m.role, "content": m.content} for m in r.messages])
+        else:
+            prompts.append(r.prompt_token_ids)
+    if len(prompts) == 1 and isinstance(prompts[0], str):
+        return prompts[0]
+    return responses.encode(prompts[0] if len(prompts) == 1 else prompts).decode()
 
 
 def _entries(plan: GenerationPlan, choice: ChoiceState, delta: TextDelta) -> list[LogprobEntry] | None:
@@ -137,6 +207,7 @@ async def collect_body(
 
 def new_choices(plan: GenerationPlan, metrics: ApiMetrics | None) -> list[ChoiceState]:
     arrival = time.monotonic()
+    parents = [ParentRequest(plan.n, r.params.max_tokens) for r in plan.requests[:: plan.n]]
     return [
         ChoiceState(
             i,
@@ -145,26 +216,49 @@ def new_choices(plan: GenerationPlan, metrics: ApiMetrics | None) -> list[Choice
             counts_prompt=(i % plan.n == 0),
             echo=plan.echo,
             echo_text=plan.prompt_texts[plan.prompt_index(i)] if plan.echo else None,
+            parent=parents[plan.prompt_index(i)],
         )
         for i in range(len(plan.requests))
     ]
 
 
-async def complete_body(client: Any, config: ApiConfig, url: str, body: bytes) -> dict:
+async def complete_body(
+    client: Any,
+    config: ApiConfig,
+    url: str,
+    body: bytes,
+    ctx: RequestContext | None = None,
+    wants_text: bool = False,
+) -> dict:
     """A non-streaming POST body for ``url`` (/v1/completions or /v1/chat/completions) run to
-    its response body, exactly as the HTTP endpoint answers it (batch jobs use this).
+    its response body, exactly as the HTTP endpoint answers it (batch jobs use this, through
+    request_log.run_recorded, which passes the request's context to fill).
     Raises ApiError with the status and message the endpoint would return."""
     kind = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}.get(url)
     if kind is None:
         raise ApiError(400, f"url {url!r} is not supported; use /v1/completions or /v1/chat/completions")
     parsed = decode_body(body, kind)
-    plan = chat_plan(parsed, config) if kind is ChatCompletionRequest else completion_plan(parsed, config)
+    client_id = _begin(ctx, parsed, config)
+    plan = (
+        chat_plan(parsed, config, client_id=client_id)
+        if kind is ChatCompletionRequest
+        else completion_plan(parsed, config, client_id=client_id)
+    )
     if plan.stream:
         raise ApiError(400, "stream is not supported here", param="stream")
-    async with EngineStreams(
-        client, plan.requests, config.request_timeout_s, config.engine_stall_timeout_s
-    ) as streams:
-        return await collect_body(plan, new_choices(plan, None), streams, config.retry_after_s)
+    choices = new_choices(plan, None)
+    ended = None
+    try:
+        async with EngineStreams(
+            client, plan.requests, config.request_timeout_s, config.engine_stall_timeout_s
+        ) as streams:
+            return await collect_body(plan, choices, streams, config.retry_after_s)
+    except ApiError:
+        ended = "error"
+        raise
+    finally:
+        if ctx is not None:
+            fill_context(ctx, plan, choices, wants_text, ended)
 
 
 async def _whole(
@@ -180,6 +274,7 @@ async def _stream(
     plan: GenerationPlan,
     choices: list[ChoiceState],
     streams: EngineStreams,
+    ctx: RequestContext | None = None,
 ) -> web.StreamResponse:
     held: list[tuple[int, TextDelta]] = []
     heard: set[int] = set()
@@ -202,9 +297,11 @@ async def _stream(
         failed = False
         async for i, delta in streams:
             if delta.error is not None:
-                await response.write(
-                    responses.error_event(from_error_info(delta.error, state.config.retry_after_s))
-                )
+                err = from_error_info(delta.error, state.config.retry_after_s)
+                if ctx is not None:
+                    ctx.note_error(err)
+                    choices[i].finish_reason = choices[i].finish_reason or "error"
+                await response.write(responses.error_event(err))
                 failed = True
                 break
             await _send_delta(response, state, plan, choices[i], delta)
@@ -212,8 +309,11 @@ async def _stream(
             await response.write(responses.sse(responses.usage_chunk(plan, choices)))
         await response.write(responses.SSE_DONE)
         await response.write_eof()
-    except ConnectionResetError:
-        pass  # the client left; leaving EngineStreams aborts what still runs
+    except ConnectionResetError:  # the client left; leaving EngineStreams aborts what still runs
+        if ctx is not None:
+            ctx.error_type = ctx.error_type or "client_disconnected"
+            for c in choices:
+                c.finish_reason = c.finish_reason or "abort"
     return response
 
 

@@ -14,6 +14,8 @@
 #                      fp8 linear vs bf16 cuBLAS (SmolLM2, Llama-3-8B), e4m3 KV decode
 #   4. bench_e2e       Llama-3-8B dummy weights: decode tok/s at batch 1/32/256,      190 s
 #                      eager and CUDA graphs, beside HF generate
+#   5. bench_tp        only with 2+ GPUs: NCCL all-reduce per layer, plan fan-out     90 s
+#                      per step and decode step time at TP 1/2 (benchmarks/bench_tp.py)
 # A failing section is reported and the script goes on; the exit status is 1 if any failed.
 set -u
 cd "$(dirname "$0")/.."
@@ -78,6 +80,12 @@ fi
 run check_kernels 150 "$PY" benchmarks/gpu/check_kernels.py --device "$DEVICE" $TINY_FLAG --out "$OUT"
 run bench_kernels 110 "$PY" benchmarks/gpu/bench_kernels.py --device "$DEVICE" $TINY_FLAG --out "$OUT"
 run bench_e2e 190 "$PY" benchmarks/gpu/bench_e2e.py --device "$DEVICE" $TINY_FLAG --out "$OUT"
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "$DEVICE" = cuda ] && [ "$NGPU" -ge 2 ]; then
+  run bench_tp 90 "$PY" benchmarks/bench_tp.py --device cuda --tp 1,2 --batch 1,8 --steps 16 --quantization none
+else
+  say "bench_tp: skipped ($NGPU GPU(s) visible; tensor parallelism over NCCL needs 2 or more)"
+fi
 
 # --- one summary table from the JSON files ------------------------------------------------
 "$PY" - "$OUT" <<'PYEOF' 2>&1 | tee -a "$LOG"

@@ -8,6 +8,11 @@ flat inputs, run the model, compute logits only for the rows that sample, sample
 each sampled token to its request. The forward is a pure function of (input_ids, positions,
 kv_caches, attention metadata) -> hidden states, which is what CUDA-graph capture of decode
 batches hooks into (``self.forward``).
+
+Tensor parallel (``ModelRunner(config, tp=...)``, gpu_worker/parallel.py): every rank runs
+``execute`` on the same plan with its shard of the model; rank 0 samples from the gathered
+logits and broadcasts the ids, so every rank's requests hold the same tokens. Only rank 0's
+StepResult is sent on. ``tp=None`` is the single-process path, with no collective anywhere.
 """
 
 from __future__ import annotations
@@ -20,10 +25,17 @@ import msgspec
 import torch
 
 from zeroserve.gpu_worker.input_batch import PlanError, RequestStates, build_inputs
-from zeroserve.gpu_worker.kv_cache import KVCacheSpec, allocate_kv_cache, cpu_num_blocks, cuda_num_blocks
-from zeroserve.gpu_worker.loader import ModelConfig, load_checkpoint
+from zeroserve.gpu_worker.kv_cache import (
+    DEFAULT_CPU_KV_CACHE_GB,
+    KVCacheSpec,
+    allocate_kv_cache,
+    cpu_num_blocks,
+    cuda_num_blocks,
+)
+from zeroserve.gpu_worker.loader import ModelConfig, ReadStats, load_checkpoint, load_model_config
 from zeroserve.gpu_worker.models import build_model
 from zeroserve.gpu_worker.models.layers import Linear
+from zeroserve.gpu_worker.parallel import TensorParallel, check_tp_size, kv_head_range, tensor_shards
 from zeroserve.gpu_worker.quantization import (
     DTYPES,
     CheckpointFacts,
@@ -90,11 +102,11 @@ def weight_formats(model: torch.nn.Module, mode: str) -> str:
 
 
 class ModelRunner:
-    def __init__(self, config: RunnerConfig):
+    def __init__(self, config: RunnerConfig, tp: TensorParallel | None = None):
         from zeroserve.shared.model_files import resolve_model
 
         start = time.perf_counter()
-        self.config = config
+        self.config, self.tp = config, tp
         self.device = torch.device(config.device)
         if self.device.type == "cpu":
             env.set_cpu_thread_env()
@@ -121,6 +133,12 @@ class ModelRunner:
         self.quantization, self.dtype = choice.mode, choice.dtype
         self.ops = get_kernels(backend, str(self.device), quantization=choice.mode)
 
+        slices = None
+        if tp is not None:  # refused before any tensor is read when the sizes do not divide
+            header = load_model_config(path)
+            check_tp_size(header, tp.world_size)
+            slices = tensor_shards(header, tp.rank, tp.world_size)
+        self.read_stats = ReadStats()
         self.model_config: ModelConfig
         self.model_config, weights = load_checkpoint(
             path,
@@ -129,6 +147,8 @@ class ModelRunner:
             load_format=config.load_format,
             seed=config.seed,
             keep_quantized=(True if kernel_types is None else kernel_types) if choice.mode == "q4" else False,
+            slices=slices,
+            stats=self.read_stats,
         )
         cfg = self.model_config
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
@@ -137,7 +157,7 @@ class ModelRunner:
                 f"max_model_len={self.max_model_len} is more than the model's max_position_embeddings="
                 f"{cfg.max_position_embeddings}; lower --max-model-len"
             )
-        self.model = build_model(cfg, self.ops, self.max_model_len)
+        self.model = build_model(cfg, self.ops, self.max_model_len, tp)
         self.model.load_weights(weights, self.device)
         self.model.train(False)  # inference only (no dropout layers anyway)
         # "quantization q4 (auto: GGUF Q4_1 blocks, avx512_vnni): Q4_1 x120, Q8_0 x1 on cpu kernels"
@@ -150,10 +170,16 @@ class ModelRunner:
         self.block_size = config.block_size
 
         self.kv_dtype = self._kv_cache_dtype()
+        kv_heads = cfg.num_key_value_heads
+        if tp is not None:
+            kv0, kv1 = kv_head_range(kv_heads, tp.rank, tp.world_size)
+            kv_heads = kv1 - kv0
         self.kv_spec = KVCacheSpec(
-            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, config.block_size, self.kv_dtype
+            cfg.num_hidden_layers, kv_heads, cfg.head_dim, config.block_size, self.kv_dtype
         )
         self.num_kv_blocks = self._size_kv_cache()
+        if tp is not None:  # the scheduler plans for rank 0's count: every rank must hold it
+            self.num_kv_blocks = tp.min_int(self.num_kv_blocks, self.device)
         if self.num_kv_blocks < 1:
             raise RuntimeError(
                 f"no room for the KV cache ({self.kv_spec.bytes_per_block} bytes per block); raise "
@@ -177,7 +203,8 @@ class ModelRunner:
         # forward(input_ids, positions, kv_caches, meta) -> hidden; on CUDA, captured decode
         # graphs take its place (same signature, eager fallback for other batches)
         self.forward = self.model.forward
-        if self.device.type == "cuda" and not config.enforce_eager:
+        # collectives are not captured: a tensor-parallel rank runs eagerly
+        if self.device.type == "cuda" and not config.enforce_eager and tp is None:
             self._capture_cuda_graphs()
         self.load_time_s = time.perf_counter() - start
         log.info(
@@ -237,6 +264,8 @@ class ModelRunner:
                 c.max_num_seqs,
                 self.max_model_len,
             )
+        if self.tp is not None:  # the budget is the replica's: each rank holds 1/N of the heads
+            memory_gb = (memory_gb or DEFAULT_CPU_KV_CACHE_GB) / self.tp.world_size
         return cpu_num_blocks(self.kv_spec, memory_gb, c.max_num_seqs, self.max_model_len)
 
     def _capture_cuda_graphs(self) -> None:
@@ -300,7 +329,12 @@ class ModelRunner:
         logprobs = None
         if inputs.sampling:
             logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
-            token_ids, logprobs = self._sample(logits, inputs.sampling)
+            if self.tp is None:
+                token_ids, logprobs = self._sample(logits, inputs.sampling)
+            else:  # rank 0 has the gathered logits; every rank needs the ids for its next inputs
+                if logits is not None:
+                    token_ids, logprobs = self._sample(logits, inputs.sampling)
+                token_ids = self.tp.broadcast_ids(token_ids, len(inputs.sampling), self.device)
         RequestStates.advance(scheduled, token_ids)
         return StepResult(
             step_id=plan.step_id,

@@ -193,7 +193,8 @@ def done_ids(path: str) -> set[str]:
     return ids
 
 
-def output_line(custom_id: str, status: int, body: dict) -> dict:
+def output_line(custom_id: str, status: int, body: dict, request_id: str | None = None) -> dict:
+    """request_id: the id its engine requests and log lines quote (as X-Request-Id over HTTP)."""
     error = None
     if status != 200:
         err = body.get("error", {})
@@ -201,7 +202,7 @@ def output_line(custom_id: str, status: int, body: dict) -> dict:
     return {
         "id": f"batch_req_{uuid.uuid4().hex}",
         "custom_id": custom_id,
-        "response": {"status_code": status, "request_id": uuid.uuid4().hex, "body": body},
+        "response": {"status_code": status, "request_id": request_id or uuid.uuid4().hex, "body": body},
         "error": error,
     }
 
@@ -234,9 +235,12 @@ async def run_jobs(
     summary: Summary,
     progress,
     max_retries: int = 10,
+    sinks: list | None = None,
+    wants_text: bool = False,
 ) -> None:
+    """sinks: each gets every attempt's RequestRecord (api_proc.request_log), as over HTTP."""
     from zeroserve.api_proc.errors import ApiError
-    from zeroserve.api_proc.serving import complete_body
+    from zeroserve.api_proc.request_log import RequestContext, new_request_id, run_recorded
 
     semaphore = asyncio.Semaphore(max_concurrency)
 
@@ -252,28 +256,34 @@ async def run_jobs(
         progress.update(1)
 
     async def one(job: Job) -> None:
+        rid = new_request_id()  # every attempt of the line runs under it
         if job.error is not None:
-            write(output_line(job.custom_id, 400, ApiError(400, job.error).body()), False)
+            write(output_line(job.custom_id, 400, ApiError(400, job.error).body(), rid), False)
             return
         async with semaphore:
             for attempt in range(max_retries + 1):
+                ctx = RequestContext(rid, job.url, "POST", "batch")
                 try:
-                    body = await complete_body(client, api_config, job.url, job.body)
+                    body = await run_recorded(
+                        ctx, client, api_config, job.url, job.body, sinks or (), wants_text
+                    )
                     break
                 except ApiError as e:
                     if e.status not in RETRY_STATUSES or attempt == max_retries:
-                        write(output_line(job.custom_id, e.status, e.body()), False)
+                        write(output_line(job.custom_id, e.status, e.body(), rid), False)
                         return
                     delay = backoff_s(attempt, e)
                 except Exception:  # one request's bug must not end the job: log it, file an error
-                    log.exception("batch line %d (%s) failed", job.line_no, job.custom_id)
+                    log.exception(
+                        "batch line %d (%s) failed", job.line_no, job.custom_id, extra={"request_id": rid}
+                    )
                     error = ApiError(500, "internal error while running this request; see the log")
-                    write(output_line(job.custom_id, 500, error.body()), False)
+                    write(output_line(job.custom_id, 500, error.body(), rid), False)
                     return
                 summary.retries += 1
                 await asyncio.sleep(delay)
             summary.tokens += body.get("usage", {}).get("completion_tokens", 0)
-            write(output_line(job.custom_id, 200, body), True)
+            write(output_line(job.custom_id, 200, body, rid), True)
 
     await asyncio.gather(*(one(j) for j in jobs))
 
@@ -292,44 +302,77 @@ async def run_batch(args: argparse.Namespace, address: str | list[str], curve, a
         print(
             f"zeroserve batch: resuming: {summary.skipped} line(s) already in {args.output}", file=sys.stderr
         )
-    async with EngineClient(address, curve) as client:
-        try:
-            pong = await client.wait_ready(600)
-        except TimeoutError as e:
-            raise SystemExit(f"zeroserve batch: {e}") from None
-        if api_config is None:
-            from zeroserve.api_proc.config import ApiConfig
-
-            model_name = pong.engine.model_name if pong.engine is not None else ""
-            api_config = ApiConfig(engine_address=address, model_name=model_name)
-        with (
-            open(args.output, "a", encoding="utf-8") as out,
-            tqdm(total=len(todo), desc="batch", unit="req", file=sys.stderr, dynamic_ncols=True) as progress,
-        ):
-            task = asyncio.ensure_future(
-                run_jobs(
-                    todo,
-                    out,
-                    client,
-                    api_config,
-                    args.max_concurrency,
-                    summary,
-                    progress,
-                    args.max_retries,
-                )
-            )
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, task.cancel)
+    # what gets each request's record (api_proc.request_log.RequestRecord); the output lines are
+    # the job's own account, so no access log line here
+    sinks: list = []
+    audit = batch_audit_writer(args)  # the audit trail (docs/audit.md); None with --audit-db off
+    if audit is not None:
+        audit.start()
+        sinks.append(audit.submit)
+    try:
+        async with EngineClient(address, curve) as client:
             try:
-                await task
-            except asyncio.CancelledError:
-                print(
-                    "\nzeroserve batch: interrupted; finished results are saved, run again to resume",
-                    file=sys.stderr,
+                pong = await client.wait_ready(600)
+            except TimeoutError as e:
+                raise SystemExit(f"zeroserve batch: {e}") from None
+            if api_config is None:
+                from zeroserve.api_proc.config import ApiConfig
+
+                model_name = pong.engine.model_name if pong.engine is not None else ""
+                api_config = ApiConfig(engine_address=address, model_name=model_name)
+            with (
+                open(args.output, "a", encoding="utf-8") as out,
+                tqdm(
+                    total=len(todo), desc="batch", unit="req", file=sys.stderr, dynamic_ncols=True
+                ) as progress,
+            ):
+                task = asyncio.ensure_future(
+                    run_jobs(
+                        todo,
+                        out,
+                        client,
+                        api_config,
+                        args.max_concurrency,
+                        summary,
+                        progress,
+                        args.max_retries,
+                        sinks,
+                        audit is not None and audit.content != "none",
+                    )
                 )
-                summary.failed = -1
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.add_signal_handler(sig, task.cancel)
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    print(
+                        "\nzeroserve batch: interrupted; finished results are saved, run again to resume",
+                        file=sys.stderr,
+                    )
+                    summary.failed = -1
+    finally:  # however the job ended: spool what was handed in (the spool keeps what the database lacks)
+        if audit is not None:
+            await asyncio.to_thread(audit.close)
     return summary
+
+
+def batch_audit_writer(args: argparse.Namespace):
+    """The audit writer of a batch job (source "batch", spool STATE_DIR/audit-spool/batch.spool)."""
+    from zeroserve.api_proc.audit import StoreError, audit_writer
+    from zeroserve.shared import env
+
+    try:
+        return audit_writer(
+            args.audit_db or "",
+            os.path.abspath(args.state_dir) if args.state_dir else env.state_dir(),
+            "batch",
+            args.audit_content,
+            args.audit_retention_days,
+            source="batch",
+        )
+    except StoreError as e:
+        raise SystemExit(f"zeroserve batch: {e}") from None
 
 
 def run(args: argparse.Namespace) -> int:

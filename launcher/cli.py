@@ -16,6 +16,7 @@ COMMANDS = {
     "bench": "zeroserve.launcher.bench.cli",
     "batch": "zeroserve.launcher.batch",
     "deploy": "zeroserve.launcher.deploy",
+    "usage": "zeroserve.launcher.usage",
 }
 PROC_ROLES = ("api", "tokenizer", "scheduler", "worker", "registry")
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "proc":
         return run_proc(args.role, args.rest)
-    setup_logging("launcher")
+    setup_logging("launcher", getattr(args, "log_format", "text"))
     logging.getLogger().setLevel(logging.INFO)
     if args.command == "version":
         from importlib.metadata import version

@@ -46,7 +46,13 @@ def executable() -> str:
 
 
 def role_instances(config: EngineConfig) -> list[tuple[str, int, int]]:
-    counts = {"worker": 1, "scheduler": 1, "tokenizer": config.num_tokenizers, "api": config.api_workers}
+    # tensor parallel: worker i is rank i; a broken group's ranks all exit, and each is restarted
+    counts = {
+        "worker": config.tensor_parallel_size,
+        "scheduler": 1,
+        "tokenizer": config.num_tokenizers,
+        "api": config.api_workers,
+    }
     return [(role, i, prio) for role, prio in ROLE_ORDER for i in range(counts[role])]
 
 
@@ -228,6 +234,11 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(
             "zeroserve deploy: --data-parallel-size is not supported here yet (it renders one replica); "
             "run `zeroserve serve --data-parallel-size N` under your service manager instead"
+        )
+    if args.distributed_executor_backend != "mp":  # the service manager runs these processes, not Ray
+        raise SystemExit(
+            "zeroserve deploy: --distributed-executor-backend ray is for `zeroserve serve`, which places "
+            "the replicas on the Ray cluster; run that under your service manager instead"
         )
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)

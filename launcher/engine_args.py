@@ -38,9 +38,11 @@ FLAGS: dict[str, list[Flag]] = {
         Flag("port", "HTTP port"),
         Flag(
             "api_keys",
-            "require 'Authorization: Bearer KEY' (repeatable; also ZEROSERVE_API_KEY, comma-separated)",
+            "require 'Authorization: Bearer KEY'; NAME:KEY names the tenant the key's requests are "
+            "recorded under (a plain KEY gets key-<hash prefix>) (repeatable; also ZEROSERVE_API_KEY, "
+            "comma-separated)",
             flag="--api-key",
-            metavar="KEY",
+            metavar="[NAME:]KEY",
         ),
         Flag("api_workers", "HTTP processes sharing the port via SO_REUSEPORT"),
         Flag("num_tokenizers", "tokenizer processes"),
@@ -48,6 +50,12 @@ FLAGS: dict[str, list[Flag]] = {
             "data_parallel_size",
             "engine replicas (each a scheduler and its worker, with its own KV pool and prefix cache) behind "
             "the same API; on CPU the cores are split between them (--num-threads is then per replica)",
+        ),
+        Flag(
+            "tensor_parallel_size",
+            "worker processes per replica, each holding 1/N of every layer (one torch.distributed group: "
+            "gloo on CPU, NCCL on GPU); N must divide the model's attention heads; on CPU each rank gets "
+            "1/N of the replica's cores",
         ),
         Flag(
             "routing",
@@ -81,6 +89,13 @@ FLAGS: dict[str, list[Flag]] = {
             "priority_aging_s",
             "seconds of waiting worth one priority level, so low priorities never starve; "
             "0: strict (priority, arrival) order",
+        ),
+        Flag(
+            "priority_deadline_ms",
+            "a request of priority P that sends no deadline_ms gets MS (repeatable, one per priority "
+            "class); it then ends with finish_reason timeout at MS, or is refused at once (429) when "
+            "even an immediate start cannot meet it (a negative P: --priority-deadline-ms=-5:800)",
+            metavar="P:MS",
         ),
         Flag(
             "target_itl_ms",
@@ -132,6 +147,70 @@ FLAGS: dict[str, list[Flag]] = {
         Flag("seed", "seed for unseeded sampling"),
         Flag("step_timeout_s", "a model step taking longer fails its requests and restarts the worker"),
     ],
+    "observability": [
+        Flag(
+            "log_format",
+            "log lines of every process: text, or json (one object a line: ts, level, logger, role, "
+            "message, request_id when the line is about a request); one access line per request either way",
+            ("text", "json"),
+        ),
+        Flag(
+            "log_prompts",
+            "put each request's prompt and output text in its access log line (off: token counts only)",
+        ),
+        Flag(
+            "metrics_prefix",
+            "prefix of every /metrics name: zeroserve:..., or vllm:... so that vLLM's dashboards, alerts "
+            "and llm-d's scrapers read zeroserve unchanged",
+            ("zeroserve", "vllm"),
+        ),
+        Flag(
+            "otlp_traces_endpoint",
+            "send OpenTelemetry traces (one per request, spans from every process it crosses, a client's "
+            "W3C traceparent continued) to this OTLP/HTTP collector, e.g. http://localhost:4318/v1/traces "
+            "(a URL without a path gets /v1/traces); also OTEL_EXPORTER_OTLP_TRACES_ENDPOINT. Off by default",
+            metavar="URL",
+        ),
+        Flag(
+            "collect_detailed_traces",
+            "with --otlp-traces-endpoint: also a span per model step for each request in it (worker "
+            "timings; costs time on every step)",
+        ),
+    ],
+    "audit": [
+        Flag(
+            "api_keys_file",
+            "tenants, their API keys and optional requests_per_minute / tokens_per_minute limits (TOML, or "
+            "JSON when named .json; mode 0600 or stricter; see docs/audit.md)",
+            metavar="FILE",
+        ),
+        Flag(
+            "admin_key",
+            "enable the admin API under /admin with this key (else ZEROSERVE_ADMIN_KEY; without one /admin "
+            "is 404)",
+            metavar="KEY",
+        ),
+        Flag(
+            "audit_db",
+            "where each request's audit record is stored: sqlite:///PATH (or a file path), postgresql://..., "
+            "or off (default: STATE_DIR/audit.db)",
+            metavar="URL",
+            resolved=True,
+        ),
+        Flag(
+            "audit_content",
+            "text kept in each audit record: none, hash (SHA-256 of the prompt and of the output), full",
+            ("none", "hash", "full"),
+        ),
+        Flag("audit_retention_days", "delete audit records older than this many days; 0: keep them"),
+        Flag(
+            "state_dir",
+            "directory for state that outlives a run: the audit trail's SQLite file and spool (default: "
+            "ZEROSERVE_STATE_DIR, else ~/.local/state/zeroserve)",
+            metavar="DIR",
+            resolved=True,
+        ),
+    ],
     "transport": [
         Flag(
             "transport",
@@ -149,6 +228,21 @@ FLAGS: dict[str, list[Flag]] = {
             resolved=True,
         ),
     ],
+    "distributed": [
+        Flag(
+            "distributed_executor_backend",
+            "where the replicas run: mp, processes on this machine; ray, Ray actors on a Ray cluster, "
+            "each replica's TP group packed on one node, re-placed when its node is lost "
+            "(pip install 'zeroserve[ray]'; docs/distributed.md)",
+            ("mp", "ray"),
+        ),
+        Flag(
+            "ray_address",
+            "with ray: the cluster to join (HOST:PORT of `ray start --head`, auto, or ray://HOST:PORT); "
+            "default: start a local one",
+            metavar="ADDRESS",
+        ),
+    ],
 }
 
 
@@ -160,6 +254,8 @@ def flag_kwargs(flag: Flag) -> dict[str, Any]:
     kw: dict[str, Any] = {"dest": flag.field, "help": flag.help, "metavar": flag.metavar}
     if isinstance(default, list):
         return {**kw, "action": "append", "default": list(default)}  # append mutates its default
+    if isinstance(default, dict):  # KEY:VALUE, repeatable; config_from_args parses the pairs
+        return {**kw, "action": "append", "default": []}
     if isinstance(default, tuple):  # one word per item: "-5,7" would read as a flag, "-5 7" does not
         kw.update(type=type(default[0]), nargs=len(default))
     else:
@@ -195,7 +291,7 @@ def default_device() -> str:
 # numeric flags whose value 0 or below (POSITIVE) or below 0 (NON_NEGATIVE; 0 = "work it out")
 # has no meaning: refused at the command line, before any process starts
 POSITIVE = (
-    "port", "num_tokenizers", "data_parallel_size", "max_n", "max_seqs_per_request", "max_num_seqs",
+    "port", "num_tokenizers", "data_parallel_size", "tensor_parallel_size", "max_n", "max_seqs_per_request", "max_num_seqs",
     "max_num_batched_tokens", "block_size", "max_waiting_requests", "max_waiting_tokens", "step_timeout_s",
 )  # fmt: skip
 NON_NEGATIVE = (
@@ -206,7 +302,82 @@ NON_NEGATIVE = (
     "num_threads",
     "priority_aging_s",
     "target_itl_ms",
+    "audit_retention_days",
 )
+
+
+def parse_priority_deadlines(items: list[str], priority_range: tuple[int, int]) -> dict[int, float]:
+    """['-10:60000', '0:5000'] -> {-10: 60000.0, 0: 5000.0}; SystemExit naming what is wrong."""
+    out: dict[int, float] = {}
+    for item in items:
+        p, sep, ms = item.partition(":")
+        try:
+            priority, deadline = int(p), float(ms)
+        except ValueError:
+            raise SystemExit(
+                f"--priority-deadline-ms {item!r}: write PRIORITY:MILLISECONDS, e.g. 0:30000"
+            ) from None
+        if not sep or not 0 < deadline < float("inf"):
+            raise SystemExit(f"--priority-deadline-ms {item!r}: the deadline must be a positive number of ms")
+        if not priority_range[0] <= priority <= priority_range[1]:
+            raise SystemExit(
+                f"--priority-deadline-ms {item!r}: priority {priority} is outside --priority-range "
+                f"{priority_range[0]} {priority_range[1]}"
+            )
+        if priority in out:
+            raise SystemExit(f"--priority-deadline-ms: priority {priority} is given twice")
+        out[priority] = deadline
+    return out
+
+
+def traces_endpoint(args: argparse.Namespace) -> str | None:
+    """--otlp-traces-endpoint, else OTEL_EXPORTER_OTLP_TRACES_ENDPOINT; checked before any process starts."""
+    url = args.otlp_traces_endpoint or env.otlp_traces_endpoint()
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise SystemExit(f"--otlp-traces-endpoint {url!r}: an OTLP/HTTP URL (http:// or https://) is needed")
+    if args.collect_detailed_traces and url is None:
+        raise SystemExit(
+            "--collect-detailed-traces needs --otlp-traces-endpoint (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)"
+        )
+    return url
+
+
+def _absolute_audit_db(audit_db: str) -> str:
+    """A plain file path made absolute here: the api processes may run from another directory."""
+    if audit_db in ("", "off") or "://" in audit_db:
+        return audit_db
+    return os.path.abspath(audit_db)
+
+
+def check_audit_args(args: argparse.Namespace) -> None:
+    """The keys (file mode, names, duplicates) and the audit store URL, refused before any process starts."""
+    from zeroserve.api_proc.audit.store import StoreError, resolve_url
+    from zeroserve.api_proc.auth import KeysError, build_tenants
+
+    try:
+        build_tenants(list(args.api_keys), args.api_keys_file)
+    except KeysError as e:
+        raise SystemExit(f"zeroserve: {e}") from None
+    state = args.state_dir or env.state_dir()
+    try:
+        url = resolve_url(args.audit_db or "", state)
+    except StoreError as e:
+        raise SystemExit(f"zeroserve: {e}") from None
+    if url is None:  # --audit-db off: nothing is kept in the state dir
+        return
+    try:  # the spool lives there whatever the store: an api process must not find out at start
+        os.makedirs(state, mode=0o700, exist_ok=True)
+        writable = os.access(state, os.W_OK | os.X_OK)
+    except OSError as e:
+        raise SystemExit(
+            f"zeroserve: cannot create the state dir {state} ({e.strerror}); the audit trail keeps its "
+            "spool there. Pass --state-dir DIR (or ZEROSERVE_STATE_DIR), or --audit-db off."
+        ) from None
+    if not writable:
+        raise SystemExit(
+            f"zeroserve: the state dir {state} is not writable; the audit trail keeps its spool there. "
+            "Pass --state-dir DIR (or ZEROSERVE_STATE_DIR), or --audit-db off."
+        )
 
 
 def check_quantization(args: argparse.Namespace, model: str, device: str) -> None:
@@ -217,6 +388,17 @@ def check_quantization(args: argparse.Namespace, model: str, device: str) -> Non
         check_flags(args.quantization, args.dtype, device, CheckpointFacts.of(model, args.load_format))
     except ValueError as e:
         raise SystemExit(str(e)) from None
+
+
+def check_distributed(args: argparse.Namespace) -> None:
+    """Ray asked for where it is not installed, or a Ray address without Ray, refused here."""
+    if args.distributed_executor_backend == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise SystemExit("--distributed-executor-backend ray needs Ray: pip install 'zeroserve[ray]'")
+    elif args.ray_address is not None:
+        raise SystemExit("--ray-address is for --distributed-executor-backend ray")
 
 
 def config_from_args(args: argparse.Namespace, run_dir: str | None = None) -> EngineConfig:
@@ -233,6 +415,13 @@ def config_from_args(args: argparse.Namespace, run_dir: str | None = None) -> En
     for field in POSITIVE:
         if getattr(args, field) <= 0:
             raise SystemExit(f"--{field.replace('_', '-')} must be > 0, got {getattr(args, field)}")
+    if args.tensor_parallel_size > 1:
+        from zeroserve.gpu_worker.parallel import check_tp_size
+
+        try:
+            check_tp_size(model_cfg, args.tensor_parallel_size)
+        except ValueError as e:
+            raise SystemExit(f"zeroserve: {e}") from None
     for field in NON_NEGATIVE:
         if getattr(args, field) < 0:
             raise SystemExit(f"--{field.replace('_', '-')} must be >= 0, got {getattr(args, field)}")
@@ -241,6 +430,8 @@ def config_from_args(args: argparse.Namespace, run_dir: str | None = None) -> En
     if args.priority_range[0] > args.priority_range[1]:
         raise SystemExit(f"--priority-range: MIN is above MAX in {args.priority_range}")
     check_quantization(args, model, args.device or default_device())
+    check_audit_args(args)
+    check_distributed(args)
     run_dir = run_dir or args.run_dir or make_run_dir()
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     values = {flag.field: getattr(args, flag.field) for flags in FLAGS.values() for flag in flags}
@@ -254,8 +445,13 @@ def config_from_args(args: argparse.Namespace, run_dir: str | None = None) -> En
         vocab_size=model_cfg.vocab_size,
         priority_aging_s=args.priority_aging_s or None,
         priority_range=tuple(args.priority_range),
+        priority_deadline_ms=parse_priority_deadlines(args.priority_deadline_ms, tuple(args.priority_range)),
         device=args.device or default_device(),
         num_threads=args.num_threads or env.num_threads(),
         api_keys=list(args.api_keys),  # ZEROSERVE_API_KEY is read by the api process itself
+        api_keys_file=os.path.abspath(args.api_keys_file) if args.api_keys_file else None,
+        audit_db=_absolute_audit_db(args.audit_db or ""),
+        state_dir=os.path.abspath(args.state_dir) if args.state_dir else "",
+        otlp_traces_endpoint=traces_endpoint(args),
     )
     return EngineConfig(**values)

@@ -98,6 +98,8 @@ class RunDir:
         addresses = list(config.tokenizer_addresses)
         for r in range(config.data_parallel_size):
             addresses += [config.scheduler_address_of(r), config.worker_address_of(r)]
+            if config.tensor_parallel_size > 1:
+                addresses += [config.tp_group_address_of(r), config.tp_heartbeat_address_of(r)]
         if config.uses_registry:
             addresses += [config.replay_address_of(r) for r in range(config.data_parallel_size)]
             addresses += [config.registry_publish_address, config.registry_subscribe_address]

@@ -10,6 +10,10 @@ With ``--data-parallel-size N`` > 1 there are N replicas, each a scheduler and i
 through which they announce themselves to the tokenizers. A dead child is restarted alone:
 the other replicas keep serving, and the engine is ready while any replica is.
 
+With ``--tensor-parallel-size N`` > 1 each replica has N worker processes (``--index`` is the
+rank) in one torch.distributed group, which cannot take a rank back: when any of them exits,
+the supervisor kills the rest and starts all N again, together.
+
 Shutdown (SIGTERM/SIGINT): api and tokenizer processes drain first (refuse new work, finish
 what is in flight), then the schedulers, workers and the bus stop; every process exits 0.
 """
@@ -92,6 +96,12 @@ def engine_config(args) -> tuple[EngineConfig, RunDir]:
 
 class Supervisor:
     def __init__(self, config: EngineConfig, run_dir: RunDir | None = None):
+        self.ray = None  # with --distributed-executor-backend ray, the replicas are Ray actors
+        if config.distributed_executor_backend == "ray":
+            from zeroserve.launcher.ray_executor import RayExecutor
+
+            config = RayExecutor.cluster_config(config)
+            self.ray = RayExecutor(config)
         self.config = config
         self.run_dir = run_dir or RunDir.claim(config.run_dir)
         try:
@@ -102,9 +112,9 @@ class Supervisor:
         # (role, instances, replica): the bus first, so replicas find it as they come up
         order: list[tuple[str, int, int | None]] = [("registry", 1, None)] if config.uses_registry else []
         replicas = config.data_parallel_size
-        for r in range(replicas):
+        for r in range(replicas if self.ray is None else 0):
             order += [
-                ("worker", 1, None if replicas == 1 else r),
+                ("worker", config.tensor_parallel_size, None if replicas == 1 else r),
                 ("scheduler", 1, None if replicas == 1 else r),
             ]
         order += [("tokenizer", config.num_tokenizers, None), ("api", config.api_workers, None)]
@@ -126,12 +136,16 @@ class Supervisor:
     def start(self) -> None:
         for child in self.children:
             self.spawn(child)
+        if self.ray is not None:
+            self.ray.start()
 
     def pids(self) -> dict[str, int]:
         return {c.name: c.popen.pid for c in self.children if c.popen is not None and c.popen.poll() is None}
 
     def check_children(self) -> None:
         """Restart the dead (with backoff)."""
+        if self.ray is not None:
+            self.ray.check()  # Ray restarts its actors itself; this notes what it cannot place
         now = time.monotonic()
         for child in self.children:
             if child.popen is None:
@@ -150,6 +164,8 @@ class Supervisor:
             delay = child.backoff_s
             child.backoff_s = min(child.backoff_s * 2, BACKOFF_MAX_S)
             child.restart_at = now + delay
+            if child.role == "worker" and self.config.tensor_parallel_size > 1:
+                self.stop_group(child)
             level = logging.ERROR if delay >= 8 else logging.WARNING
             log.log(
                 level,
@@ -159,6 +175,21 @@ class Supervisor:
                 delay,
                 " (crash loop: check the log above)" if delay >= 8 else "",
             )
+
+    def stop_group(self, dead: Child) -> None:
+        """Tensor parallel: kill the dead worker's surviving ranks and restart the group as one
+        (a fresh torch.distributed group needs every rank to start over)."""
+        group = [c for c in self.children if c.role == "worker" and c.replica == dead.replica]
+        for rank in group:
+            if rank is not dead and rank.popen is not None:
+                if rank.popen.poll() is None:
+                    log.warning("%s exited: killing %s, of its tensor-parallel group", dead.name, rank.name)
+                    rank.popen.kill()
+                rank.popen.wait()
+                rank.popen = None
+        restart_at = max(c.restart_at or 0.0 for c in group)
+        for rank in group:
+            rank.restart_at, rank.backoff_s = restart_at, max(c.backoff_s for c in group)
 
     async def wait_ready(self, timeout_s: float = 600.0) -> None:
         """Block until tokenizer 0 reports a ready engine (with replicas: one of them ready);
@@ -177,6 +208,8 @@ class Supervisor:
                 waited = time.monotonic() - started
                 if waited > timeout_s:
                     raise RuntimeError(f"the engine was not ready after {timeout_s:.0f}s; see the log above")
+                if self.ray is not None and self.ray.failed:
+                    raise RuntimeError(f"{', '.join(self.ray.failed)}; see the log above")
                 if any(len(c.exit_codes) >= 3 for c in self.children):
                     bad = [c.name for c in self.children if len(c.exit_codes) >= 3]
                     raise RuntimeError(f"{', '.join(bad)} failed to start 3 times; see the log above")
@@ -215,6 +248,8 @@ class Supervisor:
         clean = True
         stages = ((("api", "tokenizer"), drain_timeout_s), (("scheduler", "worker", "registry"), 15.0))
         for stage, timeout in stages:
+            if "scheduler" in stage and self.ray is not None:
+                clean = self.ray.stop() and clean
             self._signal(stage, signal.SIGTERM)
             if not self._wait(stage, timeout):
                 log.error("%s did not stop in %.0fs; killing", "/".join(stage), timeout)

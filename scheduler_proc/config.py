@@ -36,6 +36,8 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
         outside is refused with HTTP 400, so no request jumps every queue for good, and with
         aging a request at the low end waits at most (max - min) * priority_aging_s behind
         newer ones.
+    priority_deadline_ms: the deadline (ms from arrival) a request of that priority gets when
+        it names none: the server's default per SLO class (``--priority-deadline-ms P:MS``).
     """
 
     num_blocks: int
@@ -50,6 +52,7 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
     priority_aging_s: float | None = DEFAULTS.priority_aging_s
     priority_range: tuple[int, int] = DEFAULTS.priority_range
     target_itl_ms: float = DEFAULTS.target_itl_ms
+    priority_deadline_ms: dict[int, float] = DEFAULTS.priority_deadline_ms
 
     @classmethod
     def from_engine(

@@ -30,6 +30,8 @@ import zmq.asyncio
 
 from zeroserve.scheduler_proc.kv_events import ReplicaPublisher
 from zeroserve.scheduler_proc.scheduler import AdmissionError, Scheduler, SchedulerConfig
+from zeroserve.scheduler_proc.tracing import RequestTraces
+from zeroserve.shared import tracing
 from zeroserve.shared.config import EngineConfig
 from zeroserve.shared.ipc import Codec, bind, has_unread, receive_routed, start_authenticator
 from zeroserve.shared.messages import (
@@ -73,6 +75,8 @@ class SchedulerProcess:
         # step_id -> the worker's answer, awaited by run_step; None: the worker was lost meanwhile
         self.step_waiters: dict[int, asyncio.Future[StepResult | None]] = {}
         self.wake = asyncio.Event()
+        tracer = tracing.init("scheduler", config)
+        self.traces = None if tracer is None else RequestTraces(tracer, config.served_model_name)
         # with several replicas: announce, load reports and KV events on the registry bus
         self.publisher = (
             ReplicaPublisher(self.ctx, config, replica, self.stats) if config.uses_registry else None
@@ -87,7 +91,7 @@ class SchedulerProcess:
                 case EngineRequest():
                     self.on_request(identity, msg)
                 case Abort():
-                    self.on_abort(identity, msg.request_id)
+                    self.on_abort(identity, msg.request_id, msg.reason)
                 case Ping():
                     await self.front.send_multipart([identity, self.encoder.encode(self.stats())])
 
@@ -106,19 +110,33 @@ class SchedulerProcess:
         try:  # add_request refuses what never fits, a full queue and an id already in use
             self.scheduler.add_request(req)
         except AdmissionError as e:
+            log.debug("request %s refused: %s", req.request_id, e, extra={"request_id": req.request_id})
+            if req.trace is not None and self.traces is not None:
+                self.traces.refused(req, e.to_error_info())
             self.reply_error(identity, req.request_id, e.to_error_info())
             return
+        if req.trace is not None and self.traces is not None:
+            self.traces.admitted(req)
         self.owner[req.request_id] = identity
         self.wake.set()
+        log.debug(
+            "request %s queued: %d prompt tokens, priority %d",
+            req.request_id,
+            len(req.prompt_token_ids),
+            req.priority,
+            extra={"request_id": req.request_id},
+        )
 
-    def on_abort(self, identity: bytes, request_id: str) -> None:
+    def on_abort(self, identity: bytes, request_id: str, reason: str = "abort") -> None:
         if self.owner.get(request_id) != identity:
             log.debug("ignored an Abort of %r from %r, which did not send it", request_id, identity)
             return
-        self.abort(request_id)
+        self.abort(request_id, reason)
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, reason: str = "abort") -> None:
         if self.owner.pop(request_id, None) is not None and self.scheduler is not None:
+            if self.traces is not None:
+                self.traces.aborted(self.scheduler.request(request_id), reason)
             self.scheduler.abort(request_id)
             self.wake.set()
 
@@ -200,6 +218,8 @@ class SchedulerProcess:
         for identity, deltas in by_owner.items():
             self.front.send_multipart([identity, self.encoder.encode(TokenDeltas(deltas=deltas))])
         self.owner.clear()
+        if self.traces is not None:
+            self.traces.lost(message)
         for waiter in self.step_waiters.values():  # release a step waiting on a dead worker
             if not waiter.done():
                 waiter.set_result(None)
@@ -221,6 +241,8 @@ class SchedulerProcess:
 
     async def run_step(self, plan: StepPlan) -> None:
         waiter = self.step_waiters[plan.step_id] = asyncio.get_running_loop().create_future()
+        if self.traces is not None:
+            plan = self.traces.on_plan(plan)
         sent = time.perf_counter()
         await self.workers.send_multipart([self.worker_identity, self.encoder.encode(plan)])
         try:
@@ -245,6 +267,8 @@ class SchedulerProcess:
         self.send_deltas(deltas)
 
     def send_deltas(self, deltas: list[TokenDelta]) -> None:
+        if self.traces is not None and deltas:
+            self.traces.on_deltas(deltas)
         by_owner: dict[bytes, list[TokenDelta]] = {}
         for d in deltas:
             identity = self.owner.get(d.request_id)
@@ -287,7 +311,7 @@ class SchedulerProcess:
                             "tokenizer %r went silent; aborting its %d request(s)", identity, len(orphans)
                         )
                     for request_id in orphans:
-                        self.abort(request_id)
+                        self.abort(request_id, "tokenizer silent")
 
     async def run(self) -> None:
         log.info(

@@ -23,9 +23,10 @@ Lifecycle (preempted: blocks freed, tokens kept, recomputed when it runs again):
 from __future__ import annotations
 
 import math
+import time
 
 from zeroserve.scheduler_proc.block_manager import hash_block, root_key
-from zeroserve.shared.messages import EngineRequest, RunningRequestData, SamplingParams
+from zeroserve.shared.messages import EngineRequest, RequestTimings, RunningRequestData, SamplingParams
 
 
 def due_time(req: EngineRequest) -> float:
@@ -51,7 +52,7 @@ class Request:
         "deadline", "due", "cache_salt", "sort_key", "status", "block_ids", "num_computed_tokens",
         "block_keys", "num_cached_blocks", "num_cached_tokens", "started", "sent_first_delta",
         "known_to_workers", "stop_token_ids", "stop_set", "max_len", "min_len", "num_prompt_tokens",
-        "num_preemptions", "decode_data", "_root_key",
+        "num_preemptions", "decode_data", "_root_key", "queued_at", "scheduled_at", "first_token_at",
     )  # fmt: skip
 
     def __init__(
@@ -88,6 +89,11 @@ class Request:
         # once and reused (plans are immutable messages; nobody may mutate its empty list).
         self.decode_data = RunningRequestData(req.request_id, [], 1)
         self._root_key = root_key(req.cache_salt)
+        # phase boundaries on this process' monotonic clock (RequestTimings): the first scheduling
+        # and first token count, a preemption does not move them
+        self.queued_at = time.monotonic()
+        self.scheduled_at: float | None = None
+        self.first_token_at: float | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -96,6 +102,20 @@ class Request:
     @property
     def output_token_ids(self) -> list[int]:
         return self.all_token_ids[self.num_prompt_tokens :]
+
+    def timings(self, now: float) -> RequestTimings:
+        """Its phases, ``now`` (time.monotonic()) being its end."""
+        scheduled, first = self.scheduled_at, self.first_token_at
+        if scheduled is None:
+            return RequestTimings(queue_s=now - self.queued_at)
+        if first is None:
+            return RequestTimings(queue_s=scheduled - self.queued_at, inference_s=now - scheduled)
+        return RequestTimings(
+            queue_s=scheduled - self.queued_at,
+            prefill_s=first - scheduled,
+            decode_s=now - first,
+            inference_s=now - scheduled,
+        )
 
     def update_block_keys(self, block_size: int) -> None:
         """Extend ``block_keys`` to cover every full block of ``all_token_ids``."""

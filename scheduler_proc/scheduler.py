@@ -35,6 +35,8 @@ import itertools
 import operator
 import time
 
+import msgspec
+
 from zeroserve.scheduler_proc.admission import AdmissionError, WaitingQueue, check_admission
 from zeroserve.scheduler_proc.block_manager import BlockManager
 from zeroserve.scheduler_proc.config import SchedulerConfig
@@ -42,6 +44,7 @@ from zeroserve.scheduler_proc.cost_model import StepShape, TimeBudget
 from zeroserve.scheduler_proc.latency import LatencyPolicy
 from zeroserve.scheduler_proc.request import Request, RequestStatus, due_time
 from zeroserve.shared.messages import (
+    BucketCounts,
     EngineRequest,
     ErrorInfo,
     NewRequestData,
@@ -54,6 +57,9 @@ from zeroserve.shared.messages import (
 )
 
 __all__ = ["AdmissionError", "Scheduler", "SchedulerConfig"]
+
+# upper bounds of the tokens-per-step histogram (vLLM's iteration_tokens_total buckets)
+ITERATION_TOKEN_BOUNDS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 
 _RUNNING, _WAITING, _FINISHED = RequestStatus.RUNNING, RequestStatus.WAITING, RequestStatus.FINISHED
 _by_sort_key = operator.attrgetter("sort_key")
@@ -103,6 +109,8 @@ class Scheduler:
         self.prefix_cache_hits = 0  # of which found in the cache
         self.num_steps = 0
         self.tokens_scheduled_last_step = 0
+        self.iteration_token_counts = [0] * (len(ITERATION_TOKEN_BOUNDS) + 1)  # per bucket, not cumulative
+        self.iteration_tokens_sum = 0
         self.latency = LatencyPolicy(cfg.target_itl_ms, cfg.min_prefill_tokens)
 
     # ------------------------------------------------------------------ requests in and out
@@ -121,6 +129,9 @@ class Scheduler:
         if req.request_id in self._requests:
             raise AdmissionError(400, f"Request id {req.request_id!r} is already in use; ids must be unique.",
                                  param="request_id")  # fmt: skip
+        default_ms = self.cfg.priority_deadline_ms.get(req.priority)
+        if req.deadline is None and default_ms is not None:  # the priority class's SLO
+            req = msgspec.structs.replace(req, deadline=req.arrival_time + default_ms / 1000.0)
         check_admission(self.cfg, req, self.waiting)
         self.latency.check_deadline(req, time.time() if now is None else now, self.running)
         due = due_time(req)
@@ -221,6 +232,7 @@ class Scheduler:
                 self.prefix_cache_hits += num_computed
             if not r.started:
                 r.started = True
+                r.scheduled_at = time.monotonic()
                 if r.deadline is not None:
                     heapq.heappush(self._started_deadlines, (r.deadline, r.sort_key, r))
                 r.num_cached_tokens = num_computed
@@ -246,7 +258,9 @@ class Scheduler:
         plan = StepPlan(step_id, new_data, running_data, finished_ids)
         self._inflight = _InFlight(plan, num_sampling, keyed, shape)
         self.num_steps += 1
-        self.tokens_scheduled_last_step = self.cfg.max_num_batched_tokens - budget
+        self.tokens_scheduled_last_step = tokens = self.cfg.max_num_batched_tokens - budget
+        self.iteration_token_counts[bisect.bisect_left(ITERATION_TOKEN_BOUNDS, tokens)] += 1
+        self.iteration_tokens_sum += tokens
         return plan
 
     def _schedule_running(
@@ -331,6 +345,7 @@ class Scheduler:
             requests = inflight.requests(self._requests)
             return self._fail(requests, inflight.keyed_blocks, f"The engine step failed: {result.error}")
         self.latency.model.update(inflight.shape, result.step_time_s)
+        now = time.monotonic()  # the step's tokens arrived: first and last token times
         live, lps, tokens = self._requests, result.logprobs, result.sampled_token_ids
         deltas: list[TokenDelta] = []
         append = deltas.append
@@ -352,7 +367,7 @@ class Scheduler:
                 or lps is not None
                 or not r.sent_first_delta
             ):
-                delta = self._delta(r, token, None if lps is None else lps[idx])
+                delta = self._delta(r, token, None if lps is None else lps[idx], now)
                 append(delta)
                 if delta.finish_reason is not None:
                     finished.append(r)
@@ -370,7 +385,7 @@ class Scheduler:
         return deltas
 
     @staticmethod
-    def _delta(r: Request, token: int, logprobs: TokenLogprobs | None) -> TokenDelta:
+    def _delta(r: Request, token: int, logprobs: TokenLogprobs | None, now: float) -> TokenDelta:
         """The delta for r's new last token ``token``, deciding whether r finishes.
 
         "stop": an EOS (unless ignore_eos) or stop token id once min_tokens are out;
@@ -387,6 +402,8 @@ class Scheduler:
             finish = "length"
         lp = None if logprobs is None else [logprobs]
         first, r.sent_first_delta = not r.sent_first_delta, True
+        if first:
+            r.first_token_at = now
         return TokenDelta(
             request_id=r.request_id,
             token_ids=[token],
@@ -395,6 +412,9 @@ class Scheduler:
             stop_reason=stop_reason,
             num_prompt_tokens=r.num_prompt_tokens if first else 0,  # the prompt counts ride the first
             num_cached_tokens=r.num_cached_tokens if first else 0,
+            # the phases so far ride the first token (queue and prefill are known then: a stop
+            # string may end it in the tokenizer later), all of them the last
+            timings=r.timings(now) if first or finish is not None else None,
         )
 
     def reset_kv_cache(self) -> None:
@@ -423,6 +443,9 @@ class Scheduler:
             tokens_scheduled_last_step=self.tokens_scheduled_last_step,
             num_kv_blocks=self.blocks.num_blocks,
             num_free_blocks=self.blocks.num_free_blocks,
+            iteration_tokens=BucketCounts(
+                ITERATION_TOKEN_BOUNDS, list(self.iteration_token_counts), float(self.iteration_tokens_sum)
+            ),
             num_steps_over_target=self.latency.num_steps_over_target,
             step_cost_error=self.latency.model.error,
         )
@@ -510,6 +533,7 @@ class Scheduler:
             error=error,
             num_prompt_tokens=prompt,
             num_cached_tokens=cached,
+            timings=r.timings(time.monotonic()),
         )
 
     def _expire_deadlines(self, now: float) -> None:

@@ -49,6 +49,12 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     data_parallel_size: int = 1
     routing: str = "auto"  # auto: prefix_aware with several replicas (or a registry), else round_robin
     registry_address: str | None = None  # the bus (tcp://HOST:PORT or ipc://PATH); None: in run_dir if N > 1
+    # tensor parallel: worker ranks per replica, one torch.distributed group (gloo on CPU, NCCL on GPU)
+    tensor_parallel_size: int = 1
+    # where replicas run: mp = processes on this machine; ray = Ray actors, each replica (its TP group
+    # packed on one node) placed on a Ray cluster (launcher/ray_executor.py, docs/distributed.md)
+    distributed_executor_backend: str = "mp"
+    ray_address: str | None = None  # ray: the cluster to join (HOST:PORT, auto, ray://...); None: a local one
     # scheduler
     block_size: int = 16
     max_num_seqs: int = 128
@@ -60,6 +66,8 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     enable_prefix_caching: bool = True
     priority_aging_s: float | None = 10.0  # waiting this long is worth one priority level; None = strict
     target_itl_ms: float = 0.0  # size each step to this predicted time (learned cost model); 0 = off
+    # the deadline (ms from arrival) a request of this priority gets when it names none
+    priority_deadline_ms: dict[int, float] = {}
     # worker
     device: str = "cpu"
     dtype: str = "auto"
@@ -78,8 +86,17 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     # api
     host: str = "127.0.0.1"
     port: int = 8000
-    api_keys: list[str] = []
-    auth_exempt_paths: list[str] = msgspec.field(default_factory=lambda: ["/health", "/ready", "/metrics"])
+    api_keys: list[str] = []  # NAME:KEY (the tenant NAME) or KEY (tenant named from its hash)
+    api_keys_file: str | None = None  # tenants, their keys and limits (TOML/JSON, mode 0600; docs/audit.md)
+    admin_key: str | None = None  # enables /admin (else ZEROSERVE_ADMIN_KEY, read by the api process)
+    # audit trail (docs/audit.md): "" = STATE_DIR/audit.db, "off", sqlite:///PATH or postgresql://...
+    audit_db: str = ""
+    audit_content: str = "none"  # none | hash | full: the prompt and output text kept in each record
+    audit_retention_days: float = 0.0  # records older than this are deleted; 0 = kept
+    state_dir: str = ""  # "" = ZEROSERVE_STATE_DIR, else ~/.local/state/zeroserve (shared/env.py)
+    auth_exempt_paths: list[str] = msgspec.field(
+        default_factory=lambda: ["/health", "/ready", "/metrics", "/dashboard"]
+    )
     max_body_bytes: int = 4 * 1024 * 1024
     max_n: int = 16
     max_seqs_per_request: int = 256  # prompts x n that one request may fan out to
@@ -88,6 +105,14 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat_interval_s: float = 0.2
     heartbeat_timeout_s: float = 1.0
     step_timeout_s: float = 120.0  # a model step running longer fails its requests, restarts the worker
+    # observability: every process's log lines (text or JSON), and prompt/output text in the access log
+    log_format: str = "text"
+    log_prompts: bool = False
+    metrics_prefix: str = "zeroserve"  # /metrics names: zeroserve:... or vllm:... (vLLM's dashboards)
+    # OpenTelemetry traces: the OTLP/HTTP collector (None: tracing off, nothing imported or sent),
+    # and per-step worker spans (costly: one span per request per step)
+    otlp_traces_endpoint: str | None = None
+    collect_detailed_traces: bool = False
 
     # ---------------------------------------------------------------- addresses
     def _address(self, name: str, port_offset: int) -> str:
@@ -138,9 +163,20 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
         """Where replica #replica answers KV-event replay requests (ROUTER)."""
         return self._address(f"replay-{replica}", 102 + 3 * replica)
 
+    def tp_group_address_of(self, replica: int) -> str:
+        """Where worker rank 0 of replica #replica meets its other ranks (ROUTER): hellos, the
+        group's start, every plan it received. tcp: base_port + 1000 + 2r."""
+        return self._address(f"tp-{replica}", 1000 + 2 * replica)
+
+    def tp_heartbeat_address_of(self, replica: int) -> str:
+        """Where rank 0's heartbeat thread takes the other ranks' heartbeats (PULL)."""
+        return self._address(f"tp-hb-{replica}", 1001 + 2 * replica)
+
     @property
     def uses_registry(self) -> bool:
         """Whether replicas and tokenizers meet on the registry bus (else: one replica, fixed address)."""
+        if self.distributed_executor_backend == "ray":  # replicas may be anywhere: they announce themselves
+            return True
         return self.data_parallel_size > 1 or self.registry_address is not None
 
     @property

@@ -26,6 +26,22 @@ def api_keys() -> list[str]:
     return [k.strip() for k in raw.split(",") if k.strip()] if raw else []
 
 
+def admin_key() -> str | None:
+    """ZEROSERVE_ADMIN_KEY: the admin API's key when --admin-key is not given (api processes,
+    `zeroserve usage`)."""
+    return _str("ZEROSERVE_ADMIN_KEY")
+
+
+def state_dir() -> str:
+    """ZEROSERVE_STATE_DIR, else $XDG_STATE_HOME/zeroserve, else ~/.local/state/zeroserve: where
+    state that outlives a run is kept (the audit trail's SQLite file and spool)."""
+    explicit = _str("ZEROSERVE_STATE_DIR")
+    if explicit:
+        return os.path.abspath(explicit)
+    base = _str("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "zeroserve")
+
+
 def cache_dir() -> str:
     """ZEROSERVE_CACHE_DIR, else ~/.cache/zeroserve (converted reference weights, run dirs)."""
     return _str("ZEROSERVE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "zeroserve")
@@ -56,6 +72,17 @@ def fault_step_sleep_file() -> str | None:
 
 def log_level() -> str:
     return (_str("ZEROSERVE_LOG_LEVEL") or "INFO").upper()
+
+
+def otlp_traces_endpoint() -> str | None:
+    """OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: the launcher's value for --otlp-traces-endpoint when
+    the flag is not given (tracing on). The SDK reads the other OTEL_* variables itself."""
+    return _str("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+
+
+def otel_service_name() -> str | None:
+    """OTEL_SERVICE_NAME: the service every process's spans are reported under (default zeroserve)."""
+    return _str("OTEL_SERVICE_NAME")
 
 
 # spins an idle OpenMP thread makes before it sleeps (~50 us here): a decode step runs ~150

@@ -64,6 +64,23 @@ class ErrorInfo(msgspec.Struct, frozen=True, array_like=True):
     code: str | None = None
 
 
+class RequestTimings(msgspec.Struct, frozen=True, array_like=True):
+    """Where one request's time went inside the engine, in seconds, measured by the scheduler
+    (one monotonic clock sees both ends of every span), as vLLM defines its phases:
+
+        queued ---queue_s---> first scheduled ---prefill_s---> first token ---decode_s---> last token
+                              |<----------------------- inference_s ------------------------>|
+
+    A preempted request keeps its first scheduling and first token. A request that ended
+    before its first token (a deadline, an error) has prefill_s and decode_s 0 and inference_s
+    the time it ran; one that never ran has only queue_s."""
+
+    queue_s: float
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    inference_s: float = 0.0
+
+
 class TopLogprob(msgspec.Struct, frozen=True, array_like=True):
     token_id: int
     logprob: float
@@ -107,6 +124,9 @@ class GenerateRequest(msgspec.Struct, frozen=True, array_like=True, tag="generat
     queue_timeout_s: float | None = None
     # requests of one session (the body's `user`, or the X-Session-Id header) stick to one replica
     session: str | None = None
+    # W3C traceparent of the api span (shared/tracing.py): the tokenizer's spans continue its
+    # trace; None: not traced (tracing off, or not sampled)
+    trace: str | None = None
 
 
 class Abort(msgspec.Struct, frozen=True, array_like=True, tag="abort"):
@@ -164,6 +184,9 @@ class TextDelta(msgspec.Struct, frozen=True, array_like=True, tag="text"):
     num_output_tokens: int = 0
     prompt_token_ids: list[int] | None = None
     prompt_text: str | None = None
+    replica: str | None = None  # the replica serving the request (its id, "r0"); first delta and last
+    # the engine's phases: so far on the first token's delta, all on the last when it ended the request
+    timings: RequestTimings | None = None
 
 
 class TokenizeResult(msgspec.Struct, frozen=True, array_like=True, tag="tokenized"):
@@ -250,6 +273,7 @@ class EngineRequest(msgspec.Struct, frozen=True, array_like=True, tag="engine_re
     deadline: float | None = None  # wall time (time.time()) after which it ends with finish_reason "timeout"
     cache_salt: str | None = None
     queue_deadline: float | None = None  # wall time after which it ends with "timeout" if not yet started
+    trace: str | None = None  # W3C traceparent of the tokenizer's span; None: not traced
 
 
 # --------------------------------------------------------------------------- scheduler -> worker
@@ -272,6 +296,9 @@ class NewRequestData(msgspec.Struct, frozen=True, array_like=True):
     num_new_tokens: int
     params: SamplingParams
     num_prompt_tokens: int = -1
+    # W3C traceparent of the scheduler's llm_request span, only with --collect-detailed-traces:
+    # the parent of the worker's per-step spans
+    trace: str | None = None
 
 
 class RunningRequestData(msgspec.Struct, frozen=True, array_like=True):
@@ -343,6 +370,9 @@ class TokenDelta(msgspec.Struct, frozen=True, array_like=True):
     error: ErrorInfo | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    # the phases so far on the first token's delta (queue, prefill), all of them on the last
+    # delta of a request the scheduler ended
+    timings: RequestTimings | None = None
 
 
 class TokenDeltas(msgspec.Struct, frozen=True, array_like=True, tag="deltas"):
@@ -372,6 +402,8 @@ class SchedulerStats(msgspec.Struct, frozen=True, array_like=True, tag="stats"):
     # minimum share); and the step cost model's mean relative error on steps it had not seen yet
     num_steps_over_target: int = 0
     step_cost_error: float = 0.0
+    # tokens computed per step (prefill and decode), cumulative since the scheduler started
+    iteration_tokens: BucketCounts | None = None
 
 
 # --------------------------------------------------------------------------- replicas -> registry bus -> routers
@@ -463,6 +495,26 @@ class KVReplayUnavailable(msgspec.Struct, frozen=True, array_like=True, tag="rep
     block_hashes: list[int]
 
 
+# --------------------------------------------------------------------------- worker rank 0 <-> ranks 1..N-1
+
+
+class RankHello(msgspec.Struct, frozen=True, array_like=True, tag="rank_hello"):
+    """A tensor-parallel rank > 0 asks rank 0 (its replica's group socket) to join the group."""
+
+    rank: int
+    pid: int
+
+
+class GroupStart(msgspec.Struct, frozen=True, array_like=True, tag="group_start"):
+    """Rank 0's answer once every rank said hello: where its torch.distributed store listens,
+    and the prefix that keeps this group's keys apart from a previous (restarted) group's."""
+
+    store_host: str
+    store_port: int
+    generation: str
+    world_size: int
+
+
 # --------------------------------------------------------------------------- unions per inbox
 
 # tokenizer_proc's inbox from api processes and clients (a ROUTER socket)
@@ -477,6 +529,8 @@ SchedulerWorkerInbox = StepResult | WorkerReady | Pong
 TokenizerEngineInbox = TokenDeltas | SchedulerStats
 # gpu_worker's inbox from the scheduler
 WorkerInbox = StepPlan | WorkerExit
+# a tensor-parallel rank > 0, from rank 0: the group's start, then every frame rank 0 received
+RankInbox = GroupStart | StepPlan | WorkerExit
 # a router's inbox from the registry bus (the topic frame is only for filtering)
 RegistryInbox = ReplicaAnnounce | LoadReport | KVEventBatch
 # a replica's replay ROUTER, and the answers its requester reads

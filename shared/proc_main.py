@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from zeroserve.shared import env
+from zeroserve.shared import env, logs
 from zeroserve.shared.config import EngineConfig, read_config
 
 log = logging.getLogger("zeroserve")
@@ -40,16 +40,16 @@ def parse_proc_args(role: str, argv: list[str] | None = None) -> tuple[EngineCon
     )
     args = parser.parse_args(argv)
     name = role if args.index == 0 else f"{role}-{args.index}"
-    setup_logging(name if args.replica == 0 else f"{name} r{args.replica}")
-    return read_config(args.config), args
+    name = name if args.replica == 0 else f"{name} r{args.replica}"
+    setup_logging(name)  # text until the config says otherwise: reading it may fail, and that is logged
+    config = read_config(args.config)
+    setup_logging(name, config.log_format)
+    return config, args
 
 
-def setup_logging(role: str) -> None:
-    logging.basicConfig(
-        level=env.log_level(),
-        format=f"%(asctime)s %(levelname)s [{role} %(process)d] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(role: str, log_format: str = "text") -> None:
+    """Every line of this process goes to stderr as ``log_format`` (shared/logs.py) names it."""
+    logs.configure(role, env.log_level(), log_format)
 
 
 def die_with_parent() -> None:

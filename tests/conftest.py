@@ -24,6 +24,9 @@ import pytest
 from zeroserve.shared.model_files import ModelNotFoundError, default_model_path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# servers and batch jobs keep their audit trail (docs/audit.md) in a state dir of this session's own,
+# not in ~/.local/state/zeroserve (tests that look at it give --state-dir)
+os.environ.setdefault("ZEROSERVE_STATE_DIR", tempfile.mkdtemp(prefix="zs-test-state-"))
 
 API_KEY = "test-key-123"
 

@@ -42,6 +42,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import zmq
 import zmq.asyncio
 
+from zeroserve.shared import tracing
 from zeroserve.shared.client import overloaded
 from zeroserve.shared.config import EngineConfig
 from zeroserve.shared.ipc import (
@@ -75,6 +76,7 @@ from zeroserve.tokenizer_proc.errors import TokenizerError
 from zeroserve.tokenizer_proc.replicas import ReplicaSet
 from zeroserve.tokenizer_proc.requests import RequestState
 from zeroserve.tokenizer_proc.tokenizer import load_tokenizer
+from zeroserve.tokenizer_proc.tracing import PromptTiming
 from zeroserve.tokenizer_proc.validation import PromptCache, build_prompt, check_token_ids
 
 log = logging.getLogger("zeroserve.tokenizer")
@@ -107,6 +109,7 @@ class TokenizerProcess:
         self.lost: dict[bytes, tuple[float, list[str]]] = {}
         self.draining = False
         self.index = index
+        self.tracer = tracing.init("tokenizer", config)
 
     # ------------------------------------------------------------------ inbox: api / clients
     async def front_loop(self) -> None:
@@ -142,7 +145,12 @@ class TokenizerProcess:
             try:
                 result = fut.result()
             except Exception:  # the handlers answer every expected failure themselves
-                log.exception("request %s: %s failed", msg.request_id, type(msg).__name__)
+                log.exception(
+                    "request %s: %s failed",
+                    msg.request_id,
+                    type(msg).__name__,
+                    extra={"request_id": msg.request_id},
+                )
                 result = TokenizeResult(request_id=msg.request_id, error=internal())
             self.reply(identity, result)
 
@@ -168,10 +176,16 @@ class TokenizerProcess:
             build_prompt, self.tokenizer, req, self.max_model_len, self.config.vocab_size, self.prompt_cache
         )
         arrival = time.time()  # queue time and deadline count from here, tokenization included
-        done = functools.partial(self.on_prompt_built, identity, req, arrival)
+        timing = None
+        if req.trace is not None and self.tracer is not None:
+            timing = PromptTiming()
+            build = timing.timed(build)
+        done = functools.partial(self.on_prompt_built, identity, req, arrival, timing)
         asyncio.get_running_loop().run_in_executor(self.work, build).add_done_callback(done)
 
-    def on_prompt_built(self, identity: bytes, req: GenerateRequest, now: float, fut: Future) -> None:
+    def on_prompt_built(
+        self, identity: bytes, req: GenerateRequest, now: float, timing: PromptTiming | None, fut: Future
+    ) -> None:
         """Back on the loop: send the request on, unless it was aborted while being built."""
         if self.pending.get(req.request_id) != identity:
             return  # aborted, or its owner abandoned, meanwhile: never sent, nothing to free
@@ -182,7 +196,9 @@ class TokenizerProcess:
             self.fail(identity, req.request_id, invalid(e.message, e.param))
             return
         except Exception:
-            log.exception("request %s: building the prompt failed", req.request_id)
+            log.exception(
+                "request %s: building the prompt failed", req.request_id, extra={"request_id": req.request_id}
+            )
             self.fail(identity, req.request_id, internal())
             return
         replica = self.replicas.choose(prompt_ids, req.cache_salt, req.session)
@@ -201,6 +217,7 @@ class TokenizerProcess:
             deadline=None if req.deadline_s is None else now + req.deadline_s,
             queue_deadline=None if req.queue_timeout_s is None else now + req.queue_timeout_s,
             cache_salt=req.cache_salt,
+            trace=None if timing is None else timing.spans(self.tracer, req, prompt_ids, replica.replica_id),
         )
         try:  # never an unbounded Python queue in front of a scheduler that stopped reading
             send_now(replica.sock, [self.encoder.encode(engine_request)])
@@ -209,6 +226,13 @@ class TokenizerProcess:
             return
         self.requests[req.request_id] = RequestState(
             self.tokenizer, identity, req, prompt_ids, engine_request, replica.replica_id
+        )
+        log.debug(
+            "request %s: %d prompt tokens to replica %s",
+            req.request_id,
+            len(prompt_ids),
+            replica.replica_id,
+            extra={"request_id": req.request_id},
         )
 
     def on_abort(self, identity: bytes, msg: Abort) -> None:
@@ -234,7 +258,12 @@ class TokenizerProcess:
         except TokenizerError as e:  # our own: written for the client (no template, template raised)
             return TokenizeResult(request_id=req.request_id, error=invalid(e.message, e.param))
         except Exception:  # the text of anything else may carry internals: log it, say something fixed
-            log.warning("request %s: tokenize failed", req.request_id, exc_info=True)
+            log.warning(
+                "request %s: tokenize failed",
+                req.request_id,
+                exc_info=True,
+                extra={"request_id": req.request_id},
+            )
             message = "the prompt could not be tokenized" + (
                 "; check the messages' roles and content" if req.messages is not None else ""
             )
@@ -302,9 +331,32 @@ class TokenizerProcess:
         out = state.advance(delta)
         if out.finish_reason is not None:
             del self.requests[delta.request_id]
+            self.log_end(out)
             if delta.finish_reason is None:  # we stopped it (stop string): free its blocks now
                 self.abort_upstream(state, "stop")
         self.reply(state.owner, out)
+
+    @staticmethod
+    def log_end(out: TextDelta) -> None:
+        """A request's end, under its id: engine failures (5xx) as warnings, the rest for debugging."""
+        rid = out.request_id
+        if out.error is not None and out.error.status >= 500:
+            log.warning(
+                "request %s failed (%d): %s",
+                rid,
+                out.error.status,
+                out.error.message,
+                extra={"request_id": rid},
+            )
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "request %s finished: %s, %d output tokens on replica %s",
+                rid,
+                out.finish_reason,
+                out.num_output_tokens,
+                out.replica,
+                extra={"request_id": rid},
+            )
 
     def fail_over(self, state: RequestState, why: str, abort_old: bool) -> bool:
         """Re-send a request that has not streamed a token to another replica, once; False when
@@ -329,6 +381,7 @@ class TokenizerProcess:
             state.replica,
             why,
             replica.replica_id,
+            extra={"request_id": req.request_id},
         )
         state.replica, state.resent = replica.replica_id, True
         self.replicas.failovers += 1

@@ -41,21 +41,26 @@ class RequestState:
             extra = {
                 "num_prompt_tokens": delta.num_prompt_tokens or len(self.prompt_ids),
                 "num_cached_tokens": delta.num_cached_tokens,
+                "replica": self.replica or None,
             }
             if self.req.return_prompt:
                 extra["prompt_token_ids"] = self.prompt_ids
                 extra["prompt_text"] = self.tokenizer.decode(self.prompt_ids, skip_special_tokens=False)
         if delta.error is not None:
+            extra["replica"] = self.replica or None
             return TextDelta(
                 request_id=delta.request_id,
                 text="",
                 finish_reason=delta.finish_reason or "error",
                 error=delta.error,
+                timings=delta.timings,
                 num_output_tokens=self.num_output,
                 **extra,
             )
         self.num_output += len(delta.token_ids)
         finished = delta.finish_reason is not None
+        if finished:
+            extra["replica"] = self.replica or None
         text = self.detok.push(delta.token_ids)
         if finished:
             text += self.detok.flush()
@@ -76,6 +81,7 @@ class RequestState:
             token_ids=delta.token_ids,
             finish_reason=finish_reason,
             stop_reason=stop_reason,
+            timings=delta.timings,  # the scheduler's: first token (so far) and last, unless a stop string
             num_output_tokens=self.num_output,
             **extra,
         )

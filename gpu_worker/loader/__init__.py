@@ -37,6 +37,7 @@ from .errors import (
 from .gguf_file import GGUFFile
 from .gguf_loader import SUPPORTED_TYPES, config_from_gguf, load_gguf_weights
 from .hf import load_hf_weights, read_hf_config
+from .sharding import ReadStats, TensorShard
 
 __all__ = [
     "CheckpointError",
@@ -46,8 +47,10 @@ __all__ = [
     "MissingShardError",
     "MissingTensorError",
     "ModelConfig",
+    "ReadStats",
     "ShapeMismatchError",
     "SUPPORTED_TYPES",
+    "TensorShard",
     "UnexpectedTensorError",
     "UnknownArchitectureError",
     "UnsupportedQuantError",
@@ -99,6 +102,8 @@ def load_checkpoint(
     seed: int = 0,
     progress: bool | None = None,
     keep_quantized: bool | Collection[str] = False,
+    slices: dict[str, TensorShard] | None = None,
+    stats: ReadStats | None = None,
 ) -> tuple[ModelConfig, dict[str, torch.Tensor | GGUFWeight]]:
     """(config, weights in HF names, each `dtype` on `device`).
 
@@ -108,24 +113,39 @@ def load_checkpoint(
     except with ``keep_quantized`` (``--quantization q4``): a GGUF file's block-quantized
     matrices stay in their blocks as ``GGUFWeight`` (True: every block type; else the type
     names the kernels serve, the others dequantized with a log line). Other formats ignore it.
+    ``slices`` (a tensor-parallel rank, gpu_worker/parallel.tensor_shards): a tensor named there
+    comes back as that slice, and only its bytes are read; ``stats`` counts the bytes read.
     """
     start = time.perf_counter()
     fmt = checkpoint_format(path)
     if load_format == "dummy":
         cfg = load_model_config(path)
-        return cfg, dummy_weights(cfg, dtype=dtype, device=device, seed=seed)
+        weights = dummy_weights(cfg, dtype=dtype, device=device, seed=seed)
+        for name, shard in (slices or {}).items():  # the same values as one rank would hold
+            if name in weights:
+                weights[name] = shard.of(weights[name])
+        return cfg, weights
     if load_format not in ("auto", fmt):
         raise CheckpointError(
             f"{path}: load_format={load_format!r} but this is a {fmt} checkpoint", path=path
         )
     if fmt == "hf":
         cfg = read_hf_config(path)
-        weights = load_hf_weights(path, cfg, dtype=dtype, device=device, progress=progress)
+        weights = load_hf_weights(
+            path, cfg, dtype=dtype, device=device, progress=progress, slices=slices, stats=stats
+        )
     else:
         with GGUFFile(path) as g:
             cfg = config_from_gguf(g)
             weights = load_gguf_weights(
-                g, cfg, dtype=dtype, device=device, progress=progress, keep_quantized=keep_quantized
+                g,
+                cfg,
+                dtype=dtype,
+                device=device,
+                progress=progress,
+                keep_quantized=keep_quantized,
+                slices=slices,
+                stats=stats,
             )
     log.info(
         "loaded %s (%s, %d tensors) in %.1f s",

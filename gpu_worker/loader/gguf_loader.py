@@ -33,6 +33,7 @@ from .errors import (
 )
 from .gguf_file import GGUFFile, GGUFTensorInfo
 from .progress import progress_bar
+from .sharding import ReadStats, TensorShard
 
 log = logging.getLogger(__name__)
 
@@ -289,12 +290,17 @@ def load_gguf_weights(
     device: str | torch.device,
     progress: bool | None,
     keep_quantized: bool | Collection[str] = False,
+    slices: dict[str, TensorShard] | None = None,
+    stats: ReadStats | None = None,
 ) -> dict[str, torch.Tensor | GGUFWeight]:
     """All weights of an open GGUF file in HF names, checked, dequantized and cast to `dtype`.
 
     keep_quantized: block-quantized matrices (not F32/F16/BF16) come back as ``GGUFWeight``
     (the file's bytes, q/k rows un-permuted, no float copy): True for every block type, or the
-    names of the types the kernels serve (the others are dequantized, and the log says which)."""
+    names of the types the kernels serve (the others are dequantized, and the log says which).
+    slices (a tensor-parallel rank): of a tensor named there, only that slice is read: whole
+    rows, or whole blocks of each row's columns (a column range that splits a block reads the
+    full rows, said in the log)."""
     infos = {hf_name(n) or n: info for n, info in g.tensors.items() if n != ROPE_FREQS}
     check_tensors(
         cfg,
@@ -316,17 +322,26 @@ def load_gguf_weights(
     total = sum(i.nbytes for i in infos.values())
     with progress_bar(total, progress, f"dequantizing {os.path.basename(g.path)}") as bar:
         for name, info in infos.items():
-            if keep_quantized and len(info.shape) == 2 and info.type_name not in FLOAT_TYPES:
+            raw, shape, after = _read_raw(g, info, (slices or {}).get(name))
+            if stats is not None:
+                stats.bytes_read += raw.nbytes
+            n_head = permute.get(name)
+            if n_head is not None and shape[0] != info.shape[0]:  # a slice of whole heads
+                n_head = n_head * shape[0] // info.shape[0]
+            if after is None and keep_quantized and len(shape) == 2 and info.type_name not in FLOAT_TYPES:
                 if keep_quantized is True or info.type_name in keep_quantized:
-                    weights[name] = _blocks(g, info, permute.get(name)).to(device)
-                    bar.update(info.nbytes)
+                    weights[name] = _blocks(raw, info.ggml_type, shape, n_head).to(device)
+                    bar.update(raw.nbytes)
                     continue
                 unserved.setdefault(info.type_name, []).append(info.name)
-            w = _dequantize(g, info)
-            if name in permute:
-                w = undo_llama_qk_permute(w, permute[name])
+            w = dequantize(raw, Q(info.ggml_type))
+            w = w.astype(np.float32, copy=np.may_share_memory(w, raw)).reshape(shape)
+            if after is not None:  # columns inside blocks: sliced once dequantized
+                w = np.ascontiguousarray(w[:, after.start : after.stop])
+            if n_head is not None:
+                w = undo_llama_qk_permute(w, n_head)
             weights[name] = torch.from_numpy(w).to(device=device, dtype=dtype)
-            bar.update(info.nbytes)
+            bar.update(raw.nbytes)
     for type_name, names in unserved.items():
         log.warning(
             "%s: %d %s tensor(s) (%s%s) dequantized to %s: the kernels have no %s block kernel",
@@ -341,10 +356,44 @@ def load_gguf_weights(
     return weights
 
 
-def _blocks(g: GGUFFile, info: GGUFTensorInfo, n_head: int | None) -> GGUFWeight:
-    """The tensor's blocks as a GGUFWeight (a copy out of the memory map: the file closes)."""
-    data = torch.from_numpy(np.array(g.raw(info), copy=True))
-    w = GGUFWeight(data, info.ggml_type, info.shape)
+def _read_raw(
+    g: GGUFFile, info: GGUFTensorInfo, shard: TensorShard | None
+) -> tuple[np.ndarray, tuple[int, ...], TensorShard | None]:
+    """(bytes, the torch shape they hold, a column slice still to take after dequantizing).
+
+    A view into the memory map: only what the caller copies is read. Rows are whole blocks, so
+    a row range is rows of bytes; a column range is a byte range of each row when it starts
+    and ends on block boundaries (else the full rows, sliced after dequantizing)."""
+    raw = g.raw(info)
+    if shard is None:
+        return raw, info.shape, None
+    if shard.dim == 0:
+        if len(info.shape) == 1:  # a bias: one row of values (block size 1 for the float types)
+            _, type_size = GGML_QUANT_SIZES[Q(info.ggml_type)]
+            return raw[shard.start * type_size : shard.stop * type_size], shard.shape_of(info.shape), None
+        return raw[shard.start : shard.stop], shard.shape_of(info.shape), None
+    block, type_size = GGML_QUANT_SIZES[Q(info.ggml_type)]
+    if shard.start % block or shard.stop % block:
+        log.info(
+            "%s: %s columns %d..%d split %d-value blocks: its whole rows are read",
+            g.path,
+            info.name,
+            shard.start,
+            shard.stop,
+            block,
+        )
+        return raw, info.shape, shard
+    return (
+        raw[:, shard.start // block * type_size : shard.stop // block * type_size],
+        shard.shape_of(info.shape),
+        None,
+    )
+
+
+def _blocks(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], n_head: int | None) -> GGUFWeight:
+    """Block bytes as a GGUFWeight (a copy out of the memory map: the file closes)."""
+    data = torch.from_numpy(np.ascontiguousarray(raw).copy())
+    w = GGUFWeight(data, ggml_type, shape)
     if n_head is not None:  # the llama q/k row interleave, undone on whole rows (see undo_llama_qk_permute)
-        w = w.permute_rows(undo_llama_qk_permute(np.arange(info.shape[0]), n_head))
+        w = w.permute_rows(undo_llama_qk_permute(np.arange(shape[0]), n_head))
     return w

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from .config import ModelConfig, check_tensors, config_from_hf, is_ignorable
 from .errors import CheckpointError, CorruptCheckpointError, MissingConfigError, MissingShardError
 from .progress import progress_bar
+from .sharding import ReadStats, TensorShard
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -142,9 +143,17 @@ def read_safetensors_header(path: str) -> dict[str, tuple[tuple[int, ...], str]]
 
 
 def load_hf_weights(
-    folder: str, cfg: ModelConfig, *, dtype: torch.dtype, device: str | torch.device, progress: bool | None
+    folder: str,
+    cfg: ModelConfig,
+    *,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    progress: bool | None,
+    slices: dict[str, TensorShard] | None = None,
+    stats: ReadStats | None = None,
 ) -> dict[str, torch.Tensor]:
-    """All weights of a HF folder in HF names, checked against `cfg` and cast to `dtype`."""
+    """All weights of a HF folder in HF names, checked against `cfg` and cast to `dtype`.
+    ``slices`` (a tensor-parallel rank): of a tensor named there, only that slice is read."""
     files, default_source = safetensors_files(folder)
     shapes: dict[str, tuple[int, ...]] = {}
     source: dict[str, str] = {}
@@ -167,11 +176,22 @@ def load_hf_weights(
                 with safe_open(path, framework="pt", device="cpu") as f:
                     for name in wanted:
                         if source[name] == path:
-                            t = f.get_tensor(name)
+                            shard = slices.get(name) if slices else None
+                            t = f.get_tensor(name) if shard is None else _read_slice(f, name, shard)
                             weights[name] = t.to(device=device, dtype=dtype)
                             bar.update(t.numel() * t.element_size())
+                            if stats is not None:
+                                stats.bytes_read += t.numel() * t.element_size()
             except CheckpointError:
                 raise
             except Exception as e:  # SafetensorError and friends: a file that lied in its header
                 raise CorruptCheckpointError(f"{path}: cannot read it: {e}", path=path) from e
     return weights
+
+
+def _read_slice(f, name: str, shard: TensorShard) -> torch.Tensor:
+    """Only the slice's bytes come out of the file (safetensors reads slices from its map)."""
+    part = f.get_slice(name)
+    if shard.dim == 0:
+        return part[shard.start : shard.stop]
+    return part[:, shard.start : shard.stop]

@@ -31,6 +31,9 @@ def model_class(architecture: str) -> type[nn.Module]:
     return getattr(importlib.import_module(module), name)
 
 
-def build_model(cfg, ops: KernelBackend, max_positions: int | None = None) -> nn.Module:
-    """An empty model (parameters on the meta device) for ``cfg`` (a loader ModelConfig)."""
-    return model_class(cfg.architecture)(cfg, ops, max_positions)
+def build_model(cfg, ops: KernelBackend, max_positions: int | None = None, tp=None) -> nn.Module:
+    """An empty model (parameters on the meta device) for ``cfg`` (a loader ModelConfig);
+    with ``tp`` (gpu_worker/parallel.TensorParallel) this rank's shard of it."""
+    if tp is None:
+        return model_class(cfg.architecture)(cfg, ops, max_positions)
+    return model_class(cfg.architecture)(cfg, ops, max_positions, tp)

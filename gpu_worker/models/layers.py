@@ -10,6 +10,11 @@ read the same input are merged into one matmul:
 
 Weights start on the ``meta`` device; the model's ``load_weights`` fills them from the
 Hugging Face-named tensors (packing q/k/v and gate/up as it goes).
+
+With tensor parallelism (``tp``, gpu_worker/parallel.py) each rank builds the same layers at
+its share of the sizes: qkv/gate_up hold its rows (column-parallel: plain ``Linear``), o_proj
+and down_proj its input columns (``RowParallelLinear``: partial sums, all-reduced), the
+embedding and lm_head its vocabulary rows. Without ``tp`` nothing here calls a collective.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zeroserve.gpu_worker.parallel import TensorParallel
 from zeroserve.kernels.base import KernelBackend, LinearHandle
 from zeroserve.kernels.metadata import AttentionMetadata
 from zeroserve.kernels.quantized import GGUFWeight
@@ -78,6 +84,42 @@ class VocabEmbedding(nn.Module):
         if self.gguf_rows is not None:
             return self.gguf_rows(weight, input_ids)
         return weight.dequantize(input_ids).to(input_ids.device)
+
+
+class RowParallelLinear(Linear):
+    """A row-parallel projection: W is this rank's input columns ``[out, in / N]``, x this
+    rank's share of the input; the partial products are summed over the ranks, then the bias
+    (whole on every rank) is added once."""
+
+    def __init__(
+        self, in_features: int, out_features: int, ops: KernelBackend, tp: TensorParallel, bias: bool = False
+    ):
+        super().__init__(in_features, out_features, ops, bias=bias)
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.handle is None:
+            self.handle = self.ops.prepare_linear(self.weight, None)
+            self.weight = None
+        out = self.tp.all_reduce(self.ops.linear(x, self.handle))
+        return out if self.bias is None else out + self.bias
+
+
+class VocabParallelEmbedding(VocabEmbedding):
+    """This rank's rows [start, start + num_embeddings) of the embedding: ids outside them give
+    zeros here, and the sum over the ranks is every id's row."""
+
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, ops: KernelBackend, tp: TensorParallel, start: int
+    ):
+        super().__init__(num_embeddings, embedding_dim, ops)
+        self.tp, self.start, self.num_local = tp, start, num_embeddings
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        local = input_ids - self.start
+        outside = (local < 0) | (local >= self.num_local)
+        rows = super().forward(local.masked_fill(outside, 0))
+        return self.tp.all_reduce(rows.masked_fill_(outside.unsqueeze(1), 0))
 
 
 def _gguf_rows(ops: KernelBackend):
@@ -185,14 +227,19 @@ class Attention(nn.Module):
         qkv_bias: bool = False,
         o_bias: bool = False,
         qk_norm_eps: float | None = None,
+        tp: TensorParallel | None = None,
     ):
+        """num_heads / num_kv_heads: this rank's (all of them without ``tp``)."""
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.scale = head_dim**-0.5
         self.ops = ops
         self.qkv_proj = Linear(hidden_size, self.q_size + 2 * self.kv_size, ops, bias=qkv_bias)
-        self.o_proj = Linear(self.q_size, hidden_size, ops, bias=o_bias)
+        if tp is None:
+            self.o_proj = Linear(self.q_size, hidden_size, ops, bias=o_bias)
+        else:
+            self.o_proj = RowParallelLinear(self.q_size, hidden_size, ops, tp, bias=o_bias)
         self.rotary = [rotary]  # a list: shared, not registered once per layer
         if qk_norm_eps is not None:  # Qwen3: RMSNorm over each head's D values
             self.q_norm = RMSNorm(head_dim, qk_norm_eps, ops)
@@ -221,11 +268,17 @@ class Attention(nn.Module):
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)), gate and up in one matmul."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, ops: KernelBackend):
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, ops: KernelBackend, tp: TensorParallel | None = None
+    ):
+        """intermediate_size: this rank's (all of it without ``tp``)."""
         super().__init__()
         self.ops = ops
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, ops)
-        self.down_proj = Linear(intermediate_size, hidden_size, ops)
+        if tp is None:
+            self.down_proj = Linear(intermediate_size, hidden_size, ops)
+        else:
+            self.down_proj = RowParallelLinear(intermediate_size, hidden_size, ops, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))

@@ -69,7 +69,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="tokenizer to size prompts: a path (HF folder, tokenizer.json, GGUF), 'words' "
         "(one word = one token), or auto (default: the served model when it is local)",
     )
-    p.add_argument("--goodput", default=None, metavar="ttft:MS,tpot:MS,e2el:MS", help="SLOs for goodput")
+    p.add_argument(
+        "--goodput",
+        default=None,
+        metavar="ttft:MS,tpot:MS,itl:MS,e2el:MS",
+        help="SLOs for goodput (itl bounds every inter-token gap of a request)",
+    )
     p.add_argument("--percentiles", type=_float_list, default=(50, 90, 99), help="default 50,90,99")
     p.add_argument("--num-warmups", type=int, default=1, help="untimed requests sent first (default 1)")
     p.add_argument("--seed", type=int, default=0)

@@ -29,6 +29,7 @@ from zeroserve.shared.messages import (
     ErrorInfo,
     GenerateRequest,
     Pong,
+    RequestTimings,
     SchedulerStats,
     TextDelta,
     TokenizeRequest,
@@ -215,6 +216,9 @@ class FakeEngineClient:
                         token_texts=[piece],
                         top_token_texts=[[f"<{a.token_id}>" for a in top]],
                     )
+                # the scheduler's phases: so far on the first token, all on the last delta of a
+                # request it ended (a stop string ends it in the tokenizer: none then)
+                so_far = RequestTimings(0.001, 0.002, 0.0, 0.002) if first else None
                 hits = [(full.find(s), s) for s in req.stop if s in full]
                 if hits:
                     pos, s = min(hits)
@@ -227,6 +231,7 @@ class FakeEngineClient:
                         finish_reason="stop",
                         stop_reason=s,
                         num_output_tokens=k + 1,
+                        timings=so_far,
                         **extra,
                     )
                     return
@@ -238,6 +243,7 @@ class FakeEngineClient:
                     token_ids=[5 + k],
                     finish_reason="length" if last else None,
                     num_output_tokens=k + 1,
+                    timings=RequestTimings(0.001, 0.002, 0.003 * k, 0.002 + 0.003 * k) if last else so_far,
                     **extra,
                 )
                 emitted = len(full)

@@ -52,7 +52,9 @@ async def test_metrics_count_served_requests():
     assert value(s, "zeroserve:e2e_request_latency_seconds_count") == 3
     assert value(s, "zeroserve:time_to_first_token_seconds_count") == 3
     assert value(s, "zeroserve:inter_token_latency_seconds_count") == 2 + 2 + 1
-    assert value(s, "zeroserve:request_queue_time_seconds_count") == 3  # the refused one never queued
+    # measured by the scheduler: the stop string's from its first token; the refused one never queued
+    assert value(s, "zeroserve:request_queue_time_seconds_count") == 3
+    assert value(s, "zeroserve:request_decode_time_seconds_count") == 2  # the stop string's is unknown
     # engine-wide, from the engine's own stats
     assert value(s, "zeroserve:num_requests_running") == 3
     assert value(s, "zeroserve:num_requests_waiting") == 2

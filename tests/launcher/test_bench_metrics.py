@@ -99,6 +99,17 @@ def test_goodput_counts_requests_within_every_slo():
     assert meets_slos(fast, parse_goodput("e2el:100")) is False  # E2EL 140 > 100
 
 
+def test_goodput_itl_bounds_every_gap_not_the_mean():
+    # TPOT 30 ms in both; one request has a single 230 ms stall among 5 ms gaps
+    steady = ok(0.05, [0.03] * 9, 10)
+    stalled = ok(0.05, [0.005] * 8 + [0.23], 10)
+    slos = parse_goodput("itl:100")
+    assert tpot(steady) == pytest.approx(tpot(stalled))
+    assert [meets_slos(r, slos) for r in (steady, stalled)] == [True, False]
+    assert meets_slos(stalled, parse_goodput("tpot:100")) is True  # the mean hides the stall
+    assert meets_slos(ok(0.05, [], 1), slos) is True  # one output token: no gap to bound
+
+
 @pytest.mark.parametrize("bad", ["ttft", "latency:100", "ttft:abc", "tpot:-1"])
 def test_goodput_spec_errors_say_what_to_write(bad):
     with pytest.raises(ValueError, match="goodput"):

@@ -147,6 +147,24 @@ def test_waiting_requests_of_one_priority_run_earliest_deadline_first(aging):
     assert order == ["urgent", "d10", "q20", "d30", "none", "none2"]
 
 
+def test_a_priority_class_default_deadline_orders_and_expires_like_a_sent_one():
+    s = Scheduler(SchedulerConfig(num_blocks=64, block_size=4, max_model_len=64, max_num_seqs=1,
+                                  priority_aging_s=None, priority_deadline_ms={5: 1500.0}))  # fmt: skip
+    d = Driver(s)
+    s.add_request(make_request("sent", [100], max_tokens=1, arrival=0.0, priority=5, deadline=3.0), now=0.0)
+    s.add_request(make_request("class", [101], max_tokens=1, arrival=0.1, priority=5), now=0.1)
+    s.add_request(make_request("other", [102], max_tokens=1, arrival=0.0, priority=6), now=0.1)
+    assert s.request("class").deadline == pytest.approx(1.6)  # arrival + its class's 1.5 s
+    assert s.request("sent").deadline == 3.0 and s.request("other").deadline is None
+    d.run(now=0.2)
+    order = [n.request_id for p in d.plans for n in p.new]
+    assert order == ["class", "sent", "other"]
+    # waiting past the class deadline ends it with "timeout", as a deadline_ms would
+    s.add_request(make_request("late", [103] * 8, max_tokens=1, arrival=1.0, priority=5), now=1.0)
+    d.step(now=2.6)
+    assert d.finish["late"] == "timeout"
+
+
 def test_an_infeasible_deadline_is_refused_at_once_once_the_model_is_warm():
     s, d, _ = setup(0)
     s.add_request(make_request("early", [300] * 1500, max_tokens=1, arrival=0.0, deadline=0.05), now=0.0)

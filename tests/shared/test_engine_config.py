@@ -58,6 +58,16 @@ CHANGED = {
     "priority_range": (-3, 3),
     "heartbeat_interval_s": 0.7,
     "heartbeat_timeout_s": 4.0,
+    "api_keys_file": "/etc/zeroserve/keys.toml",
+    "admin_key": "admin-k",
+    "api_workers": 3,
+    "state_dir": "/var/lib/zeroserve",
+    "audit_content": "hash",
+    "audit_retention_days": 30.0,
+    "otlp_traces_endpoint": "http://collector:4318/v1/traces",
+    "metrics_prefix": "vllm",
+    "log_prompts": True,
+    "priority_deadline_ms": {0: 30000.0, -5: 800.0},
 }
 # what a view takes from elsewhere although EngineConfig has a field of that name
 NOT_COPIED = {
@@ -143,11 +153,15 @@ def test_every_flag_sets_an_engine_config_field_and_defaults_to_its_value():
     assert actions.keys() == flags.keys()
     for name, action in actions.items():
         expected = None if flags[name].resolved else getattr(DEFAULTS, name)
+        if isinstance(expected, dict):  # KEY:VALUE items, parsed by config_from_args
+            assert action.default == [] and expected == {}, name
+            continue
         assert action.default == expected, name
 
 
 def test_no_flags_give_engine_configs_defaults(model_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("ZEROSERVE_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
     config = parse(model_dir, str(tmp_path / "run"))
     worked_out = {"model", "served_model_name", "run_dir", "max_model_len", "vocab_size", "device"}
     for field in msgspec.structs.fields(EngineConfig):
@@ -215,3 +229,49 @@ def test_the_runner_takes_its_thread_count_from_its_config_not_the_environment(m
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_priority_deadlines_parse_into_the_config_and_bad_ones_are_refused(model_dir, tmp_path):
+    flags = ["--priority-deadline-ms", "0:30000", "--priority-deadline-ms=-5:800"]
+    config = parse(model_dir, str(tmp_path / "run"), *flags)
+    assert config.priority_deadline_ms == {0: 30000.0, -5: 800.0}
+    decoded = msgspec.json.decode(msgspec.json.encode(config), type=EngineConfig)
+    assert decoded.priority_deadline_ms == {0: 30000.0, -5: 800.0}  # int keys survive the config file
+    for bad, says in [("0", "PRIORITY:MILLISECONDS"), ("x:5", "PRIORITY:MILLISECONDS"),
+                      ("0:-1", "positive"), ("500:10", "--priority-range")]:  # fmt: skip
+        with pytest.raises(SystemExit, match=says):
+            parse(model_dir, str(tmp_path / "run"), "--priority-deadline-ms", bad)
+    with pytest.raises(SystemExit, match="twice"):
+        parse(
+            model_dir, str(tmp_path / "run"), "--priority-deadline-ms", "1:5", "--priority-deadline-ms", "1:6"
+        )
+
+
+def test_the_traces_endpoint_comes_from_the_flag_or_the_otel_variable_and_is_checked(
+    model_dir, tmp_path, monkeypatch
+):
+    run = str(tmp_path / "run")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://env:4318/v1/traces")
+    assert parse(model_dir, run).otlp_traces_endpoint == "http://env:4318/v1/traces"
+    assert (
+        parse(model_dir, run, "--otlp-traces-endpoint", "http://flag:4318").otlp_traces_endpoint
+        == "http://flag:4318"
+    )
+    assert ApiConfig.from_engine(parse(model_dir, run)).otlp_traces_endpoint == "http://env:4318/v1/traces"
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    with pytest.raises(SystemExit, match="needs --otlp-traces-endpoint"):
+        parse(model_dir, run, "--collect-detailed-traces")
+    with pytest.raises(SystemExit, match="OTLP/HTTP URL"):
+        parse(model_dir, run, "--otlp-traces-endpoint", "collector:4317")
+
+
+def test_a_state_dir_the_audit_trail_cannot_write_is_refused_at_the_command_line(model_dir, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    with pytest.raises(SystemExit, match="cannot create the state dir .*--audit-db off"):
+        parse(model_dir, str(tmp_path / "run"), "--state-dir", str(blocked / "state"))
+    # with the audit trail off, nothing is kept there: no check
+    config = parse(
+        model_dir, str(tmp_path / "run"), "--state-dir", str(blocked / "state"), "--audit-db", "off"
+    )
+    assert config.audit_db == "off"
