@@ -277,6 +277,8 @@ def serve(config: EngineConfig, rank: int, replica: int = 0) -> None:
             sock.send(codec.encode(failed))
             # state may be half-applied: forget every request and announce a fresh start
             runner.reset()
+            if steps is not None:
+                steps.reset()
             sock.send(codec.encode(ready))
             continue
         finally:

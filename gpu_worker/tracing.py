@@ -20,6 +20,11 @@ class StepSpans:
         self.tracer = tracer
         self.parents: dict[str, Any] = {}  # request id -> the context of its llm_request span
 
+    def reset(self) -> None:
+        """The runner forgot every request (a failed step): so does this, as no plan will name
+        them in ``finished_ids`` again."""
+        self.parents.clear()
+
     def record(self, plan: StepPlan, start: float, end: float) -> None:
         """One executed plan, timed by this process (monotonic seconds)."""
         for request_id in plan.finished_ids:  # applied first, as the runner does

@@ -16,8 +16,9 @@ Ray starts, places, restarts and stops the actors; it never carries a request. T
 meet as on one machine, msgspec over ZeroMQ: tcp with CURVE between nodes (every process
 reads the engine's keys from the config the launcher wrote; a replica's processes get it on
 stdin, so no key lies on a remote node's disk), ipc in the run dir when the transport is ipc
-(every replica then kept on the launcher's node). Ray pickles only the arguments of actor
-calls: the config as msgspec JSON bytes, numbers and strings.
+(every replica then kept on the launcher's node). Ray pickles only its actor calls' arguments
+and answers: the config as msgspec JSON bytes, the forwarded environment (strings), the
+placement group, numbers (pids, exit codes).
 
 Failure: a replica's dead process is restarted inside its actor with backoff (a dead rank
 takes its whole TP group down and up again, as ``launcher/supervisor.py`` does); a dead actor
@@ -33,10 +34,8 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -44,13 +43,12 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from zeroserve.launcher.supervisor import BACKOFF_MAX_S, BACKOFF_START_S, HEALTHY_AFTER_S, proc_command
+from zeroserve.launcher.replica_processes import STOP_TIMEOUT_S, ReplicaProcesses
 from zeroserve.shared.config import EngineConfig
 
 log = logging.getLogger("zeroserve.launcher.ray")
 
 NAMESPACE = "zeroserve"
-STOP_TIMEOUT_S = 15.0
 # a local cluster started for `serve`: the object store is never used (requests go over ZeroMQ)
 LOCAL_OBJECT_STORE_BYTES = 128 * 1024 * 1024
 # driver variables the replicas' processes get too, as a child of `serve` would (the rest of
@@ -121,128 +119,8 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-# ------------------------------------------------------------------------------ on the node
-
-
-@dataclass
-class _Group:
-    """Processes restarted together: a replica's scheduler alone, or its TP group of workers."""
-
-    name: str
-    commands: list[list[str]]
-    popens: list[subprocess.Popen] = field(default_factory=list)
-    started_at: float = 0.0
-    backoff_s: float = BACKOFF_START_S
-    restart_at: float | None = None
-    restarts: int = 0
-
-
-class ReplicaProcesses:
-    """One replica's processes on this node, supervised by a thread of their own.
-
-    The thread both starts the processes and outlives them: PR_SET_PDEATHSIG, which each
-    process sets at start (shared/proc_main.die_with_parent), fires when the *thread* that
-    forked it ends, so a process is never left behind by its actor, killed or not."""
-
-    def __init__(self, scheduler: _Group, workers: _Group, stdin: bytes, env: dict[str, str]) -> None:
-        self.scheduler, self.workers = scheduler, workers
-        self.groups = (workers, scheduler)
-        self.stdin = stdin
-        self.env = env
-        self._stop = threading.Event()
-        self._stopped = threading.Event()
-        self.exit_codes: dict[str, list[int]] = {}
-        self._spawned = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="replica-processes", daemon=True)
-        self._thread.start()
-        self._spawned.wait()
-
-    @classmethod
-    def of_replica(cls, config: EngineConfig, replica: int, env: dict[str, str]) -> ReplicaProcesses:
-        """The scheduler and the TP ranks of replica #replica, each reading ``config`` on stdin."""
-        tag = None if config.data_parallel_size == 1 else replica
-        ranks = range(config.tensor_parallel_size)
-        return cls(
-            _Group(f"scheduler-r{replica}", [proc_command("scheduler", "/dev/stdin", 0, tag)]),
-            _Group(
-                f"workers-r{replica}", [proc_command("worker", "/dev/stdin", rank, tag) for rank in ranks]
-            ),
-            msgspec.json.encode(config),
-            env,
-        )
-
-    def pids(self) -> list[int]:
-        return [p.pid for g in self.groups for p in g.popens if p.poll() is None]
-
-    def _spawn(self, group: _Group) -> None:
-        group.popens = []
-        for command in group.commands:
-            # the config (CURVE keys included) arrives on stdin: nothing secret is written on this node
-            popen = subprocess.Popen(command, env=self.env, stdin=subprocess.PIPE)
-            try:
-                popen.stdin.write(self.stdin)
-                popen.stdin.close()
-            except BrokenPipeError:
-                pass  # it died at once: the next check restarts it
-            group.popens.append(popen)
-        group.started_at = time.monotonic()
-        group.restart_at = None
-
-    def _check(self, group: _Group, now: float) -> None:
-        if not group.popens:
-            if group.restart_at is not None and now >= group.restart_at:
-                group.restarts += 1
-                log.warning("restarting %s (restart #%d)", group.name, group.restarts)
-                self._spawn(group)
-            return
-        codes = [p.poll() for p in group.popens]
-        if all(code is None for code in codes):
-            if now - group.started_at > HEALTHY_AFTER_S:
-                group.backoff_s = BACKOFF_START_S
-            return
-        # one rank gone leaves the others waiting on collectives with it: the group goes as one
-        for popen in group.popens:
-            if popen.poll() is None:
-                popen.kill()
-            popen.wait()
-        code = next(c for c in codes if c is not None)
-        group.popens = []
-        delay, group.backoff_s = group.backoff_s, min(group.backoff_s * 2, BACKOFF_MAX_S)
-        group.restart_at = now + delay
-        log.warning("%s exited with code %s; restarting in %.0fs", group.name, code, delay)
-
-    def _run(self) -> None:
-        for group in self.groups:
-            self._spawn(group)
-        self._spawned.set()
-        while not self._stop.wait(0.2):
-            now = time.monotonic()
-            for group in self.groups:
-                self._check(group, now)
-        self._terminate()
-        self._stopped.set()
-
-    def _terminate(self) -> None:
-        """SIGTERM (the scheduler first: it fails its requests cleanly), then SIGKILL what lingers."""
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for group in (self.scheduler, self.workers):
-            for popen in group.popens:
-                if popen.poll() is None:
-                    popen.send_signal(signal.SIGTERM)
-            for popen in group.popens:
-                try:
-                    popen.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    log.error("%s did not stop in %.0fs; killing", group.name, STOP_TIMEOUT_S)
-                    popen.kill()
-                    popen.wait()
-            self.exit_codes[group.name] = [p.returncode for p in group.popens]
-
-    def stop(self) -> dict[str, list[int]]:
-        """Stop every process; their exit codes by group (0 each after a clean stop)."""
-        self._stop.set()
-        self._stopped.wait()
-        return self.exit_codes
+# ------------------------------------------------------------------------------ on the node (processes:
+# launcher/replica_processes.py)
 
 
 def _node_env(driver_env: dict[str, str]) -> dict[str, str]:

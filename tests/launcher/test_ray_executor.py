@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("ray", reason="the ray backend needs Ray: pip install 'zeroserve[ray]'")
 
 from zeroserve.launcher import ray_executor as rx  # noqa: E402
+from zeroserve.launcher import replica_processes as rp  # noqa: E402
 from zeroserve.shared.config import EngineConfig  # noqa: E402
 
 
@@ -120,9 +121,9 @@ def alive(pid: int) -> bool:
 
 def test_a_dead_rank_restarts_its_whole_group_and_the_scheduler_stays(tmp_path):
     files = {name: str(tmp_path / name) for name in ("sched", "rank0", "rank1")}
-    procs = rx.ReplicaProcesses(
-        rx._Group("scheduler-r0", [stand_in(files["sched"])]),
-        rx._Group("workers-r0", [stand_in(files["rank0"]), stand_in(files["rank1"])]),
+    procs = rp.ReplicaProcesses(
+        rp._Group("scheduler-r0", [stand_in(files["sched"])]),
+        rp._Group("workers-r0", [stand_in(files["rank0"]), stand_in(files["rank1"])]),
         b'{"config": 1}',
         dict(os.environ),
     )
@@ -152,6 +153,29 @@ def test_a_dead_rank_restarts_its_whole_group_and_the_scheduler_stays(tmp_path):
     assert not any(alive(pid) for pid in pids)
 
 
+def test_a_replica_whose_processes_cannot_start_fails_at_once_and_leaves_none(tmp_path):
+    started = str(tmp_path / "sched")
+    missing = [str(tmp_path / "no-such-program")]
+    begun = time.monotonic()
+    with pytest.raises(RuntimeError, match="cannot start the replica's processes: FileNotFoundError"):
+        rp.ReplicaProcesses(
+            rp._Group("scheduler-r0", [missing]),  # spawned after the workers: they are up by then
+            rp._Group("workers-r0", [stand_in(started)]),
+            b"{}",
+            dict(os.environ),
+        )
+    assert time.monotonic() - begun < 10  # the actor's creation fails instead of hanging in it
+    assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and started in cmdline(int(pid))]
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read() if alive(pid) else ""
+    except OSError:
+        return ""
+
+
 def test_the_config_a_replica_reads_on_stdin_is_the_engines(tmp_path):
     cfg = config(tmp_path, data_parallel_size=2, tensor_parallel_size=2)
 
@@ -159,7 +183,7 @@ def test_the_config_a_replica_reads_on_stdin_is_the_engines(tmp_path):
         def __init__(self, scheduler, workers, stdin, env):
             self.scheduler, self.workers, self.stdin = scheduler, workers, stdin
 
-    built = rx.ReplicaProcesses.of_replica.__func__(Built, cfg, 1, {})
+    built = rp.ReplicaProcesses.of_replica.__func__(Built, cfg, 1, {})
     assert msgspec.json.decode(built.stdin, type=EngineConfig) == cfg
     assert [c[c.index("proc") :] for c in built.workers.commands] == [
         ["proc", "worker", "--config", "/dev/stdin", "--index", str(rank), "--replica", "1"]
