@@ -209,7 +209,9 @@ async def _send_all(
     return list(results), start, end or time.perf_counter()
 
 
-PREFIX_HITS, PREFIX_QUERIES = "zeroserve:prefix_cache_hits", "zeroserve:prefix_cache_queries"
+# zeroserve's names, under either of its --metrics-prefix values (vLLM's own server uses vllm: too)
+PREFIX_HITS, PREFIX_QUERIES = "prefix_cache_hits", "prefix_cache_queries"
+METRIC_PREFIXES = ("zeroserve", "vllm")
 STATS_SETTLE_S = 1.5  # an api process refreshes the engine's stats every second
 
 
@@ -224,11 +226,17 @@ async def prefix_cache_counts(session: aiohttp.ClientSession, cfg: ServeConfig) 
             text = await resp.text()
     except (TimeoutError, aiohttp.ClientError, OSError):
         return None
+    return prefix_counts_of(text)
+
+
+def prefix_counts_of(text: str) -> tuple[float, float] | None:
+    """(hits, queries) summed over every sample (replicas) of a Prometheus text scrape."""
     totals = {PREFIX_HITS: 0.0, PREFIX_QUERIES: 0.0}
     seen = False
     for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0].removesuffix("_total")
-        if name in totals:
+        prefix, colon, name = line.split("{", 1)[0].split(" ", 1)[0].partition(":")
+        name = name.removesuffix("_total")
+        if colon and prefix in METRIC_PREFIXES and name in totals:
             totals[name] += float(line.rsplit(" ", 1)[1])
             seen = True
     return (totals[PREFIX_HITS], totals[PREFIX_QUERIES]) if seen else None

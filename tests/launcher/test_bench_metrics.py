@@ -18,7 +18,7 @@ from zeroserve.launcher.bench.datasets import (
     text_of_length,
 )
 from zeroserve.launcher.bench.metrics import compute_metrics, meets_slos, parse_goodput, percentile, tpot
-from zeroserve.launcher.bench.runner import arrival_gaps
+from zeroserve.launcher.bench.runner import arrival_gaps, prefix_counts_of
 
 
 def ok(ttft, itl, out_tokens, prompt_tokens=10, expected_out=None):
@@ -227,3 +227,18 @@ def test_payload_carries_optional_fields_only_when_kept():
     )
     bare = build_payload("chat", "m", req, ("stream_options",), 0.0)
     assert "ignore_eos" not in bare and "min_tokens" not in bare and bare["messages"] == req.prompt
+
+
+def test_prefix_cache_counts_read_either_metrics_prefix_and_sum_replicas():
+    zs = (
+        "# HELP zeroserve:prefix_cache_hits_total x\n"
+        'zeroserve:prefix_cache_hits_total{model_name="m",replica="r0"} 30.0\n'
+        'zeroserve:prefix_cache_hits_total{model_name="m",replica="r1"} 10.0\n'
+        'zeroserve:prefix_cache_queries_total{model_name="m",replica="r0"} 100.0\n'
+        'zeroserve:prefix_cache_hits_created{model_name="m"} 1.7e9\n'
+    )
+    assert prefix_counts_of(zs) == (40.0, 100.0)
+    vllm = zs.replace("zeroserve:", "vllm:")  # --metrics-prefix vllm, or vLLM's own server
+    assert prefix_counts_of(vllm) == (40.0, 100.0)
+    assert prefix_counts_of("other:prefix_cache_hits_total{} 5.0\n") is None
+    assert prefix_counts_of("") is None
