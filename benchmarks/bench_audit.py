@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 
+from bench_peers import wait_ready  # this folder: the one way the benchmarks wait for a server
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -48,21 +50,6 @@ def start(port: int, state: str, audit: bool) -> subprocess.Popen:
     args += ["--audit-content", "hash"] if audit else ["--audit-db", "off"]
     log = open(os.path.join(state, "server.log"), "w")
     return subprocess.Popen(zeroserve() + args, stdout=log, stderr=subprocess.STDOUT)
-
-
-def wait_ready(port: int, timeout: float = 300) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"server on {port} not ready")
 
 
 def bench_round(port: int, args: argparse.Namespace, out: str) -> dict:
@@ -106,8 +93,9 @@ def serve(args: argparse.Namespace) -> None:
             state = os.path.join(tmp, mode)
             os.makedirs(state)
             procs[mode] = start(port, state, mode == "on")
-        for port in ports.values():
-            wait_ready(port)
+        for mode, port in ports.items():
+            if not wait_ready(f"http://127.0.0.1:{port}", "/ready", procs[mode], 300):
+                raise RuntimeError(f"the audit-{mode} server on {port} was not ready")
         results: dict[str, list[dict]] = {"off": [], "on": []}
         for r in range(args.rounds):
             for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):

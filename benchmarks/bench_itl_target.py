@@ -19,27 +19,12 @@ import argparse
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 300.0) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(url + "/ready", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1.0)
-    raise RuntimeError(f"the server was not ready after {timeout_s:.0f} s")
+from bench_peers import stop, wait_ready  # this folder: the one way the benchmarks start and stop servers
 
 
 def scrape(url: str, name: str) -> float:
@@ -81,7 +66,8 @@ def run_one(args: argparse.Namespace, target: float, dataset: list[str], workdir
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        wait_ready(url, proc)
+        if not wait_ready(url, "/ready", proc, 300.0):
+            raise RuntimeError(f"the server was not ready (exit code {proc.poll()}); see {log.name}")
         out_json = os.path.join(workdir, f"bench-{target:g}.json")
         bench = [sys.executable, "-m", "zeroserve.launcher.cli", "bench", "serve", "--base-url", url]
         bench += ["--max-concurrency", str(args.concurrency), "--num-prompts", str(args.num_prompts)]
@@ -93,12 +79,7 @@ def run_one(args: argparse.Namespace, target: float, dataset: list[str], workdir
         result["steps_over_target"] = scrape(url, "zeroserve:steps_over_itl_target_total")
         return result
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop(proc)
         log.close()
 
 

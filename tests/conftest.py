@@ -88,6 +88,15 @@ class Server:
         out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
 
+    def role_pids(self, role: str) -> list[int]:
+        """The launcher's children running ``zeroserve proc ROLE``."""
+        pids = []
+        for pid in self.children():
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f"proc\0{role}\0".encode() in f.read():
+                    pids.append(pid)
+        return pids
+
     def stop(self, timeout: float = 60.0) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

@@ -31,15 +31,6 @@ def server():
     assert server.stop() == 0, server.log()
 
 
-def role_pids(server, role: str) -> list[int]:
-    pids = []
-    for pid in server.children():
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if f"proc\0{role}\0".encode() in f.read():
-                pids.append(pid)
-    return pids
-
-
 async def in_engine(probe: EngineClient) -> int:
     """Requests the scheduler holds (running or waiting)."""
     stats = (await probe.ping(timeout=5)).engine.stats
@@ -98,7 +89,7 @@ class HttpStream:
 def test_a_client_that_gives_up_on_a_silent_tokenizer_aborts_its_request(server):
     """The client's heartbeat times out while the tokenizer is stopped; when the tokenizer
     reads again, the client's Abort frees the request."""
-    tokenizer = role_pids(server, "tokenizer")[0]
+    tokenizer = server.role_pids("tokenizer")[0]
 
     async def main():
         async with (
@@ -133,7 +124,7 @@ def test_a_client_that_gives_up_on_a_silent_tokenizer_aborts_its_request(server)
 def test_a_hung_api_process_has_its_requests_aborted_and_is_told_when_it_wakes(server):
     """A stopped (not dead) api process keeps its connections: its silence alone frees its
     requests; when it runs again its streams end with an error instead of hanging."""
-    apis = role_pids(server, "api")
+    apis = server.role_pids("api")
     assert len(apis) == 2
 
     async def main():
@@ -172,7 +163,7 @@ def test_a_hung_api_process_has_its_requests_aborted_and_is_told_when_it_wakes(s
 
 
 def test_killing_an_api_process_aborts_its_requests_and_only_its(server):
-    apis = role_pids(server, "api")
+    apis = server.role_pids("api")
     assert len(apis) == 2
 
     async def main():

@@ -30,15 +30,6 @@ def server():
     shutil.rmtree(state, ignore_errors=True)
 
 
-def role_pids(server, role: str) -> list[int]:
-    pids = []
-    for pid in server.children():
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if f"proc\0{role}\0".encode() in f.read():
-                pids.append(pid)
-    return pids
-
-
 async def load(base_url: str, completed: list[str], kill_after: int, api_pid: int) -> int:
     """Requests from CONCURRENCY clients until the api process is killed (after ``kill_after``
     complete responses); returns how many were cut off by the kill."""
@@ -95,7 +86,7 @@ def ready(server) -> bool:
 
 
 def test_every_completed_request_survives_a_kill_9_of_the_api_process(server):
-    (api_pid,) = role_pids(server, "api")
+    (api_pid,) = server.role_pids("api")
     completed: list[str] = []
     cut = asyncio.run(load(server.base_url, completed, 60, api_pid))
     assert len(completed) >= 60 and cut > 0  # the kill did land under load
@@ -103,7 +94,7 @@ def test_every_completed_request_survives_a_kill_9_of_the_api_process(server):
     while not ready(server):  # the supervisor restarts the api process
         assert time.monotonic() < deadline, server.log()
         time.sleep(0.3)
-    assert role_pids(server, "api") != [api_pid]
+    assert server.role_pids("api") != [api_pid]
     found = recorded(server.state, completed)
     missing = sorted(set(completed) - found)
     assert not missing, f"{len(missing)} of {len(completed)} completed requests have no record: {missing[:5]}"

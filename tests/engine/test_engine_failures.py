@@ -30,11 +30,10 @@ def pid_alive(pid: int) -> bool:
 
 
 def role_pid(server, role: str) -> int:
-    for pid in server.children():
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if f"proc\0{role}\0".encode() in f.read():
-                return pid
-    raise AssertionError(f"no {role} process under the launcher")
+    pids = server.role_pids(role)
+    if not pids:
+        raise AssertionError(f"no {role} process under the launcher")
+    return pids[0]
 
 
 async def stream_until_done(client, prompt, max_tokens, first_token: asyncio.Event, started_at: dict):
