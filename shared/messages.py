@@ -48,6 +48,37 @@ class SamplingParams(msgspec.Struct, frozen=True, array_like=True, omit_defaults
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     logprobs: int | None = None
+    # OpenAI's logit_bias: token id -> bias added to its logit before sampling (-100..100)
+    logit_bias: dict[int, float] | None = None
+    # constrained decoding (xgrammar): None = free text
+    structured: StructuredOutput | None = None
+
+
+class StructuredOutput(msgspec.Struct, frozen=True, array_like=True):
+    """What the output must match. kind: "json" (spec: a JSON schema, as JSON text),
+    "json_object" (any JSON object; spec ""), "regex", "choice" (spec: a JSON array of the
+    allowed strings), "grammar" (EBNF), "structural_tag" (spec: xgrammar's structural tag JSON)."""
+
+    kind: str
+    spec: str = ""
+
+
+class PoolingParams(msgspec.Struct, frozen=True, array_like=True):
+    """An embedding request: the prompt is prefilled only and its hidden states pooled.
+    pooling: "model" (the model's own: its sentence-transformers config, else --pooling),
+    "mean", "cls", "last". normalize None: the model's default. dimensions: keep the first N
+    (Matryoshka), None = all."""
+
+    pooling: str = "model"
+    normalize: bool | None = None
+    dimensions: int | None = None
+
+
+class PooledOutput(msgspec.Struct, frozen=True, array_like=True):
+    """One embedding request's pooled vector: float32 little-endian bytes."""
+
+    request_id: str
+    data: bytes
 
 
 class ErrorInfo(msgspec.Struct, frozen=True, array_like=True):
@@ -101,6 +132,8 @@ class ChatMessage(msgspec.Struct, frozen=True):
     content: str | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    # an assistant message's tool calls, as the JSON text of OpenAI's tool_calls list
+    tool_calls: str | None = None
 
 
 class GenerateRequest(msgspec.Struct, frozen=True, array_like=True, tag="generate"):
@@ -127,6 +160,10 @@ class GenerateRequest(msgspec.Struct, frozen=True, array_like=True, tag="generat
     # W3C traceparent of the api span (shared/tracing.py): the tokenizer's spans continue its
     # trace; None: not traced (tracing off, or not sampled)
     trace: str | None = None
+    # the JSON text of OpenAI's tools list, handed to the chat template (HF templates take `tools`)
+    tools: str | None = None
+    # an embedding request (prefill only, no tokens generated): its TextDelta carries `embedding`
+    pooling: PoolingParams | None = None
 
 
 class Abort(msgspec.Struct, frozen=True, array_like=True, tag="abort"):
@@ -187,6 +224,8 @@ class TextDelta(msgspec.Struct, frozen=True, array_like=True, tag="text"):
     replica: str | None = None  # the replica serving the request (its id, "r0"); first delta and last
     # the engine's phases: so far on the first token's delta, all on the last when it ended the request
     timings: RequestTimings | None = None
+    # an embedding request's pooled vector (float32 little-endian), on its last delta
+    embedding: bytes | None = None
 
 
 class TokenizeResult(msgspec.Struct, frozen=True, array_like=True, tag="tokenized"):
@@ -274,6 +313,7 @@ class EngineRequest(msgspec.Struct, frozen=True, array_like=True, tag="engine_re
     cache_salt: str | None = None
     queue_deadline: float | None = None  # wall time after which it ends with "timeout" if not yet started
     trace: str | None = None  # W3C traceparent of the tokenizer's span; None: not traced
+    pooling: PoolingParams | None = None  # an embedding request: prefill only, then pooled
 
 
 # --------------------------------------------------------------------------- scheduler -> worker
@@ -299,6 +339,7 @@ class NewRequestData(msgspec.Struct, frozen=True, array_like=True):
     # W3C traceparent of the scheduler's llm_request span, only with --collect-detailed-traces:
     # the parent of the worker's per-step spans
     trace: str | None = None
+    pooling: PoolingParams | None = None  # an embedding request: pool on its last prefill chunk
 
 
 class RunningRequestData(msgspec.Struct, frozen=True, array_like=True):
@@ -334,6 +375,11 @@ class StepResult(msgspec.Struct, frozen=True, array_like=True, tag="result"):
     logprobs: list[TokenLogprobs | None] | None = None
     step_time_s: float = 0.0
     error: str | None = None
+    # embedding requests that finished their prefill this step (they sample nothing)
+    pooled: list[PooledOutput] = []
+    # requests (in request_ids) whose grammar allowed no token: their sampled id is meaningless;
+    # the scheduler ends them (finish_reason "stop", stop_reason "grammar_dead_end")
+    dead_ends: list[str] = []
 
 
 class WorkerExit(msgspec.Struct, frozen=True, array_like=True, tag="worker_exit"):
@@ -373,6 +419,7 @@ class TokenDelta(msgspec.Struct, frozen=True, array_like=True):
     # the phases so far on the first token's delta (queue, prefill), all of them on the last
     # delta of a request the scheduler ended
     timings: RequestTimings | None = None
+    embedding: bytes | None = None  # an embedding request's pooled vector (float32 little-endian)
 
 
 class TokenDeltas(msgspec.Struct, frozen=True, array_like=True, tag="deltas"):
