@@ -5,12 +5,20 @@ test double with stream / tokenize / detokenize / ping) whose start/close the ca
 
 Routes:
     POST /v1/completions, /v1/chat/completions   serving.py
-    GET  /v1/models
+    POST /v1/embeddings                          embeddings.py
+    GET  /v1/models  every NAME, NAME@VERSION and virtual name served (versions.py)
     POST /tokenize, /detokenize                  vLLM's shapes
-    GET  /health   200 while the process runs; each engine replica (live, waiting, running, KV usage)
-    GET  /ready    200 when the engine takes work (a replica is live); 503 loading, draining, workers down
+    GET  /health   200 while the process runs; each engine replica (live, waiting, running, KV usage),
+                   each model version (state, weight, in flight here)
+    GET  /ready    200 when the engine takes work (a replica of the default model is live); 503 loading,
+                   draining, workers down
+    /admin/models...  the model registry (models_admin.py, behind --admin-key)
+
+The model a request names picks the engine group it runs on (model_router.py, versions.py);
+X-Model-Version says which version served it.
     GET  /metrics  prometheus text
     GET  /dashboard  a live page over /metrics (dashboard.py)
+    POST /generate, /generate_stream, /; GET /info   Hugging Face TGI's API (tgi.py)
 """
 
 from __future__ import annotations
@@ -27,15 +35,20 @@ from zeroserve.api_proc.audit import setup_accounting
 from zeroserve.api_proc.auth import auth_middleware, tenants_of
 from zeroserve.api_proc.config import ApiConfig
 from zeroserve.api_proc.dashboard import add_dashboard_routes
+from zeroserve.api_proc.embeddings import add_embedding_routes
 from zeroserve.api_proc.engine_state import EngineMonitor
 from zeroserve.api_proc.errors import ApiError, error_response, from_error_info
 from zeroserve.api_proc.metrics import CONTENT_TYPE, ApiMetrics, CacheInfo
+from zeroserve.api_proc.model_router import VERSIONS, route_one, unrouted
+from zeroserve.api_proc.models_admin import add_models_admin
 from zeroserve.api_proc.protocol import DetokenizeBody, TokenizeBody
 from zeroserve.api_proc.request_log import access_log_sink, context_of, note_error, request_middleware
 from zeroserve.api_proc.request_log import install as install_request_ids
-from zeroserve.api_proc.requests import check_model, check_token_ids, new_request_id, tokenize_request
+from zeroserve.api_proc.requests import check_token_ids, new_request_id, tokenize_request
 from zeroserve.api_proc.serving import STATE, ApiState, chat_completions, completions, read_body
+from zeroserve.api_proc.tgi import add_tgi_routes
 from zeroserve.api_proc.tracing import trace_middleware
+from zeroserve.api_proc.versions import RegistryCollector, Versions
 from zeroserve.shared import tracing
 from zeroserve.shared.messages import DetokenizeRequest
 
@@ -88,18 +101,7 @@ async def openai_errors(request: web.Request, handler):
 
 async def models(request: web.Request) -> web.Response:
     state: ApiState = request.app[STATE]
-    card: dict[str, Any] = {
-        "id": state.config.model_name,
-        "object": "model",
-        "created": state.started,
-        "owned_by": "zeroserve",
-        "root": state.config.model_name,
-        "parent": None,
-    }
-    engine = state.monitor.engine
-    if engine is not None:
-        card["max_model_len"] = engine.max_model_len
-    return _json({"object": "list", "data": [card]})
+    return _json({"object": "list", "data": request.app[VERSIONS].model_cards(state.started)})
 
 
 async def _engine_call(state: ApiState, coro: Any) -> Any:
@@ -115,10 +117,12 @@ async def tokenize(request: web.Request) -> web.Response:
     body = await read_body(request, TokenizeBody, state.config)
     ctx = context_of(request)
     client_id = ctx.request_id if ctx is not None else None
-    res = await _engine_call(state, state.client.tokenize(tokenize_request(body, state.config, client_id)))
+    target = route_one(request, body.model, ctx)
+    tok = tokenize_request(unrouted(body), state.config, client_id)
+    res = await _engine_call(state, target.client.tokenize(tok))
     if res.error is not None:
         raise from_error_info(res.error, state.config.retry_after_s)
-    engine = state.monitor.engine
+    engine = target.monitor.engine
     max_model_len = res.max_model_len or (engine.max_model_len if engine is not None else 0)
     return _json(
         {
@@ -133,13 +137,13 @@ async def tokenize(request: web.Request) -> web.Response:
 async def detokenize(request: web.Request) -> web.Response:
     state: ApiState = request.app[STATE]
     body = await read_body(request, DetokenizeBody, state.config)
-    check_model(body.model, state.config)
-    check_token_ids(body.tokens, "tokens")
-    await state.monitor.require_engine()
     ctx = context_of(request)
+    target = route_one(request, body.model, ctx)
+    check_token_ids(body.tokens, "tokens")
+    await target.monitor.require_engine()
     client_id = ctx.request_id if ctx is not None else None
     req = DetokenizeRequest(request_id=new_request_id("detok", client_id), token_ids=body.tokens)
-    res = await _engine_call(state, state.client.detokenize(req))
+    res = await _engine_call(state, target.client.detokenize(req))
     if res.error is not None:
         raise from_error_info(res.error, state.config.retry_after_s)
     return _json({"prompt": res.text})
@@ -148,7 +152,9 @@ async def detokenize(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     """200 while this process runs, with each engine replica as last reported (no fresh ping:
     probes must stay cheap); ``replicas`` is empty until the engine first answers."""
-    engine = request.app[STATE].monitor.engine
+    versions = request.app[VERSIONS]
+    group = versions.default_group()
+    engine = (group.monitor if group is not None else request.app[STATE].monitor).engine
     replicas = []
     if engine is not None:
         for r in engine.replicas:
@@ -164,12 +170,11 @@ async def health(request: web.Request) -> web.Response:
                     "prefix_cache_queries": s.prefix_cache_queries,
                 }
             )
-    return _json({"status": "ok", "replicas": replicas})
+    return _json({"status": "ok", "replicas": replicas, "models": versions.health()})
 
 
 async def ready(request: web.Request) -> web.Response:
-    state: ApiState = request.app[STATE]
-    ok, why = await state.monitor.readiness()
+    ok, why = await request.app[VERSIONS].readiness()
     if not ok:
         raise ApiError(503, f"Not ready: {why}.", code="not_ready", headers={"Retry-After": "1"})
     return _json({"status": "ready"})
@@ -188,6 +193,12 @@ def create_app(config: ApiConfig, client: Any, metrics: ApiMetrics | None = None
     """The application for one api process. The engine monitor (pings for /ready, /metrics
     and max_model_len) runs while the app does."""
     monitor = EngineMonitor(client, config.ping_interval_s, config.ping_timeout_s)
+    made: list[Versions] = []  # the engine-wide metrics follow the default model's serving group
+
+    def engine_monitor() -> EngineMonitor:
+        group = made[0].default_group() if made else None
+        return group.monitor if group is not None else monitor
+
     if metrics is None:
         cache_info = CacheInfo(
             config.block_size,
@@ -197,9 +208,9 @@ def create_app(config: ApiConfig, client: Any, metrics: ApiMetrics | None = None
         )
         metrics = ApiMetrics(
             config.model_name,
-            lambda: monitor.engine,
+            lambda: engine_monitor().engine,
             config.metrics_dir,
-            monitor.router_stats,
+            lambda: engine_monitor().router_stats(),
             prefix=config.metrics_prefix,
             cache_info=cache_info,
         )
@@ -224,12 +235,18 @@ def create_app(config: ApiConfig, client: Any, metrics: ApiMetrics | None = None
         ],
     )
     app[STATE] = state
+    versions = app[VERSIONS] = Versions(config, client, monitor, metrics)  # the models it serves
+    made.append(versions)
+    metrics.add_collector(RegistryCollector(versions, metrics.prefix))
     install_request_ids(app)
     setup_accounting(app, state, tenants)  # per-tenant metrics, the audit trail, /admin
+    add_models_admin(app)
 
     async def monitor_ctx(app: web.Application):
         monitor.start()
+        await versions.start()
         yield
+        await versions.stop()
         await monitor.stop()
 
     app.cleanup_ctx.append(monitor_ctx)
@@ -238,8 +255,10 @@ def create_app(config: ApiConfig, client: Any, metrics: ApiMetrics | None = None
     app.router.add_get("/v1/models", models)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
+    add_embedding_routes(app)  # POST /v1/embeddings
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics_endpoint)
     add_dashboard_routes(app, config.metrics_prefix)
+    add_tgi_routes(app)  # Hugging Face TGI's /generate, /generate_stream, / and /info
     return app

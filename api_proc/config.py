@@ -45,6 +45,7 @@ class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_stop_token_ids: int = 64
     max_messages: int = 1024
     max_logprobs: int = 20
+    tool_call_parser: str = DEFAULTS.tool_call_parser  # api_proc/tools.py
 
     # None: as many tokens as the context leaves (the brief's choice); 16 is OpenAI's legacy
     # default for /v1/completions. Chat always defaults to the rest of the context.
@@ -79,6 +80,8 @@ class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
     gpu_memory_utilization: float = DEFAULTS.gpu_memory_utilization
     # OpenTelemetry: the api span of each request, parent of the engine's (None: tracing off)
     otlp_traces_endpoint: str | None = DEFAULTS.otlp_traces_endpoint
+    # the launcher's model registry (api_proc/versions.py); None: the one model, as version "v1"
+    control_address: str | None = DEFAULTS.control_address
 
     @classmethod
     def from_engine(cls, config: EngineConfig, index: int = 0) -> ApiConfig:

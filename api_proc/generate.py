@@ -159,6 +159,7 @@ class ChoiceState:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.offset = 0  # characters of text so far (logprobs text_offset)
+        self.tools: Any = None  # a chat with tools: the choice's api_proc.tools.ToolStream, when streamed
         self._heard = False
         self._last_token_at: float | None = None
 

@@ -2,7 +2,8 @@
 
 Each limit is a token bucket holding up to one minute's allowance and refilling continuously
 (a tenant idle for a minute may burst its whole minute at once, then gets the steady rate).
-They apply to the generation endpoints (POST /v1/completions, /v1/chat/completions).
+They apply to the endpoints that run the model (POST /v1/completions, /v1/chat/completions,
+/v1/embeddings, and TGI's routes).
 
 Tokens are not known until a request ends, so a request is charged an estimate when it is
 admitted and corrected when it ends (LiteLLM and most gateways do the same):
@@ -33,7 +34,10 @@ from aiohttp import web
 from zeroserve.api_proc.auth import Tenant
 from zeroserve.api_proc.errors import ApiError
 
-GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+# TGI's routes too (tgi.py): their max_new_tokens is not read here, the usage settles the charge
+GENERATION_PATHS = frozenset(
+    {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/generate", "/generate_stream", "/"}
+)
 BYTES_PER_TOKEN = 4
 
 

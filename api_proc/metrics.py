@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -41,6 +42,8 @@ from zeroserve.shared.messages import BucketCounts, EngineStatus, RequestTimings
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # what generate_latest writes
 LABELS = ["model_name"]
+# per-request metrics: also the version that served it (api_proc/versions.py; "v1" for one model)
+REQUEST_LABELS = ["model_name", "model_version"]
 PREFIXES = ("zeroserve", "vllm")
 
 # fmt: off
@@ -268,13 +271,12 @@ class ApiMetrics:
             self.registry.register(self.engine_stats)
         reg = self.registry
 
+        # families with REQUEST_LABELS; view(model, version) binds them (RequestMetrics)
         def histogram(name: str, doc: str, buckets: list[float]):
-            return Histogram(f"{prefix}:{name}", doc, LABELS, buckets=buckets, registry=reg).labels(
-                model_name
-            )
+            return Histogram(f"{prefix}:{name}", doc, REQUEST_LABELS, buckets=buckets, registry=reg)
 
         def counter(name: str, doc: str):
-            return Counter(f"{prefix}:{name}", doc, LABELS, registry=reg).labels(model_name)
+            return Counter(f"{prefix}:{name}", doc, REQUEST_LABELS, registry=reg)
 
         # latency as the client sees it (this process' clock)
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
@@ -337,14 +339,14 @@ class ApiMetrics:
         self._success = Counter(
             f"{prefix}:request_success",
             "Requests finished, by finish reason.",
-            [*LABELS, "finished_reason"],
+            [*REQUEST_LABELS, "finished_reason"],
             registry=reg,
         )
         self._errors = Counter(
             f"{prefix}:request_errors",
             "Requests answered with an error (or ended by one mid-stream), by HTTP status and "
             "reason (the OpenAI error code or type; client_disconnected: the client left first).",
-            [*LABELS, "status", "reason"],
+            [*REQUEST_LABELS, "status", "reason"],
             registry=reg,
         )
         # per tenant (docs/audit.md): the label's values are the configured tenants' names alone
@@ -363,12 +365,94 @@ class ApiMetrics:
             [*LABELS, "tenant"],
             registry=reg,
         )
-        self.audit_records_dropped = counter(
-            "audit_records_dropped",
+        self.audit_records_dropped = Counter(
+            f"{prefix}:audit_records_dropped",
             "Audit records dropped because the spool was full (the database out of reach for too long).",
-        )
+            LABELS,
+            registry=reg,
+        ).labels(model_name)
+        self.collectors: list[Any] = []  # scrape-time collectors beside the engine's (add_collector)
+        self._views: dict[tuple[str, str], RequestMetrics] = {}
+        self.default = self.view(model_name, "v1")
+
+    def view(self, model: str, version: str) -> RequestMetrics:
+        """The per-request metrics of one (model, version), made once."""
+        key = (model, version)
+        v = self._views.get(key)
+        if v is None:
+            v = self._views[key] = RequestMetrics(self, model, version)
+        return v
+
+    def add_collector(self, collector: Any) -> None:
+        """A collector read at each scrape (as the engine's stats are: never summed over processes)."""
+        self.collectors.append(collector)
+        if self.registry is not None:
+            self.registry.register(collector)
 
     # ------------------------------------------------------------------ recording
+
+    def first_token(self, arrival: float, now: float) -> None:
+        self.default.first_token(arrival, now)
+
+    def tokens_after_gap(self, gap_s: float, num_tokens: int) -> None:
+        self.default.tokens_after_gap(gap_s, num_tokens)
+
+    def finished(self, *args: Any, **kwargs: Any) -> None:
+        self.default.finished(*args, **kwargs)
+
+    def error(
+        self, status: int, reason: str | None, model: str | None = None, version: str | None = None
+    ) -> None:
+        """model/version: the version that served it; None (not routed, e.g. an unknown model:
+        never a label value taken from the request) counts under this server's model, version ""."""
+        labels = (model, version) if model is not None and version is not None else (self.model_name, "")
+        self._errors.labels(*labels, str(status), reason or f"http_{status}").inc()
+
+    def tenant_finished(self, tenant: str, prompt_tokens: int, generation_tokens: int) -> None:
+        """One request of ``tenant`` ended (any outcome), with its usage."""
+        self._tenant_requests.labels(self.model_name, tenant).inc()
+        self._tenant_prompt_tokens.labels(self.model_name, tenant).inc(prompt_tokens)
+        self._tenant_generation_tokens.labels(self.model_name, tenant).inc(generation_tokens)
+
+    def audit_dropped(self, count: int) -> None:
+        """Called from the audit writer's thread (prometheus_client's values are thread-safe)."""
+        self.audit_records_dropped.inc(count)
+
+    def record_sink(self, record) -> None:
+        """A request sink (request_log.py): counts each request that ended in an error."""
+        if record.status >= 400 or record.error_type is not None:
+            self.error(record.status, record.error_type, record.model, record.version)
+
+    # ------------------------------------------------------------------ exposition
+
+    def render(self) -> bytes:
+        if self.metrics_dir is None:
+            return generate_latest(self.registry)
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.metrics_dir)
+        registry.register(self.engine_stats)
+        for collector in self.collectors:
+            registry.register(collector)
+        return generate_latest(registry)
+
+
+class RequestMetrics:
+    """ApiMetrics' per-request metrics bound to one (model_name, model_version)."""
+
+    BOUND = (
+        "ttft", "itl", "tpot", "request_tpot", "e2e", "queue_time", "prefill_time", "decode_time",
+        "inference_time", "request_prompt_tokens", "request_generation_tokens", "prefill_kv_computed",
+        "max_generation_tokens", "params_n", "params_max_tokens", "prompt_tokens", "prompt_tokens_cached",
+        "generation_tokens",
+    )  # fmt: skip
+
+    def __init__(self, owner: ApiMetrics, model: str, version: str):
+        self.labels = (model, version)
+        for name in self.BOUND:
+            setattr(self, name, getattr(owner, name).labels(model, version))
+        self._success = owner._success
 
     def first_token(self, arrival: float, now: float) -> None:
         self.ttft.observe(max(0.0, now - arrival))
@@ -400,7 +484,7 @@ class ApiMetrics:
         self.e2e.observe(max(0.0, now - arrival))
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(generation_tokens)
-        self._success.labels(self.model_name, finish_reason).inc()
+        self._success.labels(*self.labels, finish_reason).inc()
         self.request_generation_tokens.observe(generation_tokens)
         if prompt_tokens:
             self.request_prompt_tokens.observe(prompt_tokens)
@@ -424,33 +508,3 @@ class ApiMetrics:
             if parent.remaining == 0:
                 self.params_n.observe(parent.n)
                 self.max_generation_tokens.observe(parent.most_tokens)
-
-    def error(self, status: int, reason: str | None) -> None:
-        self._errors.labels(self.model_name, str(status), reason or f"http_{status}").inc()
-
-    def tenant_finished(self, tenant: str, prompt_tokens: int, generation_tokens: int) -> None:
-        """One request of ``tenant`` ended (any outcome), with its usage."""
-        self._tenant_requests.labels(self.model_name, tenant).inc()
-        self._tenant_prompt_tokens.labels(self.model_name, tenant).inc(prompt_tokens)
-        self._tenant_generation_tokens.labels(self.model_name, tenant).inc(generation_tokens)
-
-    def audit_dropped(self, count: int) -> None:
-        """Called from the audit writer's thread (prometheus_client's values are thread-safe)."""
-        self.audit_records_dropped.inc(count)
-
-    def record_sink(self, record) -> None:
-        """A request sink (request_log.py): counts each request that ended in an error."""
-        if record.status >= 400 or record.error_type is not None:
-            self.error(record.status, record.error_type)
-
-    # ------------------------------------------------------------------ exposition
-
-    def render(self) -> bytes:
-        if self.metrics_dir is None:
-            return generate_latest(self.registry)
-        from prometheus_client.multiprocess import MultiProcessCollector
-
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=self.metrics_dir)
-        registry.register(self.engine_stats)
-        return generate_latest(registry)

@@ -139,6 +139,10 @@ class CompletionRequest(SamplingFields, kw_only=True):
     prompt: str | list[str | int | list[int]]
     logprobs: int | None = None  # top-N alternatives per token, 0..max_logprobs
     echo: bool | None = None
+    # OpenAI fields zeroserve refuses by name (api_proc/fields.py): typed loosely so that any
+    # value is seen and answered with a 400 that names the field, never silently dropped
+    best_of: int | None = None
+    suffix: Any = None
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
@@ -152,6 +156,16 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     tools: list[ToolDef] | None = None
     tool_choice: str | NamedToolChoice | None = None  # "none" | "auto" | "required" | a named function
     parallel_tool_calls: bool | None = None
+    # OpenAI fields zeroserve refuses by name (api_proc/fields.py)
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    functions: Any = None
+    function_call: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    moderation: Any = None
 
 
 class TokenizeBody(msgspec.Struct, kw_only=True):

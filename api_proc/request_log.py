@@ -36,6 +36,7 @@ log = logging.getLogger("zeroserve.api")
 access_log = logging.getLogger("zeroserve.access")
 
 REQUEST_ID_HEADER = "X-Request-Id"
+MODEL_VERSION_HEADER, MODEL_NAME_HEADER = "X-Model-Version", "X-Model-Name"
 MAX_REQUEST_ID_LENGTH = 128
 # no record for these: probes and scrapes would drown the access log and the audit trail
 UNRECORDED_PREFIXES = ("/health", "/ready", "/metrics", "/dashboard")
@@ -215,10 +216,14 @@ def request_middleware(sinks: Callable[[], list[Sink]]):
 
 
 async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: every response carries its request's id (errors and streams too)."""
+    """on_response_prepare: every response carries its request's id (errors and streams too), and
+    one that a model version served (or tried to) carries X-Model-Version and X-Model-Name."""
     ctx = request.get(REQUEST_CTX)
     if ctx is not None:
         response.headers[REQUEST_ID_HEADER] = ctx.request_id
+        if ctx.version is not None:  # set by the model router (api_proc/versions.py): provenance
+            response.headers[MODEL_VERSION_HEADER] = ctx.version
+            response.headers[MODEL_NAME_HEADER] = ctx.model or ""
 
 
 def install(app: web.Application) -> None:

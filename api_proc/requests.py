@@ -26,6 +26,7 @@ import msgspec
 
 from zeroserve.api_proc.config import ApiConfig
 from zeroserve.api_proc.errors import ApiError, bad_request
+from zeroserve.api_proc.fields import check_fields, parse_logit_bias
 from zeroserve.api_proc.protocol import (
     ChatCompletionRequest,
     ChatMessageIn,
@@ -33,6 +34,8 @@ from zeroserve.api_proc.protocol import (
     SamplingFields,
     TokenizeBody,
 )
+from zeroserve.api_proc.structured import structured_output
+from zeroserve.api_proc.tools import ToolPlan, calls_json, tool_plan
 from zeroserve.shared.messages import ChatMessage, GenerateRequest, SamplingParams, TokenizeRequest
 from zeroserve.shared.sampling_rules import sampling_error
 
@@ -56,6 +59,7 @@ class GenerationPlan:
     echo: bool = False
     logprobs: int | None = None  # None: no logprobs; N >= 0: N alternatives per token
     prompt_texts: list[str | None] = field(default_factory=list)  # string prompts, for echo
+    tools: ToolPlan | None = None  # chat with tools: how the output is read (tools.py)
 
     def prompt_index(self, choice: int) -> int:
         return choice // self.n
@@ -155,6 +159,8 @@ def sampling_params(
         stop_token_ids=stop_ids,
         ignore_eos=bool(body.ignore_eos),
         logprobs=logprobs,
+        logit_bias=parse_logit_bias(body.logit_bias),
+        structured=structured_output(body),
     )
 
 
@@ -270,6 +276,7 @@ def completion_plan(
 ) -> GenerationPlan:
     """session: the X-Session-Id header (else the body's `user`) keeps requests on one replica;
     client_id: the request's X-Request-Id, quoted in the engine request ids."""
+    check_fields(body, "completions")
     n = _check_common(body, config)
     logprobs = _logprobs_count(body.logprobs, "logprobs", config)
     if body.echo and logprobs is not None:
@@ -334,13 +341,22 @@ def chat_messages(messages: list[ChatMessageIn], config: ApiConfig) -> list[Chat
         if content is None and m.role != "assistant":
             raise bad_request(f"messages[{i}] ({m.role}) has no content.", f"messages[{i}].content")
         role = "system" if m.role == "developer" else m.role
-        out.append(ChatMessage(role=role, content=content, name=m.name, tool_call_id=m.tool_call_id))
+        out.append(
+            ChatMessage(
+                role=role,
+                content=content,
+                name=m.name,
+                tool_call_id=m.tool_call_id,
+                tool_calls=calls_json(m.tool_calls, f"messages[{i}].tool_calls"),
+            )
+        )
     return out
 
 
 def chat_plan(
     body: ChatCompletionRequest, config: ApiConfig, session: str | None = None, client_id: str | None = None
 ) -> GenerationPlan:
+    check_fields(body, "chat")
     n = _check_common(body, config)
     top = _logprobs_count(body.top_logprobs, "top_logprobs", config)
     if top is not None and not body.logprobs:
@@ -349,10 +365,16 @@ def chat_plan(
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     params = sampling_params(body, config, max_tokens=max_tokens, logprobs=logprobs, max_tokens_param=param)
+    tools = tool_plan(body, config.tool_call_parser)
+    constraint = None if tools is None else tools.structured()  # required / a named function
+    if constraint is not None:
+        params = msgspec.structs.replace(params, structured=constraint)
     check_fan_out(1, n, config)
     messages = chat_messages(body.messages, config)
     request_id = new_request_id("chatcmpl", client_id)
     prompt = {"messages": messages, "add_generation_prompt": body.add_generation_prompt is not False}
+    if tools is not None:
+        prompt["tools"] = tools.tools_json
     return GenerationPlan(
         request_id=request_id,
         created=int(time.time()),
@@ -365,6 +387,7 @@ def chat_plan(
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         logprobs=logprobs,
         prompt_texts=[None],
+        tools=tools,
     )
 
 

@@ -15,6 +15,7 @@ import math
 
 import msgspec
 
+from zeroserve.api_proc import tools
 from zeroserve.api_proc.errors import ApiError
 from zeroserve.api_proc.generate import ChoiceState, LogprobEntry
 from zeroserve.api_proc.requests import GenerationPlan
@@ -109,18 +110,20 @@ def chat_body(plan: GenerationPlan, choices: list[ChoiceState]) -> dict:
         "object": "chat.completion",
         "created": plan.created,
         "model": plan.model,
-        "choices": [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": "".join(c.text)},
-                "logprobs": chat_logprobs(c.logprobs) if plan.logprobs is not None else None,
-                "finish_reason": c.finish_reason,
-                "stop_reason": c.stop_reason,
-            }
-            for c in choices
-        ],
+        "choices": [_chat_choice(plan, c) for c in choices],
         "usage": usage(plan, choices),
         "system_fingerprint": None,
+    }
+
+
+def _chat_choice(plan: GenerationPlan, c: ChoiceState) -> dict:
+    message, finish_reason = tools.chat_message(plan.tools, "".join(c.text), c.finish_reason)
+    return {
+        "index": c.index,
+        "message": message,
+        "logprobs": chat_logprobs(c.logprobs) if plan.logprobs is not None else None,
+        "finish_reason": finish_reason,
+        "stop_reason": c.stop_reason,
     }
 
 
@@ -179,10 +182,14 @@ def chat_chunk(
     entries: list[LogprobEntry] | None,
     finish_reason: str | None,
     stop_reason: str | int | None,
+    tool_calls: list[dict] | None = None,
 ) -> dict:
+    delta: dict = {"content": text} if text or (finish_reason is None and not tool_calls) else {}
+    if tool_calls:  # OpenAI's tool-call deltas (api_proc/tools.py)
+        delta["tool_calls"] = tool_calls
     choice: dict = {
         "index": index,
-        "delta": {"content": text} if text or finish_reason is None else {},
+        "delta": delta,
         "logprobs": chat_logprobs(entries) if entries is not None else None,
         "finish_reason": finish_reason,
     }

@@ -20,12 +20,13 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from zeroserve.api_proc import responses
+from zeroserve.api_proc import responses, tools
 from zeroserve.api_proc.config import ApiConfig
 from zeroserve.api_proc.engine_state import EngineMonitor
 from zeroserve.api_proc.errors import ApiError, bad_request, from_decode_error, from_error_info
 from zeroserve.api_proc.generate import ChoiceState, EngineStreams, LogprobEntry, logprob_entries
 from zeroserve.api_proc.metrics import ApiMetrics, ParentRequest
+from zeroserve.api_proc.model_router import VERSIONS, route, unrouted
 from zeroserve.api_proc.protocol import ChatCompletionRequest, CompletionRequest
 from zeroserve.api_proc.request_log import RequestContext, RequestRecord, context_of
 from zeroserve.api_proc.requests import GenerationPlan, chat_plan, completion_plan
@@ -106,9 +107,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
     ctx = context_of(request)
     body = await read_body(request, CompletionRequest, state.config)
     client_id = _begin(ctx, body, state.config)
-    plan = completion_plan(body, state.config, request.headers.get(SESSION_HEADER), client_id)
-    await state.monitor.require_engine()
-    return await run_plan(request, state, plan, ctx)
+    targets = route(request, body.model, user=body.user, prompt=body.prompt, max_tokens=body.max_tokens)
+    plan = completion_plan(unrouted(body), state.config, request.headers.get(SESSION_HEADER), client_id)
+    return await run_routed(request, state, plan, ctx, targets)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -116,22 +117,43 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx = context_of(request)
     body = await read_body(request, ChatCompletionRequest, state.config)
     client_id = _begin(ctx, body, state.config)
-    plan = chat_plan(body, state.config, request.headers.get(SESSION_HEADER), client_id)
-    await state.monitor.require_engine()
-    return await run_plan(request, state, plan, ctx)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    targets = route(request, body.model, user=body.user, messages=body.messages, max_tokens=max_tokens)
+    plan = chat_plan(unrouted(body), state.config, request.headers.get(SESSION_HEADER), client_id)
+    return await run_routed(request, state, plan, ctx, targets)
+
+
+async def run_routed(
+    request: web.Request, state: ApiState, plan: GenerationPlan, ctx: RequestContext | None, targets: list
+) -> web.StreamResponse:
+    """``run_plan`` on the routed version (model_router.route), the next on 429/503 for a virtual model."""
+
+    async def call(target: Any) -> web.StreamResponse:
+        plan.model = target.name
+        return await run_plan(request, state, plan, ctx, target)
+
+    return await request.app[VERSIONS].run_targets(targets, ctx, call)
 
 
 async def run_plan(
-    request: web.Request, state: ApiState, plan: GenerationPlan, ctx: RequestContext | None = None
+    request: web.Request,
+    state: ApiState,
+    plan: GenerationPlan,
+    ctx: RequestContext | None = None,
+    target: Any = None,
 ) -> web.StreamResponse:
+    """target: the version that runs it (versions.Target: its client and metrics), else state's."""
     if ctx is not None and ctx.trace is not None:  # the engine's spans continue the api span's trace
         plan.requests = ctx.trace.continue_in(plan)
-    choices = new_choices(plan, state.metrics)
+    choices = new_choices(plan, state.metrics if target is None else target.metrics)
     config = state.config
     ended = None
     try:
         async with EngineStreams(
-            state.client, plan.requests, config.request_timeout_s, config.engine_stall_timeout_s
+            state.client if target is None else target.client,
+            plan.requests,
+            config.request_timeout_s,
+            config.engine_stall_timeout_s,
         ) as streams:
             if plan.stream:
                 return await _stream(request, state, plan, choices, streams, ctx)
@@ -322,8 +344,14 @@ async def _send_delta(
 ) -> None:
     entries = _entries(plan, choice, delta)
     text = choice.apply(delta, time.monotonic())
-    if not text and not entries and delta.finish_reason is None:
+    finish, calls = delta.finish_reason, None
+    if plan.tools is not None and plan.tools.mode != "none":  # the calls' text becomes tool-call deltas
+        choice.tools = choice.tools or plan.tools.stream()
+        text, calls, finish = tools.stream_step(choice.tools, text, finish)
+    if not text and not entries and not calls and finish is None:
         return  # nothing to say (e.g. a first message that only carries the prompt length)
-    make = responses.chat_chunk if plan.chat else responses.completion_chunk
-    chunk = make(plan, choice.index, text, entries, delta.finish_reason, delta.stop_reason)
+    if plan.chat:
+        chunk = responses.chat_chunk(plan, choice.index, text, entries, finish, delta.stop_reason, calls)
+    else:
+        chunk = responses.completion_chunk(plan, choice.index, text, entries, finish, delta.stop_reason)
     await response.write(responses.sse(chunk))

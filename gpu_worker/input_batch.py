@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from zeroserve.kernels.metadata import AttentionMetadata
-from zeroserve.shared.messages import SamplingParams, StepPlan
+from zeroserve.shared.messages import PoolingParams, SamplingParams, StepPlan
 
 
 class PlanError(ValueError):
@@ -38,6 +38,7 @@ class RequestState:
     num_computed_tokens: int  # tokens whose K/V are in the cache
     params: SamplingParams
     generator: torch.Generator | None
+    pooling: PoolingParams | None = None  # an embedding request: pooled, never sampled (pooling.py)
 
 
 @dataclass
@@ -166,6 +167,7 @@ class RequestStates:
                 num_computed_tokens=new.num_computed_tokens,
                 params=params,
                 generator=self.make_generator(params.seed) if params.seed is not None else None,
+                pooling=new.pooling,
             )
             self.requests[new.request_id] = state
             end = new.num_computed_tokens + new.num_new_tokens

@@ -17,6 +17,7 @@ StepResult is sent on. ``tp=None`` is the single-process path, with no collectiv
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import Counter
@@ -24,6 +25,7 @@ from collections import Counter
 import msgspec
 import torch
 
+from zeroserve.gpu_worker.grammar import GrammarBook, tokenizer_info
 from zeroserve.gpu_worker.input_batch import PlanError, RequestStates, build_inputs
 from zeroserve.gpu_worker.kv_cache import (
     DEFAULT_CPU_KV_CACHE_GB,
@@ -32,10 +34,17 @@ from zeroserve.gpu_worker.kv_cache import (
     cpu_num_blocks,
     cuda_num_blocks,
 )
-from zeroserve.gpu_worker.loader import ModelConfig, ReadStats, load_checkpoint, load_model_config
+from zeroserve.gpu_worker.loader import (
+    ModelConfig,
+    ReadStats,
+    checkpoint_format,
+    load_checkpoint,
+    load_model_config,
+)
 from zeroserve.gpu_worker.models import build_model
 from zeroserve.gpu_worker.models.layers import Linear
 from zeroserve.gpu_worker.parallel import TensorParallel, check_tp_size, kv_head_range, tensor_shards
+from zeroserve.gpu_worker.pooling import PoolingDefault, pool, take_pooling_rows
 from zeroserve.gpu_worker.quantization import (
     DTYPES,
     CheckpointFacts,
@@ -79,6 +88,7 @@ class RunnerConfig(msgspec.Struct, frozen=True, kw_only=True):
     load_format: str = DEFAULTS.load_format  # auto | hf | gguf | dummy (random weights, config from the file)
     num_threads: int = DEFAULTS.num_threads  # CPU: torch intra-op threads; 0 = torch's default (all cores)
     seed: int = DEFAULTS.seed
+    pooling: str = DEFAULTS.pooling  # embeddings: auto | last | mean | cls (gpu_worker/pooling.py)
 
     @classmethod
     def from_engine(cls, config: EngineConfig) -> RunnerConfig:
@@ -118,8 +128,10 @@ class ModelRunner:
         path = resolve_model(config.model)
         backend = get_kernels(config.kernel_backend, str(self.device)).name
         kernel_types = gguf_kernel_types(backend)
+        # an embedding is compared with its reference model's: auto keeps an encoder's float weights
+        encoder = checkpoint_format(path) == "hf" and load_model_config(path).is_encoder
         choice = resolve_quantization(
-            config.quantization,
+            "none" if encoder and config.quantization == "auto" else config.quantization,
             config.dtype,
             self.device,
             CheckpointFacts.of(path, config.load_format),
@@ -192,7 +204,10 @@ class ModelRunner:
                 self.max_model_len,
             )
             self.max_model_len = self.num_kv_blocks * self.block_size
-        self.kv_caches = allocate_kv_cache(self.kv_spec, self.num_kv_blocks, self.device)
+        # an encoder attends over each step's own q/k/v (models/bert.py): no cache to hold
+        self.kv_caches = (
+            [] if cfg.is_encoder else allocate_kv_cache(self.kv_spec, self.num_kv_blocks, self.device)
+        )
         self.requests = RequestStates(
             self.num_kv_blocks,
             self.block_size,
@@ -200,11 +215,14 @@ class ModelRunner:
             lambda seed: make_generator(seed, self.device),
         )
         self.sampler = Sampler(self.ops)
+        self.pooling = PoolingDefault.of(cfg, config.pooling)  # embedding requests' default pooling
+        self.model_path = path
+        self.grammar: GrammarBook | None = None  # constrained decoding: made at the first such request
         # forward(input_ids, positions, kv_caches, meta) -> hidden; on CUDA, captured decode
         # graphs take its place (same signature, eager fallback for other batches)
         self.forward = self.model.forward
         # collectives are not captured: a tensor-parallel rank runs eagerly
-        if self.device.type == "cuda" and not config.enforce_eager and tp is None:
+        if self.device.type == "cuda" and not config.enforce_eager and tp is None and not cfg.is_encoder:
             self._capture_cuda_graphs()
         self.load_time_s = time.perf_counter() - start
         log.info(
@@ -215,7 +233,7 @@ class ModelRunner:
             self.device,
             self.num_kv_blocks,
             self.block_size,
-            self.num_kv_blocks * self.kv_spec.bytes_per_block / 2**20,
+            0 if cfg.is_encoder else self.num_kv_blocks * self.kv_spec.bytes_per_block / 2**20,
             str(self.kv_dtype).removeprefix("torch."),
             self.quantization_summary,
         )
@@ -251,6 +269,8 @@ class ModelRunner:
 
     def _size_kv_cache(self) -> int:
         c = self.config
+        if self.model_config.is_encoder:  # no KV memory: the blocks only count max_num_seqs full inputs
+            return c.max_num_seqs * -(-self.max_model_len // self.block_size)
         if c.num_kv_blocks:  # None or 0: size from memory
             return c.num_kv_blocks
         memory_gb = c.kv_cache_memory_gb or None
@@ -289,6 +309,8 @@ class ModelRunner:
         """Forget every request (the worker calls this after a failed step; the scheduler
         starts over). The KV cache keeps its contents; the scheduler owns which blocks mean what."""
         self.requests.clear()
+        if self.grammar is not None:
+            self.grammar.clear()
 
     @torch.inference_mode()
     def _profile_run(self) -> None:
@@ -321,20 +343,26 @@ class ModelRunner:
         worker's state; the worker process turns any exception into StepResult.error."""
         start = time.perf_counter()
         scheduled = self.requests.apply(plan)
+        grammar = self._grammar(plan)
         if not scheduled:
             return StepResult(plan.step_id, [], [], None, time.perf_counter() - start)
+        pooling_rows = take_pooling_rows(scheduled)  # embedding requests: pooled, not sampled
         inputs = build_inputs(scheduled, self.block_size, self.device)
+        # masks of constrained rows are computed on a thread while the forward runs
+        constrained = grammar.prepare(inputs.sampling) if grammar is not None else None
         hidden = self.forward(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         token_ids: list[int] = []
         logprobs = None
         if inputs.sampling:
             logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
             if self.tp is None:
-                token_ids, logprobs = self._sample(logits, inputs.sampling)
+                token_ids, logprobs = self._sample(logits, inputs.sampling, constrained)
             else:  # rank 0 has the gathered logits; every rank needs the ids for its next inputs
                 if logits is not None:
-                    token_ids, logprobs = self._sample(logits, inputs.sampling)
+                    token_ids, logprobs = self._sample(logits, inputs.sampling, constrained)
                 token_ids = self.tp.broadcast_ids(token_ids, len(inputs.sampling), self.device)
+        dead_ends = constrained.finish(token_ids) if constrained is not None else []
+        pooled = pool(hidden, pooling_rows, self.pooling) if pooling_rows else []
         RequestStates.advance(scheduled, token_ids)
         return StepResult(
             step_id=plan.step_id,
@@ -342,9 +370,24 @@ class ModelRunner:
             sampled_token_ids=token_ids,
             logprobs=logprobs,
             step_time_s=time.perf_counter() - start,
+            dead_ends=dead_ends,
+            pooled=pooled,
         )
 
-    def _sample(self, logits: torch.Tensor, states) -> tuple[list[int], list | None]:
+    def _grammar(self, plan: StepPlan) -> GrammarBook | None:
+        """The constrained-decoding book, synced with the plan; None until a constrained request
+        arrives, and on tensor-parallel ranks > 0 (rank 0 samples for the group)."""
+        if self.grammar is None:
+            if (self.tp is not None and self.tp.rank != 0) or not any(n.params.structured for n in plan.new):
+                return None
+            info = functools.partial(tokenizer_info, self.model_path, self.vocab_size, self.eos_token_ids)
+            self.grammar = GrammarBook(info, self.vocab_size)
+        self.grammar.sync(plan)
+        return self.grammar
+
+    def _sample(self, logits: torch.Tensor, states, constrained=None) -> tuple[list[int], list | None]:
+        if constrained is not None:  # the grammar's -inf before anything reads the logits
+            constrained.mask(logits)
         batch = SamplingBatch.build(
             [s.params for s in states],
             [s.token_ids[: s.num_prompt_tokens] for s in states],

@@ -211,6 +211,12 @@ def serve(config: EngineConfig, rank: int, replica: int = 0) -> None:
     env.set_cpu_thread_env()
     placement = replica_placement(config, replica, rank)  # before torch starts its thread pool
     started = time.monotonic()
+    if rank == 0 and not config.embedding_only:
+        # xgrammar's import holds the GIL for about a second: done beside the weight loading, it
+        # never stalls a step (nor the heartbeat thread) when the first constrained request comes
+        from zeroserve.tokenizer_proc.structured import preload
+
+        preload()
     from zeroserve.gpu_worker.model_runner import ModelRunner, RunnerConfig
 
     runner_config = msgspec.structs.replace(RunnerConfig.from_engine(config), **placement)

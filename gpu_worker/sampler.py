@@ -7,10 +7,10 @@ logits ``[B, V]``. The greedy argmax and the filters come from the kernel backen
 (``argmax_rows``, ``sampling_filter``: kernels/base.py), the rest are the pure torch functions
 of ``kernels.reference.sampling``, which every device runs; the order is vLLM v1's:
 
-    raw logits ──────────────────────────────────────► logprobs (log_softmax, top-N)
-      └─ min_tokens mask (EOS, stop ids) ─ penalties ─┬─► argmax_rows       (greedy rows)
-                                                      └─► sampling_filter (/T ─ min_p ─ top_k
-                                                          ─ top_p) ─ softmax ─ exponential race
+    raw logits ─────────────────────────────────────────────────► logprobs (log_softmax, top-N)
+      └─ min_tokens mask (EOS, stop ids) ─ logit_bias ─ penalties ─┬─► argmax_rows  (greedy rows)
+                                                                   └─► sampling_filter (/T ─ min_p
+                                                                       ─ top_k ─ top_p) ─ softmax ─ race
 
 Only the work some row asks for runs: a filter only for what some row has (the torch one
 never sorts the full vocabulary, save for rows whose top-p nucleus is wider than 1024 tokens;
@@ -66,6 +66,8 @@ class SamplingBatch:
     output_tokens: tuple[torch.Tensor, torch.Tensor] | None
     # min_tokens: tokens to hide this step (EOS and stop ids of rows short of min_tokens)
     banned_tokens: tuple[torch.Tensor, torch.Tensor] | None
+    # OpenAI's logit_bias: (rows, token ids, fp32 biases) added to the logits; None unless a row has one
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     # one per row, None for unseeded and greedy rows; None when no row has one
     generators: list[torch.Generator | None] | None
     # logprobs: rows that asked (ascending), and how many alternatives each wants
@@ -84,6 +86,7 @@ class SamplingBatch:
             self.all_greedy
             and not self.needs_penalties
             and self.banned_tokens is None
+            and self.logit_bias is None
             and not self.logprob_rows
         )
 
@@ -149,6 +152,18 @@ class SamplingBatch:
             rows, ids = torch.tensor(banned, dtype=torch.int64).to(device).unbind(1)
             banned_tokens = (rows, ids)
 
+        logit_bias = None
+        biased = [
+            (row, tok, b) for row, p in enumerate(params) if p.logit_bias for tok, b in p.logit_bias.items()
+        ]
+        if biased:
+            rows_b, ids_b, values_b = zip(*biased)
+            logit_bias = (
+                torch.tensor(rows_b, dtype=torch.int64).to(device),
+                torch.tensor(ids_b, dtype=torch.int64).to(device),
+                torch.tensor(values_b, dtype=torch.float32).to(device),
+            )
+
         seeded = [None if g else gen for gen, g in zip(generators, greedy, strict=True)]
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         return cls(
@@ -172,6 +187,7 @@ class SamplingBatch:
             ),
             output_tokens=(reference_ops.flatten_token_ids(output_ids, device) if use_penalties else None),
             banned_tokens=banned_tokens,
+            logit_bias=logit_bias,
             generators=seeded if any(g is not None for g in seeded) else None,
             logprob_rows=logprob_rows,
             logprob_rows_tensor=(
@@ -228,10 +244,13 @@ class Sampler:
         return SamplerOutput(sampled.tolist(), self._to_messages(logprobs, batch), sampled)
 
     def _process(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """min_tokens masking and penalties: what greedy and random rows both see."""
+        """min_tokens masking, logit_bias and penalties: what greedy and random rows both see."""
         num_rows, vocab = logits.shape
         if batch.banned_tokens is not None:
             logits = reference_ops.mask_tokens(logits, *batch.banned_tokens)
+        if batch.logit_bias is not None:  # out of place: the caller's logits stay as they were
+            rows, ids, values = batch.logit_bias
+            logits = logits.index_put((rows, ids), values, accumulate=True)
         if batch.needs_penalties:
             counts = reference_ops.scatter_token_counts(*batch.output_tokens, num_rows, vocab)
             prompt_mask = reference_ops.scatter_token_mask(*batch.prompt_tokens, num_rows, vocab)

@@ -2,8 +2,10 @@
 
 Each input line is ``{"custom_id", "method": "POST", "url": "/v1/completions" |
 "/v1/chat/completions", "body": {...}}``; each yields exactly one output line
-``{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`` whose
-body is what the HTTP API would return for the same body (same code: api_proc.serving).
+``{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error", "model", "version"}`` whose
+body is what the HTTP API would return for the same body (same code: api_proc.serving);
+``model`` and ``version`` name what produced a result (null on an error line; the engine's one
+model is version "v1", as an api process without a registry serves it).
 A line that is not JSON (or nests too deeply to decode) or is invalid becomes an error line
 (status 400) and the job goes on; a line without a usable custom_id gets ``line-N`` (with a
 ``-K`` suffix where the input also has that string as a custom_id). Transient failures (429,
@@ -193,8 +195,16 @@ def done_ids(path: str) -> set[str]:
     return ids
 
 
-def output_line(custom_id: str, status: int, body: dict, request_id: str | None = None) -> dict:
-    """request_id: the id its engine requests and log lines quote (as X-Request-Id over HTTP)."""
+def output_line(
+    custom_id: str,
+    status: int,
+    body: dict,
+    request_id: str | None = None,
+    model: str | None = None,
+    version: str | None = None,
+) -> dict:
+    """request_id: the id its engine requests and log lines quote (as X-Request-Id over HTTP);
+    model and version: what produced the result (provenance, as X-Model-Version over HTTP)."""
     error = None
     if status != 200:
         err = body.get("error", {})
@@ -204,6 +214,8 @@ def output_line(custom_id: str, status: int, body: dict, request_id: str | None 
         "custom_id": custom_id,
         "response": {"status_code": status, "request_id": request_id or uuid.uuid4().hex, "body": body},
         "error": error,
+        "model": model,
+        "version": version,
     }
 
 
@@ -241,6 +253,7 @@ async def run_jobs(
     """sinks: each gets every attempt's RequestRecord (api_proc.request_log), as over HTTP."""
     from zeroserve.api_proc.errors import ApiError
     from zeroserve.api_proc.request_log import RequestContext, new_request_id, run_recorded
+    from zeroserve.api_proc.versions import STATIC_VERSION
 
     semaphore = asyncio.Semaphore(max_concurrency)
 
@@ -263,6 +276,7 @@ async def run_jobs(
         async with semaphore:
             for attempt in range(max_retries + 1):
                 ctx = RequestContext(rid, job.url, "POST", "batch")
+                ctx.version = STATIC_VERSION  # one engine, no registry: its model is version v1
                 try:
                     body = await run_recorded(
                         ctx, client, api_config, job.url, job.body, sinks or (), wants_text
@@ -283,7 +297,7 @@ async def run_jobs(
                 summary.retries += 1
                 await asyncio.sleep(delay)
             summary.tokens += body.get("usage", {}).get("completion_tokens", 0)
-            write(output_line(job.custom_id, 200, body, rid), True)
+            write(output_line(job.custom_id, 200, body, rid, ctx.model, ctx.version), True)
 
     await asyncio.gather(*(one(j) for j in jobs))
 

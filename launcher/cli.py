@@ -17,6 +17,7 @@ COMMANDS = {
     "batch": "zeroserve.launcher.batch",
     "deploy": "zeroserve.launcher.deploy",
     "usage": "zeroserve.launcher.usage",
+    "models": "zeroserve.launcher.models_cli",
 }
 PROC_ROLES = ("api", "tokenizer", "scheduler", "worker", "registry")
 

@@ -235,6 +235,12 @@ def run(args: argparse.Namespace) -> int:
             "zeroserve deploy: --data-parallel-size is not supported here yet (it renders one replica); "
             "run `zeroserve serve --data-parallel-size N` under your service manager instead"
         )
+    if getattr(args, "models_file", None):  # no launcher, no registry: one model per set of units
+        raise SystemExit(
+            "zeroserve deploy: --models needs the launcher (it runs the model registry, its engine groups "
+            "and the canary controller); run `zeroserve serve --models FILE` under your service manager "
+            "instead, or deploy one model (MODEL) per set of units"
+        )
     if args.distributed_executor_backend != "mp":  # the service manager runs these processes, not Ray
         raise SystemExit(
             "zeroserve deploy: --distributed-executor-backend ray is for `zeroserve serve`, which places "

@@ -76,6 +76,13 @@ FLAGS: dict[str, list[Flag]] = {
             "request priority must lie in this range (both included); outside is HTTP 400",
             metavar=("MIN", "MAX"),
         ),
+        Flag(
+            "tool_call_parser",
+            "how tool calls are read from the model's output (docs/tools.md): hermes (<tool_call>{json}"
+            '</tool_call>, Hermes/Qwen) or llama3_json ({"name": ..., "parameters": ...}, Llama 3); '
+            "also the format tools are described in when the chat template ignores them",
+            ("hermes", "llama3_json"),
+        ),
     ],
     "scheduler": [
         Flag("max_model_len", "context length; 0: the model's"),
@@ -145,6 +152,13 @@ FLAGS: dict[str, list[Flag]] = {
             "--data-parallel-size N: each worker's 1/N share of them)",
         ),
         Flag("seed", "seed for unseeded sampling"),
+        Flag(
+            "pooling",
+            "how /v1/embeddings turns a prompt's hidden states into one vector (docs/embeddings.md): auto: a "
+            "sentence-transformers folder's own pooling and normalisation, else the last token; last, mean, "
+            "cls: that, L2-normalised",
+            ("auto", "last", "mean", "cls"),
+        ),
         Flag("step_timeout_s", "a model step taking longer fails its requests and restarts the worker"),
     ],
     "observability": [
@@ -209,6 +223,23 @@ FLAGS: dict[str, list[Flag]] = {
             "ZEROSERVE_STATE_DIR, else ~/.local/state/zeroserve)",
             metavar="DIR",
             resolved=True,
+        ),
+    ],
+    "models": [
+        Flag(
+            "models_file",
+            "serve the models and versions of this TOML file (docs/models.md) instead of one MODEL; each "
+            "version is its own engine group with its own options; the registry is kept in STATE_DIR",
+            flag="--models",
+            metavar="FILE",
+        ),
+        Flag(
+            "allow_fault_injection",
+            "accept a version's `fault` (injected errors / latency, for testing canary rollback); off: refused",
+        ),
+        Flag(
+            "model_drain_timeout_s",
+            "unloading a version waits at most this long for its in-flight requests to finish",
         ),
     ],
     "transport": [
@@ -303,6 +334,7 @@ NON_NEGATIVE = (
     "priority_aging_s",
     "target_itl_ms",
     "audit_retention_days",
+    "model_drain_timeout_s",
 )
 
 
@@ -401,11 +433,28 @@ def check_distributed(args: argparse.Namespace) -> None:
         raise SystemExit("--ray-address is for --distributed-executor-backend ray")
 
 
+def default_context(model_cfg) -> int:
+    """The context served without --max-model-len: the model's, or a sentence-transformers
+    folder's max_seq_length (the length it was trained to embed; sentence-transformers cuts there)."""
+    st = model_cfg.sentence_transformer
+    if st is not None and st.max_seq_length:
+        return min(st.max_seq_length, model_cfg.max_position_embeddings)
+    return model_cfg.max_position_embeddings
+
+
 def config_from_args(args: argparse.Namespace, run_dir: str | None = None) -> EngineConfig:
     """Resolve the model, its context length and vocabulary, and build the frozen config."""
     from zeroserve.gpu_worker.loader import load_model_config
 
-    model = resolve_model(getattr(args, "model", None))
+    model, served_name = resolve_model(getattr(args, "model", None)), args.served_model_name
+    models_file = getattr(args, "models_file", None)
+    if models_file:  # the default model's stable version is what the config names (docs/models.md)
+        from zeroserve.launcher.models_file import first_version
+
+        if getattr(args, "model", None):
+            raise SystemExit("zeroserve: give a MODEL or --models FILE, not both")
+        models_file = os.path.abspath(models_file)
+        served_name, model = first_version(models_file, args.allow_fault_injection)
     model_cfg = load_model_config(model)
     if args.max_model_len > model_cfg.max_position_embeddings:
         raise SystemExit(
@@ -437,12 +486,16 @@ def config_from_args(args: argparse.Namespace, run_dir: str | None = None) -> En
     values = {flag.field: getattr(args, flag.field) for flags in FLAGS.values() for flag in flags}
     values.update(
         model=model,
-        served_model_name=args.served_model_name or model_display_name(model),
+        served_model_name=served_name or model_display_name(model),
+        models_file=models_file or None,
         run_dir=os.path.abspath(run_dir),
         curve=new_curve_keys() if args.transport == "tcp" else None,
         max_num_batched_tokens=max(args.max_num_batched_tokens, args.block_size),
-        max_model_len=args.max_model_len or model_cfg.max_position_embeddings,
+        max_model_len=args.max_model_len or default_context(model_cfg),
         vocab_size=model_cfg.vocab_size,
+        embedding_only=model_cfg.is_encoder,
+        embedding_size=model_cfg.hidden_size,
+        matryoshka_dimensions=model_cfg.matryoshka_dimensions,
         priority_aging_s=args.priority_aging_s or None,
         priority_range=tuple(args.priority_range),
         priority_deadline_ms=parse_priority_deadlines(args.priority_deadline_ms, tuple(args.priority_range)),

@@ -103,6 +103,8 @@ class RunDir:
         if config.uses_registry:
             addresses += [config.replay_address_of(r) for r in range(config.data_parallel_size)]
             addresses += [config.registry_publish_address, config.registry_subscribe_address]
+        if config.control_address is not None:  # the model registry's control channel
+            addresses.append(config.control_address)
         addresses = [a for a in addresses if a.startswith("ipc://")]  # a registry_address may be tcp
         return [a[len("ipc://") :] for a in addresses]
 
@@ -147,6 +149,8 @@ class RunDir:
             _unlink_if(os.path.join(self.path, name), stat.S_ISREG)
         for p in self.sockets(config):
             _unlink_if(p, stat.S_ISSOCK)
+        # the model registry's per-version dirs (launcher/engine_groups.py), each removed by its group
+        _rmdir_if_empty(os.path.join(self.path, "groups"))
         metrics = config.metrics_dir
         if os.path.isdir(metrics) and not os.path.islink(metrics):
             for f in os.listdir(metrics):

@@ -14,8 +14,15 @@ With ``--tensor-parallel-size N`` > 1 each replica has N worker processes (``--i
 rank) in one torch.distributed group, which cannot take a rank back: when any of them exits,
 the supervisor kills the rest and starts all N again, together.
 
+Models and versions (docs/models.md): each served (model, version) is an engine group of its own
+(launcher/engine_groups.py: its bus, workers, schedulers and tokenizers, its config and sockets);
+the api processes are shared. `serve` runs the model registry (launcher/model_registry.py) and
+answers the api processes on RUN_DIR/control.sock (launcher/control.py); groups are started and
+stopped while the server runs. `batch` and tests without a control address get one group.
+
 Shutdown (SIGTERM/SIGINT): api and tokenizer processes drain first (refuse new work, finish
-what is in flight), then the schedulers, workers and the bus stop; every process exits 0.
+what is in flight; every group at once), then the schedulers, workers and the bus stop; every
+process exits 0.
 """
 
 from __future__ import annotations
@@ -23,15 +30,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 
+import msgspec
+
+from zeroserve.launcher.engine_groups import (  # noqa: F401  (re-exported: replica_processes, tests)
+    BACKOFF_MAX_S,
+    BACKOFF_START_S,
+    HEALTHY_AFTER_S,
+    Child,
+    EngineGroup,
+    GroupManager,
+    ProcessSet,
+    child_env,
+    proc_command,
+)
+from zeroserve.launcher.models_file import ModelsFileError
 from zeroserve.launcher.run_dir import RunDir
-from zeroserve.shared.client import EngineClient
 from zeroserve.shared.config import EngineConfig
 
 log = logging.getLogger("zeroserve.launcher")
@@ -43,43 +61,6 @@ ROLES = {  # role -> package run with `python -m`
     "worker": "zeroserve.gpu_worker",
     "registry": "zeroserve.shared.registry",
 }
-BACKOFF_START_S, BACKOFF_MAX_S, HEALTHY_AFTER_S = 1.0, 30.0, 60.0
-
-
-def proc_command(role: str, config_path: str, index: int, replica: int | None = None) -> list[str]:
-    """The command line of one process; it names its role (``zeroserve proc worker ...``)."""
-    script = os.path.join(os.path.dirname(sys.executable), "zeroserve")
-    if not os.path.exists(script):
-        script = shutil.which("zeroserve") or ""
-    head = [sys.executable, script] if script else [sys.executable, "-m", "zeroserve.launcher.cli"]
-    tail = [] if replica is None else ["--replica", str(replica)]
-    return head + ["proc", role, "--config", config_path, "--index", str(index), *tail]
-
-
-def child_env(config: EngineConfig) -> dict[str, str]:
-    environ = dict(os.environ)
-    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    environ["PROMETHEUS_MULTIPROC_DIR"] = config.metrics_dir
-    return environ
-
-
-@dataclass
-class Child:
-    role: str
-    index: int
-    command: list[str]
-    replica: int | None = None  # scheduler / worker of replica #replica, when there are several
-    popen: subprocess.Popen | None = None
-    started_at: float = 0.0
-    restarts: int = 0
-    backoff_s: float = BACKOFF_START_S
-    restart_at: float | None = None
-    exit_codes: list[int] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        name = self.role if self.index == 0 else f"{self.role}-{self.index}"
-        return name if self.replica is None else f"{name}-r{self.replica}"
 
 
 def engine_config(args) -> tuple[EngineConfig, RunDir]:
@@ -95,6 +76,11 @@ def engine_config(args) -> tuple[EngineConfig, RunDir]:
 
 
 class Supervisor:
+    """Every process of a `serve` (or `batch`): the api processes, and one engine group per
+    served (model, version). With ``config.control_address`` the model registry decides the
+    groups (launcher/model_registry.py) and answers the api processes on that socket; without
+    it (batch, tests) there is one group, the config's own model."""
+
     def __init__(self, config: EngineConfig, run_dir: RunDir | None = None):
         self.ray = None  # with --distributed-executor-backend ray, the replicas are Ray actors
         if config.distributed_executor_backend == "ray":
@@ -104,40 +90,79 @@ class Supervisor:
             self.ray = RayExecutor(config)
         self.config = config
         self.run_dir = run_dir or RunDir.claim(config.run_dir)
+        self.registry = None
+        self.control = None
+        self.groups = GroupManager(config, self.run_dir.path)
         try:
-            self.config_path, api_config_path = self.run_dir.prepare(config)
+            keys = self._prepare_groups(config)
+            root = self.groups.pending.get(keys[0][0] + "@" + keys[0][1])
+            self.config_path, api_config_path = self.run_dir.prepare(root)
+            self.root = None
+            for model, version in keys:
+                group = self.groups.build(model, version)
+                self.root = self.root or group
         except BaseException:
             self.run_dir.release()
             raise
-        # (role, instances, replica): the bus first, so replicas find it as they come up
-        order: list[tuple[str, int, int | None]] = [("registry", 1, None)] if config.uses_registry else []
-        replicas = config.data_parallel_size
-        for r in range(replicas if self.ray is None else 0):
-            order += [
-                ("worker", config.tensor_parallel_size, None if replicas == 1 else r),
-                ("scheduler", 1, None if replicas == 1 else r),
-            ]
-        order += [("tokenizer", config.num_tokenizers, None), ("api", config.api_workers, None)]
-        paths = {"api": api_config_path}  # the api only connects: its file lacks the CURVE server secret
-        self.children = [
-            Child(role, i, proc_command(role, paths.get(role, self.config_path), i, replica), replica)
-            for role, n, replica in order
-            for i in range(n)
-        ]
-        self.stopping = False
+        self.groups.accept_root = False
         self.env = child_env(config)
+        # the api only connects: its file lacks the CURVE server secret
+        api = [Child("api", i, proc_command("api", api_config_path, i)) for i in range(config.api_workers)]
+        self.api = ProcessSet(api, self.env)
+        self.stopping = False
 
-    def spawn(self, child: Child) -> None:
-        child.popen = subprocess.Popen(child.command, env=self.env, stdin=subprocess.DEVNULL)
-        child.started_at = time.monotonic()
-        child.restart_at = None
-        log.debug("started %s (pid %d)", child.name, child.popen.pid)
+    def _prepare_groups(self, config: EngineConfig) -> list[tuple[str, str]]:
+        if config.control_address is None:
+            self.groups.pending[f"{config.served_model_name}@v1"] = config
+            return [(config.served_model_name, "v1")]
+        from zeroserve.launcher.model_registry import STATE_FILE, Registry
+        from zeroserve.launcher.models_file import read_models_file, single_model
+        from zeroserve.shared import env
+
+        if config.models_file:
+            spec = read_models_file(config.models_file, config.allow_fault_injection)
+        else:
+            spec = single_model(config.served_model_name, config.model)
+        self.registry = Registry(
+            spec,
+            self.groups,
+            api_workers=config.api_workers,
+            drain_timeout_s=config.model_drain_timeout_s,
+            allow_fault_injection=config.allow_fault_injection,
+            state_path=os.path.join(config.state_dir or env.state_dir(), STATE_FILE),
+        )
+        self.groups.registry = self.registry
+        try:
+            return self.registry.prepare_all()
+        except ModelsFileError as e:
+            note = ""
+            if self.registry.restored:
+                note = (
+                    f" (the versions of {', '.join(self.registry.restored)} come from {self.registry.state_path}, "
+                    "which wins over the command line: fix or remove that entry to start from it)"
+                )
+            raise SystemExit(f"zeroserve: cannot serve the models: {e}{note}") from None
+
+    @property
+    def children(self) -> list[Child]:
+        """The first group's processes and the api's, in start order."""
+        return self.root.children + self.api.children
+
+    def all_sets(self) -> list[ProcessSet]:
+        return [*self.groups.groups.values(), self.api]
 
     def start(self) -> None:
-        for child in self.children:
-            self.spawn(child)
+        for group in list(self.groups.groups.values()):
+            group.start()
+        self.api.start()
         if self.ray is not None:
             self.ray.start()
+        if self.registry is not None:
+            from zeroserve.launcher.control import ControlServer, serve_control
+
+            self.control = ControlServer(self.config.control_address, self.registry)
+            self.control_task = asyncio.get_running_loop().create_task(serve_control(self.control))
+            self.control_task.add_done_callback(_control_ended)
 
     def pids(self) -> dict[str, int]:
         return {c.name: c.popen.pid for c in self.children if c.popen is not None and c.popen.poll() is None}
@@ -146,73 +171,35 @@ class Supervisor:
         """Restart the dead (with backoff)."""
         if self.ray is not None:
             self.ray.check()  # Ray restarts its actors itself; this notes what it cannot place
-        now = time.monotonic()
-        for child in self.children:
-            if child.popen is None:
-                if child.restart_at is not None and now >= child.restart_at:
-                    child.restarts += 1
-                    log.warning("restarting %s (restart #%d)", child.name, child.restarts)
-                    self.spawn(child)
-                continue
-            code = child.popen.poll()
-            if code is None:
-                if now - child.started_at > HEALTHY_AFTER_S:
-                    child.backoff_s = BACKOFF_START_S
-                continue
-            child.exit_codes.append(code)
-            child.popen = None
-            delay = child.backoff_s
-            child.backoff_s = min(child.backoff_s * 2, BACKOFF_MAX_S)
-            child.restart_at = now + delay
-            if child.role == "worker" and self.config.tensor_parallel_size > 1:
-                self.stop_group(child)
-            level = logging.ERROR if delay >= 8 else logging.WARNING
-            log.log(
-                level,
-                "%s exited with code %s; restarting in %.0fs%s",
-                child.name,
-                code,
-                delay,
-                " (crash loop: check the log above)" if delay >= 8 else "",
-            )
-
-    def stop_group(self, dead: Child) -> None:
-        """Tensor parallel: kill the dead worker's surviving ranks and restart the group as one
-        (a fresh torch.distributed group needs every rank to start over)."""
-        group = [c for c in self.children if c.role == "worker" and c.replica == dead.replica]
-        for rank in group:
-            if rank is not dead and rank.popen is not None:
-                if rank.popen.poll() is None:
-                    log.warning("%s exited: killing %s, of its tensor-parallel group", dead.name, rank.name)
-                    rank.popen.kill()
-                rank.popen.wait()
-                rank.popen = None
-        restart_at = max(c.restart_at or 0.0 for c in group)
-        for rank in group:
-            rank.restart_at, rank.backoff_s = restart_at, max(c.backoff_s for c in group)
+        self.groups.check()
+        self.api.check()
+        if self.registry is not None:
+            self.registry.tick()
 
     async def wait_ready(self, timeout_s: float = 600.0) -> None:
-        """Block until tokenizer 0 reports a ready engine (with replicas: one of them ready);
-        raise if a child keeps failing."""
+        """Block until the engine is ready (with a registry: every version ready or failed);
+        raise if a child keeps failing or a version fails."""
         started = time.monotonic()
-        async with EngineClient(self.config.tokenizer_addresses, self.config.curve) as client:
-            last_note = 0.0
+        watches = [asyncio.ensure_future(self.groups.watch(g)) for g in self.groups.groups.values()]
+        last_note = 0.0
+        try:
             while True:
                 self.check_children()
-                try:
-                    pong = await client.ping(timeout=0.5)
-                    if pong.ready:
-                        return
-                except TimeoutError:
-                    pass
+                if all(w.done() for w in watches):
+                    failed = [w.result() for w in watches if w.result()[1] is not None]
+                    if failed:
+                        raise RuntimeError("; ".join(f"{k} failed: {r}" for k, r in failed))
+                    return
                 waited = time.monotonic() - started
                 if waited > timeout_s:
                     raise RuntimeError(f"the engine was not ready after {timeout_s:.0f}s; see the log above")
                 if self.ray is not None and self.ray.failed:
                     raise RuntimeError(f"{', '.join(self.ray.failed)}; see the log above")
-                if any(len(c.exit_codes) >= 3 for c in self.children):
-                    bad = [c.name for c in self.children if len(c.exit_codes) >= 3]
-                    raise RuntimeError(f"{', '.join(bad)} failed to start 3 times; see the log above")
+                bad = self.api.crash_looping()
+                if bad:
+                    raise RuntimeError(
+                        f"{', '.join(c.name for c in bad)} failed to start 3 times; see the log above"
+                    )
                 if waited - last_note > 10:
                     last_note = waited
                     print(
@@ -221,46 +208,57 @@ class Supervisor:
                         flush=True,
                     )
                 await asyncio.sleep(0.2)
+        finally:
+            for w in watches:
+                w.cancel()
 
     async def supervise(self) -> None:
         while not self.stopping:
             self.check_children()
             await asyncio.sleep(0.2)
 
-    def _signal(self, roles: tuple[str, ...], sig: int) -> None:
-        for child in self.children:
-            if child.role in roles and child.popen is not None and child.popen.poll() is None:
-                child.popen.send_signal(sig)
+    def _children(self, roles: tuple[str, ...]) -> list[Child]:
+        return [c for s in self.all_sets() for c in s.children if c.role in roles and c.popen is not None]
 
     def _wait(self, roles: tuple[str, ...], timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
-        for child in self.children:
-            if child.role in roles and child.popen is not None:
-                try:
-                    child.popen.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    return False
+        for child in self._children(roles):
+            try:
+                child.popen.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                return False
         return True
 
     def shutdown(self, drain_timeout_s: float = 120.0) -> bool:
-        """Drain front to back; kill whatever does not exit in time. True if all exited 0."""
+        """Drain front to back, every group at once; kill whatever does not exit in time. True if all exited 0."""
         self.stopping = True
         clean = True
+        if self.control is not None:
+            self.control.close()
         stages = ((("api", "tokenizer"), drain_timeout_s), (("scheduler", "worker", "registry"), 15.0))
         for stage, timeout in stages:
             if "scheduler" in stage and self.ray is not None:
                 clean = self.ray.stop() and clean
-            self._signal(stage, signal.SIGTERM)
+            for s in self.all_sets():
+                s.signal(stage, signal.SIGTERM)
             if not self._wait(stage, timeout):
                 log.error("%s did not stop in %.0fs; killing", "/".join(stage), timeout)
-                self._signal(stage, signal.SIGKILL)
+                for s in self.all_sets():
+                    s.signal(stage, signal.SIGKILL)
                 self._wait(stage, 5.0)
-            for child in self.children:
-                if child.role in stage and child.popen is not None and child.popen.returncode != 0:
+            for child in self._children(stage):
+                if child.popen.returncode != 0:
                     log.error("%s exited with code %s", child.name, child.popen.returncode)
                     clean = False
-        self.run_dir.clean(self.config)
+        for group in self.groups.groups.values():
+            group.remove_files()
+        self.run_dir.clean(self.root.config)
         return clean
+
+
+def _control_ended(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the model registry's control channel stopped", exc_info=task.exception())
 
 
 def serve(config: EngineConfig, run_dir: RunDir | None = None) -> int:
@@ -268,6 +266,11 @@ def serve(config: EngineConfig, run_dir: RunDir | None = None) -> int:
     from zeroserve.shared.proc_main import die_with_parent
 
     die_with_parent()
+    if run_dir is None:
+        run_dir = RunDir.claim(config.run_dir)
+    from zeroserve.launcher.control import control_address
+
+    config = msgspec.structs.replace(config, control_address=control_address(run_dir.path))
     sup = Supervisor(config, run_dir)
     stop = asyncio.Event()
 

@@ -19,6 +19,7 @@ import math
 from collections.abc import Iterator
 
 from zeroserve.scheduler_proc.config import SchedulerConfig
+from zeroserve.scheduler_proc.pooling import embedding_admission_error
 from zeroserve.scheduler_proc.request import Request, RequestStatus
 from zeroserve.shared.messages import EngineRequest, ErrorInfo
 
@@ -51,6 +52,12 @@ def check_admission(cfg: SchedulerConfig, req: EngineRequest, waiting: WaitingQu
             f"got {req.priority}.",
             param="priority",
         )
+    if req.pooling is not None:  # an embedding: only the prompt runs (pooling.py)
+        error = embedding_admission_error(cfg, req)
+        if error is not None:
+            raise AdmissionError(400, error[0], param=error[1], code=error[2])
+        check_queue(cfg, num_prompt, waiting)
+        return
     if num_prompt == 0:
         raise AdmissionError(400, "the prompt is empty: it must contain at least one token", param="prompt")
     if max_tokens > context:
@@ -96,6 +103,11 @@ def check_admission(cfg: SchedulerConfig, req: EngineRequest, waiting: WaitingQu
             param="max_tokens",
             code="kv_cache_too_small",
         )
+    check_queue(cfg, num_prompt, waiting)
+
+
+def check_queue(cfg: SchedulerConfig, num_prompt: int, waiting: WaitingQueue) -> None:
+    """429 when the waiting queue is full (in requests or prompt tokens)."""
     limit = cfg.max_waiting_requests
     if limit is not None and waiting.num_requests >= limit:
         raise AdmissionError(

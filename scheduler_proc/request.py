@@ -53,6 +53,7 @@ class Request:
         "block_keys", "num_cached_blocks", "num_cached_tokens", "started", "sent_first_delta",
         "known_to_workers", "stop_token_ids", "stop_set", "max_len", "min_len", "num_prompt_tokens",
         "num_preemptions", "decode_data", "_root_key", "queued_at", "scheduled_at", "first_token_at",
+        "pooling",
     )  # fmt: skip
 
     def __init__(
@@ -64,6 +65,7 @@ class Request:
         self.all_token_ids: list[int] = list(req.prompt_token_ids)
         self.num_prompt_tokens = len(req.prompt_token_ids)
         self.params = params
+        self.pooling = req.pooling  # an embedding request: prefill only, then pooled (pooling.py)
         self.arrival_time = req.arrival_time
         self.priority = req.priority
         self.deadline = req.deadline

@@ -42,6 +42,7 @@ from zeroserve.scheduler_proc.block_manager import BlockManager
 from zeroserve.scheduler_proc.config import SchedulerConfig
 from zeroserve.scheduler_proc.cost_model import StepShape, TimeBudget
 from zeroserve.scheduler_proc.latency import LatencyPolicy
+from zeroserve.scheduler_proc.pooling import pooled_delta, starts_whole
 from zeroserve.scheduler_proc.request import Request, RequestStatus, due_time
 from zeroserve.shared.messages import (
     BucketCounts,
@@ -210,12 +211,15 @@ class Scheduler:
                 break
             num_tokens = len(r.all_token_ids)
             hits: list[int] = []
-            if caching:  # the longest cached prefix, leaving at least one token to compute
+            if caching and r.pooling is None:  # the longest cached prefix, leaving a token to compute
                 r.update_block_keys(bs)
                 hits = bm.find_cached_prefix(r.block_keys, (num_tokens - 1) // bs)
             num_computed = len(hits) * bs
             num_new = min(num_tokens - num_computed, budget)
-            if tb is not None:
+            if r.pooling is not None:  # an embedding runs whole, in one step, or waits (pooling.py)
+                if not starts_whole(num_tokens, num_new, tb, not new_data):
+                    break
+            elif tb is not None:
                 num_new = tb.chunk(num_computed, num_new)
                 if num_new <= 0:
                     break
@@ -239,7 +243,7 @@ class Scheduler:
             r.known_to_workers = True
             new_data.append(NewRequestData(
                 r.request_id, list(r.all_token_ids), list(r.block_ids), num_computed, num_new, r.params,
-                r.num_prompt_tokens))  # fmt: skip
+                r.num_prompt_tokens, pooling=r.pooling))  # fmt: skip
             bisect.insort(running, r, key=_by_sort_key)
             budget -= num_new
             shape.add_prefill(num_computed, num_new)
@@ -247,7 +251,7 @@ class Scheduler:
                 tb.spend(num_computed, num_new)
             if r.num_computed_tokens == num_tokens:
                 num_sampling += 1
-            if caching:
+            if caching and r.pooling is None:
                 self._cache_full_blocks(r, keyed)
 
         if not running_data and not new_data:
@@ -351,6 +355,7 @@ class Scheduler:
         append = deltas.append
         finished: list[Request] = []
         applied = 0
+        dead_ends = set(result.dead_ends) if result.dead_ends else None  # their token is void
         for idx, rid in enumerate(result.request_ids):
             r = live.get(rid)
             if r is None:
@@ -359,6 +364,10 @@ class Scheduler:
             if r.num_computed_tokens != len(all_tokens):
                 continue  # not sampling in this step (an id re-used after an abort is WAITING, at 0)
             applied += 1
+            if dead_ends is not None and rid in dead_ends:
+                append(self._dead_end_delta(r))
+                finished.append(r)
+                continue
             token = tokens[idx]
             all_tokens.append(token)
             if (
@@ -373,6 +382,12 @@ class Scheduler:
                     finished.append(r)
             else:  # the common case: one more token, nothing else to say
                 append(TokenDelta(request_id=rid, token_ids=[token]))
+        for out in result.pooled:  # embedding requests: their vector ends them (pooling.py)
+            r = live.get(out.request_id)
+            if r is not None and r.pooling is not None and r.num_computed_tokens == len(r.all_token_ids):
+                applied += 1
+                append(pooled_delta(r, out.data, now))
+                finished.append(r)
         if finished:
             finished.sort(key=_by_sort_key)  # free order (LRU order) independent of result order
             for r in finished:
@@ -416,6 +431,12 @@ class Scheduler:
             # string may end it in the tokenizer later), all of them the last
             timings=r.timings(now) if first or finish is not None else None,
         )
+
+    @classmethod
+    def _dead_end_delta(cls, r: Request) -> TokenDelta:
+        """r's grammar allowed no next token (the worker's StepResult.dead_ends): it ends as a
+        "stop" that says why, without the step's token."""
+        return msgspec.structs.replace(cls._last_delta(r, "stop"), stop_reason="grammar_dead_end")
 
     def reset_kv_cache(self) -> None:
         """The workers restarted with an empty KV cache: requeue every running request (it is

@@ -83,6 +83,15 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     load_format: str = "auto"
     num_threads: int = 0  # torch threads in the worker, 0 = all cores
     seed: int = 0
+    # embeddings (docs/embeddings.md): how hidden states become one vector. auto: a
+    # sentence-transformers folder's own pooling (and normalisation), else the last token,
+    # normalised; last | mean | cls: that, normalised
+    pooling: str = "auto"
+    # resolved by the launcher from the model: an encoder serves only embeddings; their width; the
+    # sizes `dimensions` may cut them to (Matryoshka: None = not supported, [] = any)
+    embedding_only: bool = False
+    embedding_size: int = 0
+    matryoshka_dimensions: list[int] | None = None
     # api
     host: str = "127.0.0.1"
     port: int = 8000
@@ -101,6 +110,9 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_n: int = 16
     max_seqs_per_request: int = 256  # prompts x n that one request may fan out to
     priority_range: tuple[int, int] = (-100, 100)  # the priorities a request may ask for, inclusive
+    # how tool calls are read from the model's output (api_proc/tools.py, docs/tools.md): hermes |
+    # llama3_json; also the format tools are described in when the chat template ignores them
+    tool_call_parser: str = "hermes"
     # supervision: a worker silent for heartbeat_timeout_s is dead to the scheduler, a tokenizer to its clients
     heartbeat_interval_s: float = 0.2
     heartbeat_timeout_s: float = 1.0
@@ -113,6 +125,13 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     # and per-step worker spans (costly: one span per request per step)
     otlp_traces_endpoint: str | None = None
     collect_detailed_traces: bool = False
+    # model registry (docs/models.md): the models file (None: the one MODEL, as version "v1"), the
+    # launcher's control socket (set by `serve` only: None under supervisord/systemd), whether a
+    # version's `fault` is accepted, how long an unload waits for its in-flight requests
+    models_file: str | None = None
+    control_address: str | None = None
+    allow_fault_injection: bool = False
+    model_drain_timeout_s: float = 60.0
 
     # ---------------------------------------------------------------- addresses
     def _address(self, name: str, port_offset: int) -> str:

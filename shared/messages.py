@@ -412,7 +412,7 @@ class TokenDelta(msgspec.Struct, frozen=True, array_like=True):
     token_ids: list[int]
     logprobs: list[TokenLogprobs] | None = None
     finish_reason: str | None = None
-    stop_reason: int | None = None
+    stop_reason: int | str | None = None  # a stop token id, or "grammar_dead_end"
     error: ErrorInfo | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0

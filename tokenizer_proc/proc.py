@@ -73,8 +73,10 @@ from zeroserve.shared.messages import (
 )
 from zeroserve.shared.proc_main import parse_proc_args, run_actor
 from zeroserve.tokenizer_proc.errors import TokenizerError
+from zeroserve.tokenizer_proc.pooling import pooling_error
 from zeroserve.tokenizer_proc.replicas import ReplicaSet
 from zeroserve.tokenizer_proc.requests import RequestState
+from zeroserve.tokenizer_proc.structured import preload as preload_structured
 from zeroserve.tokenizer_proc.tokenizer import load_tokenizer
 from zeroserve.tokenizer_proc.tracing import PromptTiming
 from zeroserve.tokenizer_proc.validation import PromptCache, build_prompt, check_token_ids
@@ -88,6 +90,8 @@ class TokenizerProcess:
     def __init__(self, config: EngineConfig, index: int):
         self.config = config
         self.tokenizer = load_tokenizer(config.model)
+        preload_structured()  # xgrammar's import stalls the GIL for ~1 s: never while serving
+        self.tokenizer.tool_format = config.tool_call_parser
         self.ctx = zmq.asyncio.Context()
         self.auth = start_authenticator(self.ctx, config.curve)
         # mandatory: a reply to a dead or stalled owner fails, and its requests are aborted
@@ -167,6 +171,10 @@ class TokenizerProcess:
                 unavailable("the engine is not ready (model loading or a worker restarting); retry shortly"),
             )
             return
+        error = pooling_error(req, self.config)  # embeddings, or a model that serves only those
+        if error is not None:
+            self.fail(identity, req.request_id, error)
+            return
         # Guards this table, not the scheduler's: a reused id would take over the first request's text.
         if req.request_id in self.requests or req.request_id in self.pending:
             self.fail(identity, req.request_id, invalid("duplicate request id"))
@@ -192,8 +200,9 @@ class TokenizerProcess:
         del self.pending[req.request_id]
         try:
             prompt_ids, params = fut.result()
-        except TokenizerError as e:
-            self.fail(identity, req.request_id, invalid(e.message, e.param))
+        except TokenizerError as e:  # an embedding's prompt is its `input`
+            param = "input" if req.pooling is not None and e.param == "prompt" else e.param
+            self.fail(identity, req.request_id, invalid(e.message, param))
             return
         except Exception:
             log.exception(
@@ -218,6 +227,7 @@ class TokenizerProcess:
             queue_deadline=None if req.queue_timeout_s is None else now + req.queue_timeout_s,
             cache_salt=req.cache_salt,
             trace=None if timing is None else timing.spans(self.tracer, req, prompt_ids, replica.replica_id),
+            pooling=req.pooling,
         )
         try:  # never an unbounded Python queue in front of a scheduler that stopped reading
             send_now(replica.sock, [self.encoder.encode(engine_request)])

@@ -83,5 +83,6 @@ class RequestState:
             stop_reason=stop_reason,
             timings=delta.timings,  # the scheduler's: first token (so far) and last, unless a stop string
             num_output_tokens=self.num_output,
+            embedding=delta.embedding,  # an embedding request's vector, on its one delta
             **extra,
         )

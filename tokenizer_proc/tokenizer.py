@@ -101,6 +101,8 @@ class Tokenizer:
 
         self.chat_template: str | None = spec.chat_template
         self._template = ChatTemplate(spec.chat_template) if spec.chat_template else None
+        # --tool-call-parser: the format tools are written in for a template that ignores them
+        self.tool_format = "hermes"
         self._byte_decoder = _byte_decoder(self.backend)
         # byte-level BPE: every token spells raw bytes, so token_bytes is exact
         self.is_byte_level: bool = self._byte_decoder is not None
@@ -188,7 +190,10 @@ class Tokenizer:
                 "send a plain prompt to /v1/completions instead"
             )
         return self._template.render(
-            messages, add_generation_prompt=add_generation_prompt, variables={**self.special_tokens, **kwargs}
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            variables={**self.special_tokens, **kwargs},
+            tool_format=self.tool_format,
         )
 
     def encode_chat(self, messages: Sequence, add_generation_prompt: bool = True, **kwargs) -> list[int]:

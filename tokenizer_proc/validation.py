@@ -9,6 +9,7 @@ fault, so tokenizer_proc can answer with an OpenAI-style 400.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -18,7 +19,9 @@ from zeroserve.shared.messages import GenerateRequest, SamplingParams
 from zeroserve.shared.sampling_rules import sampling_error
 
 from .errors import ChatTemplateError, InvalidTokenIdError, TokenizerError
+from .structured import check_structured
 from .tokenizer import Tokenizer
+from .tool_messages import tool_variables
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int, param: str = "prompt_token_ids") -> None:
@@ -30,6 +33,20 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, param: str = "prompt_to
             )
 
 
+def check_logit_bias(bias: dict[int, float] | None, vocab_size: int) -> None:
+    """Ids in the vocabulary and finite biases within OpenAI's [-100, 100]: one row's inf or NaN
+    would poison the sampling of its whole batch (ZMQ clients reach us without the API's checks)."""
+    if not bias:
+        return
+    check_token_ids(list(bias), vocab_size, param="logit_bias")
+    for token_id, value in bias.items():
+        if not (isinstance(value, float | int) and math.isfinite(value) and -100.0 <= value <= 100.0):
+            raise TokenizerError(
+                f"logit_bias values must be between -100 and 100, got {value} for token {token_id}.",
+                param="logit_bias",
+            )
+
+
 def encode_prompt(
     tokenizer: Tokenizer,
     prompt: str | None = None,
@@ -38,6 +55,7 @@ def encode_prompt(
     add_generation_prompt: bool = True,
     add_special_tokens: bool = True,
     vocab_size: int | None = None,
+    tools: str | None = None,
 ) -> list[int]:
     """The prompt's token ids, from exactly one of prompt / messages / prompt_token_ids.
 
@@ -65,7 +83,9 @@ def encode_prompt(
         if not messages:
             raise ChatTemplateError("messages is empty: a chat needs at least one message")
         try:
-            return tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+            return tokenizer.encode_chat(
+                messages, add_generation_prompt=add_generation_prompt, **tool_variables(tools)
+            )
         except TokenizerError as e:  # the template's own raise_exception, or a malformed conversation
             raise TokenizerError(e.message, param=e.param or "messages") from None
         except Exception:  # never leak internals; the message says what to fix
@@ -96,7 +116,7 @@ class PromptCache:
             return None
         if req.prompt is not None:
             return req.prompt
-        return (req.add_generation_prompt, msgspec.msgpack.encode(req.messages))
+        return (req.add_generation_prompt, msgspec.msgpack.encode(req.messages), req.tools)
 
     def get(self, key: object) -> list[int] | None:
         ids = self._entries.get(key)
@@ -141,6 +161,7 @@ def build_prompt(
             prompt_token_ids=req.prompt_token_ids,
             add_generation_prompt=req.add_generation_prompt,
             vocab_size=vocab_size,
+            tools=req.tools,
         )
         if key is not None:
             cache.put(key, ids)
@@ -149,6 +170,8 @@ def build_prompt(
     if error is not None:
         raise TokenizerError(*error)
     check_token_ids(params.stop_token_ids, vocab_size, param="stop_token_ids")
+    check_logit_bias(params.logit_bias, vocab_size)
+    check_structured(params.structured)  # xgrammar reads it, or a 400 says why
     if params.top_k >= vocab_size:  # every token anyway: off, so the sampler does no top-k at all
         params = msgspec.structs.replace(params, top_k=0)
     if params.max_tokens <= 0:

@@ -17,8 +17,9 @@ from .errors import (
     UnexpectedTensorError,
     UnknownArchitectureError,
 )
+from .sentence_transformers import SentenceTransformerConfig
 
-Architecture = Literal["llama", "qwen2", "qwen3"]
+Architecture = Literal["llama", "qwen2", "qwen3", "bert"]
 
 # Hugging Face `architectures[0]` -> our family. Mistral is Llama with other defaults
 # (its sliding window is ignored: zeroserve attends over the whole context).
@@ -27,12 +28,14 @@ HF_ARCHITECTURES: dict[str, Architecture] = {
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "BertModel": "bert",  # an encoder: serves embeddings only (models/bert.py, loader/bert.py)
 }
 HF_MODEL_TYPES: dict[str, Architecture] = {
     "llama": "llama",
     "mistral": "llama",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
+    "bert": "bert",
 }
 GGUF_ARCHITECTURES: tuple[Architecture, ...] = ("llama", "qwen2", "qwen3")
 
@@ -72,6 +75,16 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     torch_dtype: str = "float32"
     quantization: str | None = None
     format: Literal["hf", "gguf"] = "hf"
+    type_vocab_size: int = 0  # bert: token type (segment) embeddings
+    # a sentence-transformers folder's pooling, normalisation and max_seq_length (embeddings)
+    sentence_transformer: SentenceTransformerConfig | None = None
+    # the `dimensions` an embedding may be cut to (Matryoshka): None = not supported, [] = any
+    matryoshka_dimensions: list[int] | None = None
+
+    @property
+    def is_encoder(self) -> bool:
+        """Bidirectional attention over each input, no KV cache, no LM head: embeddings only."""
+        return self.architecture == "bert"
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -114,6 +127,10 @@ def _eos_list(value: Any) -> list[int]:
 def config_from_hf(cfg: dict[str, Any], generation: dict[str, Any] | None, path: str) -> ModelConfig:
     """config.json (+ generation_config.json) -> ModelConfig. `path` names config.json in errors."""
     arch = _arch_from_hf(cfg, path)
+    if arch == "bert":
+        from .bert import bert_config
+
+        return bert_config(cfg, path)
     if cfg.get("mlp_bias"):
         raise UnknownArchitectureError(
             f"{path}: mlp_bias=true (biases on gate/up/down projections) is not supported", path=path
@@ -157,6 +174,10 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
     lm_head.weight is absent when tie_word_embeddings (the model reuses embed_tokens).
     """
+    if cfg.architecture == "bert":
+        from .bert import bert_shapes
+
+        return bert_shapes(cfg)
     H, D, V, inter = cfg.hidden_size, cfg.head_dim, cfg.vocab_size, cfg.intermediate_size
     q_out, kv_out = cfg.num_attention_heads * D, cfg.num_key_value_heads * D
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
@@ -191,6 +212,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def is_ignorable(name: str, cfg: ModelConfig) -> bool:
     """Tensors a checkpoint may carry that the model does not load: rotary caches saved by old
     transformers versions, and a copy of the embedding as lm_head in tied checkpoints."""
+    if cfg.architecture == "bert":  # the position-id buffer; the pooler sentence-transformers never uses
+        return name == "embeddings.position_ids" or name.startswith("pooler.")
     return name.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and name == "lm_head.weight")
 
 

@@ -16,12 +16,14 @@ import os
 import struct
 from typing import Any
 
+import msgspec
 import torch
 from safetensors import safe_open
 
 from .config import ModelConfig, check_tensors, config_from_hf, is_ignorable
 from .errors import CheckpointError, CorruptCheckpointError, MissingConfigError, MissingShardError
 from .progress import progress_bar
+from .sentence_transformers import read_sentence_transformer_config
 from .sharding import ReadStats, TensorShard
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -58,7 +60,9 @@ def read_hf_config(folder: str) -> ModelConfig:
         )
     cfg = _read_json(config_path, required=True)
     generation = _read_json(os.path.join(folder, "generation_config.json"), required=False)
-    return config_from_hf(cfg, generation, config_path)
+    model_cfg = config_from_hf(cfg, generation, config_path)
+    st = read_sentence_transformer_config(folder)  # embeddings: pooling, normalisation, max length
+    return model_cfg if st is None else msgspec.structs.replace(model_cfg, sentence_transformer=st)
 
 
 def safetensors_files(folder: str) -> tuple[list[str], str]:

@@ -19,6 +19,7 @@ MODELS: dict[str, tuple[str, str]] = {
     "llama": ("zeroserve.gpu_worker.models.llama", "LlamaForCausalLM"),
     "qwen2": ("zeroserve.gpu_worker.models.qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("zeroserve.gpu_worker.models.qwen3", "Qwen3ForCausalLM"),
+    "bert": ("zeroserve.gpu_worker.models.bert", "BertModel"),  # an encoder: embeddings only
 }
 
 __all__ = ["MODELS", "build_model", "model_class"]

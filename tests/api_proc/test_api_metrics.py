@@ -25,6 +25,8 @@ ENGINE_WIDE = ("zeroserve:num_", "zeroserve:kv_cache", "zeroserve:prefix_cache")
 def value(all_samples: dict, name: str, **labels) -> float:
     if name.startswith(ENGINE_WIDE):
         labels.setdefault("replica", "r0")  # one engine without replicas reports as r0
+    else:
+        labels.setdefault("model_version", "v1")  # per-request metrics: the version that served it
     return all_samples[(name, tuple(sorted({"model_name": MODEL, **labels}.items())))]
 
 

@@ -101,8 +101,12 @@ def test_batch_500_lines_with_5_bad_interrupted_and_resumed(zeroserve_server, tm
     ok = [line for line in lines if line["response"]["status_code"] == 200]
     errors = [line for line in lines if line["response"]["status_code"] != 200]
     assert len(ok) == 495 and len(errors) == 5
+    # provenance: the model and version that produced each result (one engine: version v1)
+    model = ok[0]["response"]["body"]["model"]
+    assert all((line["model"], line["version"]) == (model, "v1") for line in ok)
     for line in errors:
         assert line["response"]["status_code"] == 400 and line["error"]["message"]
+        assert (line["model"], line["version"]) == (None, None)
         assert "error" in line["response"]["body"]
 
 

@@ -47,6 +47,7 @@ CHANGED = {
     "load_format": "dummy",
     "num_threads": 3,
     "seed": 9,
+    "pooling": "mean",
     "host": "0.0.0.0",
     "port": 9001,
     "curve": CurveKeys("sp", "ss", "cp", "cs"),
@@ -55,6 +56,7 @@ CHANGED = {
     "max_body_bytes": 10,
     "max_n": 3,
     "max_seqs_per_request": 20,
+    "tool_call_parser": "llama3_json",
     "priority_range": (-3, 3),
     "heartbeat_interval_s": 0.7,
     "heartbeat_timeout_s": 4.0,
@@ -65,6 +67,7 @@ CHANGED = {
     "audit_content": "hash",
     "audit_retention_days": 30.0,
     "otlp_traces_endpoint": "http://collector:4318/v1/traces",
+    "control_address": "ipc:///tmp/run-x/control.sock",
     "metrics_prefix": "vllm",
     "log_prompts": True,
     "priority_deadline_ms": {0: 30000.0, -5: 800.0},
@@ -163,7 +166,15 @@ def test_no_flags_give_engine_configs_defaults(model_dir, tmp_path, monkeypatch)
     monkeypatch.delenv("ZEROSERVE_NUM_THREADS", raising=False)
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
     config = parse(model_dir, str(tmp_path / "run"))
-    worked_out = {"model", "served_model_name", "run_dir", "max_model_len", "vocab_size", "device"}
+    worked_out = {
+        "model",
+        "served_model_name",
+        "run_dir",
+        "max_model_len",
+        "vocab_size",
+        "device",
+        "embedding_size",
+    }
     for field in msgspec.structs.fields(EngineConfig):
         if field.name not in worked_out:
             assert getattr(config, field.name) == getattr(DEFAULTS, field.name), field.name

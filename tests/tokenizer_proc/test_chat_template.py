@@ -90,7 +90,8 @@ def test_other_templates_match_transformers(tokenizer, hf_tokenizer, template):
     for messages in CONVERSATIONS[:1] + CONVERSATIONS[2:]:
         if template is MISTRAL:
             messages = [m for m in messages if m["role"] != "system"]
-        for extra in ({}, {"tools": TOOLS}):
+        # a template that ignores tools gets them written into the messages (test_tool_template.py)
+        for extra in ({}, {"tools": TOOLS}) if renderer.reads_tools else ({},):
             expected = _reference(hf_tokenizer, messages, template, **extra)
             got = renderer.render(messages, True, {**tokenizer.special_tokens, **extra})
             assert got == expected
