@@ -128,10 +128,24 @@ CHAT: dict[str, Field] = {
 
 FIELDS: dict[str, dict[str, Field]] = {"completions": COMPLETIONS, "chat": CHAT}
 
+# vLLM's guided-decoding fields from before its structured_outputs (gone since vLLM 0.12), not
+# OpenAI's: clients written for older vLLM still send them, and dropping one would answer
+# unconstrained text with a 200. Refused on both endpoints, naming what to send instead.
+LEGACY_VLLM: dict[str, Field] = {
+    f"guided_{kind}": _refused(
+        f'guided_{kind} is vLLM\'s old name; send structured_outputs: {{"{kind}": ...}} '
+        "(or response_format) instead"
+    )
+    for kind in ("json", "regex", "choice", "grammar")
+} | {
+    "guided_decoding_backend": _refused("the structured-output backend is always xgrammar here"),
+    "guided_whitespace_pattern": _refused("a whitespace pattern for JSON is not supported"),
+}
+
 
 def check_fields(body: Any, endpoint: str) -> None:
     """400 naming the first refused field the body sets to something other than a no-op value."""
-    for name, field in FIELDS[endpoint].items():
+    for name, field in (FIELDS[endpoint] | LEGACY_VLLM).items():
         if field.status != REFUSED:
             continue
         value = getattr(body, name, None)

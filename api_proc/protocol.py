@@ -121,6 +121,13 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     cache_salt: str | None = None
+    # vLLM's pre-0.12 guided decoding: refused by name (api_proc/fields.py LEGACY_VLLM)
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
     # ours: milliseconds from arrival until the request ends with finish_reason "timeout",
     # queued or running; one the engine's measured speed cannot meet is refused with 429
     deadline_ms: float | None = None

@@ -350,7 +350,8 @@ def _parse_hermes(text: str) -> tuple[str | None, list[dict]]:
 
 def _parse_llama3(text: str) -> tuple[str | None, list[dict]]:
     """One or more call objects ({"name", "parameters"}) separated by ';' (Llama 3.x), optionally
-    after <|python_tag|>; anything else is plain content, as vLLM's llama3_json parser reads it."""
+    after <|python_tag|>; anything else is plain content, as vLLM's llama3_json parser reads it,
+    save what follows the calls, which is content beside them (a stream has sent the calls by then)."""
     s = text.strip()
     if s.startswith(PYTHON_TAG):
         s = s[len(PYTHON_TAG) :].lstrip()
@@ -360,16 +361,20 @@ def _parse_llama3(text: str) -> tuple[str | None, list[dict]]:
     calls, i = [], 0
     try:
         while i < len(s):
-            obj, i = decoder.raw_decode(s, i)
+            obj, end = decoder.raw_decode(s, i)
             fields = _call_fields(obj)
             if fields is None:
-                return text, []
+                raise ValueError("not a call")
             calls.append(_call(*fields))
-            i = _skip_ws(s, i)
+            i = _skip_ws(s, end)
             if i < len(s) and s[i] in ";,":
                 i = _skip_ws(s, i + 1)
     except ValueError:
-        return text, []
+        if not calls:
+            return text, []
+        # what follows the calls (text, or an object that is not a call) is the model's own, as a
+        # stream sends it (the calls were already out)
+        return s[i:].strip() or None, calls
     return None, calls
 
 
@@ -482,7 +487,11 @@ class ToolStream:
             if not isinstance(name, str):
                 raise _Malformed
             call.name = name
+        if end is not None and call.name is None:
+            raise _Malformed  # a whole object without a name: not a call
         args = members.get("arguments", members.get("parameters"))
+        if args is not None and s[args[0]] != "{":
+            raise _Malformed  # arguments that are not an object: not a call, as a whole response reads it
         if call.name is not None and (args is not None or end is not None):
             if not call.header_sent:
                 if not self.plan.parallel and self.num_calls >= 1:
@@ -530,7 +539,11 @@ class ToolStream:
             try:
                 self._advance_json(array=False)
             except (_Malformed, ValueError):
-                self._state = "text" if self.num_calls == 0 else "done"
+                if self._call is not None and self._call.header_sent:
+                    self._state = "done"  # a call already announced: what is left of it is not content
+                else:  # not a call: all of it is text, or, after calls, the rest from this object on
+                    self._state = "text"
+                    self.buffer = self.buffer[self._pos :].lstrip() if self.num_calls else self.buffer
                 self._pos = 0
             if final and self._state == "json":
                 # what follows the calls (or an object that never became one) is the model's text

@@ -293,7 +293,12 @@ class Versions:
         """``await call(target)`` on the first target, then on the next while one answers 429 or
         503 before anything was sent (a virtual model's fallback chain). Sets the request
         context's model and version (the access log, the audit record, X-Model-Version)."""
+        error: ApiError | None = None
         for i, target in enumerate(targets):
+            if error is not None and not self._routable(target):
+                # draining or gone since the request was routed (the first choice ran meanwhile): a
+                # drain that saw it idle may stop its engine under this request
+                continue
             if ctx is not None:
                 ctx.model, ctx.version = target.name, target.version
             try:
@@ -303,6 +308,7 @@ class Versions:
             except ApiError as e:
                 if i + 1 == len(targets) or e.status not in (429, 503):
                     raise
+                error = e
                 log.info(
                     "%s@%s answered %d; falling back to %s@%s",
                     target.name,
@@ -311,7 +317,18 @@ class Versions:
                     targets[i + 1].name,
                     targets[i + 1].version,
                 )
-        raise AssertionError("unreachable")
+        assert error is not None  # the first target is always tried
+        raise error
+
+    def _routable(self, target: Target) -> bool:
+        """Still ready in the snapshot routed by now, on the same group."""
+        m = self.table.models.get(target.name)
+        entry = m.states.get(target.version) if m is not None else None
+        return (
+            entry is not None
+            and entry.state == READY
+            and self.groups.get((target.name, target.version)) is target.group
+        )
 
     # ------------------------------------------------------------------ state for the endpoints
 

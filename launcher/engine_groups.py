@@ -499,20 +499,30 @@ class GroupManager:
         self.root_taken = False
         self.accept_root = True  # only groups prepared as the server starts may take the root sockets
         self.check_memory = check_memory
-        self.slots = 0
         self.tasks: set[asyncio.Task] = set()
 
     def prepare(self, model: str, spec: VersionSpec) -> list[str]:
         key = f"{model}@{spec.version}"
         root = self.accept_root and not self.root_taken
-        self.slots += 1
         run_dir = self.root_dir if root else os.path.join(self.root_dir, GROUPS_DIR, key)
-        config = group_config(self.base, model, spec, run_dir, 0 if root else self.slots)
+        config = group_config(self.base, model, spec, run_dir, 0 if root else self._free_slot(key))
         if self.check_memory and not self.accept_root:
             check_capacity(config, key)
         self.root_taken = self.root_taken or root
         self.pending[key] = config
         return list(config.tokenizer_addresses)
+
+    def _free_slot(self, key: str) -> int:
+        """The lowest tcp port slot (> 0: 0 is the root sockets') that no live or prepared group
+        holds: an unloaded version's slot is taken again, and refused loads take none for good, so
+        the ports stay within base_port + a few slots * TCP_PORTS_PER_GROUP however many loads."""
+        configs = [g.config for g in self.live_groups()]
+        configs += [c for k, c in self.pending.items() if k != key]
+        used = {(c.base_port - self.base.base_port) // TCP_PORTS_PER_GROUP for c in configs}
+        slot = 1
+        while slot in used:
+            slot += 1
+        return slot
 
     def build(self, model: str, version: str) -> EngineGroup:
         key = f"{model}@{version}"

@@ -58,6 +58,8 @@ log = logging.getLogger("zeroserve.launcher.registry")
 STATE_FILE = "model-registry.json"
 STATE_FORMAT = 1
 STATS_WINDOW_S = 30.0  # GET /admin/models' window
+MAX_CANARY_INTERVAL_S = 3600.0  # reports are kept for one interval: bounds the launcher's memory
+DEFAULT_CANARY_MAX_ERROR_RATE = 0.01  # a canary sent without an slo
 STATS_REFRESH_S = 1.0  # the snapshot's stats move the epoch at most this often
 RUNNING, PROMOTED, ROLLED_BACK, CANCELLED = "running", "promoted", "rolled_back", "cancelled"
 
@@ -195,6 +197,10 @@ class Registry:
         self._snapshot: RegistrySnapshot | None = None
         self._stats_dirty_at: float | None = None
         self._last_stats_refresh = -1e9
+        # versions prepared as the server starts and not ready yet: one that fails there stops the
+        # server (exit 1), so its failure must not be written (it would drop the version and its
+        # weight from the state file, and a restart after a transient failure would serve nothing)
+        self._starting: set[tuple[str, str]] = set()
         restored = self._read_state()
         self.restored = sorted(set(restored) & {m.name for m in spec.models})  # models the state file gave
         for m in spec.models:
@@ -230,6 +236,7 @@ class Registry:
             for v in model.versions.values():
                 v.addresses = self.groups.prepare(model.name, v.spec)
                 keys.append((model.name, v.name))
+        self._starting = set(keys)
         self._changed(persist=False)
         return keys
 
@@ -248,6 +255,7 @@ class Registry:
         v = self._version(model, version)
         if v is not None and v.state == LOADING:
             v.state, v.max_model_len = READY, max_model_len
+            self._starting.discard((model, version))
             log.info("%s@%s is ready", model, version)
             self._changed()
 
@@ -261,7 +269,7 @@ class Registry:
         if m.canary is not None and m.canary.version == version and m.canary.state == RUNNING:
             self._roll_back(m, f"{version} failed: {reason}")
         self.groups.stop(model, version)
-        self._changed()
+        self._changed(persist=(model, version) not in self._starting)
 
     def group_stopped(self, model: str, version: str) -> None:
         v = self._version(model, version)
@@ -419,6 +427,7 @@ class Registry:
             if old is not None and old.state not in (UNLOADED, FAILED):
                 raise AdminError(409, f"{name}@{version} is already {old.state}", "version", "version_exists")
         spec = VersionSpec(version, path, weight, options, fault)
+        self._starting.discard((name, version))  # a hot load: its failure is written
         try:
             addresses = self.groups.prepare(name, spec)
         except ModelsFileError as e:
@@ -452,14 +461,14 @@ class Registry:
             )
         if v.state == DRAINING:
             return 202, {"model": model.name, "version": v.name, "state": DRAINING}
-        others = [
-            x for x in model.versions.values() if x is not v and x.weight > 0 and x.state in (READY, LOADING)
-        ]
+        # only a ready version takes the traffic over: one still loading (or that then fails) would
+        # leave the model with nothing to route to, and its requests 503, until it is ready
+        others = [x for x in model.versions.values() if x is not v and x.weight > 0 and x.state == READY]
         if v.weight > 0 and not others:
             raise AdminError(
                 409,
-                f"{model.name}@{v.name} is the only version with traffic; give another version traffic first "
-                f"(PUT /admin/models/{model.name}/traffic)",
+                f"{model.name}@{v.name} is the only ready version with traffic; give another ready version "
+                f"traffic first (PUT /admin/models/{model.name}/traffic)",
                 "version",
                 "only_version_with_traffic",
             )
@@ -494,6 +503,15 @@ class Registry:
             _checked(check_weight, w, f"weights.{name}")
         if not any(w > 0 for w in weights.values()):
             raise AdminError(400, "at least one weight must be positive", "weights")
+        if not any(w > 0 and model.versions[n].state == READY for n, w in weights.items()):
+            # a loading version serves nothing yet: every request would be a 503 until it is ready
+            raise AdminError(
+                409,
+                f"no ready version of {model.name} would have traffic; keep a positive weight on one "
+                "(a loading version takes its share once it is ready)",
+                "weights",
+                "no_ready_version",
+            )
         if model.canary is not None and model.canary.state == RUNNING:
             model.canary.state, model.canary.reason = CANCELLED, "traffic set by the admin"
         for name, v in model.versions.items():
@@ -533,9 +551,18 @@ class Registry:
                 400, "steps must be increasing integer percentages in (0, 100] ending at 100", "steps"
             )
         interval = body.get("interval_s", 30)
-        if isinstance(interval, bool) or not isinstance(interval, int | float) or not 0 < interval <= 86400:
-            raise AdminError(400, "interval_s must be a number of seconds > 0", "interval_s")
-        slo = body.get("slo") or {}
+        if (
+            isinstance(interval, bool)
+            or not isinstance(interval, int | float)
+            or not 0 < interval <= MAX_CANARY_INTERVAL_S
+        ):
+            raise AdminError(
+                400,
+                f"interval_s must be a number of seconds in (0, {MAX_CANARY_INTERVAL_S:.0f}]",
+                "interval_s",
+            )
+        # without an SLO nothing could breach and any canary would be promoted: at least the error rate
+        slo = body.get("slo") or {"max_error_rate": DEFAULT_CANARY_MAX_ERROR_RATE}
         if not isinstance(slo, dict) or set(slo) - {"max_error_rate", "max_ttft_p95_s"}:
             raise AdminError(400, "slo must be {max_error_rate, max_ttft_p95_s}", "slo")
         for key, value in slo.items():
@@ -638,12 +665,18 @@ class Registry:
     def _state_doc(self) -> dict:
         models = {}
         for m in self.models.values():
+            weights = {v.name: v.weight for v in m.versions.values()}
+            c = m.canary
+            if c is not None and c.state == RUNNING and m.stable in weights:
+                # a restart has no canary controller: the unproven version's share goes back to stable
+                weights[m.stable] += weights.get(c.version, 0)
+                weights[c.version] = 0
             versions = [
                 {
                     "version": v.name,
                     "path": v.spec.path,
                     "options": v.spec.options,
-                    "weight": v.weight,
+                    "weight": weights[v.name],
                     "fault": msgspec.structs.asdict(v.spec.fault) if v.spec.fault else None,
                 }
                 for v in m.versions.values()
@@ -693,6 +726,17 @@ class Registry:
                 m.promotions, m.rollbacks = int(raw.get("promotions", 0)), int(raw.get("rollbacks", 0))
                 for v in raw["versions"]:
                     fault = from_table(v["fault"], FaultSpec, "fault") if v.get("fault") else None
+                    if fault is not None and not self.allow_fault_injection:
+                        # injected errors only ever with the flag, whatever an earlier run wrote
+                        log.warning(
+                            "%s@%s: not injecting the fault %s restored from %s: the server started "
+                            "without --allow-fault-injection",
+                            name,
+                            v["version"],
+                            msgspec.structs.asdict(fault),
+                            self.state_path,
+                        )
+                        fault = None
                     spec = VersionSpec(
                         v["version"], v["path"], v["weight"], check_options(v.get("options") or {}), fault
                     )

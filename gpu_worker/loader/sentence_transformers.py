@@ -94,6 +94,12 @@ def read_sentence_transformer_config(folder: str) -> SentenceTransformerConfig |
             pooling = _pooling_mode(os.path.join(folder, str(m.get("path", "")), "config.json"))
         elif name == "Normalize":
             normalize = True
+        elif name != "Transformer":  # a Dense projection (say) left out would give wrong vectors silently
+            raise InvalidConfigError(
+                f"{modules_path}: the module {kind[:120] or m!r} is not supported; zeroserve serves "
+                "sentence-transformers models made of Transformer, Pooling and Normalize only",
+                path=modules_path,
+            )
     if pooling is None:  # a Transformer alone: sentence-transformers would add mean pooling
         pooling = "mean"
     max_len = None

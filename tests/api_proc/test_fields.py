@@ -150,3 +150,26 @@ async def test_bad_logit_bias_is_400_naming_it(bias):
         assert r.status == 400, body
         assert body["error"]["param"].startswith("logit_bias")  # a wrong type: msgspec names the key too
         assert client.fake.requests == []
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES.values()))
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("guided_json", {"type": "object"}),
+        ("guided_regex", "[a-z]+"),
+        ("guided_choice", ["yes", "no"]),
+        ("guided_grammar", 'root ::= "a"'),
+        ("guided_decoding_backend", "xgrammar"),
+    ],
+)
+async def test_vllms_old_guided_fields_are_refused_by_name_not_dropped(route, name, value):
+    """Clients written for older vLLM still send guided_*; unconstrained text with a 200 would
+    be a silent drop."""
+    endpoint = next(e for e, r in ROUTES.items() if r == route)
+    async with api_client() as client:
+        r = await client.post(route, json={**BASE[endpoint], name: value})
+        body = await r.json()
+        assert r.status == 400, body
+        assert body["error"]["param"] == name
+        assert client.fake.requests == []

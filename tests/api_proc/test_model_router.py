@@ -382,6 +382,39 @@ async def test_a_virtual_model_falls_back_when_its_choice_answers_429(tmp_path):
         await launcher.close()
 
 
+async def test_a_fallback_that_started_draining_while_the_first_choice_ran_is_not_tried(tmp_path):
+    auto = VirtualModel(name="auto", rules=[VirtualRule(model="m@v1")], fallback=["m@v2"])
+    two = msgspec.structs.replace(
+        TWO, versions=[TWO.versions[0], msgspec.structs.replace(TWO.versions[1], fault=None)]
+    )
+    draining = msgspec.structs.replace(
+        two,
+        versions=[two.versions[0], msgspec.structs.replace(two.versions[1], state="draining", weight=0)],
+    )
+    apps = []
+
+    class UnloadsV2(Overloaded):
+        """Answers 429, after the registry set v2 draining (an unload while this request ran)."""
+
+        async def stream(self, req):
+            apps[0][VERSIONS].apply(snapshot(draining, virtual=[auto], epoch=3))
+            async for delta in super().stream(req):
+                yield delta
+
+    busy, v2 = UnloadsV2(), FakeEngineClient()
+    launcher, client = await registry_app(
+        tmp_path, snapshot(two, virtual=[auto], epoch=2), {"inproc://fake": busy, "fake://v2": v2}
+    )
+    apps.append(client.app)
+    try:
+        resp = await client.post("/v1/completions", json={"model": "auto", "prompt": "a", "max_tokens": 1})
+        assert resp.status == 429, await resp.text()  # the first choice's answer: nothing else is ready
+        assert len(busy.requests) == 1 and v2.requests == []  # the draining v2 got nothing
+    finally:
+        await client.close()
+        await launcher.close()
+
+
 # --------------------------------------------------------------------------- the CLI's calls
 
 

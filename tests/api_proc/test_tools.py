@@ -221,6 +221,35 @@ def test_llama3_json_not_calls_stay_content(text):
     assert streamed(plan(parser="llama3_json"), text) == (text, [])
 
 
+@pytest.mark.parametrize(
+    "rest",
+    ["Done: that is the time.", '{"name": "get_weather", "parameters": "now"}', '{"a": 1} and text'],
+)
+@pytest.mark.parametrize("step", [1, 5, 1000])
+def test_llama3_json_what_follows_the_calls_is_content_whole_and_streamed(rest, step):
+    text = '{"name": "get_time", "parameters": {}}; ' + rest
+    p = plan(parser="llama3_json")
+    for content, calls in (whole(p, text), streamed(p, text, step)):
+        assert content == rest and args(calls) == [("get_time", {})]
+
+
+@pytest.mark.parametrize(
+    ("parser", "text"),
+    [
+        (
+            "hermes",
+            '<tool_call>\n{"name": "get_weather", "arguments": "{\\"city\\": \\"X\\"}"}\n</tool_call>',
+        ),
+        ("hermes", '<tool_call>{"name": "get_time", "arguments": 5}</tool_call>'),
+        ("llama3_json", '{"name": "get_time", "parameters": "now"}'),
+    ],
+)
+@pytest.mark.parametrize("step", [1, 1000])
+def test_arguments_that_are_not_an_object_stay_content_whole_and_streamed(parser, text, step):
+    assert whole(plan(parser=parser), text) == (text, [])
+    assert streamed(plan(parser=parser), text, step) == (text, [])
+
+
 @pytest.mark.parametrize("step", [1, 4, 1000])
 def test_required_array(step):
     text = '[{"name": "get_weather", "arguments": {"city": "[Oslo]"}}, {"name": "get_time", "arguments": {}}]'

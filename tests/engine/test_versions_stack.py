@@ -210,8 +210,10 @@ def test_a_healthy_canary_is_promoted_to_stable(server):
     state = versions(server)
     assert state["v2"]["stable"] == "v2" and state["v1"]["weight"] == 0 and state["v2"]["weight"] > 0, state
     assert {complete(server)[1]["X-Model-Version"] for _ in range(10)} == {"v2"}
+    # /metrics renders the api's snapshot, which may be one watch (200 ms) behind the launcher's
+    promoted = 'zeroserve:model_promotions_total{model_name="smol"} 1.0'
+    wait_until(lambda: promoted in call_text(server, "/metrics"), 2, "the api to see the promotion")
     metrics = call_text(server, "/metrics")
-    assert 'zeroserve:model_promotions_total{model_name="smol"} 1.0' in metrics
     assert 'model_version="v2"' in metrics
 
 

@@ -186,6 +186,17 @@ def test_concatenated_poolings_are_refused(tmp_path):
         read_sentence_transformer_config(folder)
 
 
+def test_a_module_it_does_not_run_is_refused_not_skipped(tmp_path):
+    folder = _folder(tmp_path, {"pooling_mode_mean_tokens": True}, True)
+    modules = json.loads((tmp_path / "modules.json").read_text())
+    modules.insert(
+        2, {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
+    )
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(InvalidConfigError, match="sentence_transformers.models.Dense"):
+        read_sentence_transformer_config(folder)
+
+
 def test_a_plain_hf_folder_has_no_sentence_transformer_config(tmp_path):
     assert read_sentence_transformer_config(str(tmp_path)) is None
 

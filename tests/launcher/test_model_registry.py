@@ -180,6 +180,18 @@ def test_unload_refuses_the_only_version_with_traffic_then_drains_until_every_ap
     assert reg.snapshot().models[0].versions[0].tokenizer_addresses == []
 
 
+def test_unload_refuses_while_the_only_other_version_with_traffic_is_still_loading(gguf):
+    reg, groups, _ = make()
+    assert admin(reg, "load", body={"version": "v2", "path": gguf, "weight": 100})[0] == 202
+    assert versions(reg) == {"v1": ("ready", 100), "v2": ("loading", 100)}
+    # v2 takes no request until it is ready: unloading v1 now would leave smol nothing to route to
+    status, out = admin(reg, "unload", version="v1")
+    assert status == 409 and out["error"]["code"] == "only_version_with_traffic", out
+    assert versions(reg)["v1"] == ("ready", 100) and groups.stopped == []
+    reg.group_ready("smol", "v2", 2048)
+    assert admin(reg, "unload", version="v1")[0] == 202
+
+
 def test_a_drain_is_bounded_by_its_timeout(gguf):
     reg, groups, clock = make()
     load_v2(reg, gguf)
@@ -405,6 +417,44 @@ def test_a_restart_restores_a_promotion_and_drops_unloaded_versions(tmp_path, gg
     assert (m.stable, m.promotions, list(m.versions)) == ("v2", 1, ["v2"])
 
 
+def test_a_version_that_fails_as_the_server_starts_is_not_dropped_from_the_state_file(tmp_path, gguf):
+    reg, _, _ = make(tmp_path)
+    load_v2(reg, gguf)
+    admin(reg, "traffic", body={"weights": {"v1": 70, "v2": 30}})
+    # a restart where v1 fails to load (e.g. out of memory for a moment): the server exits 1
+    groups, clock = FakeGroups(), Clock()
+    state = str(tmp_path / STATE_FILE)
+    again = Registry(single_model("smol", "/m/smol.gguf"), groups, state_path=state, clock=clock)
+    again.prepare_all()
+    again.group_ready("smol", "v2", 2048)
+    again.group_failed("smol", "v1", "worker (exit codes 1, 1, 1) failed to start 3 times")
+    # the next start still has both versions, their weights and the stable one
+    third = Registry(single_model("smol", "/m/smol.gguf"), FakeGroups(), state_path=state, clock=clock)
+    assert versions(third) == {"v1": ("loading", 70), "v2": ("loading", 30)}
+    assert third.models["smol"].stable == "v1"
+    # a hot load that fails is written: it is not served again after a restart
+    third.prepare_all()
+    third.group_ready("smol", "v1", 2048)
+    third.group_ready("smol", "v2", 2048)
+    assert admin(third, "load", body={"version": "v3", "path": gguf, "weight": 5})[0] == 202
+    third.group_failed("smol", "v3", "no ready engine")
+    admin(third, "traffic", body={"weights": {"v1": 50, "v2": 50}})
+    fourth = Registry(single_model("smol", "/m/smol.gguf"), FakeGroups(), state_path=state, clock=clock)
+    assert set(fourth.models["smol"].versions) == {"v1", "v2"}
+
+
+def test_a_restored_fault_is_injected_only_when_the_server_allows_fault_injection(tmp_path, gguf):
+    reg, _, _ = make(tmp_path, allow_fault_injection=True)
+    status, out = admin(reg, "load", body={"version": "v2", "path": gguf, "fault": {"error_rate": 0.5}})
+    assert status == 202, out
+    allowed, _, _ = make(tmp_path, allow_fault_injection=True)
+    assert allowed.models["smol"].versions["v2"].spec.fault.error_rate == 0.5
+    # restarted without --allow-fault-injection: the version is served, its fault is not
+    plain, _, _ = make(tmp_path)
+    assert plain.models["smol"].versions["v2"].spec.fault is None
+    assert plain.snapshot().models[0].versions[1].fault is None
+
+
 def test_a_corrupt_state_file_is_ignored(tmp_path):
     (tmp_path / STATE_FILE).write_text("{not json")
     reg, _, _ = make(tmp_path)
@@ -608,6 +658,34 @@ def test_the_supervisor_gives_each_version_its_own_config_and_sockets(tmp_path, 
     assert os.listdir(run) == []  # every file it made is gone (config_from_args made the dir itself)
 
 
+def test_tcp_port_slots_are_taken_again_after_an_unload_and_a_refused_load_takes_none(tmp_path, gguf_path):
+    from zeroserve.launcher.engine_groups import TCP_PORTS_PER_GROUP, GroupManager
+    from zeroserve.launcher.model_registry import CapacityError
+    from zeroserve.launcher.models_file import VersionSpec
+    from zeroserve.shared.config import EngineConfig
+
+    base = EngineConfig(model=gguf_path, served_model_name="s", run_dir=str(tmp_path), max_model_len=256)
+    mgr = GroupManager(base, str(tmp_path))
+    mgr.accept_root = False  # hot loads: capacity-checked, never the root sockets
+
+    def slot(version: str) -> int:
+        return (mgr.pending[f"s@{version}"].base_port - base.base_port) // TCP_PORTS_PER_GROUP
+
+    for _ in range(3):  # refused before anything is reserved
+        with pytest.raises(CapacityError):
+            mgr.prepare("s", VersionSpec("huge", gguf_path, options={"num_kv_blocks": 10**9}))
+    mgr.prepare("s", VersionSpec("v2", gguf_path, options={"num_kv_blocks": 16}))
+    mgr.prepare("s", VersionSpec("v3", gguf_path, options={"num_kv_blocks": 16}))
+    assert (slot("v2"), slot("v3")) == (1, 2)
+    v2 = mgr.build("s", "v2")
+    mgr.build("s", "v3")
+    v2.stopping = True  # unloaded: its processes are gone (none were started here)
+    mgr.prepare("s", VersionSpec("v4", gguf_path, options={"num_kv_blocks": 16}))
+    assert slot("v4") == 1
+    for group in mgr.groups.values():
+        group.remove_files()
+
+
 def test_a_capacity_check_counts_weights_kv_and_processes(tmp_path, gguf_path):
     import msgspec
 
@@ -644,3 +722,35 @@ def test_a_restored_version_whose_model_is_gone_stops_the_start_naming_the_state
         Supervisor(config, RunDir.claim(str(run)))
     assert gone in str(e.value) and str(state / STATE_FILE) in str(e.value), str(e.value)
     assert os.listdir(run) == []  # nothing was started or written
+
+
+def test_traffic_that_leaves_no_ready_version_serving_is_refused(gguf):
+    reg, _, _ = make()
+    status, _ = admin(reg, "load", body={"version": "v2", "path": gguf})
+    assert status == 202 and versions(reg)["v2"] == ("loading", 0)
+    status, out = admin(reg, "traffic", body={"weights": {"v1": 0, "v2": 100}})
+    assert (status, out["error"]["code"]) == (409, "no_ready_version")
+    assert versions(reg) == {"v1": ("ready", 100), "v2": ("loading", 0)}  # unchanged
+    assert admin(reg, "traffic", body={"weights": {"v1": 50, "v2": 50}})[0] == 200
+
+
+def test_a_canary_without_an_slo_is_held_to_the_default_error_rate(gguf):
+    reg, _, clock = make()
+    load_v2(reg, gguf)
+    status, _ = admin(reg, "canary", body={"version": "v2", "steps": [50, 100], "interval_s": 1.0})
+    assert status == 202
+    clock.now += 0.5
+    report(reg, clock, "v2", requests=50, errors=5)  # 10%: no SLO given, yet not promoted
+    clock.now += 0.6
+    reg.tick()
+    assert reg.models["smol"].canary.state == "rolled_back"
+    assert versions(reg) == {"v1": ("ready", 100), "v2": ("ready", 0)}
+
+
+def test_a_restart_during_a_canary_gives_its_share_back_to_stable(tmp_path, gguf):
+    reg, _, _ = make(tmp_path)
+    load_v2(reg, gguf)
+    start_canary(reg, steps=[25, 100], max_error_rate=0.1)
+    assert versions(reg) == {"v1": ("ready", 75), "v2": ("ready", 25)}
+    again, _, _ = make(tmp_path)  # no controller after a restart: the unproven version gets nothing
+    assert versions(again) == {"v1": ("ready", 100), "v2": ("loading", 0)}
