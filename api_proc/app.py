@@ -47,6 +47,7 @@ from zeroserve.api_proc.request_log import install as install_request_ids
 from zeroserve.api_proc.requests import check_token_ids, new_request_id, tokenize_request
 from zeroserve.api_proc.serving import STATE, ApiState, chat_completions, completions, read_body
 from zeroserve.api_proc.tgi import add_tgi_routes
+from zeroserve.api_proc.tgi import error_response_for as tgi_error_response
 from zeroserve.api_proc.tracing import trace_middleware
 from zeroserve.api_proc.versions import RegistryCollector, Versions
 from zeroserve.shared import tracing
@@ -57,12 +58,13 @@ log = logging.getLogger("zeroserve.api")
 
 @web.middleware
 async def openai_errors(request: web.Request, handler):
-    """Every failure leaves as an OpenAI error body; nothing internal leaks into it."""
+    """Every failure leaves as an OpenAI error body (TGI's shape on TGI's routes); nothing
+    internal leaks into it."""
     try:
         return await handler(request)
     except ApiError as e:
         note_error(request, e)
-        return error_response(e)
+        return tgi_error_response(request, e) or error_response(e)
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -86,7 +88,7 @@ async def openai_errors(request: web.Request, handler):
         else:
             err = ApiError(e.status, e.reason or "The request failed.")
         note_error(request, err)
-        return error_response(err)
+        return tgi_error_response(request, err) or error_response(err)
     except asyncio.CancelledError:
         raise
     except Exception:

@@ -102,6 +102,8 @@ def from_api_error(err: ApiError) -> TgiError:
     """An OpenAI-shaped verdict (ours or the engine's) in TGI's terms."""
     if err.status == 429:
         return TgiError(429, err.message, "overloaded")
+    if err.status in (401, 403):  # no TGI type fits: clients fall back to the status and keep the message
+        return TgiError(err.status, err.message, "authentication")
     if err.status in (400, 404, 422):
         return TgiError(422, err.message, "validation")
     if err.status == 413:
@@ -109,8 +111,21 @@ def from_api_error(err: ApiError) -> TgiError:
     return TgiError(err.status, err.message, "generation")
 
 
-def _error_response(err: TgiError) -> web.Response:
-    return web.Response(status=err.status, body=responses.encode(err.body()), content_type="application/json")
+def _error_response(err: TgiError, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=err.status, body=responses.encode(err.body()), content_type="application/json", headers=headers
+    )
+
+
+TGI_PATHS = frozenset({"/generate", "/generate_stream", "/", "/info"})
+
+
+def error_response_for(request: web.Request, err: ApiError) -> web.Response | None:
+    """A failure raised before a TGI handler ran (a missing key, a tenant's limit, a wrong
+    method) in TGI's shape on TGI's paths, so its clients raise their typed errors; else None."""
+    if request.path not in TGI_PATHS:
+        return None
+    return _error_response(from_api_error(err), err.headers)
 
 
 # --------------------------------------------------------------------------- planning

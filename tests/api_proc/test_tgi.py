@@ -172,6 +172,10 @@ async def test_info_and_auth():
     async with api_client(api_keys=["k1"]) as client:
         r = await client.post("/generate", json={"inputs": "x"})
         assert r.status == 401
+        # refused before the TGI handler ran, yet in TGI's shape: its clients read `error` as text
+        body = await r.json()
+        assert body["error_type"] == "authentication" and isinstance(body["error"], str), body
+        assert r.headers["WWW-Authenticate"] == "Bearer"
         r = await client.get("/info", headers={"Authorization": "Bearer k1"})
         info = await r.json()
         assert info["model_id"] == "test-model" and info["max_total_tokens"] == 64
@@ -189,3 +193,5 @@ async def test_tenant_request_limits_count_tgi_routes(tmp_path):
             (await client.post(route, json=body, headers=auth)).status for route in ("/generate", "/", "/")
         ]
         assert statuses == [200, 200, 429]  # no way around a tenant's limits through TGI's routes
+        r = await client.post("/generate", json=body, headers=auth)
+        assert (await r.json())["error_type"] == "overloaded" and "Retry-After" in r.headers

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include <omp.h>
@@ -785,6 +786,63 @@ void zs_linear(const float* x, int64_t x_stride, const float* packed, const floa
             }
         }
     }
+}
+
+}  // extern "C"
+
+// ---------------------------------------------------------------------------- token bitmask
+
+#if defined(__AVX512F__) && !defined(ZS_SCALAR)
+#include <immintrin.h>
+#define ZS_AVX512_MASK 1
+#endif
+
+namespace {
+
+// Logits r[0, cols) (cols <= 32 * words) where bit j of word w (token 32 w + j) is 0 become
+// -inf; the rest are not touched (not even rewritten). A JSON-schema mask is mostly whole
+// words: all ones (skipped) and all zeros (one run of -inf stores).
+void mask_row(float* r, const int32_t* bits, int64_t cols) {
+    constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+    const int64_t whole = cols / 32;
+    for (int64_t w = 0; w < whole; ++w) {
+        const uint32_t m = static_cast<uint32_t>(bits[w]);
+        if (m == 0xffffffffu) continue;
+        float* p = r + w * 32;
+#ifdef ZS_AVX512_MASK
+        const __m512 ninf = _mm512_set1_ps(kNegInf);
+        _mm512_mask_storeu_ps(p, static_cast<__mmask16>(~m & 0xffffu), ninf);
+        _mm512_mask_storeu_ps(p + 16, static_cast<__mmask16>(~m >> 16), ninf);
+#else
+        if (m == 0) {
+            for (int j = 0; j < 32; ++j) p[j] = kNegInf;
+        } else {
+            for (int j = 0; j < 32; ++j)
+                if (((m >> j) & 1u) == 0) p[j] = kNegInf;
+        }
+#endif
+    }
+    const int64_t tail = cols - whole * 32;  // a width that is not a multiple of 32: its last word's low bits
+    if (tail > 0) {
+        const uint32_t m = static_cast<uint32_t>(bits[whole]);
+        float* p = r + whole * 32;
+        for (int64_t j = 0; j < tail; ++j)
+            if (((m >> j) & 1u) == 0) p[j] = kNegInf;
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// xgrammar's apply_token_bitmask_inplace over `n` rows: logits row (rows ? rows[k] : k), `stride`
+// floats apart, masked by bitmask row k (`bits_stride` words apart), over its first `cols`
+// columns (the caller passes min(V, 32 * words): columns past the mask are left as they are).
+void zs_apply_token_bitmask(float* logits, int64_t stride, const int32_t* bits, int64_t bits_stride,
+                            const int64_t* rows, int64_t n, int64_t cols) {
+#pragma omp parallel for schedule(static) if (n * cols >= 4 * kParallelFloats)
+    for (int64_t k = 0; k < n; ++k)
+        mask_row(logits + (rows != nullptr ? rows[k] : k) * stride, bits + k * bits_stride, cols);
 }
 
 }  // extern "C"
