@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from zeroserve.kernels import KernelBackend, get_kernels
 from zeroserve.shared.messages import StepPlan, StructuredOutput
 from zeroserve.shared.structured_grammar import build_grammar, grammar_key
 
@@ -151,11 +152,16 @@ class Row:
 class GrammarBook:
     """The worker's constrained requests (rank 0 only: the rank that samples)."""
 
-    def __init__(self, make_info: Callable[[], object], vocab_size: int):
+    def __init__(
+        self, make_info: Callable[[], object], vocab_size: int, kernels: KernelBackend | None = None
+    ):
         """make_info: builds the xgrammar TokenizerInfo (``tokenizer_info``); called at once on
         a compile thread, so that a step with the first constrained request does not wait for
-        the vocabulary to be read. vocab_size: the logits' width (the model's vocabulary)."""
+        the vocabulary to be read. vocab_size: the logits' width (the model's vocabulary).
+        kernels: the runner's backend, whose ``apply_token_bitmask`` masks the logits (default:
+        the one ``get_kernels()`` picks here)."""
         self.make_info, self.vocab_size = make_info, vocab_size
+        self.kernels = kernels if kernels is not None else get_kernels()
         self.words = (vocab_size + 31) // 32
         self.rows: dict[str, Row] = {}
         # quick compiles never queue behind a full one (which may take a second)
@@ -313,8 +319,6 @@ class ConstrainedStep:
             book.apply_s += time.perf_counter() - applied
 
     def _mask(self, logits: torch.Tensor) -> None:
-        import xgrammar as xgr
-
         book = self.book
         live = [(i, row) for i, row in self.picked if row.dead is None]
         self.dead = [row.request_id for _, row in self.picked if row.dead is not None]
@@ -322,14 +326,13 @@ class ConstrainedStep:
             return
         slots = torch.tensor([row.slot for _, row in live], dtype=torch.int64)
         bits = book._buffer.index_select(0, slots).to(logits.device, non_blocking=True)
+        rows = None  # every row constrained, in order
+        if len(live) < logits.shape[0]:
+            rows = torch.tensor([i for i, _ in live], dtype=torch.int64, device=logits.device)
+        book.kernels.apply_token_bitmask(logits, bits, rows)
         width = book.words * 32
-        if len(live) == logits.shape[0]:  # every row constrained, in order
-            _apply(xgr, logits, bits, width)
-            return
-        rows = torch.tensor([i for i, _ in live], dtype=torch.int64, device=logits.device)
-        sub = logits.index_select(0, rows)
-        _apply(xgr, sub, bits, width)
-        logits.index_copy_(0, rows, sub)
+        if logits.shape[-1] > width:  # columns past the mask (a padded lm_head): never allowed
+            logits[slice(None) if rows is None else rows, width:] = float("-inf")
 
     def finish(self, token_ids: list[int]) -> list[str]:
         """After sampling: advance each live row's matcher by its token; queue the next masks.
@@ -351,9 +354,3 @@ class ConstrainedStep:
         self.book._queue(advanced)  # the next step's masks, computed while it is planned and run
         self.book.accept_s += time.perf_counter() - start
         return dead
-
-
-def _apply(xgr, logits: torch.Tensor, bits: torch.Tensor, width: int) -> None:
-    xgr.apply_token_bitmask_inplace(logits, bits, vocab_size=min(width, logits.shape[-1]))
-    if logits.shape[-1] > width:  # columns past the mask (a padded lm_head): never allowed
-        logits[:, width:] = float("-inf")

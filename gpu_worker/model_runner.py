@@ -381,7 +381,7 @@ class ModelRunner:
             if (self.tp is not None and self.tp.rank != 0) or not any(n.params.structured for n in plan.new):
                 return None
             info = functools.partial(tokenizer_info, self.model_path, self.vocab_size, self.eos_token_ids)
-            self.grammar = GrammarBook(info, self.vocab_size)
+            self.grammar = GrammarBook(info, self.vocab_size, self.ops)
         self.grammar.sync(plan)
         return self.grammar
 

@@ -4,6 +4,7 @@
     handle = ops.prepare_linear(weight, bias)     # once per projection (layers.Linear)
     y = ops.linear(x, handle)                     # every step
     ops.rms_norm(...), ops.paged_attention(...), ops.argmax_rows(logits), ops.sampling_filter(...)
+    ops.apply_token_bitmask(logits, bitmask, rows)  # structured output: the grammar's -inf
 
 A backend is a class with every abstract method below; one left out fails at instantiation,
 not at the first step that calls it. Shapes and contracts of the model ops are those of the
@@ -131,6 +132,16 @@ class KernelBackend(ABC):
         uses it (see kernels/reference/sampling.py for the per-row "off" values). max_top_k:
         the largest enabled top_k if known on the host (spares a device sync where the
         backend needs it). The input is not modified; with nothing to do it may be returned."""
+
+    @abstractmethod
+    def apply_token_bitmask(
+        self, logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> None:
+        """In place, structured output's grammar mask: ``logits[rows[k], t] = -inf`` where bit t
+        of ``bitmask[k]`` is 0. logits fp32 [B, V]; bitmask int32 [n, ceil(V / 32)] in
+        xgrammar's layout (bit j of word w: token 32 w + j) on the logits' device; rows int64
+        [n] of distinct row indices, or None for every row (n = B). Exactly
+        kernels/reference/bitmask.py (xgrammar's apply_token_bitmask_inplace semantics)."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"

@@ -1,10 +1,10 @@
 """The C++ CPU backend: kernels/cpu/ops.py behind the kernel interface.
 
-Every model op, the projections and the greedy argmax run in the compiled kernels (each op
-itself falls back to the reference for a dtype or layout they do not take). Inherited from the
-torch backend, because there is nothing to gain in C++: the sampling filter (a ``topk`` over a
-few rows, already multi-threaded in torch), and the projections of weights that are not fp32
-(oneDNN or ``F.linear``).
+Every model op, the projections, the greedy argmax and the grammar's token bitmask run in the
+compiled kernels (each op itself falls back to the reference for a dtype or layout they do not
+take). Inherited from the torch backend, because there is nothing to gain in C++: the sampling
+filter (a ``topk`` over a few rows, already multi-threaded in torch), and the projections of
+weights that are not fp32 (oneDNN or ``F.linear``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class CpuKernels(ReferenceKernels):
     write_kv = staticmethod(ops.write_kv)
     paged_attention = staticmethod(ops.paged_attention)
     argmax_rows = staticmethod(ops.argmax_rows)
+    apply_token_bitmask = staticmethod(ops.apply_token_bitmask)
 
     def __init__(self, quantization: str = "none"):
         super().__init__(quantization)

@@ -175,6 +175,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.zs_argmax_rows.argtypes = [p, i64, i64, i64, p]
     lib.zs_pack_linear.argtypes = [p, p, i64, i64, p, p]
     lib.zs_linear.argtypes = [p, i64, p, p, p, i64, i64, i64]
+    lib.zs_apply_token_bitmask.argtypes = [p, i64, p, i64, p, i64, i64]
     for fn in (
         lib.zs_rms_norm,
         lib.zs_rotary,
@@ -183,6 +184,7 @@ def _bind(lib: ctypes.CDLL) -> None:
         lib.zs_argmax_rows,
         lib.zs_pack_linear,
         lib.zs_linear,
+        lib.zs_apply_token_bitmask,
     ):
         fn.restype = None
 

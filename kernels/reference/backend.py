@@ -20,6 +20,7 @@ from zeroserve.kernels.base import DenseLinear, KernelBackend, LinearHandle
 from zeroserve.kernels.quantized import GGUFWeight
 from zeroserve.kernels.reference import ops, sampling
 from zeroserve.kernels.reference.bf16 import Bf16DenseLinear, bf16_dense_linear
+from zeroserve.kernels.reference.bitmask import apply_token_bitmask
 from zeroserve.kernels.reference.int8 import Int8Linear, int8_linear
 
 __all__ = ["OneDNNLinear", "ReferenceKernels", "onednn_linear_available"]
@@ -128,3 +129,5 @@ class ReferenceKernels(KernelBackend):
         max_top_k: int | None = None,
     ) -> torch.Tensor:
         return sampling.filter_logits(logits, temperature, min_p, top_k, top_p, max_top_k)
+
+    apply_token_bitmask = staticmethod(apply_token_bitmask)

@@ -13,6 +13,7 @@ import torch
 
 from zeroserve.kernels.base import LinearHandle
 from zeroserve.kernels.reference.backend import ReferenceKernels
+from zeroserve.kernels.reference.bitmask import apply_token_bitmask, check_token_bitmask
 from zeroserve.kernels.triton import ops
 from zeroserve.kernels.triton._common import interpreting
 from zeroserve.kernels.triton.fp8 import Fp8Linear, fp8_linear, require_fp8_device
@@ -58,3 +59,25 @@ class TritonKernels(ReferenceKernels):
         if temperature is None and min_p is None and top_k is None and top_p is None:
             return logits
         return top_k_top_p_min_p_filter(logits, top_k, top_p, min_p, temperature)
+
+    def apply_token_bitmask(
+        self, logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> None:
+        """On a GPU, xgrammar's Triton kernel (one launch); its ``indices`` pick the same row of
+        logits and bitmask, so a packed bitmask is first spread to the logits' rows (all ones
+        elsewhere). Elsewhere (the interpreter, or no xgrammar), the torch reference."""
+        cols = check_token_bitmask(logits, bitmask, rows)
+        if logits.device.type != "cuda" or logits.stride(1) != 1 or bitmask.shape[0] == 0 or cols == 0:
+            return apply_token_bitmask(logits, bitmask, rows)
+        try:
+            import xgrammar as xgr
+        except ImportError:
+            return apply_token_bitmask(logits, bitmask, rows)
+        if rows is not None:
+            rows = rows.to(device=logits.device, dtype=torch.int64)
+            spread = bitmask.new_full((logits.shape[0], bitmask.shape[1]), -1)
+            bitmask = spread.index_copy_(0, rows, bitmask)
+        else:
+            bitmask = bitmask.contiguous()  # its kernel reads the row stride as the row's width
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=cols, indices=rows)
+        return None

@@ -38,6 +38,7 @@ def test_the_interface_covers_what_the_model_and_sampler_call():
             "linear",
             "argmax_rows",
             "sampling_filter",
+            "apply_token_bitmask",
         ]
     )
 
