@@ -119,7 +119,7 @@ async def tokenize(request: web.Request) -> web.Response:
     body = await read_body(request, TokenizeBody, state.config)
     ctx = context_of(request)
     client_id = ctx.request_id if ctx is not None else None
-    target = route_one(request, body.model, ctx)
+    target = await route_one(request, body.model, ctx)
     tok = tokenize_request(unrouted(body), state.config, client_id)
     res = await _engine_call(state, target.client.tokenize(tok))
     if res.error is not None:
@@ -140,7 +140,7 @@ async def detokenize(request: web.Request) -> web.Response:
     state: ApiState = request.app[STATE]
     body = await read_body(request, DetokenizeBody, state.config)
     ctx = context_of(request)
-    target = route_one(request, body.model, ctx)
+    target = await route_one(request, body.model, ctx)
     check_token_ids(body.tokens, "tokens")
     await target.monitor.require_engine()
     client_id = ctx.request_id if ctx is not None else None

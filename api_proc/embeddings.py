@@ -115,7 +115,7 @@ async def embeddings(request: web.Request) -> web.Response:
     config = state.config
     ctx = context_of(request)
     body = await read_body(request, EmbeddingRequest, config)
-    targets = route(request, body.model, user=body.user)  # the model (and version) that serves it
+    targets = await route(request, body.model, user=body.user)  # the model (and version) that serves it
     request_id = new_request_id("embd", ctx.request_id if ctx is not None else None)
     reqs = embedding_requests(body, request_id, config.max_seqs_per_request, config.request_timeout_s)
 

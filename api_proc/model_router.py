@@ -216,7 +216,7 @@ def estimate_prompt_tokens(prompt: Any = None, messages: Any = None) -> int:
     return 0
 
 
-def route(
+async def route(
     request: web.Request,
     model: str | None,
     *,
@@ -232,7 +232,7 @@ def route(
     under ``versions.run_targets`` to get fallbacks, in-flight counts and X-Model-Version."""
     versions = request.app[VERSIONS]
     session = request.headers.get("X-Session-Id") or user
-    return versions.targets(
+    return await versions.fresh_targets(
         model,
         session,
         prompt_tokens=estimate_prompt_tokens(prompt, messages),
@@ -247,10 +247,10 @@ def unrouted(body: Any) -> Any:
     return msgspec.structs.replace(body, model=None) if body.model is not None else body
 
 
-def route_one(request: web.Request, model: str | None, ctx: Any = None) -> Any:
+async def route_one(request: web.Request, model: str | None, ctx: Any = None) -> Any:
     """The one Target of a request that runs no generation (/tokenize, /detokenize, ...); its
     model and version go into the request's context (the access log, X-Model-Version)."""
-    target = route(request, model)[0]
+    target = (await route(request, model))[0]
     if ctx is not None:
         ctx.model, ctx.version = target.name, target.version
     return target

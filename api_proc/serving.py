@@ -107,7 +107,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     ctx = context_of(request)
     body = await read_body(request, CompletionRequest, state.config)
     client_id = _begin(ctx, body, state.config)
-    targets = route(request, body.model, user=body.user, prompt=body.prompt, max_tokens=body.max_tokens)
+    targets = await route(request, body.model, user=body.user, prompt=body.prompt, max_tokens=body.max_tokens)
     plan = completion_plan(unrouted(body), state.config, request.headers.get(SESSION_HEADER), client_id)
     return await run_routed(request, state, plan, ctx, targets)
 
@@ -118,7 +118,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_body(request, ChatCompletionRequest, state.config)
     client_id = _begin(ctx, body, state.config)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    targets = route(request, body.model, user=body.user, messages=body.messages, max_tokens=max_tokens)
+    targets = await route(request, body.model, user=body.user, messages=body.messages, max_tokens=max_tokens)
     plan = chat_plan(unrouted(body), state.config, request.headers.get(SESSION_HEADER), client_id)
     return await run_routed(request, state, plan, ctx, targets)
 

@@ -440,7 +440,7 @@ async def _run(request: web.Request, stream: bool | None, as_list: bool = False)
     # TGI names no model: the default model, by its versions' traffic weights (X-Model-Version says
     # which served it); its lease keeps the version's engine up until the request ends (drains)
     session = request.headers.get(SESSION_HEADER)
-    targets = route(request, None, user=session, prompt=body.inputs, max_tokens=params.max_new_tokens)
+    targets = await route(request, None, user=session, prompt=body.inputs, max_tokens=params.max_new_tokens)
 
     async def call(target) -> web.StreamResponse:
         prompt_ids = await _truncated_ids(state, target.client, body, client_id)
@@ -516,7 +516,7 @@ def _version() -> str:
 @_tgi_errors
 async def info(request: web.Request) -> web.Response:
     state: ApiState = request.app[STATE]
-    target = route_one(request, None, context_of(request))  # TGI serves one model: the default
+    target = await route_one(request, None, context_of(request))  # TGI serves one model: the default
     engine = await target.monitor.require_engine()
     config = state.config
     body = {

@@ -447,3 +447,39 @@ def test_the_models_cli_builds_the_admin_calls():
     assert of("unload", "a/b", "v1") == ("DELETE", "/admin/models/a%2Fb/versions/v1", None)
     with pytest.raises(SystemExit):
         of("traffic", "smol", "v1:90")
+
+
+async def test_a_version_made_ready_is_served_at_once_not_after_the_next_watch(tmp_path):
+    """Between the launcher marking a version ready and this api's next 200 ms watch, a request
+    for it must not be a 503: the api asks for the registry at once and routes by the answer."""
+    fakes = {"inproc://fake": FakeEngineClient()}
+    names = [f"v{i}" for i in range(2, 5)]
+    fakes |= {f"fake://{n}": FakeEngineClient() for n in names}
+
+    def entry(ready: list[str], loading: str | None) -> ModelEntry:
+        versions = [version("v1", 100, addresses=["inproc://fake"])]
+        versions += [version(n, 0, addresses=[f"fake://{n}"]) for n in ready]
+        if loading is not None:
+            versions.append(version(loading, 0, state="loading", addresses=[f"fake://{loading}"]))
+        return ModelEntry(name="m", stable="v1", versions=versions)
+
+    launcher, client = await registry_app(tmp_path, snapshot(entry([], "v2"), epoch=1), dict(fakes))
+    try:
+        epoch = 1
+        for i, name in enumerate(names):
+            ready = names[: i + 1]
+            await asyncio.sleep(0.3)  # the api has heard the snapshot where `name` is loading
+            assert (
+                await client.post("/v1/completions", json={"model": f"m@{name}", "prompt": "a"})
+            ).status == 503
+            epoch += 1
+            nxt = names[i + 1] if i + 1 < len(names) else None
+            launcher.snapshot = snapshot(entry(ready, nxt), epoch=epoch)  # the launcher: `name` is ready
+            resp = await client.post(
+                "/v1/completions", json={"model": f"m@{name}", "prompt": "a", "max_tokens": 1}
+            )
+            assert resp.status == 200, await resp.text()
+            assert resp.headers["X-Model-Version"] == name
+    finally:
+        await client.close()
+        await launcher.close()
