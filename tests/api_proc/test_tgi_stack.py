@@ -13,11 +13,8 @@ N = 8
 
 
 @pytest.fixture(scope="module")
-def server(request):
-    try:
-        return request.getfixturevalue("zeroserve_server")
-    except pytest.FixtureLookupError:
-        pytest.skip("the zeroserve_server fixture (tests/conftest.py) is not defined")
+def server(zeroserve_server):
+    return zeroserve_server
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from tests.conftest import API_KEY, start_server
-from zeroserve.shared.model_files import ModelNotFoundError, packaged_embedding_model
 
 MODEL = "all-MiniLM-L6-v2"
 TEXTS = [
@@ -26,14 +25,6 @@ TEXTS = [
     " ".join(["Each input is embedded on its own, whatever else shares its step."] * 12),
     "Ünïcödé, emoji 🙂 and CJK 漢字 go through the WordPiece tokenizer too.",
 ]
-
-
-@pytest.fixture(scope="module")
-def minilm() -> str:
-    try:
-        return packaged_embedding_model()
-    except ModelNotFoundError as e:
-        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")

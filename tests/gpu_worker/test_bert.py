@@ -32,7 +32,6 @@ from zeroserve.gpu_worker.model_runner import ModelRunner, RunnerConfig  # noqa:
 from zeroserve.launcher.inprocess import InProcessEngine  # noqa: E402
 from zeroserve.shared import env  # noqa: E402
 from zeroserve.shared.messages import EngineRequest, PoolingParams, SamplingParams  # noqa: E402
-from zeroserve.shared.model_files import ModelNotFoundError, packaged_embedding_model  # noqa: E402
 
 TEXTS = [
     "A man is eating food.",
@@ -41,14 +40,6 @@ TEXTS = [
     " ".join(["Embeddings of long inputs must see every token of their input and no other."] * 14),
     "Ünïcödé, emoji 🙂 and CJK 漢字 go through the WordPiece tokenizer too.",
 ]
-
-
-@pytest.fixture(scope="module")
-def minilm() -> str:
-    try:
-        return packaged_embedding_model()
-    except ModelNotFoundError as e:
-        pytest.skip(str(e))
 
 
 def embed_all(
