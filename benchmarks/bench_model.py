@@ -219,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=["auto", "none", "int8", "q4", "bf16"],
         help="projection format (bf16: --dtype bfloat16 on a CPU with bf16 units); default none (fp32)",
     )
+    p.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="no decode graphs (CPU graphs replay the kernel calls of decode steps by default)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -238,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             kernel_backend=args.kernel_backend,
             quantization="none" if args.quantization == "bf16" else args.quantization,
             dtype="bfloat16" if args.quantization == "bf16" else DEFAULTS.dtype,
+            enforce_eager=args.enforce_eager,
         )
     )
     mode = runner.quantization
@@ -248,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     peak = peak_fn()
     print(
         f"# {os.path.basename(path)} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}), "
-        f"{runner.quantization_summary}, {torch.get_num_threads()} threads, {peak_name} peak {peak:.1f} {unit}",
+        f"{runner.quantization_summary}, {torch.get_num_threads()} threads, {peak_name} peak {peak:.1f} {unit}; "
+        f"{runner.graphs_summary}",
         file=sys.stderr,
     )
     # a shared machine: every time is the best of several runs, and so is the peak

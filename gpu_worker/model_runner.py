@@ -218,15 +218,20 @@ class ModelRunner:
         self.pooling = PoolingDefault.of(cfg, config.pooling)  # embedding requests' default pooling
         self.model_path = path
         self.grammar: GrammarBook | None = None  # constrained decoding: made at the first such request
-        # forward(input_ids, positions, kv_caches, meta) -> hidden; on CUDA, captured decode
-        # graphs take its place (same signature, eager fallback for other batches)
+        # forward(input_ids, positions, kv_caches, meta) -> hidden; captured decode graphs take
+        # its place (same signature, eager fallback for other batches): CUDA graphs on a GPU,
+        # recorded kernel calls (cpu_graphs.py) with the C++ CPU kernels
         self.forward = self.model.forward
+        self.graphs_off_reason: str | None = None  # why recording refused the forward, if it did
         # collectives are not captured: a tensor-parallel rank runs eagerly
-        if self.device.type == "cuda" and not config.enforce_eager and tp is None and not cfg.is_encoder:
-            self._capture_cuda_graphs()
+        if not config.enforce_eager and tp is None and not cfg.is_encoder:
+            if self.device.type == "cuda":
+                self._capture_cuda_graphs()
+            elif self.device.type == "cpu" and self.ops.name == "cpu":
+                self._record_cpu_graphs()
         self.load_time_s = time.perf_counter() - start
         log.info(
-            "model ready in %.1f s: %s, %s on %s, %d KV blocks of %d tokens (%.1f MiB, %s), %s",
+            "model ready in %.1f s: %s, %s on %s, %d KV blocks of %d tokens (%.1f MiB, %s), %s; %s",
             self.load_time_s,
             cfg.architecture,
             str(self.dtype).removeprefix("torch."),
@@ -236,7 +241,29 @@ class ModelRunner:
             0 if cfg.is_encoder else self.num_kv_blocks * self.kv_spec.bytes_per_block / 2**20,
             str(self.kv_dtype).removeprefix("torch."),
             self.quantization_summary,
+            self.graphs_summary,
         )
+
+    @property
+    def graphs_summary(self) -> str:
+        """How decode steps run: replayed graphs (which batches) or eagerly (and why)."""
+        graphs = getattr(self.forward, "graphs", None)
+        if graphs and self.device.type == "cuda":
+            return f"decode steps of {min(graphs)}..{max(graphs)} sequences replay CUDA graphs"
+        if graphs:
+            return (
+                f"decode steps of 1..{self.forward.max_batch} sequences replay CPU graphs (recorded kernel "
+                f"calls; batches 1..{self.forward.record_at_start} recorded at start, larger ones at first use)"
+            )
+        reason = self.graphs_off_reason
+        if reason is None:
+            if self.config.enforce_eager:
+                reason = "--enforce-eager"
+            elif self.device.type == "cpu" and self.ops.name != "cpu":
+                reason = f"the {self.ops.name} kernels are not recordable (CPU graphs need the C++ kernels)"
+            else:
+                reason = "not captured here (tensor parallel, or an encoder)"
+        return f"every step runs eagerly: {reason}"
 
     # ------------------------------------------------------------------ setup
 
@@ -304,6 +331,22 @@ class ModelRunner:
         with torch.inference_mode():
             graphs.capture()
         self.forward = graphs
+
+    def _record_cpu_graphs(self) -> None:
+        from zeroserve.gpu_worker.cpu_graphs import CpuDecodeGraphs
+
+        graphs = CpuDecodeGraphs(
+            self.model.forward,
+            self.kv_caches,
+            max_batch=min(256, self.config.max_num_seqs),
+            max_blocks_per_seq=-(-self.max_model_len // self.block_size),
+            max_model_len=self.max_model_len,
+            vocab_size=self.model_config.vocab_size,
+        )
+        graphs.capture()
+        if graphs.active:
+            self.forward = graphs
+        self.graphs_off_reason = graphs.disabled_reason
 
     def reset(self) -> None:
         """Forget every request (the worker calls this after a failed step; the scheduler

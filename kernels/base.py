@@ -100,6 +100,11 @@ class KernelBackend(ABC):
     ) -> torch.Tensor:
         """q [T, Hq, D] -> [T, Hq, D], each row causal over its sequence's paged context."""
 
+    def embedding(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` [T] of a dense table [V, H] -> [T, H], as ``F.embedding`` (an id out
+        of range is an IndexError)."""
+        return torch.nn.functional.embedding(ids, weight)
+
     @abstractmethod
     def prepare_linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearHandle:
         """W [N, K] (and b [N]) in the form ``linear`` reads. May copy (the caller may then

@@ -144,7 +144,10 @@ FLAGS: dict[str, list[Flag]] = {
             "else none), on GPU none. --dtype bfloat16 on a CPU with avx512_bf16/AMX: bf16 weights",
             QUANTIZATIONS,
         ),
-        Flag("enforce_eager", "GPU: do not capture CUDA graphs"),
+        Flag(
+            "enforce_eager",
+            "do not capture decode graphs (CUDA graphs on a GPU, recorded kernel calls on a CPU)",
+        ),
         Flag("load_format", "dummy: random weights at the model's shape", ("auto", "dummy")),
         Flag(
             "num_threads",

@@ -24,7 +24,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from zeroserve.gpu_worker.parallel import TensorParallel
@@ -75,12 +74,13 @@ class VocabEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, ops: KernelBackend):
         super().__init__()
         self.weight = _param(num_embeddings, embedding_dim)
+        self.ops = ops
         self.gguf_rows = _gguf_rows(ops)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if not isinstance(weight, GGUFWeight):
-            return F.embedding(input_ids, weight)
+            return self.ops.embedding(input_ids, weight)
         if self.gguf_rows is not None:
             return self.gguf_rows(weight, input_ids)
         return weight.dequantize(input_ids).to(input_ids.device)

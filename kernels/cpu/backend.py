@@ -30,6 +30,7 @@ class CpuKernels(ReferenceKernels):
     rms_norm = staticmethod(ops.rms_norm)
     rotary = staticmethod(ops.rotary)
     silu_and_mul = staticmethod(ops.silu_and_mul)
+    embedding = staticmethod(ops.embedding)
     write_kv = staticmethod(ops.write_kv)
     paged_attention = staticmethod(ops.paged_attention)
     argmax_rows = staticmethod(ops.argmax_rows)

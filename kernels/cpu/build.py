@@ -34,7 +34,8 @@ CSRC = Path(__file__).with_name("csrc")
 # every source in csrc/ goes into the one library (cpu_ops.cpp: the fp32 model ops; the others:
 # the quantized projections); each Python module declares the argtypes of the functions it calls
 SOURCES = sorted(CSRC.glob("*.cpp"))
-ABI_VERSION = 3
+HEADERS = sorted(CSRC.glob("*.h"))  # not compiled on their own; part of the build's key
+ABI_VERSION = 4
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
 
 COMPILE_TIMEOUT_S = 600
@@ -73,7 +74,7 @@ def library_path(compiler: str, flags: list[str]) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.blake2b(digest_size=10)
     for part in (
-        *(src.read_bytes() for src in SOURCES),
+        *(src.read_bytes() for src in (*SOURCES, *HEADERS)),
         " ".join(flags).encode(),
         version.encode(),
         _cpu_flags().encode(),
@@ -170,12 +171,17 @@ def _bind(lib: ctypes.CDLL) -> None:
     ]
     lib.zs_rms_norm.argtypes = [p, i64, p, i64, p, p, p, i64, i64, f32]
     lib.zs_rotary.argtypes = [p, p, i64, p, i64, p, p, p, i64, i64, i64, i64]
-    lib.zs_write_kv.argtypes = [p, i64, p, i64, p, p, p, i64, i64, i64]
+    lib.zs_write_kv.argtypes = [p, i64, p, i64, p, p, p, i64, i64, ctypes.c_int32]
     lib.zs_silu_and_mul.argtypes = [p, i64, p, i64, i64]
     lib.zs_argmax_rows.argtypes = [p, i64, i64, i64, p]
     lib.zs_pack_linear.argtypes = [p, p, i64, i64, p, p]
     lib.zs_linear.argtypes = [p, i64, p, p, p, i64, i64, i64]
     lib.zs_apply_token_bitmask.argtypes = [p, i64, p, i64, p, i64, i64]
+    lib.zs_gather_rows.argtypes = [p, i64, p, i64, i64, p]
+    lib.zs_graph_thunk.argtypes = [ctypes.c_char_p]
+    lib.zs_graph_thunk.restype = i64
+    lib.zs_graph_layout.argtypes = [p]
+    lib.zs_graph_run.argtypes = [p, i64]
     for fn in (
         lib.zs_rms_norm,
         lib.zs_rotary,
@@ -185,6 +191,9 @@ def _bind(lib: ctypes.CDLL) -> None:
         lib.zs_pack_linear,
         lib.zs_linear,
         lib.zs_apply_token_bitmask,
+        lib.zs_gather_rows,
+        lib.zs_graph_layout,
+        lib.zs_graph_run,
     ):
         fn.restype = None
 

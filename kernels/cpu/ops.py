@@ -20,6 +20,7 @@ __all__ = [
     "rms_norm",
     "rotary",
     "silu_and_mul",
+    "embedding",
     "write_kv",
     "paged_attention",
     "argmax_rows",
@@ -132,6 +133,18 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if not (_rows_ok(weight) and ids.dtype == torch.int64 and ids.dim() == 1 and ids.device.type == "cpu"):
+        return torch.nn.functional.embedding(ids, weight)
+    ids = ids.contiguous()
+    n, (vocab, hidden) = ids.shape[0], weight.shape
+    if n and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
+        raise IndexError(f"embedding: a token id is outside the table's {vocab} rows")
+    out = torch.empty((n, hidden), dtype=F32)
+    _lib.zs_gather_rows(weight.data_ptr(), weight.stride(0), ids.data_ptr(), n, hidden, out.data_ptr())
+    return out
+
+
 def write_kv(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -139,8 +152,8 @@ def write_kv(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """fp32 rows are copied as they are; a 16-bit cache gets them rounded by torch (to nearest
-    even, exactly as the reference stores them), then copied."""
+    """fp32 rows go into the cache as they are, or rounded to a 16-bit cache's type in the
+    kernel (to nearest even, as torch's ``.to()`` and the reference store them)."""
     num_blocks, block_size, hkv, dim = k_cache.shape
     if not (
         _heads_ok(k)
@@ -156,8 +169,6 @@ def write_kv(
         and slot_mapping.is_contiguous()
     ):
         return reference.write_kv(k, v, k_cache, v_cache, slot_mapping)
-    if k_cache.dtype != F32:
-        k, v = k.to(k_cache.dtype), v.to(k_cache.dtype)  # new [T, Hkv, D] tensors
     tokens = k.shape[0]
     if tokens and int(slot_mapping.max()) >= num_blocks * block_size:
         raise IndexError(f"write_kv: a slot is past the cache's {num_blocks * block_size} slots")
@@ -171,7 +182,7 @@ def write_kv(
         slot_mapping.data_ptr(),
         tokens,
         hkv * dim,
-        k_cache.element_size(),
+        CACHE_TYPES[k_cache.dtype],
     )
 
 

@@ -239,6 +239,55 @@ def test_write_kv_to_a_half_cache_rounds_like_torch(ops, cache_dtype):
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
+def test_write_kv_rounds_edge_values_like_torch(ops, cache_dtype):
+    """The kernel's own conversion (F16C in the native build, software in the portable one):
+    ties to even, half subnormals and their rounding, overflow to infinity at 65520, signed
+    zeros, infinities; bit for bit as torch's .to()."""
+    edges = [
+        0.0,
+        -0.0,
+        1.0 + 2**-11,
+        1.0 + 3 * 2**-11,
+        2**-24,
+        2**-25,
+        3 * 2**-25,
+        2**-14 - 2**-25,
+        6e-8,
+        -1e-7,
+    ]
+    edges += [
+        65504.0,
+        65519.0,
+        65520.0,
+        -65520.0,
+        1e6,
+        float("inf"),
+        float("-inf"),
+        1e-40,
+        3.0e38,
+        1.00390625,
+    ]
+    edges += [1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8)]
+    rows = torch.tensor(edges + [0.5] * (-len(edges) % 8), dtype=torch.float32).view(-1, 1, 8)
+    slots = torch.arange(rows.shape[0])
+    caches = [torch.zeros(1, rows.shape[0], 1, 8, dtype=cache_dtype) for _ in range(4)]
+    ops.write_kv(rows, rows, caches[0], caches[1], slots)
+    want = rows.to(cache_dtype).view(1, -1, 1, 8)
+    assert torch.equal(caches[0].view(torch.int16), want.view(torch.int16))
+    assert torch.equal(caches[1].view(torch.int16), want.view(torch.int16))
+
+
+def test_embedding_gathers_rows_and_checks_ids(ops):
+    table = torch.randn(30, 12)
+    ids = torch.tensor([0, 29, 5, 5])
+    assert torch.equal(ops.embedding(ids, table), table[ids])
+    assert ops.embedding(torch.tensor([], dtype=torch.int64), table).shape == (0, 12)
+    for bad in ([30], [-1]):
+        with pytest.raises(IndexError):
+            ops.embedding(torch.tensor(bad), table)
+
+
 def test_split_point_does_not_change_the_result(monkeypatch):
     """The merge of split ranges is exact up to rounding, wherever the split falls."""
     q, k_cache, v_cache, meta = _attention_case([1], [1000], 4, 2, 64, 16, seed=3)

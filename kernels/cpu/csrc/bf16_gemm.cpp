@@ -28,6 +28,8 @@
 
 #include <omp.h>
 
+#include "zs_kernels.h"
+
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__) && !defined(ZS_SCALAR)
 #include <immintrin.h>
 #define ZS_BF16_AVX512 1

@@ -25,6 +25,8 @@
 
 #include <omp.h>
 
+#include "zs_kernels.h"
+
 #if defined(__AVX2__) && defined(__FMA__) && !defined(ZS_SCALAR)
 #include <immintrin.h>
 #define ZS_AVX2 1
@@ -103,6 +105,47 @@ inline float to_float(f16 x) {  // exact, subnormals, infinities and NaN include
     std::memcpy(&f, &bits, sizeof(f));
     return f;
 }
+
+// fp32 -> 16-bit, round to nearest even, as torch converts (bfloat16: NaN -> 0x7fc0, as
+// c10::BFloat16 does; half: overflow -> infinity, subnormal halves kept, NaN -> quiet NaN).
+inline uint16_t to_bf16_bits(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, sizeof(x));
+    if ((x & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+inline uint16_t to_f16_bits(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, sizeof(x));
+    const uint32_t sign = (x >> 16) & 0x8000u;
+    x &= 0x7fffffffu;
+    if (x >= 0x47800000u)  // >= 65536, infinity or NaN
+        return static_cast<uint16_t>(sign | (x > 0x7f800000u ? 0x7e00u : 0x7c00u));
+    if (x < 0x38800000u) {  // below the smallest normal half: adding 0.5 rounds the subnormal (RNE)
+        float t;
+        std::memcpy(&t, &x, sizeof(t));
+        t += 0.5f;
+        uint32_t tb;
+        std::memcpy(&tb, &t, sizeof(tb));
+        return static_cast<uint16_t>(sign | (tb - 0x3f000000u));
+    }
+    x += 0xc8000fffu + ((x >> 13) & 1u);  // rebias the exponent (127 -> 15) and round to nearest even
+    return static_cast<uint16_t>(sign | (x >> 13));
+}
+
+inline void store_row(f16* dst, const float* src, int64_t n) {
+    int64_t i = 0;
+#if defined(ZS_AVX2) && defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+    for (; i < n; ++i) dst[i].bits = to_f16_bits(src[i]);
+}
+inline void store_row(bf16* dst, const float* src, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) dst[i].bits = to_bf16_bits(src[i]);
+}
+
 
 // The geometry of one attention call, shared by every work item.
 template <typename T>
@@ -571,7 +614,7 @@ void row_block(int64_t rows, const float* x, int64_t xs, const float* b, int64_t
 
 extern "C" {
 
-int zs_abi_version() { return 3; }
+int zs_abi_version() { return 4; }
 
 int zs_max_threads() { return omp_get_max_threads(); }
 
@@ -653,19 +696,35 @@ void zs_rotary(const int64_t* positions, const float* q, int64_t q_stride, const
     }
 }
 
-// k/v rows ([T, Hkv*D] elements of `elem` bytes, `k_stride` / `v_stride` elements apart) into
-// flat slots of the caches (same element type); slot < 0: skip.
-void zs_write_kv(const void* k, int64_t k_stride, const void* v, int64_t v_stride, void* k_cache, void* v_cache,
-                 const int64_t* slots, int64_t tokens, int64_t row, int64_t elem) {
-    const char* kb = static_cast<const char*>(k);
-    const char* vb = static_cast<const char*>(v);
-    char* kc = static_cast<char*>(k_cache);
-    char* vc = static_cast<char*>(v_cache);
+// k/v rows ([T, Hkv*D] fp32, `k_stride` / `v_stride` floats apart) into flat slots of the
+// caches, converted to the cache's CacheType as torch's .to() does (round to nearest even;
+// fp16: overflow to infinity, subnormals kept); slot < 0: skip.
+void zs_write_kv(const float* k, int64_t k_stride, const float* v, int64_t v_stride, void* k_cache, void* v_cache,
+                 const int64_t* slots, int64_t tokens, int64_t row, int32_t cache_type) {
     for (int64_t t = 0; t < tokens; ++t) {
         if (slots[t] < 0) continue;
-        std::memcpy(kc + slots[t] * row * elem, kb + t * k_stride * elem, row * elem);
-        std::memcpy(vc + slots[t] * row * elem, vb + t * v_stride * elem, row * elem);
+        const float* kr = k + t * k_stride;
+        const float* vr = v + t * v_stride;
+        switch (cache_type) {
+            case kF16:
+                store_row(static_cast<f16*>(k_cache) + slots[t] * row, kr, row);
+                store_row(static_cast<f16*>(v_cache) + slots[t] * row, vr, row);
+                break;
+            case kBF16:
+                store_row(static_cast<bf16*>(k_cache) + slots[t] * row, kr, row);
+                store_row(static_cast<bf16*>(v_cache) + slots[t] * row, vr, row);
+                break;
+            default:
+                std::memcpy(static_cast<float*>(k_cache) + slots[t] * row, kr, row * sizeof(float));
+                std::memcpy(static_cast<float*>(v_cache) + slots[t] * row, vr, row * sizeof(float));
+                break;
+        }
     }
+}
+
+// out [n, K] = table rows ids[0..n) (rows `stride` floats apart): the fp32 embedding lookup.
+void zs_gather_rows(const float* table, int64_t stride, const int64_t* ids, int64_t n, int64_t K, float* out) {
+    for (int64_t t = 0; t < n; ++t) std::memcpy(out + t * K, table + ids[t] * stride, K * sizeof(float));
 }
 
 // out [T, I] = silu(x[:, :I]) * x[:, I:], x rows `x_stride` apart.

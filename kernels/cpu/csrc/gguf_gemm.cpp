@@ -36,6 +36,8 @@
 
 #include <omp.h>
 
+#include "zs_kernels.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && !defined(ZS_SCALAR)
 #include <immintrin.h>
 #define ZS_GGUF_VNNI 1
