@@ -33,6 +33,7 @@ from typing import NoReturn
 
 import msgspec
 import zmq
+import zmq.utils.monitor
 
 from zeroserve.gpu_worker.tracing import StepSpans
 from zeroserve.shared import env, tracing
@@ -263,7 +264,16 @@ def serve(config: EngineConfig, rank: int, replica: int = 0) -> None:
     tracer = tracing.init("worker", config) if rank == 0 and config.collect_detailed_traces else None
     steps = None if tracer is None else StepSpans(tracer)
 
+    scheduler = SchedulerLink(sock)
     while True:
+        while not scheduler.wait():  # the scheduler restarted: it knows nothing of this worker
+            if link is not None:  # the other ranks hold request state too: the group starts over
+                exit_for_restart("the scheduler restarted; the tensor-parallel group starts over")
+            runner.reset()
+            if steps is not None:
+                steps.reset()
+            sock.send(codec.encode(ready))
+            log.warning("the scheduler restarted: this worker announced itself again (its requests are gone)")
         plan = receive_blocking(sock, codec) if link is None else receive_and_forward(sock, codec, link)
         if isinstance(plan, WorkerExit):
             exit_for_restart(f"the scheduler gave up on this worker: {plan.reason}")
@@ -292,6 +302,40 @@ def serve(config: EngineConfig, rank: int, replica: int = 0) -> None:
         sock.send(codec.encode(result))
         if steps is not None:  # after the reply, so the tokens go out first (the next step waits instead)
             steps.record(plan, started, started + result.step_time_s)
+
+
+class SchedulerLink:
+    """Watches the connection to the scheduler. A scheduler restarted on its own (by
+    ``zeroserve serve`` or a service manager) starts with no worker: the connection drops and
+    comes back, and the worker must say WorkerReady again, or the new scheduler waits forever."""
+
+    def __init__(self, sock: zmq.Socket):
+        self.sock = sock
+        self.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self.poller = zmq.Poller()
+        self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
+        self.dropped = False
+
+    def wait(self) -> bool:
+        """Block until a message waits on the socket (True), or the connection came back after
+        a drop (False: announce again, then wait again)."""
+        while True:
+            ready = dict(self.poller.poll())
+            if self.monitor in ready and self._reconnected():
+                return False
+            if self.sock in ready:
+                return True
+
+    def _reconnected(self) -> bool:
+        back = False
+        while self.monitor.poll(0):
+            event = zmq.utils.monitor.recv_monitor_message(self.monitor)["event"]
+            if event == zmq.EVENT_DISCONNECTED:
+                self.dropped = True
+            elif event == zmq.EVENT_CONNECTED and self.dropped:
+                self.dropped, back = False, True
+        return back
 
 
 def collective_error(e: Exception) -> str:

@@ -59,6 +59,7 @@ class SchedulerProcess:
     def __init__(self, config: EngineConfig, replica: int = 0):
         self.config = config
         self.replica = replica  # which of the data_parallel_size replicas this scheduler is
+        self.started_at = time.time()  # in every SchedulerStats: tokenizers tell a restart by it
         self.ctx = zmq.asyncio.Context()
         self.auth = start_authenticator(self.ctx, config.curve)
         self.front = bind(self.ctx, zmq.ROUTER, config.scheduler_address_of(replica), config.curve)
@@ -283,9 +284,12 @@ class SchedulerProcess:
     # ------------------------------------------------------------------ liveness and stats
     def stats(self) -> SchedulerStats:
         if self.scheduler is None:
-            return SchedulerStats(workers_ready=False)
+            return SchedulerStats(workers_ready=False, started_at=self.started_at)
         return msgspec.structs.replace(
-            self.scheduler.stats(), workers_ready=True, max_model_len=self.scheduler.cfg.max_model_len
+            self.scheduler.stats(),
+            workers_ready=True,
+            max_model_len=self.scheduler.cfg.max_model_len,
+            started_at=self.started_at,
         )
 
     async def watchdog_loop(self) -> None:

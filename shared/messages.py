@@ -451,6 +451,9 @@ class SchedulerStats(msgspec.Struct, frozen=True, array_like=True, tag="stats"):
     step_cost_error: float = 0.0
     # tokens computed per step (prefill and decode), cumulative since the scheduler started
     iteration_tokens: BucketCounts | None = None
+    # when this scheduler process started (wall time): a new value is a restarted scheduler,
+    # which never heard of the requests sent to the old one
+    started_at: float = 0.0
 
 
 # --------------------------------------------------------------------------- replicas -> registry bus -> routers

@@ -450,10 +450,12 @@ class TokenizerProcess:
                 )
 
     def on_replica_restarted(self, replica_id: str) -> None:
-        """Its scheduler is a new process, which never heard of our requests there."""
+        """Its scheduler is a new process, which never heard of our requests there (or got one
+        queued while it was down: the Abort makes sure it does not run for no one)."""
         for request_id, state in self.requests_on(replica_id):
-            if state.first and self.fail_over(state, "its scheduler restarted", abort_old=False):
+            if state.first and self.fail_over(state, "its scheduler restarted", abort_old=True):
                 continue
+            self.abort_upstream(state, "scheduler restarted")
             del self.requests[request_id]
             self.fail(
                 state.owner,

@@ -141,6 +141,13 @@ class ReplicaSet:
         while True:
             msg = await receive(replica.sock, replica.codec)
             if isinstance(msg, SchedulerStats):
+                if replica.stats.started_at and msg.started_at and msg.started_at != replica.stats.started_at:
+                    # restarted (by its supervisor) before it was missed: what it held is gone
+                    log.warning(
+                        "replica %s: its scheduler restarted; its requests in flight were lost",
+                        replica.replica_id,
+                    )
+                    self.listener.on_replica_restarted(replica.replica_id)
                 replica.stats = msg
                 replica.seen = time.monotonic()
             try:

@@ -242,9 +242,12 @@ def worker_pid(server, replica: int) -> int:
 
 def test_kill_one_worker_mid_load(servers):
     dp2, _ = servers
-    params = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
+    # the running requests are long enough to still run when the kill comes (a decode step of
+    # two sequences is ~5 ms here), the queued ones short
+    long = SamplingParams(temperature=0, max_tokens=600, ignore_eos=True)
+    short = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
 
-    async def run_one(client, prompt: str, first_token: asyncio.Event) -> tuple[str, str | None]:
+    async def run_one(client, prompt: str, first_token: asyncio.Event, params) -> tuple[str, str | None]:
         """(finish reason, error message) of a streamed request; sets first_token on its first."""
         try:
             async for delta in client.generate(prompt=prompt, params=params):
@@ -262,13 +265,13 @@ def test_kill_one_worker_mid_load(servers):
         async with EngineClient(dp2.tokenizer_address) as client:
             running = [asyncio.Event() for _ in range(4)]
             first = [
-                asyncio.ensure_future(run_one(client, f"Running story {i}: once upon a time", e))
+                asyncio.ensure_future(run_one(client, f"Running story {i}: once upon a time", e, long))
                 for i, e in enumerate(running)
             ]  # two per replica: each runs two at most
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in running)), 60)
             queued = [asyncio.Event() for _ in range(4)]
             later = [
-                asyncio.ensure_future(run_one(client, f"Queued story {i}: in a land far away", e))
+                asyncio.ensure_future(run_one(client, f"Queued story {i}: in a land far away", e, short))
                 for i, e in enumerate(queued)
             ]
             # a victim that holds both running requests and waiting ones

@@ -92,6 +92,35 @@ def test_kill_worker_fails_in_flight_then_recovers_and_no_orphans():
     assert not [p for p in children if pid_alive(p)], "orphan processes after shutdown"
 
 
+def test_kill_scheduler_fails_in_flight_and_the_same_worker_serves_the_new_one():
+    """The supervisor restarts the scheduler alone. The worker (still loaded) sees its
+    connection drop and come back, forgets its requests and says WorkerReady again: the new
+    scheduler serves without a model reload. The requests in flight end with an error."""
+    server = start_server(api_key=None)
+    try:
+        scheduler, worker = role_pid(server, "scheduler"), role_pid(server, "worker")
+
+        async def phase1():
+            async with EngineClient(server.tokenizer_address) as client:
+                started = asyncio.Event()
+                task = asyncio.ensure_future(
+                    stream_until_done(client, "Count slowly to one thousand:", 1500, started, {})
+                )
+                await asyncio.wait_for(started.wait(), 60)
+                os.kill(scheduler, signal.SIGKILL)
+                return await asyncio.wait_for(task, 30)
+
+        deltas = asyncio.run(phase1())
+        assert deltas[-1].finish_reason == "error" and deltas[-1].error is not None, deltas[-1]
+        assert asyncio.run(serve_again(server, 30, max_tokens=8))["usage"]["completion_tokens"] == 8
+        assert role_pid(server, "scheduler") != scheduler
+        assert role_pid(server, "worker") == worker  # announced again, not reloaded
+        assert "announced itself again" in server.log()
+    finally:
+        code = server.stop()
+    assert code == 0, server.log()
+
+
 def test_garbage_frames_on_every_socket_change_nothing(zeroserve_server):
     server = zeroserve_server
     run_dir = server.run_dir
