@@ -164,6 +164,14 @@ class CpuDecodeGraphs(DecodeGraphs):
 
     # ------------------------------------------------------------------ serving
 
+    def _in_range(self, input_ids: torch.Tensor, positions: torch.Tensor) -> bool:
+        """The bounds checks the eager wrappers make before each kernel, once for the step: a
+        replay reads the embedding row and the rotary row these index, unchecked."""
+        return (
+            0 <= int(input_ids.min()) <= int(input_ids.max()) < self.vocab_size
+            and 0 <= int(positions.min()) <= int(positions.max()) < self.max_model_len
+        )
+
     def _load(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
         n, width = meta.num_seqs, meta.block_tables.shape[1]
         self.input_ids[:n].copy_(input_ids)
@@ -183,7 +191,9 @@ class CpuDecodeGraphs(DecodeGraphs):
             and input_ids.shape[0] == n
             and 0 < n <= self.max_batch
             and meta.block_tables.shape[1] <= self.max_blocks_per_seq
+            and self._in_range(input_ids, positions)
         ):
+            # (an id or position out of range runs eagerly, where the kernels' checks raise)
             return self.forward(input_ids, positions, kv_caches, meta)
         if n not in self.graphs:  # first step of this size: recorded as it runs
             self._load(input_ids, positions, meta)

@@ -169,3 +169,13 @@ def test_a_forward_the_graph_cannot_replay_turns_graphs_off_with_the_reason(mode
     assert "CPU graphs off" in caplog.text and "aten.mul" in caplog.text
     tokens, _ = _generate(runner, [[5, 6, 7]], 2)
     assert len(tokens) == 3
+
+
+def test_an_out_of_range_token_id_in_a_decode_step_is_an_error_not_a_wild_read(model_dir):
+    """A replay indexes the embedding without the eager wrappers' checks, so the graphs check
+    the step's ids first and leave a bad one to the eager path, which raises."""
+    runner = _runner(model_dir)
+    bad = NewRequestData("bad", [5, 6, CONFIG["vocab_size"] + 7], list(range(12)), 2, 1, GREEDY)
+    with pytest.raises(IndexError):
+        runner.execute(StepPlan(0, new=[bad]))
+    assert runner.forward.replays == 0 and runner.forward.active
