@@ -89,6 +89,12 @@ class Group:
     retired: bool = False  # left the snapshot: closes when in_flight reaches 0
 
 
+class Targets(list):
+    """The targets of one request, with what routed them (to route it again)."""
+
+    route: tuple[str | None, str | None, dict] | None = None
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Target:
     """Where one request goes: the group's client and monitor, the names to answer with."""
@@ -258,12 +264,16 @@ class Versions:
         gets a 503 for a version that is already up."""
         if not self.static and not self.synced.is_set():  # before the first answer nothing is known
             await self.catch_up(FRESH_WAIT_S)
+        out = Targets()
+        out.route = (model, session, kw)
         try:
-            return self.targets(model, session, **kw)
+            out += self.targets(model, session, **kw)
+            return out
         except ApiError as e:
             if e.status != 503 or self.static or not await self.catch_up(FRESH_WAIT_S):
                 raise
-        return self.targets(model, session, **kw)
+        out += self.targets(model, session, **kw)
+        return out
 
     async def catch_up(self, timeout_s: float) -> bool:
         """Ask for the registry now; wait until an answer newer than ours is applied and the
@@ -316,10 +326,13 @@ class Versions:
             if group.retired and group.in_flight == 0:
                 asyncio.ensure_future(self._close(group))
 
-    async def run_targets(self, targets: list[Target], ctx: Any, call: Any) -> Any:
+    async def run_targets(self, targets: list[Target], ctx: Any, call: Any, rerouted: bool = False) -> Any:
         """``await call(target)`` on the first target, then on the next while one answers 429 or
         503 before anything was sent (a virtual model's fallback chain). Sets the request
-        context's model and version (the access log, the audit record, X-Model-Version)."""
+        context's model and version (the access log, the audit record, X-Model-Version). When
+        the last one answers 503 before anything was sent, the request is routed once more on a
+        fresh registry when that version is no longer routed there (the launcher has just failed
+        or drained it)."""
         error: ApiError | None = None
         for i, target in enumerate(targets):
             if error is not None and not self._routable(target):
@@ -333,7 +346,15 @@ class Versions:
                     await target.monitor.require_engine()
                     return await call(target)
             except ApiError as e:
-                if i + 1 == len(targets) or e.status not in (429, 503):
+                # (an ApiError out of call: nothing was answered yet, and a 503 ran nothing)
+                last = i + 1 == len(targets)
+                if last and e.status == 503 and not rerouted:
+                    again = await self._rerouted(targets, target)
+                    if again is not None:
+                        log.info("%s@%s is not ready any more; routed again to %s@%s", target.name,
+                                 target.version, again[0].name, again[0].version)  # fmt: skip
+                        return await self.run_targets(again, ctx, call, rerouted=True)
+                if last or e.status not in (429, 503):
                     raise
                 error = e
                 log.info(
@@ -346,6 +367,25 @@ class Versions:
                 )
         assert error is not None  # the first target is always tried
         raise error
+
+    async def _rerouted(self, targets: list[Target], failed: Target) -> list[Target] | None:
+        """After ``failed`` answered 503 (running nothing): the launcher may have just
+        failed or drained it, and this process's registry be up to 200 ms old. With a newer
+        registry that no longer routes there, the request's targets again; else None."""
+        route = getattr(targets, "route", None)
+        m = self.table.models.get(failed.name)
+        if route is None or self.static or m is None:
+            return None
+        if not any(v != failed.version and e.state == READY for v, e in m.states.items()):
+            return None  # nowhere else to go: the 503 stands at once
+        if self._routable(failed) and (not await self.catch_up(FRESH_WAIT_S) or self._routable(failed)):
+            return None  # (our registry, or a newer one, still routes there: the 503 stands)
+        model, session, kw = route
+        try:
+            again = self.targets(model, session, **kw)
+        except ApiError:
+            return None
+        return again if again and again[0].group is not failed.group else None
 
     def _routable(self, target: Target) -> bool:
         """Still ready in the snapshot routed by now, on the same group."""

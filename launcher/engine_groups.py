@@ -168,6 +168,11 @@ class ProcessSet:
     def crash_looping(self) -> list[Child]:
         return [c for c in self.children if len(c.exit_codes) >= FAILED_AFTER_EXITS]
 
+    def restarting_in_a_loop(self) -> list[Child]:
+        """Children that exited FAILED_AFTER_EXITS times in a row, each before it had run
+        HEALTHY_AFTER_S (their backoff doubled that often without being reset)."""
+        return [c for c in self.children if c.backoff_s >= BACKOFF_START_S * 2**FAILED_AFTER_EXITS]
+
 
 def _tee(pipe, tail: deque) -> None:
     """Copy a child's stderr to ours, keeping its last lines (a failed load's reason)."""
@@ -578,6 +583,14 @@ class GroupManager:
         for group in self.groups.values():
             if not group.stopping:
                 group.check()
+                looping = group.restarting_in_a_loop() if self.registry is not None else []
+                if looping:
+                    names = ", ".join(
+                        f"{c.name} (exit codes {', '.join(map(str, c.exit_codes[-3:]))})" for c in looping
+                    )
+                    self.registry.group_crash_looping(
+                        group.model, group.version, f"{names} keeps exiting soon after each restart"
+                    )
 
     def live_groups(self) -> list[EngineGroup]:
         return [

@@ -271,6 +271,30 @@ class Registry:
         self.groups.stop(model, version)
         self._changed(persist=(model, version) not in self._starting)
 
+    def group_crash_looping(self, model: str, version: str, reason: str) -> bool:
+        """A ready version's processes keep exiting soon after each restart. It is failed (its
+        group stopped, its traffic to the versions still ready: the stable one gets all of it
+        if no other one had any) when another version of the model is ready to serve; the only
+        ready version is left restarting, as a single-version server's engine is. True when
+        it was failed."""
+        v, m = self._version(model, version), self.models.get(model)
+        if v is None or m is None or v.state != READY:
+            return False
+        others = [o for o in m.versions.values() if o is not v and o.state == READY]
+        if not others:
+            return False
+        self.group_failed(model, version, reason)
+        if m.stable == version:  # the most-used version still ready is the one to fall back on
+            m.stable = max(others, key=lambda o: o.weight).name
+            self._changed()
+        if not any(o.weight for o in others):
+            heir = m.versions[m.stable]
+            heir = heir if heir.state == READY else others[0]
+            heir.weight = 100
+            log.warning("%s@%s takes all of %s's traffic", model, heir.name, model)
+            self._changed()
+        return True
+
     def group_stopped(self, model: str, version: str) -> None:
         v = self._version(model, version)
         if v is not None and v.state == DRAINING:

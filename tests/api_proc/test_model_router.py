@@ -483,3 +483,46 @@ async def test_a_version_made_ready_is_served_at_once_not_after_the_next_watch(t
     finally:
         await client.close()
         await launcher.close()
+
+
+class NotReady(FakeEngineClient):
+    """Answers 503 as a tokenizer whose engine is down does."""
+
+    async def stream(self, req):
+        self.requests.append(req)
+        info = ErrorInfo(status=503, type="service_unavailable", message="the engine is not ready", code=None)
+        yield TextDelta(request_id=req.request_id, text="", finish_reason="error", error=info)
+
+
+async def test_a_503_from_a_version_the_launcher_just_failed_is_routed_again(tmp_path):
+    """The launcher failed v2 (a crash loop) but this api's registry is up to 200 ms old: the
+    request that went to v2 and got its 503 is routed again on a fresh registry, to v1. With
+    no other ready version, or a registry that still routes to v2, the 503 stands."""
+    everything_to_v2 = ModelEntry(
+        name="m",
+        stable="v1",
+        versions=[version("v1", 0, addresses=["inproc://fake"]), version("v2", 100, addresses=["fake://v2"])],
+    )
+    v2_failed = ModelEntry(
+        name="m",
+        stable="v1",
+        versions=[
+            version("v1", 100, addresses=["inproc://fake"]),
+            version("v2", 0, state="failed", addresses=["fake://v2"]),
+        ],
+    )
+    v1, v2 = FakeEngineClient(), NotReady()
+    launcher, client = await registry_app(
+        tmp_path, snapshot(everything_to_v2, epoch=1), {"inproc://fake": v1, "fake://v2": v2}
+    )
+    try:
+        await asyncio.sleep(0.3)
+        resp = await client.post("/v1/completions", json={"model": "m", "prompt": "a", "max_tokens": 1})
+        assert resp.status == 503 and len(v2.requests) == 1  # the launcher still routes to v2
+        launcher.snapshot = snapshot(v2_failed, epoch=2)  # failed, not yet watched by the api
+        resp = await client.post("/v1/completions", json={"model": "m", "prompt": "a", "max_tokens": 1})
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["X-Model-Version"] == "v1" and len(v2.requests) == 2 and len(v1.requests) == 1
+    finally:
+        await client.close()
+        await launcher.close()

@@ -754,3 +754,55 @@ def test_a_restart_during_a_canary_gives_its_share_back_to_stable(tmp_path, gguf
     assert versions(reg) == {"v1": ("ready", 75), "v2": ("ready", 25)}
     again, _, _ = make(tmp_path)  # no controller after a restart: the unproven version gets nothing
     assert versions(again) == {"v1": ("ready", 100), "v2": ("loading", 0)}
+
+
+# ---------------------------------------------------------------- a version that crash-loops after ready
+
+
+def test_a_ready_version_in_a_crash_loop_is_failed_when_another_can_serve(gguf):
+    reg, groups, _ = make()
+    load_v2(reg, gguf)
+    admin(reg, "traffic", body={"weights": {"v1": 70, "v2": 30}})
+    assert reg.group_crash_looping("smol", "v2", "worker (exit codes -9, -9, -9) keeps exiting")
+    assert versions(reg) == {"v1": ("ready", 70), "v2": ("failed", 0)}
+    assert "keeps exiting" in reg.models["smol"].versions["v2"].reason and groups.stopped == ["smol@v2"]
+    assert not reg.group_crash_looping("smol", "v2", "again")  # failed already: nothing more
+
+
+def test_a_crash_looping_version_that_had_all_the_traffic_hands_it_to_the_stable_one(gguf):
+    reg, _, _ = make()
+    load_v2(reg, gguf)
+    admin(reg, "traffic", body={"weights": {"v1": 0, "v2": 100}})
+    assert reg.group_crash_looping("smol", "v2", "worker keeps exiting")
+    assert versions(reg) == {"v1": ("ready", 100), "v2": ("failed", 0)}
+
+
+def test_a_crash_looping_stable_version_passes_stable_to_a_ready_one(gguf):
+    reg, _, _ = make()
+    load_v2(reg, gguf)  # v2 ready at 0%
+    assert reg.models["smol"].stable == "v1"
+    assert reg.group_crash_looping("smol", "v1", "scheduler keeps exiting")
+    assert versions(reg) == {"v1": ("failed", 0), "v2": ("ready", 100)}
+    assert reg.models["smol"].stable == "v2" and reg.snapshot().models[0].stable == "v2"
+
+
+def test_the_only_ready_version_is_left_restarting(gguf):
+    reg, groups, _ = make()
+    assert not reg.group_crash_looping("smol", "v1", "worker keeps exiting")
+    assert versions(reg) == {"v1": ("ready", 100)} and groups.stopped == []
+    status, out = admin(reg, "load", body={"version": "v2", "path": gguf})  # v2 still loading
+    assert status == 202 and not reg.group_crash_looping("smol", "v1", "worker keeps exiting")
+
+
+def test_a_crash_loop_is_three_quick_exits_in_a_row():
+    from zeroserve.launcher.engine_groups import BACKOFF_START_S, Child, ProcessSet
+
+    child = Child("worker", 0, ["true"])
+    procs = ProcessSet([child], {})
+    for backoff, looping in (
+        (BACKOFF_START_S, False),
+        (4 * BACKOFF_START_S, False),
+        (8 * BACKOFF_START_S, True),
+    ):
+        child.backoff_s = backoff
+        assert procs.restarting_in_a_loop() == ([child] if looping else [])

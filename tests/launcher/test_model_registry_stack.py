@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -126,6 +127,32 @@ def test_a_load_that_cannot_fit_or_has_no_model_is_refused_before_anything_start
     assert "huge" not in states(server) and "gone" not in states(server)
     assert not os.path.exists(os.path.join(server.run_dir, "groups", "smol@huge"))
     assert len(server.role_pids("worker")) == workers
+
+
+def test_a_ready_version_whose_worker_keeps_dying_is_failed_and_its_traffic_stays_on_v1(server):
+    wait_state(server, "broken", "failed")  # (its workers come and go until then)
+    v1_workers = set(server.role_pids("worker"))
+    assert admin(server, "load", body={"version": "v3"})[0] == 202
+    wait_state(server, "v3", "ready")
+    assert admin(server, "traffic", body={"weights": {"v1": 70, "v3": 30}})[0] == 200
+    killed: set[int] = set()
+    deadline = time.monotonic() + 60
+    while states(server)["v3"][0] == "ready":  # kill v3's worker each time it is restarted
+        assert time.monotonic() < deadline, f"v3 never failed: {states(server)}\n{server.log()}"
+        for pid in set(server.role_pids("worker")) - v1_workers - killed:
+            os.kill(pid, signal.SIGKILL)
+            killed.add(pid)
+        time.sleep(0.1)
+    assert len(killed) == 3  # three quick exits in a row
+    _, out = admin(server, "list")
+    v3 = next(v for v in out["data"][0]["versions"] if v["version"] == "v3")
+    assert (v3["state"], v3["weight"]) == ("failed", 0) and "keeps exiting" in v3["reason"], v3
+    assert admin(server, "traffic", body={"weights": {"v1": 100}})[0] == 200
+    assert {completion(server) for _ in range(6)} == {(200, "v1")}
+    deadline = time.monotonic() + 30
+    while set(server.role_pids("worker")) - v1_workers:  # v3's group is stopped (SIGTERM first)
+        assert time.monotonic() < deadline, f"v3's worker still runs: {server.role_pids('worker')}"
+        time.sleep(0.2)
 
 
 def test_unloading_v1_lets_its_16_streams_finish_then_stops_it(server):
