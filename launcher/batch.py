@@ -1,7 +1,7 @@
 """`zeroserve batch INPUT.jsonl OUTPUT.jsonl`: an OpenAI Batch file run over the ZMQ client.
 
 Each input line is ``{"custom_id", "method": "POST", "url": "/v1/completions" |
-"/v1/chat/completions", "body": {...}}``; each yields exactly one output line
+"/v1/chat/completions" | "/v1/embeddings", "body": {...}}``; each yields exactly one output line
 ``{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error", "model", "version"}`` whose
 body is what the HTTP API would return for the same body (same code: api_proc.serving);
 ``model`` and ``version`` name what produced a result (null on an error line; the engine's one
@@ -28,7 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-URLS = ("/v1/completions", "/v1/chat/completions")
+URLS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
 RETRY_STATUSES = frozenset({429, 502, 503, 504})  # the engine is busy or restarting, not the request's fault
 BACKOFF_START_S, BACKOFF_MAX_S = 1.0, 30.0
 

@@ -26,7 +26,7 @@ def make_input(path: str, n: int = 500) -> set[str]:
     bad = {
         17: "not json {",
         101: json.dumps([1, 2]),
-        202: json.dumps({"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings", "body": {}}),
+        202: json.dumps({"custom_id": "bad-url", "method": "POST", "url": "/v1/moderations", "body": {}}),
         303: json.dumps(
             {
                 "custom_id": "bad-body",
@@ -125,6 +125,51 @@ def test_batch_results_equal_the_http_api(zeroserve_server, tmp_path):
         assert batch["object"] == api["object"] and batch["usage"] == api["usage"]
         strip = lambda choices: [{k: v for k, v in c.items()} for c in choices]  # noqa: E731
         assert strip(batch["choices"]) == strip(api["choices"])
+
+
+def test_batch_embeddings_equal_the_http_api(zeroserve_server, tmp_path):
+    """/v1/embeddings lines (a string, a list, base64) give the endpoint's bodies; a bad one is
+    the endpoint's 400."""
+    import base64
+
+    import numpy as np
+
+    bodies = [
+        {"input": "The capital of France is Paris."},
+        {"input": ["One", "Two words", "and three words"], "encoding_format": "base64"},
+        {"input": "x", "encoding_format": "hex"},
+    ]
+    inp, out = str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl")
+    with open(inp, "w") as f:
+        for i, body in enumerate(bodies):
+            f.write(
+                json.dumps({"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings", "body": body})
+                + "\n"
+            )
+    done = subprocess.run(batch_cmd(zeroserve_server, inp, out), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    by_id = {line["custom_id"]: line["response"] for line in read_output(out)}
+
+    def vectors(body: dict) -> list[np.ndarray]:
+        return [
+            np.frombuffer(base64.b64decode(d["embedding"]), "<f4")
+            if isinstance(d["embedding"], str)
+            else np.array(d["embedding"], dtype=np.float32)
+            for d in body["data"]
+        ]
+
+    for i, body in enumerate(bodies[:2]):
+        status, api = zeroserve_server.post("/v1/embeddings", body)
+        batch = by_id[f"e{i}"]
+        assert status == 200 and batch["status_code"] == 200, batch
+        assert batch["body"]["object"] == "list" and batch["body"]["usage"] == api["usage"]
+        got, want = vectors(batch["body"]), vectors(api)
+        assert len(got) == len(want) == len(body["input"] if isinstance(body["input"], list) else [0])
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and np.allclose(g, w, atol=1e-4)
+    status, api = zeroserve_server.post("/v1/embeddings", bodies[2])
+    assert status == by_id["e2"]["status_code"] == 400
+    assert by_id["e2"]["body"]["error"]["param"] == api["error"]["param"] == "encoding_format"
 
 
 # ------------------------------------------------------------------ input and resume, no engine
