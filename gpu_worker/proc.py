@@ -307,7 +307,9 @@ def serve(config: EngineConfig, rank: int, replica: int = 0) -> None:
 class SchedulerLink:
     """Watches the connection to the scheduler. A scheduler restarted on its own (by
     ``zeroserve serve`` or a service manager) starts with no worker: the connection drops and
-    comes back, and the worker must say WorkerReady again, or the new scheduler waits forever."""
+    comes back, and the worker must say WorkerReady again, or the new scheduler waits forever.
+    (A replica's scheduler and workers share one machine, so the link drops only when the
+    scheduler process ends; a dropped link is taken as a new scheduler.)"""
 
     def __init__(self, sock: zmq.Socket):
         self.sock = sock
