@@ -30,7 +30,7 @@ from zeroserve.api_proc.generate import EngineStreams
 from zeroserve.api_proc.model_router import VERSIONS, route
 from zeroserve.api_proc.request_log import RequestContext, context_of
 from zeroserve.api_proc.requests import check_token_ids, new_request_id
-from zeroserve.api_proc.serving import STATE, ApiState, read_body
+from zeroserve.api_proc.serving import STATE, ApiState, decode_body, read_body
 from zeroserve.shared.messages import GenerateRequest, PoolingParams, SamplingParams
 
 ENCODING_FORMATS = ("float", "base64")
@@ -120,15 +120,30 @@ async def embeddings(request: web.Request) -> web.Response:
     reqs = embedding_requests(body, request_id, config.max_seqs_per_request, config.request_timeout_s)
 
     async def call(target) -> web.Response:
-        vectors, prompt_tokens = await run_embeddings(target.client, reqs, config, ctx)
-        return web.Response(
-            body=responses.encode(
-                embedding_body(request_id, target.name, vectors, prompt_tokens, body.encoding_format)
-            ),
-            content_type="application/json",
-        )
+        answer = await embed(target.client, reqs, config, ctx, request_id, target.name, body.encoding_format)
+        return web.Response(body=responses.encode(answer), content_type="application/json")
 
     return await request.app[VERSIONS].run_targets(targets, ctx, call)
+
+
+async def embed_body(client, config, raw: bytes, ctx: RequestContext | None) -> dict:
+    """A POST /v1/embeddings body (bytes) run to the response body the endpoint gives, for a
+    request that did not come over HTTP (``zeroserve batch``)."""
+    body = decode_body(raw, EmbeddingRequest)
+    if ctx is not None:
+        ctx.model = body.model or config.model_name
+    request_id = new_request_id("embd", ctx.request_id if ctx is not None else None)
+    reqs = embedding_requests(body, request_id, config.max_seqs_per_request, config.request_timeout_s)
+    return await embed(client, reqs, config, ctx, request_id, config.model_name, body.encoding_format)
+
+
+async def embed(
+    client, reqs: list[GenerateRequest], config, ctx: RequestContext | None, request_id: str, model: str,
+    encoding_format: str | None,
+) -> dict:  # fmt: skip
+    """The requests' vectors, as the endpoint's response body."""
+    vectors, prompt_tokens = await run_embeddings(client, reqs, config, ctx)
+    return embedding_body(request_id, model, vectors, prompt_tokens, encoding_format)
 
 
 async def run_embeddings(

@@ -244,26 +244,6 @@ def new_choices(plan: GenerationPlan, metrics: ApiMetrics | None) -> list[Choice
     ]
 
 
-async def embeddings_body(client: Any, config: ApiConfig, body: bytes, ctx: RequestContext | None) -> dict:
-    """A POST /v1/embeddings body run to its response body, as the HTTP endpoint answers it."""
-    # (embeddings.py imports this module: its names are looked up here, at the call)
-    from zeroserve.api_proc.embeddings import (
-        EmbeddingRequest,
-        embedding_body,
-        embedding_requests,
-        run_embeddings,
-    )
-    from zeroserve.api_proc.requests import new_request_id
-
-    parsed = decode_body(body, EmbeddingRequest)
-    if ctx is not None:
-        ctx.model = parsed.model or config.model_name
-    request_id = new_request_id("embd", ctx.request_id if ctx is not None else None)
-    reqs = embedding_requests(parsed, request_id, config.max_seqs_per_request, config.request_timeout_s)
-    vectors, prompt_tokens = await run_embeddings(client, reqs, config, ctx)
-    return embedding_body(request_id, config.model_name, vectors, prompt_tokens, parsed.encoding_format)
-
-
 async def complete_body(
     client: Any,
     config: ApiConfig,
@@ -276,8 +256,10 @@ async def complete_body(
     its response body, exactly as the HTTP endpoint answers it (batch jobs use this, through
     request_log.run_recorded, which passes the request's context to fill).
     Raises ApiError with the status and message the endpoint would return."""
-    if url == "/v1/embeddings":
-        return await embeddings_body(client, config, body, ctx)
+    if url == "/v1/embeddings":  # (embeddings.py imports this module: imported at the call)
+        from zeroserve.api_proc.embeddings import embed_body
+
+        return await embed_body(client, config, body, ctx)
     kind = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}.get(url)
     if kind is None:
         raise ApiError(

@@ -29,6 +29,7 @@ import torch
 
 from zeroserve.gpu_worker.cuda_graphs import DecodeGraphs, Forward
 from zeroserve.kernels.cpu.graph import CpuGraph, GraphUnsupported, record
+from zeroserve.kernels.cpu.ops import in_range
 from zeroserve.kernels.metadata import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class CpuDecodeGraphs(DecodeGraphs):
         start = time.perf_counter()
         try:
             for batch in range(1, self.record_at_start + 1):
-                self._pad_rows(0)
+                self._pad(0)
                 for _ in range(warmup_runs):
                     self.forward(*self._static_args(batch))
                 self._record(batch)
@@ -90,7 +91,7 @@ class CpuDecodeGraphs(DecodeGraphs):
             self._disable(str(exc))
             return
         finally:
-            self._pad_rows(0)
+            self._pad(0)
         self.capture_time_s = time.perf_counter() - start
         log.info(
             "recorded CPU decode graphs for batches 1..%d in %.2f s (%d kernel calls at batch 1); "
@@ -119,12 +120,6 @@ class CpuDecodeGraphs(DecodeGraphs):
     def _bind(self, graph: CpuGraph, batch: int) -> None:
         graph.bind(self.arena)
         self.outputs[batch] = graph.output
-
-    def _pad_rows(self, first: int) -> None:
-        """Rows ``first..`` of the static buffers write nothing and read one token of block 0."""
-        self.slot_mapping[first:].fill_(-1)
-        self.seq_lens[first:].fill_(1)
-        self.block_tables[first:].zero_()
 
     def _check_on_other_inputs(self, batch: int) -> None:
         """At start: the replay on inputs other than the recorded ones must equal the eager
@@ -167,18 +162,7 @@ class CpuDecodeGraphs(DecodeGraphs):
     def _in_range(self, input_ids: torch.Tensor, positions: torch.Tensor) -> bool:
         """The bounds checks the eager wrappers make before each kernel, once for the step: a
         replay reads the embedding row and the rotary row these index, unchecked."""
-        return (
-            0 <= int(input_ids.min()) <= int(input_ids.max()) < self.vocab_size
-            and 0 <= int(positions.min()) <= int(positions.max()) < self.max_model_len
-        )
-
-    def _load(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
-        n, width = meta.num_seqs, meta.block_tables.shape[1]
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(meta.slot_mapping)
-        self.seq_lens[:n].copy_(meta.seq_lens)
-        self.block_tables[:n, :width].copy_(meta.block_tables)
+        return in_range(input_ids, self.vocab_size) and in_range(positions, self.max_model_len)
 
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list, meta: AttentionMetadata

@@ -118,8 +118,7 @@ class DecodeGraphs:
         if not self.enabled:
             return
         start = time.perf_counter()
-        self.slot_mapping.fill_(-1)
-        self.seq_lens.fill_(1)
+        self._pad(0)
         with self._capture_stream() as stream:
             for batch in reversed(self.buckets):
                 meta = self._meta(batch)
@@ -156,6 +155,22 @@ class DecodeGraphs:
 
     # ------------------------------------------------------------------ replay
 
+    def _load(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
+        """The step's inputs into the first rows of the static buffers."""
+        n, width = meta.num_seqs, meta.block_tables.shape[1]
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
+        self.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)
+        self.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
+
+    def _pad(self, first: int, last: int | None = None) -> None:
+        """Rows ``first..last`` of the static buffers as padding: write nothing, read one token
+        of block 0."""
+        self.slot_mapping[first:last].fill_(-1)
+        self.seq_lens[first:last].fill_(1)
+        self.block_tables[first:last, 0].zero_()
+
     def bucket_for(self, num_seqs: int) -> int | None:
         for b in self.buckets:
             if b >= num_seqs:
@@ -179,16 +194,9 @@ class DecodeGraphs:
             return self.forward(input_ids, positions, kv_caches, meta)
         n = meta.num_seqs
         batch = self.bucket_for(n)
-        width = meta.block_tables.shape[1]
-        self.input_ids[:n].copy_(input_ids, non_blocking=True)
-        self.positions[:n].copy_(positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
-        self.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)
-        self.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
-        if batch > n:  # padding rows of the bucket: write nothing, read one token of block 0
-            self.slot_mapping[n:batch].fill_(-1)
-            self.seq_lens[n:batch].fill_(1)
-            self.block_tables[n:batch, 0].zero_()
+        self._load(input_ids, positions, meta)
+        if batch > n:
+            self._pad(n, batch)
         self.graphs[batch].replay()
         self.replays += 1
         return self.outputs[batch][:n]

@@ -75,6 +75,8 @@ class CpuGraph:
 
     def __init__(self, calls: list[_Call], places: dict[int, tuple[int, int]], size: int, out, external):
         self._calls, self._places, self.arena_bytes = calls, places, size
+        self._starts = sorted(places)
+        self._sizes = {start: nbytes for start, (_, nbytes) in places.items()}
         self._out_template = out
         self._external = external  # views of memory the forward did not allocate (kept alive)
         self._ops: ctypes.Array | None = None
@@ -96,12 +98,11 @@ class CpuGraph:
         if arena.dtype != torch.uint8 or not arena.is_contiguous() or arena.numel() < self.arena_bytes:
             raise ValueError(f"a CPU graph needs a contiguous uint8 arena of {self.arena_bytes} bytes")
         base = arena.data_ptr()
-        starts = sorted(self._places)
         ops = (_Op * len(self._calls))()
         for op, call in zip(ops, self._calls, strict=True):
             ints = list(call.ints)
             for k in call.pointers:
-                moved = _locate(ints[k], starts, self._places)
+                moved = self._offset(ints[k])
                 if moved is not None:
                     ints[k] = base + moved
             op.thunk = call.thunk
@@ -115,7 +116,7 @@ class CpuGraph:
         out = self._out_template
         if out is None:
             return None
-        moved = _locate(out.untyped_storage().data_ptr(), sorted(self._places), self._places)
+        moved = self._offset(out.untyped_storage().data_ptr())
         if moved is None:
             return out  # memory the forward did not allocate: kept as it is
         elem = out.element_size()  # (arena offsets are multiples of ALIGN, so of elem)
@@ -124,20 +125,21 @@ class CpuGraph:
             arena.untyped_storage(), moved // elem + out.storage_offset(), out.shape, out.stride()
         )
 
+    def _offset(self, ptr: int) -> int | None:
+        """The arena offset of ``ptr`` if it points into one of the recorded allocations."""
+        start = _owner(ptr, self._starts, self._sizes)
+        return None if start is None else self._places[start][0] + (ptr - start)
+
     def replay(self) -> None:
         if self._run is None:
             raise RuntimeError("replay of a CPU graph that is not bound to an arena (call bind first)")
         self._run()
 
 
-def _locate(ptr: int, starts: list[int], places: dict[int, tuple[int, int]]) -> int | None:
-    """The arena offset of ``ptr`` if it points into one of the recorded allocations."""
+def _owner(ptr: int, starts: list[int], nbytes: dict[int, int]) -> int | None:
+    """The start of the allocation (``starts`` sorted, sizes in ``nbytes``) ``ptr`` points into."""
     i = bisect.bisect_right(starts, ptr) - 1
-    if i < 0:
-        return None
-    start = starts[i]
-    offset, nbytes = places[start]
-    return offset + (ptr - start) if ptr < start + nbytes else None
+    return starts[i] if i >= 0 and ptr < starts[i] + nbytes[starts[i]] else None
 
 
 class _Watch(TorchDispatchMode):
@@ -174,16 +176,14 @@ def _plan(calls: list[_Call], allocated: dict[int, int], out_start: int | None) 
     whose lifetimes (first..last call touching them; the output's lasts to the end) overlap
     never share bytes. Allocations no call touches get no place."""
     starts = sorted(allocated)
-    spans = {start: (start, allocated[start]) for start in starts}  # identity places, to find owners
     first: dict[int, int] = {}
     last: dict[int, int] = {}
     for n, call in enumerate(calls):
         for k in call.pointers:
-            ptr = call.ints[k]
-            i = bisect.bisect_right(starts, ptr) - 1
-            if i >= 0 and _locate(ptr, starts, spans) is not None:
-                first.setdefault(starts[i], n)
-                last[starts[i]] = n
+            start = _owner(call.ints[k], starts, allocated)
+            if start is not None:
+                first.setdefault(start, n)
+                last[start] = n
     if out_start is not None and out_start in first:
         last[out_start] = len(calls)
     places: dict[int, tuple[int, int]] = {}

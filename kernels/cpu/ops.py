@@ -36,6 +36,12 @@ F32 = torch.float32
 CACHE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc CacheType
 
 
+def in_range(t: torch.Tensor, bound: int) -> bool:
+    """Every value of the integer tensor ``t`` is in [0, bound): the bounds check before a
+    kernel indexes with it (an empty tensor passes)."""
+    return t.numel() == 0 or 0 <= int(t.min()) <= int(t.max()) < bound
+
+
 def _rows_ok(t: torch.Tensor) -> bool:
     """fp32 on the CPU, rows of contiguous floats (any row stride)."""
     return t.dtype == F32 and t.device.type == "cpu" and t.dim() == 2 and t.stride(1) == 1
@@ -102,7 +108,7 @@ def rotary(
         return reference.rotary(positions, q, k, cos_sin_cache)
     positions = positions.to(torch.int64).contiguous()
     tokens, q_heads, dim = q.shape
-    if tokens and not 0 <= int(positions.min()) <= int(positions.max()) < cos_sin_cache.shape[0]:
+    if not in_range(positions, cos_sin_cache.shape[0]):
         raise IndexError(
             f"rotary: a position is outside the cos/sin cache of {cos_sin_cache.shape[0]} positions"
         )
@@ -138,7 +144,7 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.embedding(ids, weight)
     ids = ids.contiguous()
     n, (vocab, hidden) = ids.shape[0], weight.shape
-    if n and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
+    if not in_range(ids, vocab):
         raise IndexError(f"embedding: a token id is outside the table's {vocab} rows")
     out = torch.empty((n, hidden), dtype=F32)
     _lib.zs_gather_rows(weight.data_ptr(), weight.stride(0), ids.data_ptr(), n, hidden, out.data_ptr())
@@ -262,7 +268,7 @@ def apply_token_bitmask(
         return None
     if rows is not None:
         rows = rows.to(torch.int64).contiguous()
-        if not 0 <= int(rows.min()) <= int(rows.max()) < logits.shape[0]:
+        if not in_range(rows, logits.shape[0]):
             raise IndexError(
                 f"apply_token_bitmask: a row index is outside the logits' {logits.shape[0]} rows"
             )

@@ -63,12 +63,12 @@ def test_the_arena_reuses_dead_tensors_and_never_overlaps_live_ones(layers):
     assert graph.arena_bytes < allocated / 3  # 4 layers' activations in about one layer's room
     # no two tensors that share arena bytes are touched by overlapping spans of calls
     starts = sorted(graph._places)
-    owners = {start: (start, graph._places[start][1]) for start in starts}  # address -> itself
+    sizes = {start: nbytes for start, (_, nbytes) in graph._places.items()}
     life: dict[int, list[int]] = {}
     for n, call in enumerate(graph._calls):
         for k in call.pointers:
-            if cpu_graph._locate(call.ints[k], starts, owners) is not None:
-                owner = max(start for start in starts if start <= call.ints[k])
+            owner = cpu_graph._owner(call.ints[k], starts, sizes)
+            if owner is not None:
                 life.setdefault(owner, []).append(n)
     assert set(life) == set(graph._places)
     for a, (oa, na) in graph._places.items():
