@@ -87,6 +87,12 @@ ENGINE_STATS = {
         "Steps whose decodes alone were predicted past --target-itl-ms (prefills got the minimum share).",
         "counter",
     ),
+    "step_cost_error": (
+        "step_cost_model_error",
+        "Mean relative error of the step cost model's time predictions, each made before the step "
+        "was learned (what --target-itl-ms and deadline checks rely on).",
+        "gauge",
+    ),
 }
 
 

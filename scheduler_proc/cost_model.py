@@ -1,9 +1,12 @@
 """How long a step takes, learned online from the workers' measured step times.
 
-A step's time is modelled as linear in five features of its plan (``StepShape``)::
+A step's time is modelled as linear in six features of its plan (``StepShape``)::
 
-    t ~ w . [1, decode_rows, decode_context / 1k, prefill_tokens, prefill_attention / 1k]
+    t ~ w . [1, prefilling, decode_rows, decode_context / 1k, prefill_tokens, prefill_attention / 1k]
 
+    prefilling         1 for a step that computes any prompt tokens, else 0: its own fixed cost
+                       (a decode-only step replays a recorded graph, CUDA's or the CPU's; a step
+                       with a prefill chunk runs eagerly)
     decode_rows        requests computing their one next token
     decode_context     tokens those decodes attend to (their KV lengths, summed)
     prefill_tokens     prompt tokens computed this step (chunks included)
@@ -14,10 +17,15 @@ The weights are a least-squares fit of relative error with exponential forgettin
 ``forget`` times the one after it, so the fit follows a machine whose speed drifts: thermal
 throttling, another tenant), solved from the weighted normal equations with a small ridge so
 that a feature never seen (no prefill for a while) keeps a finite weight instead of blowing
-up. ``error`` is the mean relative error of each prediction made *before* its sample was
-learned: the fit error on unseen steps, what a latency target can rely on.
+up, and **with every weight kept >= 0** (Lawson-Hanson's active set on the normal equations):
+no feature makes a step faster, and features that move together (a batch of equal prompts
+makes prefill tokens and attention proportional) cannot cancel with opposite signs, which
+would predict a chunk's cost (the positive parts) above what the whole step is predicted to
+take, and fill steps short of the target. ``error`` is the mean relative error of each
+prediction made *before* its sample was learned: the fit error on unseen steps, what a
+latency target can rely on.
 
-Pure Python and numpy (the scheduler never imports torch); one update is a 5x5 solve.
+Pure Python and numpy (the scheduler never imports torch); one update is a few 6x6 solves.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import math
 
 import numpy as np
 
-NUM_FEATURES = 5
+NUM_FEATURES = 6
 
 
 class StepShape:
@@ -57,6 +65,7 @@ class StepShape:
     def features(self) -> list[float]:
         return [
             1.0,
+            1.0 if self.prefill_tokens else 0.0,
             float(self.decode_rows),
             self.decode_context / 1000.0,
             float(self.prefill_tokens),
@@ -110,25 +119,28 @@ class StepCostModel:
         self.num_samples += 1
         # the ridge is scaled per feature, so it regularises each feature alike whatever its units
         scale = np.maximum(np.diag(self._a), 1e-12)
-        try:
-            w = np.linalg.solve(self._a + self.ridge * np.diag(scale) + 1e-12 * np.eye(NUM_FEATURES), self._b)
-        except np.linalg.LinAlgError:
-            return
-        if np.all(np.isfinite(w)):
+        a = self._a + self.ridge * np.diag(scale) + 1e-12 * np.eye(NUM_FEATURES)
+        w = nonnegative_solve(a, self._b, start=np.array(self.weights) > 0.0)
+        if w is not None:
             self.weights = [float(v) for v in w]
 
     # ---------------------------------------------------------------- what a step may hold
 
+    @property
+    def prefill_step_cost(self) -> float:
+        """Predicted extra seconds of a step for holding any prefill at all (paid once a step)."""
+        return self.weights[1]
+
     def prefill_cost(self, num_computed: int, num_new: int) -> float:
         """Predicted extra seconds for a chunk of ``num_new`` tokens after ``num_computed``."""
         w = self.weights
-        return max(0.0, w[3]) * num_new + max(0.0, w[4]) * num_new * (num_computed + num_new) / 1000.0
+        return w[4] * num_new + w[5] * num_new * (num_computed + num_new) / 1000.0
 
     def max_chunk(self, seconds: float, num_computed: int) -> int | None:
         """The most tokens a chunk after ``num_computed`` may hold within ``seconds`` (None: no
         limit, the model sees no cost in prefill tokens)."""
-        a = max(0.0, self.weights[4]) / 1000.0  # cost = a k^2 + b k
-        b = max(0.0, self.weights[3]) + a * num_computed
+        a = self.weights[5] / 1000.0  # cost = a k^2 + b k
+        b = self.weights[4] + a * num_computed
         if seconds <= 0.0:
             return 0
         if a <= 0.0:
@@ -137,21 +149,80 @@ class StepCostModel:
 
 
 class TimeBudget:
-    """What one step may still add in prefill: ``seconds`` of predicted time, and at least
-    ``floor`` tokens whatever the prediction (the minimum prefill share)."""
+    """What one step may still add in prefill: ``seconds`` of predicted time (the first chunk
+    also pays the step's fixed cost of prefilling), and at least ``floor`` tokens whatever
+    the prediction (the minimum prefill share)."""
 
-    __slots__ = ("model", "seconds", "floor")
+    __slots__ = ("model", "seconds", "floor", "prefilling")
 
     def __init__(self, model: StepCostModel, seconds: float, floor: int) -> None:
         self.model, self.seconds, self.floor = model, seconds, floor
+        self.prefilling = False  # a chunk is in the step already (its fixed cost is spent)
 
     def chunk(self, num_computed: int, want: int) -> int:
         """How many of ``want`` tokens after ``num_computed`` this step may compute."""
         if want <= self.floor:
             return want
-        fits = self.model.max_chunk(self.seconds, num_computed)
+        seconds = self.seconds if self.prefilling else self.seconds - self.model.prefill_step_cost
+        fits = self.model.max_chunk(seconds, num_computed)
         return want if fits is None else min(want, max(fits, self.floor))
 
     def spend(self, num_computed: int, num_new: int) -> None:
+        if not self.prefilling:
+            self.seconds -= self.model.prefill_step_cost
+            self.prefilling = True
         self.seconds -= self.model.prefill_cost(num_computed, num_new)
         self.floor = max(0, self.floor - num_new)
+
+
+def nonnegative_solve(
+    a: np.ndarray, b: np.ndarray, start: np.ndarray | None = None, tol: float = 1e-12
+) -> np.ndarray | None:
+    """argmin over w >= 0 of w.a.w - 2 b.w for a symmetric positive definite ``a`` (the
+    normal equations of least squares): Lawson and Hanson's active set, on the Gram matrix.
+    ``start``: the weights free (> 0) in a previous solution, tried first (one solve when the
+    set has not changed: the usual case from one step to the next). None if a solve fails (a
+    singular or non-finite system)."""
+    n = len(b)
+    free = np.zeros(n, dtype=bool)
+    w = np.zeros(n)
+    if start is not None and start.any():
+        idx = np.where(start)[0]
+        try:
+            z = np.linalg.solve(a[np.ix_(idx, idx)], b[idx])
+        except np.linalg.LinAlgError:
+            z = None
+        if z is not None and np.all(np.isfinite(z)) and np.all(z > 0):
+            free, w = start.copy(), np.zeros(n)
+            w[idx] = z
+    for _ in range(3 * n):  # each pass frees one weight; a handful of passes in practice
+        grad = b - a @ w  # minus half the gradient: > 0 where raising w_j lowers the loss
+        scale = tol * (np.abs(b).max() + 1e-300)
+        candidates = np.where(~free & (grad > scale))[0]
+        if len(candidates) == 0:
+            break
+        free[candidates[np.argmax(grad[candidates])]] = True
+        for _ in range(n):
+            idx = np.where(free)[0]
+            try:
+                z = np.linalg.solve(a[np.ix_(idx, idx)], b[idx])
+            except np.linalg.LinAlgError:
+                return None
+            if not np.all(np.isfinite(z)):
+                return None
+            if np.all(z > 0):
+                w = np.zeros(n)
+                w[idx] = z
+                break
+            # step from w towards z as far as every weight stays >= 0, and fix the ones that hit 0
+            neg = z <= 0
+            wi = w[idx]
+            alpha = np.min(wi[neg] / (wi[neg] - z[neg]))
+            wi = wi + alpha * (z - wi)
+            w = np.zeros(n)
+            w[idx] = wi
+            free[idx[wi <= tol * (np.abs(wi).max() + 1e-300)]] = False
+            w[~free] = 0.0
+            if not free.any():
+                break
+    return w

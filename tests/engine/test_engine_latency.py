@@ -1,9 +1,10 @@
 """--target-itl-ms and deadline_ms through the real stack (packaged SmolLM2 GGUF): requests are
 served as usual, a deadline no start could meet is refused with 429 once the scheduler has
-measured enough steps, and the over-target counter reaches /metrics."""
+measured enough steps, and the over-target counter and the model's fit error reach /metrics."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -42,7 +43,17 @@ def test_requests_are_served_and_an_impossible_deadline_is_refused(server):
     assert status == 200 and body["choices"][0]["finish_reason"] == "length", body
 
 
-def test_the_over_target_counter_is_exported(server):
-    status, text = server.get("/metrics")
-    assert status == 200
+def test_the_over_target_counter_and_the_fit_error_are_exported(server):
+    # the model's fit error on unseen steps: measured once the test above ran past its warm-up
+    # (/metrics shows the engine's stats as of the last heartbeat: poll a few)
+    deadline = time.monotonic() + 10
+    while True:
+        status, text = server.get("/metrics")
+        assert status == 200
+        line = next(x for x in text.splitlines() if x.startswith(b"zeroserve:step_cost_model_error{"))
+        error = float(line.rsplit(b" ", 1)[1])
+        if error > 0.0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
     assert b"zeroserve:steps_over_itl_target_total" in text
+    assert 0.0 < error < 1.0, line
