@@ -149,28 +149,23 @@ class StepCostModel:
 
 
 class TimeBudget:
-    """What one step may still add in prefill: ``seconds`` of predicted time (the first chunk
-    also pays the step's fixed cost of prefilling), and at least ``floor`` tokens whatever
-    the prediction (the minimum prefill share)."""
+    """What one step may still add in prefill: ``seconds`` of predicted time, less the step's
+    fixed cost of holding any prefill (the budget is spent on prefill only), and at least
+    ``floor`` tokens whatever the prediction (the minimum prefill share)."""
 
-    __slots__ = ("model", "seconds", "floor", "prefilling")
+    __slots__ = ("model", "seconds", "floor")
 
     def __init__(self, model: StepCostModel, seconds: float, floor: int) -> None:
-        self.model, self.seconds, self.floor = model, seconds, floor
-        self.prefilling = False  # a chunk is in the step already (its fixed cost is spent)
+        self.model, self.seconds, self.floor = model, seconds - model.prefill_step_cost, floor
 
     def chunk(self, num_computed: int, want: int) -> int:
         """How many of ``want`` tokens after ``num_computed`` this step may compute."""
         if want <= self.floor:
             return want
-        seconds = self.seconds if self.prefilling else self.seconds - self.model.prefill_step_cost
-        fits = self.model.max_chunk(seconds, num_computed)
+        fits = self.model.max_chunk(self.seconds, num_computed)
         return want if fits is None else min(want, max(fits, self.floor))
 
     def spend(self, num_computed: int, num_new: int) -> None:
-        if not self.prefilling:
-            self.seconds -= self.model.prefill_step_cost
-            self.prefilling = True
         self.seconds -= self.model.prefill_cost(num_computed, num_new)
         self.floor = max(0, self.floor - num_new)
 
@@ -187,28 +182,20 @@ def nonnegative_solve(
     free = np.zeros(n, dtype=bool)
     w = np.zeros(n)
     if start is not None and start.any():
-        idx = np.where(start)[0]
-        try:
-            z = np.linalg.solve(a[np.ix_(idx, idx)], b[idx])
-        except np.linalg.LinAlgError:
-            z = None
-        if z is not None and np.all(np.isfinite(z)) and np.all(z > 0):
-            free, w = start.copy(), np.zeros(n)
-            w[idx] = z
+        z = _free_solve(a, b, np.where(start)[0])
+        if z is not None and np.all(z > 0):
+            free, w[start] = start.copy(), z
+    scale = tol * (np.abs(b).max() + 1e-300)
     for _ in range(3 * n):  # each pass frees one weight; a handful of passes in practice
         grad = b - a @ w  # minus half the gradient: > 0 where raising w_j lowers the loss
-        scale = tol * (np.abs(b).max() + 1e-300)
         candidates = np.where(~free & (grad > scale))[0]
         if len(candidates) == 0:
             break
         free[candidates[np.argmax(grad[candidates])]] = True
         for _ in range(n):
             idx = np.where(free)[0]
-            try:
-                z = np.linalg.solve(a[np.ix_(idx, idx)], b[idx])
-            except np.linalg.LinAlgError:
-                return None
-            if not np.all(np.isfinite(z)):
+            z = _free_solve(a, b, idx)
+            if z is None:
                 return None
             if np.all(z > 0):
                 w = np.zeros(n)
@@ -226,3 +213,13 @@ def nonnegative_solve(
             if not free.any():
                 break
     return w
+
+
+def _free_solve(a: np.ndarray, b: np.ndarray, idx: np.ndarray) -> np.ndarray | None:
+    """The unconstrained optimum over the weights ``idx`` (the others held at 0); None if the
+    system is singular or its solution not finite."""
+    try:
+        z = np.linalg.solve(a[np.ix_(idx, idx)], b[idx])
+    except np.linalg.LinAlgError:
+        return None
+    return z if np.all(np.isfinite(z)) else None
