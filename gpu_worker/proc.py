@@ -15,8 +15,9 @@ Tensor parallel (``--tensor-parallel-size N``, gpu_worker/parallel.py): N proces
 rank. Rank 0 is the worker the scheduler knows; it forwards every frame it receives to the
 others (``GroupLink.forward``) before running it, and only it answers. The other ranks
 heart-beat to rank 0's heartbeat thread, which watches them: a rank that dies (its socket
-closes) or goes silent for ``heartbeat_timeout_s`` fails the step in progress with an error
-naming it, and rank 0 exits; a rank whose rank 0 is gone exits too. A broken group is never
+closes) or goes silent for ``heartbeat_timeout_s`` is reported to the scheduler
+(``WorkerGone``, naming it: the group's requests fail at once, in a step or between two), and
+rank 0 exits; a rank whose rank 0 is gone exits too. A broken group is never
 mended: every rank exits with EXIT_STALLED and the supervisor starts the group again.
 """
 
@@ -39,7 +40,15 @@ from zeroserve.gpu_worker.tracing import StepSpans
 from zeroserve.shared import env, tracing
 from zeroserve.shared.config import EngineConfig
 from zeroserve.shared.ipc import Codec, bind, connect, receive_blocking
-from zeroserve.shared.messages import Pong, StepPlan, StepResult, WorkerExit, WorkerInbox, WorkerReady
+from zeroserve.shared.messages import (
+    Pong,
+    StepPlan,
+    StepResult,
+    WorkerExit,
+    WorkerGone,
+    WorkerInbox,
+    WorkerReady,
+)
 from zeroserve.shared.proc_main import die_with_parent, parse_proc_args
 
 log = logging.getLogger("zeroserve.worker")
@@ -109,15 +118,15 @@ class Heartbeat(threading.Thread):
     main thread) has run past ``step_timeout_s + STEP_EXIT_GRACE_S``.
 
     Tensor parallel: rank 0 also watches the other ranks (``PeerWatch``) and, when one is lost,
-    fails the step in progress (``step_id``) with an error that says so, then exits; the other
-    ranks send Pong(role="worker-R") to rank 0 and exit when its connection closes."""
+    tells the scheduler why (``WorkerGone``: it fails the requests the group held at once, in a
+    step or between two), then exits; the other ranks send Pong(role="worker-R") to rank 0 and
+    exit when its connection closes."""
 
     def __init__(self, config: EngineConfig, rank: int, replica: int = 0):
         super().__init__(name="heartbeat", daemon=True)
         self.config, self.rank, self.replica = config, rank, replica
         self.stop = threading.Event()
         self.step_started: float | None = None  # time.monotonic() when the current step began
-        self.step_id: int | None = None  # that step's plan (tensor parallel: failed when a rank is lost)
 
     def run(self) -> None:
         ctx = zmq.Context()
@@ -138,7 +147,8 @@ class Heartbeat(threading.Thread):
             if started is not None and time.monotonic() - started > limit:
                 exit_for_restart(f"a step has run for more than {limit:g}s (step_timeout_s + grace)")
             if peers is not None and not STOPPING.is_set() and (why := peers.lost()) is not None:
-                self.fail_group(sock, peers, why)
+                peers.close()
+                send_then_exit(sock, encoder.encode(WorkerGone(reason=why)), why)
             if leader is not None and leader.poll(0) and not STOPPING.is_set():
                 exit_for_restart("tensor-parallel rank 0 is gone (its connection closed)")
             sock.send(encoder.encode(Pong(sent_at=time.time(), role=role)))
@@ -146,16 +156,6 @@ class Heartbeat(threading.Thread):
             if s is not None:
                 s.close(0)
         ctx.term()
-
-    def fail_group(self, sock: zmq.Socket, peers: PeerWatch, why: str) -> NoReturn:
-        """Rank 0: the group is broken. The scheduler fails the step in progress at once (no
-        step: its requests fail when this process's heartbeats stop)."""
-        step_id = self.step_id if self.step_started is not None else None
-        peers.close()
-        if step_id is None:
-            exit_for_restart(why)
-        error = StepResult(step_id=step_id, request_ids=[], sampled_token_ids=[], error=why)
-        send_then_exit(sock, Codec(StepResult, "worker.heartbeat").encoder.encode(error), why)
 
 
 def injected_stall(path: str | None) -> None:
@@ -277,7 +277,6 @@ def serve(config: EngineConfig, rank: int, replica: int = 0) -> None:
         plan = receive_blocking(sock, codec) if link is None else receive_and_forward(sock, codec, link)
         if isinstance(plan, WorkerExit):
             exit_for_restart(f"the scheduler gave up on this worker: {plan.reason}")
-        heartbeat.step_id = plan.step_id
         started = heartbeat.step_started = time.monotonic()
         try:
             injected_stall(fault_file)

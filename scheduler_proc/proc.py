@@ -2,7 +2,7 @@
 
 Inboxes:
     front   ROUTER  tokenizers -> EngineRequest | Abort | Ping
-    workers ROUTER  workers    -> WorkerReady | StepResult | Pong (heartbeats)
+    workers ROUTER  workers    -> WorkerReady | StepResult | WorkerGone | Pong (heartbeats)
 Loop: drain the inboxes, schedule one step, send the StepPlan to every worker, take the
 StepResult, send TokenDeltas to the tokenizer that owns each request. One plan in flight;
 new requests and aborts are received while a step runs.
@@ -10,7 +10,8 @@ new requests and aborts are received while a step runs.
 Liveness: workers send a heartbeat every ``heartbeat_interval_s`` from a side thread; a
 worker silent for ``heartbeat_timeout_s`` (or one that says ready again: it restarted) is
 dead: every request fails with finish reason "error" and the KV pool starts empty once a
-worker is ready again. Heartbeats come from a side thread, so they cannot tell a stuck
+worker is ready again; a worker that says it is gone (WorkerGone: its tensor-parallel group
+broke) is dead at once. Heartbeats come from a side thread, so they cannot tell a stuck
 forward pass: a step not answered within ``step_timeout_s`` is treated the same way, and the
 worker is sent ``WorkerExit`` (as is one that went silent, in case it was only paused) so that
 its supervisor restarts it. Tokenizers ping us; one silent for the timeout has its requests
@@ -48,6 +49,7 @@ from zeroserve.shared.messages import (
     TokenDelta,
     TokenDeltas,
     WorkerExit,
+    WorkerGone,
     WorkerReady,
 )
 from zeroserve.shared.proc_main import parse_proc_args, run_actor
@@ -155,6 +157,9 @@ class SchedulerProcess:
                         self.worker_seen = time.monotonic()
                 case WorkerReady():
                     self.on_worker_ready(identity, msg)
+                case WorkerGone():
+                    if self.worker_ready is not None:
+                        self.on_worker_dead(msg.reason)
                 case StepResult():
                     waiter = self.step_waiters.pop(msg.step_id, None)
                     if waiter is not None and not waiter.done():

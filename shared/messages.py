@@ -389,6 +389,14 @@ class WorkerExit(msgspec.Struct, frozen=True, array_like=True, tag="worker_exit"
     reason: str
 
 
+class WorkerGone(msgspec.Struct, frozen=True, array_like=True, tag="worker_gone"):
+    """Worker rank 0 is exiting because its tensor-parallel group broke (a rank died or went
+    silent), sent from its heartbeat thread whether or not a step is in progress: the scheduler
+    fails what the worker held now, not after heartbeat_timeout_s of silence."""
+
+    reason: str
+
+
 class WorkerReady(msgspec.Struct, frozen=True, array_like=True, tag="worker_ready"):
     """max_model_len is the context the worker serves: the configured one, lowered to what its
     KV pool holds. The scheduler enforces it and reports it onwards (SchedulerStats)."""
@@ -574,7 +582,7 @@ ApiInbox = TextDelta | TokenizeResult | Pong
 # scheduler_proc's inbox from tokenizer processes
 SchedulerInbox = EngineRequest | Abort | Ping
 # scheduler_proc's inbox from worker rank 0
-SchedulerWorkerInbox = StepResult | WorkerReady | Pong
+SchedulerWorkerInbox = StepResult | WorkerReady | WorkerGone | Pong
 # tokenizer_proc's inbox from the scheduler (SchedulerStats answers its heartbeat Ping)
 TokenizerEngineInbox = TokenDeltas | SchedulerStats
 # gpu_worker's inbox from the scheduler

@@ -57,6 +57,13 @@ def server(tmp_path_factory):
         wait_until(
             lambda: all(v["state"] == "ready" for v in versions(s).values()), 240, "every version ready"
         )
+        # the api process routes by the registry it last heard (a watch every 200 ms): requests
+        # sent before it sees the last version ready all go to the others
+        wait_until(
+            lambda: all(g["state"] == "ready" and g["reachable"] for g in api_health(s)),
+            10,
+            "the api to see them",
+        )
         yield s
     finally:
         assert s.stop() == 0, s.log()
@@ -217,10 +224,14 @@ def test_a_healthy_canary_is_promoted_to_stable(server):
     assert 'model_version="v2"' in metrics
 
 
+def api_health(server) -> list[dict]:
+    """The versions of smol as the api process routes them now (its /health)."""
+    return [g for g in call(server, "GET", "/health")[2]["models"] if g["model"] == "smol"]
+
+
 def api_weights(server) -> dict[str, int]:
-    """The weights the api process routes by now (its /health)."""
-    health = call(server, "GET", "/health")[2]
-    return {g["version"]: g["weight"] for g in health["models"] if g["model"] == "smol"}
+    """The weights the api process routes by now."""
+    return {g["version"]: g["weight"] for g in api_health(server)}
 
 
 def complete_once(server):
