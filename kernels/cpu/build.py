@@ -35,7 +35,7 @@ CSRC = Path(__file__).with_name("csrc")
 # the quantized projections); each Python module declares the argtypes of the functions it calls
 SOURCES = sorted(CSRC.glob("*.cpp"))
 HEADERS = sorted(CSRC.glob("*.h"))  # not compiled on their own; part of the build's key
-ABI_VERSION = 4
+ABI_VERSION = 5
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
 
 COMPILE_TIMEOUT_S = 600
@@ -167,6 +167,7 @@ def _bind(lib: ctypes.CDLL) -> None:
         i64,
         i64,
         f32,
+        i64,
         i64,
     ]
     lib.zs_rms_norm.argtypes = [p, i64, p, i64, p, p, p, i64, i64, f32]

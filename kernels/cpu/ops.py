@@ -32,6 +32,7 @@ __all__ = [
 _lib = build.load()  # importing this module raises CpuKernelsUnavailable where there is no build
 _VECTORIZED = bool(_lib.zs_vectorized())  # the AVX2 attention takes head dims that are multiples of 8
 MIN_SPLIT = 256  # a decode with fewer tokens than ~2 per thread splits each context in ranges this long
+QUERY_TILE = 8  # a prefill's query tokens attend in tiles of up to this many (one read of each K/V block)
 F32 = torch.float32
 CACHE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc CacheType
 
@@ -234,6 +235,7 @@ def paged_attention(
         tables.shape[1],
         scale,
         MIN_SPLIT,
+        QUERY_TILE,
     )
     return out
 

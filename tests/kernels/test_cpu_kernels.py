@@ -297,6 +297,49 @@ def test_split_point_does_not_change_the_result(monkeypatch):
         _close(cpu_ops.paged_attention(q, k_cache, v_cache, meta, 0.125), whole, 1e-5)
 
 
+PREFILL_TILE_CASES = {
+    "prompts, a chunk after a prefix, decodes": ([200, 37, 64, 1, 1], [200, 37, 300, 50, 9], 9, 3, 64, 16),
+    "a long context: the scratch budget tiles 2": ([6], [3800], 16, 2, 128, 16),
+    "a longer context: a token at a time": ([4], [4200], 16, 2, 128, 16),
+    "blocks of 5, head dim 24 (a half panel)": ([23, 9], [23, 40], 4, 2, 24, 5),
+    "MHA, head dim 8, a prompt of 7 (one tile)": ([7, 1], [7, 12], 3, 3, 8, 16),
+}
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(PREFILL_TILE_CASES))
+def test_prefill_tiles_match_the_reference_and_do_not_depend_on_tiling_or_threads(
+    ops, monkeypatch, name, cache_dtype
+):
+    """A prefill's tokens run in tiles per KV head, as matrix products (masked past each token's
+    own context, zero past the sequence): the reference's values, and with the AVX2 build the
+    same bits whatever the tile size or the threads (tensor-parallel ranks see the same per-head
+    results too; the portable build's loops differ in the last bit between tile sizes); tile 1
+    (a token per work item, as decode tokens run) is within rounding of them."""
+    query_lens, seq_lens, heads, kv_heads, dim, block_size = PREFILL_TILE_CASES[name]
+    q, k_cache, v_cache, meta = _attention_case(
+        query_lens, seq_lens, heads, kv_heads, dim, block_size, seed=4
+    )
+    k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
+    want = ref.paged_attention(q, k_cache, v_cache, meta, dim**-0.5)
+    tiled = ops.paged_attention(q, k_cache, v_cache, meta, dim**-0.5)
+    _close(tiled, want)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            for tile in (2, 3, 16):
+                monkeypatch.setattr(ops, "QUERY_TILE", tile)
+                out = ops.paged_attention(q, k_cache, v_cache, meta, dim**-0.5)
+                if ops._VECTORIZED:
+                    assert torch.equal(out, tiled), (n_threads, tile, (out - tiled).abs().max())
+                _close(out, want)
+            monkeypatch.setattr(ops, "QUERY_TILE", 1)
+            _close(ops.paged_attention(q, k_cache, v_cache, meta, dim**-0.5), want)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_extreme_scores_stay_finite():
     """Softmax subtracts the row max: huge logits neither overflow nor underflow to NaN."""
     q, k_cache, v_cache, meta = _attention_case([1, 3], [40, 3], 2, 1, 16, 8, seed=5)

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include <omp.h>
@@ -408,15 +409,125 @@ void attend_range(const Geometry<T>& g, const float* __restrict q, const int32_t
     }
 }
 
+// The projections' micro-kernel (below): y[rows][0 : ncols] = x[rows][0 : K] . b, b a panel [K][16].
+void row_block(int64_t rows, const float* x, int64_t xs, const float* b, int64_t K, float* y, int64_t ys,
+               int64_t ncols, const float* bias, const char* prefetch, int64_t prefetch_lines);
+
+constexpr int64_t kTileCols = 16;  // the micro-kernel's panel width
+// A prefill tile's scores and rows per thread are kept within this many floats (1 MiB, half a
+// core's L2 here): a long context tiles fewer tokens.
+constexpr int64_t kTileFloats = int64_t{1} << 18;
+// The widened K/V panels of the tiled sequences of one call (256 MiB at most): sequences past
+// that are attended a token at a time.
+constexpr int64_t kPanelFloats = int64_t{1} << 26;
+
+inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// floats of a tile's scratch: per KV head, its rows' queries, scores, outputs, max and sum
+inline int64_t tile_floats(int64_t tokens, int64_t context, int64_t group, int64_t dim) {
+    return tokens * group * (round_up(context + tokens - 1, kTileCols) + 2 * dim + 2);
+}
+
+template <typename T>
+inline void widen(const T* __restrict src, float* __restrict dst, int64_t n) {
+    int64_t i = 0;
+#ifdef ZS_AVX2
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(src + i));
+#endif
+    for (; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+// One KV head of a tiled sequence, positions [p0, p0 + 16), widened into its panels: K as
+// [position / 16][dim][16] (transposed), V as [dim / 16][ld][16]; zero past the sequence.
+template <typename T>
+void fill_panels(const Geometry<T>& g, const int32_t* __restrict table, int64_t seq_len, int64_t ld, int64_t h,
+                 int64_t p0, float* __restrict kt, float* __restrict vp) {
+    const int64_t dim = g.dim, dim_pad = round_up(dim, kTileCols), bs = g.block_size;
+    float krow[512];  // head dims up to 512 (the wrapper sends larger ones to the reference)
+    float* kchunk = kt + p0 * dim;
+    for (int64_t pos = p0; pos < p0 + kTileCols; ++pos) {
+        const int64_t o = pos - p0;
+        float* vrow = vp + pos * kTileCols;
+        if (pos >= seq_len) {
+            for (int64_t d = 0; d < dim; ++d) kchunk[d * kTileCols + o] = 0.0f;
+            for (int64_t d0 = 0; d0 < dim_pad; d0 += kTileCols)
+                std::fill(vrow + d0 * ld, vrow + d0 * ld + kTileCols, 0.0f);
+            continue;
+        }
+        const int64_t at = (static_cast<int64_t>(table[pos / bs]) * bs + pos % bs) * g.row_stride + h * dim;
+        widen(g.k_cache + at, krow, dim);
+        for (int64_t d = 0; d < dim; ++d) kchunk[d * kTileCols + o] = krow[d];
+        for (int64_t d0 = 0; d0 < dim_pad; d0 += kTileCols) {
+            const int64_t n = std::min(kTileCols, dim - d0);
+            widen(g.v_cache + at + d0, vrow + d0 * ld, n);
+            std::fill(vrow + d0 * ld + n, vrow + d0 * ld + kTileCols, 0.0f);
+        }
+    }
+}
+
+// KV head h of `tokens` consecutive query tokens of one sequence (a prefill tile), the first
+// seeing context positions [0, c1), each next one position more, as matrix products: the rows
+// are the tile's tokens x the group's query heads, against the sequence's widened panels
+// (fill_panels, once per call for all its tiles), so both products run on the projections'
+// 6 x 16 micro-kernel (2 loads and 6 broadcasts per 12 FMAs, where a token alone loads and
+// widens a K or V value per FMA). Scores past a row's own context are dropped by its softmax
+// (length) and zeroed before P V, where they add exact zeros: with the AVX2 micro-kernel a row's
+// result does not depend on the tile it is in, nor on the other heads (tile size, threads,
+// tensor-parallel ranks).
+template <typename T>
+void attend_tile(const Geometry<T>& g, const float* __restrict q, const float* __restrict panels, int64_t seq_ld,
+                 int64_t c1, int64_t tokens, int64_t h, float* __restrict scratch, float* __restrict out) {
+    const int64_t dim = g.dim, group = g.group, head_floats = g.num_heads * dim;
+    const int64_t ld = round_up(c1 + tokens - 1, kTileCols), rows = tokens * group;
+    const int64_t dim_pad = round_up(dim, kTileCols), head_panels = seq_ld * (dim + dim_pad);
+    float* qh = scratch;         // [rows][dim], pre-scaled
+    float* s = qh + rows * dim;  // [rows][ld]
+    float* oh = s + rows * ld;   // [rows][dim]
+    float* m = oh + rows * dim;  // [rows]
+    float* l = m + rows;         // [rows]
+    const float* kt = panels + h * head_panels;
+    const float* vp = kt + seq_ld * dim;
+    for (int64_t j = 0; j < tokens; ++j)
+        for (int64_t i = 0; i < group; ++i) {
+            const float* src = q + j * head_floats + (h * group + i) * dim;
+            float* dst = qh + (j * group + i) * dim;
+            for (int64_t d = 0; d < dim; ++d) dst[d] = src[d] * g.scale;
+        }
+    for (int64_t r0 = 0; r0 < rows; r0 += 6) {
+        const int64_t n = std::min<int64_t>(6, rows - r0);
+        for (int64_t c = 0; c < ld; c += kTileCols)
+            row_block(n, qh + r0 * dim, dim, kt + c * dim, dim, s + r0 * ld + c, ld, kTileCols, nullptr, nullptr, 0);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t len = c1 + r / group;
+        softmax_row(s + r * ld, len, m + r, l + r);
+        std::fill(s + r * ld + len, s + (r + 1) * ld, 0.0f);
+    }
+    for (int64_t r0 = 0; r0 < rows; r0 += 6) {
+        const int64_t n = std::min<int64_t>(6, rows - r0);
+        for (int64_t d0 = 0; d0 < dim; d0 += kTileCols)
+            row_block(n, s + r0 * ld, ld, vp + d0 * seq_ld, ld, oh + r0 * dim + d0, dim,
+                      std::min(kTileCols, dim - d0), nullptr, nullptr, 0);
+    }
+    for (int64_t j = 0; j < tokens; ++j)
+        for (int64_t i = 0; i < group; ++i) {
+            const int64_t r = j * group + i;
+            const float inv = 1.0f / l[r];
+            float* o = out + j * head_floats + (h * group + i) * dim;
+            for (int64_t d = 0; d < dim; ++d) o[d] = oh[r * dim + d] * inv;
+        }
+}
+
 struct Item {
     int64_t token, seq, c0, c1, partial;  // partial: -1 = write the output directly
+    int64_t tokens = 1, kv_head = -1;     // a prefill tile: this many tokens from `token` on, one KV head
 };
 
 template <typename T>
 void paged_attention(const float* q, const T* k_cache, const T* v_cache, const int32_t* block_tables,
                      const int32_t* seq_lens, const int32_t* query_start, float* out, int64_t num_seqs,
                      int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                     int64_t table_stride, float scale, int64_t min_split) {
+                     int64_t table_stride, float scale, int64_t min_split, int64_t query_tile) {
     const Geometry<T> g{k_cache, v_cache, block_size, num_heads, num_kv_heads, num_heads / num_kv_heads, head_dim,
                      num_kv_heads * head_dim, scale};
     const int64_t threads = omp_get_max_threads();
@@ -425,19 +536,41 @@ void paged_attention(const float* q, const T* k_cache, const T* v_cache, const i
 
     std::vector<Item> items;
     items.reserve(num_tokens);
-    int64_t partials = 0, longest = 1;
+    int64_t partials = 0, longest = 1, scratch_floats = 0, panel_floats = 0;
+    const int64_t dim_pad = round_up(head_dim, kTileCols);
+    std::vector<int64_t> panel_at(num_seqs, -1);  // where a tiled sequence's panels start
     for (int64_t s = 0; s < num_seqs; ++s) {
-        const int64_t q_len = query_start[s + 1] - query_start[s];
-        for (int64_t t = query_start[s]; t < query_start[s + 1]; ++t) {
+        const int64_t q_end = query_start[s + 1], q_len = q_end - query_start[s];
+        const int64_t seq_panels = num_kv_heads * round_up(seq_lens[s], kTileCols) * (head_dim + dim_pad);
+        // a prefill's tokens run in tiles, each (tile, KV head) one work item (whatever the
+        // threads: a token's result is the same in any tile); a decode token alone
+        const bool tiled = query_tile > 1 && q_len > 1 && head_dim <= 512 &&
+                           panel_floats + seq_panels <= kPanelFloats &&
+                           tile_floats(2, seq_lens[s] - q_len + 1, g.group, head_dim) <= kTileFloats;
+        if (tiled) {
+            panel_at[s] = panel_floats;
+            panel_floats += seq_panels;
+        }
+        for (int64_t t = query_start[s]; t < q_end;) {
             const int64_t context = seq_lens[s] - q_len + (t - query_start[s]) + 1;
             if (context <= 0) {  // nothing visible (not produced by a valid plan): zeros
                 std::fill(out + t * num_heads * head_dim, out + (t + 1) * num_heads * head_dim, 0.0f);
+                ++t;
+                continue;
+            }
+            if (tiled) {
+                int64_t n = std::min(query_tile, q_end - t);
+                while (n > 1 && tile_floats(n, context, g.group, head_dim) > kTileFloats) --n;
+                for (int64_t h = 0; h < num_kv_heads; ++h) items.push_back({t, s, 0, context, -1, n, h});
+                scratch_floats = std::max(scratch_floats, tile_floats(n, context, g.group, head_dim));
+                t += n;
                 continue;
             }
             const int64_t splits = std::min(want, (context + min_split - 1) / min_split);
             if (splits <= 1) {
                 items.push_back({t, s, 0, context, -1});
                 longest = std::max(longest, context);
+                ++t;
                 continue;
             }
             const int64_t chunk = ((context + splits - 1) / splits + block_size - 1) / block_size * block_size;
@@ -445,9 +578,24 @@ void paged_attention(const float* q, const T* k_cache, const T* v_cache, const i
                 items.push_back({t, s, c0, std::min(context, c0 + chunk), partials++});
                 longest = std::max(longest, chunk);
             }
+            ++t;
         }
     }
     const int64_t head_floats = num_heads * head_dim;
+    // the tiled sequences' K/V, widened once for all their tiles: (sequence, KV head, 16 positions) units
+    const std::unique_ptr<float[]> panels(panel_floats > 0 ? new float[panel_floats] : nullptr);
+    std::vector<int64_t> units;
+    for (int64_t s = 0; s < num_seqs; ++s)
+        for (int64_t p0 = 0; panel_at[s] >= 0 && p0 < seq_lens[s]; p0 += kTileCols)
+            for (int64_t h = 0; h < num_kv_heads; ++h) units.insert(units.end(), {s, h, p0});
+    const int64_t unit_count = static_cast<int64_t>(units.size()) / 3;
+#pragma omp parallel for schedule(static)
+    for (int64_t u = 0; u < unit_count; ++u) {
+        const int64_t s = units[3 * u], h = units[3 * u + 1], p0 = units[3 * u + 2];
+        const int64_t ld = round_up(seq_lens[s], kTileCols);
+        float* kt = panels.get() + panel_at[s] + h * ld * (head_dim + dim_pad);
+        fill_panels(g, block_tables + s * table_stride, seq_lens[s], ld, h, p0, kt, kt + ld * head_dim);
+    }
     std::vector<float> partial_acc(partials * head_floats), partial_m(partials * num_heads),
         partial_l(partials * num_heads);
     const int64_t count = static_cast<int64_t>(items.size());
@@ -455,12 +603,16 @@ void paged_attention(const float* q, const T* k_cache, const T* v_cache, const i
 #pragma omp parallel
     {
         std::vector<float> scores(num_heads * longest), m(num_heads), l(num_heads);
+        const std::unique_ptr<float[]> scratch(scratch_floats > 0 ? new float[scratch_floats] : nullptr);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < count; ++i) {
             const Item& it = items[i];
             const float* qt = q + it.token * head_floats;
             const int32_t* table = block_tables + it.seq * table_stride;
-            if (it.partial < 0) {
+            if (it.kv_head >= 0) {
+                attend_tile(g, qt, panels.get() + panel_at[it.seq], round_up(seq_lens[it.seq], kTileCols), it.c1,
+                            it.tokens, it.kv_head, scratch.get(), out + it.token * head_floats);
+            } else if (it.partial < 0) {
                 float* o = out + it.token * head_floats;
                 attend_range(g, qt, table, it.c0, it.c1, scores.data(), o, m.data(), l.data());
                 for (int64_t r = 0; r < num_heads; ++r) {
@@ -614,7 +766,7 @@ void row_block(int64_t rows, const float* x, int64_t xs, const float* b, int64_t
 
 extern "C" {
 
-int zs_abi_version() { return 4; }
+int zs_abi_version() { return 5; }
 
 int zs_max_threads() { return omp_get_max_threads(); }
 
@@ -624,18 +776,21 @@ int zs_vectorized() { return kVectorized ? 1 : 0; }
 // prefill after a cached prefix, decode: one loop). Query token i of sequence s sits at
 // position seq_lens[s] - q_len(s) + i and sees positions 0 .. that one.
 //
-// A work item is one token with all its heads (K/V rows are read whole, once). When there are
-// fewer tokens than ~2 per thread (small decode batches), a token's context is also split
-// into ranges of at least `min_split` positions, and the ranges merged (flash-decoding).
+// A work item is one token with all its heads (K/V rows are read whole, once), or in a prefill
+// up to `query_tile` consecutive tokens of a sequence, which read each K/V block once between
+// them (while that leaves ~2 items per thread). When there are fewer tokens than ~2 per
+// thread (small decode batches), a token's context is also split into ranges of at least
+// `min_split` positions, and the ranges merged (flash-decoding).
 // cache_type: CacheType of k_cache / v_cache (q and out are fp32).
 void zs_paged_attention(const float* q, const void* k_cache, const void* v_cache, int32_t cache_type,
                         const int32_t* block_tables, const int32_t* seq_lens, const int32_t* query_start, float* out,
                         int64_t num_seqs, int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads,
-                        int64_t head_dim, int64_t block_size, int64_t table_stride, float scale, int64_t min_split) {
+                        int64_t head_dim, int64_t block_size, int64_t table_stride, float scale, int64_t min_split,
+                        int64_t query_tile) {
 #define ZS_ATTEND(T)                                                                                              \
     paged_attention<T>(q, static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), block_tables, seq_lens, \
                        query_start, out, num_seqs, num_tokens, num_heads, num_kv_heads, head_dim, block_size,       \
-                       table_stride, scale, min_split)
+                       table_stride, scale, min_split, query_tile)
     switch (cache_type) {
         case kF16: ZS_ATTEND(f16); break;
         case kBF16: ZS_ATTEND(bf16); break;
