@@ -2,8 +2,8 @@
 
 Starts each server in turn (one at a time, so none steals the others' cores), waits until it
 answers ``GET /v1/models``, runs ``zeroserve bench sweep`` against it (the same random prompts
-for all: sized with the packaged GGUF's tokenizer), stops it, and prints one table:
-output tok/s and inter-token latency p50 per concurrency.
+for all: sized with the packaged GGUF's tokenizer), stops it, and prints two tables per
+concurrency: output tok/s with inter-token latency p50, and time to first token p50 (p99).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_peers.py \\
         --llama-server ~/.cache/zeroserve-peers/llama/build/bin/llama-server \\
@@ -43,6 +43,7 @@ def targets(args: argparse.Namespace, gguf: str) -> list[dict]:
     """(name, weights, command, env) of every server asked for."""
     out = []
     port = args.port
+    slots = max(int(c) for c in args.concurrency.split(","))
     if args.llama_server:
         out.append(
             {
@@ -57,10 +58,10 @@ def targets(args: argparse.Namespace, gguf: str) -> list[dict]:
                     "127.0.0.1",
                     "--port",
                     str(port),
-                    "-np",
-                    "64",
+                    "-np",  # a slot per concurrent request, each with room for a prompt and its output
+                    str(slots),
                     "-c",
-                    "16384",
+                    str(max(16384, slots * (args.input_len + args.output_len + 64))),
                     "-t",
                     str(args.threads),
                 ],
@@ -261,6 +262,18 @@ def main() -> None:
             else:
                 cells.append(f"{run['output_throughput']:.1f} ({run['p50_itl_ms']:.1f})")
         print(f"| {r['name']} | {r['version']} | {r['weights']} | " + " | ".join(cells) + " |")
+    # time to first token: what a long prompt costs (--input-len 1500 compares prefill)
+    print("\n| server | " + " | ".join(f"C={c} TTFT p50 ms (p99)" for c in levels) + " |")
+    print("|---|" + "---|" * len(levels))
+    for r in results:
+        by_c = {run["concurrency"]: run for run in r.get("runs", [])}
+        cells = [
+            f"{by_c[c]['p50_ttft_ms']:.0f} ({by_c[c]['p99_ttft_ms']:.0f})"
+            if by_c.get(c, {}).get("completed")
+            else r.get("error", "-")
+            for c in levels
+        ]
+        print(f"| {r['name']} | " + " | ".join(cells) + " |")
     summary = [{k: v for k, v in r.items() if k != "env"} for r in results]
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
 

@@ -199,6 +199,7 @@ def build_inputs(scheduled: list[ScheduledRequest], block_size: int, device: tor
     block_tables: list[list[int]] = []
     logits_indices: list[int] = []
     sampling: list[RequestState] = []
+    prompt: list[bool] = []
     bs = block_size
     for item in scheduled:
         state, n = item.state, item.num_new_tokens
@@ -214,12 +215,13 @@ def build_inputs(scheduled: list[ScheduledRequest], block_size: int, device: tor
             positions.extend(range(start, end))
             slots.extend([blocks[p // bs] * bs + p % bs for p in range(start, end)])
         query_lens.append(n)
+        prompt.append(start < state.num_prompt_tokens)
         seq_lens.append(end)
         block_tables.append(blocks[: -(-end // bs)])
         if item.samples:
             logits_indices.append(len(input_ids) - 1)
             sampling.append(state)
-    meta = AttentionMetadata.build(query_lens, seq_lens, block_tables, slots, device)
+    meta = AttentionMetadata.build(query_lens, seq_lens, block_tables, slots, device, prompt=prompt)
     return StepInputs(
         input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
         positions=torch.tensor(positions, dtype=torch.int64, device=device),

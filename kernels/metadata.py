@@ -30,6 +30,10 @@ class AttentionMetadata:
     # host copies, so the torch reference can loop without device syncs
     query_lens_host: list[int]
     seq_lens_host: list[int]
+    # [S] int8, host: 1 for a sequence whose one query token this step is a prompt token (a
+    # prompt cached but for its last token); None when there is none. The CPU kernels attend a
+    # prompt's tokens in tiles, and such a token must come out as it did in its prompt's tile
+    one_token_prompts: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -48,8 +52,10 @@ class AttentionMetadata:
         slot_mapping: list[int],
         device: torch.device | str = "cpu",
         pad_blocks_to: int | None = None,
+        prompt: list[bool] | None = None,
     ) -> AttentionMetadata:
-        """From host lists; block tables padded with block 0 to the longest row."""
+        """From host lists; block tables padded with block 0 to the longest row. ``prompt``:
+        whether each sequence's query tokens are prompt tokens (default: those of more than one)."""
         width = max([len(b) for b in block_tables] + [pad_blocks_to or 1])
         table = torch.zeros((len(block_tables), width), dtype=torch.int32)
         for i, row in enumerate(block_tables):
@@ -67,4 +73,11 @@ class AttentionMetadata:
             max_seq_len=max(seq_lens, default=0),
             query_lens_host=list(query_lens),
             seq_lens_host=list(seq_lens),
+            one_token_prompts=_one_token_prompts(query_lens, prompt),
         )
+
+
+def _one_token_prompts(query_lens: list[int], prompt: list[bool] | None) -> torch.Tensor | None:
+    if prompt is None or not any(p and n == 1 for p, n in zip(prompt, query_lens, strict=True)):
+        return None
+    return torch.tensor([p and n == 1 for p, n in zip(prompt, query_lens)], dtype=torch.int8)

@@ -34,6 +34,11 @@ BACKOFF_START_S, BACKOFF_MAX_S, HEALTHY_AFTER_S = 1.0, 30.0, 60.0
 GROUPS_DIR = "groups"
 TCP_PORTS_PER_GROUP = 3000  # tcp: group #slot's internal ports start at base_port + slot * this
 FAILED_AFTER_EXITS = 3
+# a tensor-parallel group with a dead rank: the others get this long to exit by themselves
+# (rank 0 first tells its scheduler why, within a heartbeat interval; the others follow rank 0)
+# before they are killed, so the requests fail at once with the reason, not after the
+# scheduler's heartbeat timeout as "no heartbeat"
+TP_EXIT_GRACE_S = 2.0
 LOAD_TIMEOUT_S = 600.0
 # the resident memory of a group's processes besides its weights and KV cache: the python
 # interpreters, torch, the tokenizer (measured on SmolLM2: docs/models.md "Capacity")
@@ -76,6 +81,7 @@ class Child:
     restart_at: float | None = None
     exit_codes: list[int] = field(default_factory=list)
     tail: deque | None = None  # the last lines of its stderr, when the group keeps them
+    kill_at: float | None = None  # a rank of a broken tensor-parallel group: killed then if still alive
 
     @property
     def name(self) -> str:
@@ -112,15 +118,27 @@ class ProcessSet:
         now = time.monotonic()
         for child in self.children:
             if child.popen is None:
-                if child.restart_at is not None and now >= child.restart_at:
-                    child.restarts += 1
-                    log.warning("restarting %s%s (restart #%d)", self.label, child.name, child.restarts)
-                    self.spawn(child)
+                if child.restart_at is not None and now >= child.restart_at and not self.rank_alive(child):
+                    for c in self.tp_group(child):  # a tensor-parallel group restarts whole
+                        c.restarts += 1
+                        log.warning("restarting %s%s (restart #%d)", self.label, c.name, c.restarts)
+                        self.spawn(c)
                 continue
             code = child.popen.poll()
             if code is None:
-                if now - child.started_at > HEALTHY_AFTER_S:
+                if child.kill_at is not None and now >= child.kill_at:
+                    log.warning(
+                        "%s%s: killing it, its tensor-parallel group broke %.0fs ago and it has not exited",
+                        self.label,
+                        child.name,
+                        TP_EXIT_GRACE_S,
+                    )
+                    child.popen.kill()
+                elif now - child.started_at > HEALTHY_AFTER_S:
                     child.backoff_s = BACKOFF_START_S
+                continue
+            if child.kill_at is not None:  # a rank of a broken group, gone as expected: restarts with it
+                child.popen, child.kill_at = None, None
                 continue
             child.exit_codes.append(code)
             child.popen = None
@@ -140,17 +158,32 @@ class ProcessSet:
                 " (crash loop: check the log above)" if delay >= 8 else "",
             )
 
+    def tp_group(self, child: Child) -> list[Child]:
+        """The worker ranks of ``child``'s replica (just ``child`` without tensor parallelism)."""
+        if child.role != "worker" or self.tensor_parallel_size <= 1:
+            return [child]
+        return [c for c in self.children if c.role == "worker" and c.replica == child.replica]
+
+    def rank_alive(self, child: Child) -> bool:
+        """Whether another rank of ``child``'s tensor-parallel group still runs: the group
+        restarts only as a whole, once all are down (a fresh torch.distributed group needs
+        every rank anew)."""
+        return any(c is not child and c.popen is not None for c in self.tp_group(child))
+
     def stop_tp_group(self, dead: Child) -> None:
-        """Tensor parallel: kill the dead worker's surviving ranks and restart the group as one
-        (a fresh torch.distributed group needs every rank to start over)."""
-        group = [c for c in self.children if c.role == "worker" and c.replica == dead.replica]
+        """Tensor parallel: the dead worker's other ranks exit by themselves (rank 0 after telling
+        its scheduler why) or are killed after TP_EXIT_GRACE_S; the group restarts as one."""
+        group = self.tp_group(dead)
+        kill_at = time.monotonic() + TP_EXIT_GRACE_S
         for rank in group:
-            if rank is not dead and rank.popen is not None:
-                if rank.popen.poll() is None:
-                    log.warning("%s exited: killing %s, of its tensor-parallel group", dead.name, rank.name)
-                    rank.popen.kill()
-                rank.popen.wait()
-                rank.popen = None
+            if rank is not dead and rank.popen is not None and rank.kill_at is None:
+                log.warning(
+                    "%s%s exited: %s, of its tensor-parallel group, is to exit too",
+                    self.label,
+                    dead.name,
+                    rank.name,
+                )
+                rank.kill_at = kill_at
         restart_at = max(c.restart_at or 0.0 for c in group)
         for rank in group:
             rank.restart_at, rank.backoff_s = restart_at, max(c.backoff_s for c in group)

@@ -169,6 +169,7 @@ def _bind(lib: ctypes.CDLL) -> None:
         f32,
         i64,
         i64,
+        p,
     ]
     lib.zs_rms_norm.argtypes = [p, i64, p, i64, p, p, p, i64, i64, f32]
     lib.zs_rotary.argtypes = [p, p, i64, p, i64, p, p, p, i64, i64, i64, i64]

@@ -236,6 +236,7 @@ def paged_attention(
         scale,
         MIN_SPLIT,
         QUERY_TILE,
+        None if meta.one_token_prompts is None else meta.one_token_prompts.data_ptr(),
     )
     return out
 

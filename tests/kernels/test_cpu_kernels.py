@@ -340,6 +340,30 @@ def test_prefill_tiles_match_the_reference_and_do_not_depend_on_tiling_or_thread
         torch.set_num_threads(threads)
 
 
+def test_a_prompts_last_token_alone_comes_out_as_in_its_prompt(ops):
+    """A prompt cached but for its last token runs that token alone (a full prefix hit): flagged
+    as a prompt token it is attended as in the prompt's tile, to the bit (so greedy answers do
+    not change with the cache), where a decode token's path rounds differently."""
+    query_lens, seq_lens, heads, kv_heads, dim, block_size = [45], [45], 9, 3, 64, 16
+    q, k_cache, v_cache, meta = _attention_case(
+        query_lens, seq_lens, heads, kv_heads, dim, block_size, seed=6
+    )
+    k_cache, v_cache = k_cache.to(torch.float16), v_cache.to(torch.float16)
+    whole = ops.paged_attention(q, k_cache, v_cache, meta, dim**-0.5)
+    table = meta.block_tables[0].tolist()
+    last = q[-1:]
+    alone = AttentionMetadata.build([1], [45], [table], [0], prompt=[True])
+    assert alone.one_token_prompts is not None
+    decode = AttentionMetadata.build([1], [45], [table], [0], prompt=[False])
+    assert decode.one_token_prompts is None
+    as_prompt = ops.paged_attention(last, k_cache, v_cache, alone, dim**-0.5)
+    as_decode = ops.paged_attention(last, k_cache, v_cache, decode, dim**-0.5)
+    if ops._VECTORIZED:
+        assert torch.equal(as_prompt, whole[-1:])
+    _close(as_prompt, whole[-1:])
+    _close(as_decode, whole[-1:])
+
+
 def test_extreme_scores_stay_finite():
     """Softmax subtracts the row max: huge logits neither overflow nor underflow to NaN."""
     q, k_cache, v_cache, meta = _attention_case([1, 3], [40, 3], 2, 1, 16, 8, seed=5)

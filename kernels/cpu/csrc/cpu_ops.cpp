@@ -415,7 +415,8 @@ void row_block(int64_t rows, const float* x, int64_t xs, const float* b, int64_t
 
 constexpr int64_t kTileCols = 16;  // the micro-kernel's panel width
 // A prefill tile's scores and rows per thread are kept within this many floats (1 MiB, half a
-// core's L2 here): a long context tiles fewer tokens.
+// core's L2 here): a long context tiles fewer tokens, and a sequence whose last token alone
+// would not fit is attended a token at a time.
 constexpr int64_t kTileFloats = int64_t{1} << 18;
 // The widened K/V panels of the tiled sequences of one call (256 MiB at most): sequences past
 // that are attended a token at a time.
@@ -527,7 +528,8 @@ template <typename T>
 void paged_attention(const float* q, const T* k_cache, const T* v_cache, const int32_t* block_tables,
                      const int32_t* seq_lens, const int32_t* query_start, float* out, int64_t num_seqs,
                      int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                     int64_t table_stride, float scale, int64_t min_split, int64_t query_tile) {
+                     int64_t table_stride, float scale, int64_t min_split, int64_t query_tile,
+                     const int8_t* one_token_prompts) {
     const Geometry<T> g{k_cache, v_cache, block_size, num_heads, num_kv_heads, num_heads / num_kv_heads, head_dim,
                      num_kv_heads * head_dim, scale};
     const int64_t threads = omp_get_max_threads();
@@ -542,11 +544,13 @@ void paged_attention(const float* q, const T* k_cache, const T* v_cache, const i
     for (int64_t s = 0; s < num_seqs; ++s) {
         const int64_t q_end = query_start[s + 1], q_len = q_end - query_start[s];
         const int64_t seq_panels = num_kv_heads * round_up(seq_lens[s], kTileCols) * (head_dim + dim_pad);
-        // a prefill's tokens run in tiles, each (tile, KV head) one work item (whatever the
-        // threads: a token's result is the same in any tile); a decode token alone
-        const bool tiled = query_tile > 1 && q_len > 1 && head_dim <= 512 &&
+        // a prompt's tokens run in tiles, each (tile, KV head) one work item (whatever the
+        // threads: a token's result is the same in any tile, so a prompt's last token alone,
+        // after a cached prefix, comes out as in its prompt); a decode token alone
+        const bool prompt = q_len > 1 || (one_token_prompts != nullptr && one_token_prompts[s] != 0);
+        const bool tiled = query_tile > 1 && prompt && head_dim <= 512 &&
                            panel_floats + seq_panels <= kPanelFloats &&
-                           tile_floats(2, seq_lens[s] - q_len + 1, g.group, head_dim) <= kTileFloats;
+                           tile_floats(1, seq_lens[s], g.group, head_dim) <= kTileFloats;
         if (tiled) {
             panel_at[s] = panel_floats;
             panel_floats += seq_panels;
@@ -776,9 +780,9 @@ int zs_vectorized() { return kVectorized ? 1 : 0; }
 // prefill after a cached prefix, decode: one loop). Query token i of sequence s sits at
 // position seq_lens[s] - q_len(s) + i and sees positions 0 .. that one.
 //
-// A work item is one token with all its heads (K/V rows are read whole, once), or in a prefill
-// up to `query_tile` consecutive tokens of a sequence, which read each K/V block once between
-// them (while that leaves ~2 items per thread). When there are fewer tokens than ~2 per
+// A work item is one token with all its heads (K/V rows are read whole, once), or for a
+// prompt's tokens (a sequence with more query tokens than one, or flagged in
+// `one_token_prompts`, which may be null) a tile of up to `query_tile` of them and one KV head. When there are fewer tokens than ~2 per
 // thread (small decode batches), a token's context is also split into ranges of at least
 // `min_split` positions, and the ranges merged (flash-decoding).
 // cache_type: CacheType of k_cache / v_cache (q and out are fp32).
@@ -786,11 +790,11 @@ void zs_paged_attention(const float* q, const void* k_cache, const void* v_cache
                         const int32_t* block_tables, const int32_t* seq_lens, const int32_t* query_start, float* out,
                         int64_t num_seqs, int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads,
                         int64_t head_dim, int64_t block_size, int64_t table_stride, float scale, int64_t min_split,
-                        int64_t query_tile) {
+                        int64_t query_tile, const int8_t* one_token_prompts) {
 #define ZS_ATTEND(T)                                                                                              \
     paged_attention<T>(q, static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), block_tables, seq_lens, \
                        query_start, out, num_seqs, num_tokens, num_heads, num_kv_heads, head_dim, block_size,       \
-                       table_stride, scale, min_split, query_tile)
+                       table_stride, scale, min_split, query_tile, one_token_prompts)
     switch (cache_type) {
         case kF16: ZS_ATTEND(f16); break;
         case kBF16: ZS_ATTEND(bf16); break;

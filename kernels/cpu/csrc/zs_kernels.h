@@ -11,7 +11,7 @@ void zs_paged_attention(const float* q, const void* k_cache, const void* v_cache
                         const int32_t* block_tables, const int32_t* seq_lens, const int32_t* query_start, float* out,
                         int64_t num_seqs, int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads,
                         int64_t head_dim, int64_t block_size, int64_t table_stride, float scale, int64_t min_split,
-                        int64_t query_tile);
+                        int64_t query_tile, const int8_t* one_token_prompts);
 void zs_rms_norm(const float* x, int64_t x_stride, const float* residual, int64_t res_stride, const float* weight,
                  float* out, float* residual_out, int64_t rows, int64_t hidden, float eps);
 void zs_rotary(const int64_t* positions, const float* q, int64_t q_stride, const float* k, int64_t k_stride,
