@@ -43,7 +43,7 @@ def targets(args: argparse.Namespace, gguf: str) -> list[dict]:
     """(name, weights, command, env) of every server asked for."""
     out = []
     port = args.port
-    slots = max(int(c) for c in args.concurrency.split(","))
+    slots = max(args.levels)
     if args.llama_server:
         out.append(
             {
@@ -197,6 +197,7 @@ def main() -> None:
     ap.add_argument("--start-timeout", type=float, default=600)
     ap.add_argument("--out-dir", default="bench-peers")
     args = ap.parse_args()
+    args.levels = [int(c) for c in args.concurrency.split(",")]
 
     gguf = resolve_model(None)
     out_dir = Path(args.out_dir)
@@ -247,7 +248,7 @@ def main() -> None:
         finally:
             stop(proc)
 
-    levels = [int(c) for c in args.concurrency.split(",")]
+    levels = args.levels
     print(
         "\n| server | version | weights | " + " | ".join(f"C={c} tok/s (ITL p50 ms)" for c in levels) + " |"
     )

@@ -78,6 +78,7 @@ class AttentionMetadata:
 
 
 def _one_token_prompts(query_lens: list[int], prompt: list[bool] | None) -> torch.Tensor | None:
-    if prompt is None or not any(p and n == 1 for p, n in zip(prompt, query_lens, strict=True)):
+    if prompt is None:
         return None
-    return torch.tensor([p and n == 1 for p, n in zip(prompt, query_lens)], dtype=torch.int8)
+    flags = [p and n == 1 for p, n in zip(prompt, query_lens, strict=True)]
+    return torch.tensor(flags, dtype=torch.int8) if any(flags) else None

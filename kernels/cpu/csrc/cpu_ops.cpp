@@ -409,11 +409,11 @@ void attend_range(const Geometry<T>& g, const float* __restrict q, const int32_t
     }
 }
 
-// The projections' micro-kernel (below): y[rows][0 : ncols] = x[rows][0 : K] . b, b a panel [K][16].
+// The projections' micro-kernel (below): y[rows][0 : ncols] = x[rows][0 : K] . b, b a panel
+// [K][kPanel]; prefill tiles run on it too.
+constexpr int64_t kPanel = 16;
 void row_block(int64_t rows, const float* x, int64_t xs, const float* b, int64_t K, float* y, int64_t ys,
                int64_t ncols, const float* bias, const char* prefetch, int64_t prefetch_lines);
-
-constexpr int64_t kTileCols = 16;  // the micro-kernel's panel width
 // A prefill tile's scores and rows per thread are kept within this many floats (1 MiB, half a
 // core's L2 here): a long context tiles fewer tokens, and a sequence whose last token alone
 // would not fit is attended a token at a time.
@@ -426,7 +426,7 @@ inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; 
 
 // floats of a tile's scratch: per KV head, its rows' queries, scores, outputs, max and sum
 inline int64_t tile_floats(int64_t tokens, int64_t context, int64_t group, int64_t dim) {
-    return tokens * group * (round_up(context + tokens - 1, kTileCols) + 2 * dim + 2);
+    return tokens * group * (round_up(context + tokens - 1, kPanel) + 2 * dim + 2);
 }
 
 template <typename T>
@@ -438,30 +438,42 @@ inline void widen(const T* __restrict src, float* __restrict dst, int64_t n) {
     for (; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
-// One KV head of a tiled sequence, positions [p0, p0 + 16), widened into its panels: K as
-// [position / 16][dim][16] (transposed), V as [dim / 16][ld][16]; zero past the sequence.
+// A tiled sequence's K and V widened to fp32, per KV head: K transposed, [ld / 16][dim][16],
+// then V, [dim_pad / 16][ld][16]; ld is the sequence's length rounded up to a panel.
+struct Panels {
+    float* base;
+    int64_t ld, dim;
+    static int64_t head_floats(int64_t ld, int64_t dim) { return ld * (dim + round_up(dim, kPanel)); }
+    float* k(int64_t h) const { return base + h * head_floats(ld, dim); }
+    float* v(int64_t h) const { return k(h) + ld * dim; }
+};
+
+// One KV head of a tiled sequence, positions [p0, p0 + 16), widened into its panels; zero past
+// the sequence.
 template <typename T>
-void fill_panels(const Geometry<T>& g, const int32_t* __restrict table, int64_t seq_len, int64_t ld, int64_t h,
-                 int64_t p0, float* __restrict kt, float* __restrict vp) {
-    const int64_t dim = g.dim, dim_pad = round_up(dim, kTileCols), bs = g.block_size;
+void fill_panels(const Geometry<T>& g, const int32_t* __restrict table, int64_t seq_len, const Panels& panels,
+                 int64_t h, int64_t p0) {
+    const int64_t dim = g.dim, dim_pad = round_up(dim, kPanel), bs = g.block_size, ld = panels.ld;
+    float* __restrict kt = panels.k(h);
+    float* __restrict vp = panels.v(h);
     float krow[512];  // head dims up to 512 (the wrapper sends larger ones to the reference)
     float* kchunk = kt + p0 * dim;
-    for (int64_t pos = p0; pos < p0 + kTileCols; ++pos) {
+    for (int64_t pos = p0; pos < p0 + kPanel; ++pos) {
         const int64_t o = pos - p0;
-        float* vrow = vp + pos * kTileCols;
+        float* vrow = vp + pos * kPanel;
         if (pos >= seq_len) {
-            for (int64_t d = 0; d < dim; ++d) kchunk[d * kTileCols + o] = 0.0f;
-            for (int64_t d0 = 0; d0 < dim_pad; d0 += kTileCols)
-                std::fill(vrow + d0 * ld, vrow + d0 * ld + kTileCols, 0.0f);
+            for (int64_t d = 0; d < dim; ++d) kchunk[d * kPanel + o] = 0.0f;
+            for (int64_t d0 = 0; d0 < dim_pad; d0 += kPanel)
+                std::fill(vrow + d0 * ld, vrow + d0 * ld + kPanel, 0.0f);
             continue;
         }
         const int64_t at = (static_cast<int64_t>(table[pos / bs]) * bs + pos % bs) * g.row_stride + h * dim;
         widen(g.k_cache + at, krow, dim);
-        for (int64_t d = 0; d < dim; ++d) kchunk[d * kTileCols + o] = krow[d];
-        for (int64_t d0 = 0; d0 < dim_pad; d0 += kTileCols) {
-            const int64_t n = std::min(kTileCols, dim - d0);
+        for (int64_t d = 0; d < dim; ++d) kchunk[d * kPanel + o] = krow[d];
+        for (int64_t d0 = 0; d0 < dim_pad; d0 += kPanel) {
+            const int64_t n = std::min(kPanel, dim - d0);
             widen(g.v_cache + at + d0, vrow + d0 * ld, n);
-            std::fill(vrow + d0 * ld + n, vrow + d0 * ld + kTileCols, 0.0f);
+            std::fill(vrow + d0 * ld + n, vrow + d0 * ld + kPanel, 0.0f);
         }
     }
 }
@@ -476,18 +488,17 @@ void fill_panels(const Geometry<T>& g, const int32_t* __restrict table, int64_t 
 // result does not depend on the tile it is in, nor on the other heads (tile size, threads,
 // tensor-parallel ranks).
 template <typename T>
-void attend_tile(const Geometry<T>& g, const float* __restrict q, const float* __restrict panels, int64_t seq_ld,
-                 int64_t c1, int64_t tokens, int64_t h, float* __restrict scratch, float* __restrict out) {
+void attend_tile(const Geometry<T>& g, const float* __restrict q, const Panels& panels, int64_t c1, int64_t tokens,
+                 int64_t h, float* __restrict scratch, float* __restrict out) {
     const int64_t dim = g.dim, group = g.group, head_floats = g.num_heads * dim;
-    const int64_t ld = round_up(c1 + tokens - 1, kTileCols), rows = tokens * group;
-    const int64_t dim_pad = round_up(dim, kTileCols), head_panels = seq_ld * (dim + dim_pad);
+    const int64_t ld = round_up(c1 + tokens - 1, kPanel), rows = tokens * group;
     float* qh = scratch;         // [rows][dim], pre-scaled
     float* s = qh + rows * dim;  // [rows][ld]
     float* oh = s + rows * ld;   // [rows][dim]
     float* m = oh + rows * dim;  // [rows]
     float* l = m + rows;         // [rows]
-    const float* kt = panels + h * head_panels;
-    const float* vp = kt + seq_ld * dim;
+    const float* kt = panels.k(h);
+    const float* vp = panels.v(h);
     for (int64_t j = 0; j < tokens; ++j)
         for (int64_t i = 0; i < group; ++i) {
             const float* src = q + j * head_floats + (h * group + i) * dim;
@@ -496,8 +507,8 @@ void attend_tile(const Geometry<T>& g, const float* __restrict q, const float* _
         }
     for (int64_t r0 = 0; r0 < rows; r0 += 6) {
         const int64_t n = std::min<int64_t>(6, rows - r0);
-        for (int64_t c = 0; c < ld; c += kTileCols)
-            row_block(n, qh + r0 * dim, dim, kt + c * dim, dim, s + r0 * ld + c, ld, kTileCols, nullptr, nullptr, 0);
+        for (int64_t c = 0; c < ld; c += kPanel)
+            row_block(n, qh + r0 * dim, dim, kt + c * dim, dim, s + r0 * ld + c, ld, kPanel, nullptr, nullptr, 0);
     }
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t len = c1 + r / group;
@@ -506,9 +517,9 @@ void attend_tile(const Geometry<T>& g, const float* __restrict q, const float* _
     }
     for (int64_t r0 = 0; r0 < rows; r0 += 6) {
         const int64_t n = std::min<int64_t>(6, rows - r0);
-        for (int64_t d0 = 0; d0 < dim; d0 += kTileCols)
-            row_block(n, s + r0 * ld, ld, vp + d0 * seq_ld, ld, oh + r0 * dim + d0, dim,
-                      std::min(kTileCols, dim - d0), nullptr, nullptr, 0);
+        for (int64_t d0 = 0; d0 < dim; d0 += kPanel)
+            row_block(n, s + r0 * ld, ld, vp + d0 * panels.ld, ld, oh + r0 * dim + d0, dim,
+                      std::min(kPanel, dim - d0), nullptr, nullptr, 0);
     }
     for (int64_t j = 0; j < tokens; ++j)
         for (int64_t i = 0; i < group; ++i) {
@@ -534,16 +545,15 @@ void paged_attention(const float* q, const T* k_cache, const T* v_cache, const i
                      num_kv_heads * head_dim, scale};
     const int64_t threads = omp_get_max_threads();
     const int64_t want = std::max<int64_t>(1, (2 * threads + num_tokens - 1) / num_tokens);
-    min_split = std::max(block_size, (min_split + block_size - 1) / block_size * block_size);
+    min_split = std::max(block_size, round_up(min_split, block_size));
 
     std::vector<Item> items;
     items.reserve(num_tokens);
     int64_t partials = 0, longest = 1, scratch_floats = 0, panel_floats = 0;
-    const int64_t dim_pad = round_up(head_dim, kTileCols);
     std::vector<int64_t> panel_at(num_seqs, -1);  // where a tiled sequence's panels start
     for (int64_t s = 0; s < num_seqs; ++s) {
         const int64_t q_end = query_start[s + 1], q_len = q_end - query_start[s];
-        const int64_t seq_panels = num_kv_heads * round_up(seq_lens[s], kTileCols) * (head_dim + dim_pad);
+        const int64_t seq_panels = num_kv_heads * Panels::head_floats(round_up(seq_lens[s], kPanel), head_dim);
         // a prompt's tokens run in tiles, each (tile, KV head) one work item (whatever the
         // threads: a token's result is the same in any tile, so a prompt's last token alone,
         // after a cached prefix, comes out as in its prompt); a decode token alone
@@ -577,7 +587,7 @@ void paged_attention(const float* q, const T* k_cache, const T* v_cache, const i
                 ++t;
                 continue;
             }
-            const int64_t chunk = ((context + splits - 1) / splits + block_size - 1) / block_size * block_size;
+            const int64_t chunk = round_up((context + splits - 1) / splits, block_size);
             for (int64_t c0 = 0; c0 < context; c0 += chunk) {
                 items.push_back({t, s, c0, std::min(context, c0 + chunk), partials++});
                 longest = std::max(longest, chunk);
@@ -586,19 +596,23 @@ void paged_attention(const float* q, const T* k_cache, const T* v_cache, const i
         }
     }
     const int64_t head_floats = num_heads * head_dim;
-    // the tiled sequences' K/V, widened once for all their tiles: (sequence, KV head, 16 positions) units
-    const std::unique_ptr<float[]> panels(panel_floats > 0 ? new float[panel_floats] : nullptr);
-    std::vector<int64_t> units;
+    // the tiled sequences' K/V, widened once for all their tiles, 16 positions of one KV head a unit
+    const std::unique_ptr<float[]> widened(panel_floats > 0 ? new float[panel_floats] : nullptr);
+    auto panels_of = [&](int64_t s) {
+        return Panels{widened.get() + panel_at[s], round_up(seq_lens[s], kPanel), head_dim};
+    };
+    struct Unit {
+        int64_t seq, head, p0;
+    };
+    std::vector<Unit> units;
     for (int64_t s = 0; s < num_seqs; ++s)
-        for (int64_t p0 = 0; panel_at[s] >= 0 && p0 < seq_lens[s]; p0 += kTileCols)
-            for (int64_t h = 0; h < num_kv_heads; ++h) units.insert(units.end(), {s, h, p0});
-    const int64_t unit_count = static_cast<int64_t>(units.size()) / 3;
+        for (int64_t p0 = 0; panel_at[s] >= 0 && p0 < seq_lens[s]; p0 += kPanel)
+            for (int64_t h = 0; h < num_kv_heads; ++h) units.push_back({s, h, p0});
+    const int64_t unit_count = static_cast<int64_t>(units.size());
 #pragma omp parallel for schedule(static)
     for (int64_t u = 0; u < unit_count; ++u) {
-        const int64_t s = units[3 * u], h = units[3 * u + 1], p0 = units[3 * u + 2];
-        const int64_t ld = round_up(seq_lens[s], kTileCols);
-        float* kt = panels.get() + panel_at[s] + h * ld * (head_dim + dim_pad);
-        fill_panels(g, block_tables + s * table_stride, seq_lens[s], ld, h, p0, kt, kt + ld * head_dim);
+        const Unit& un = units[u];
+        fill_panels(g, block_tables + un.seq * table_stride, seq_lens[un.seq], panels_of(un.seq), un.head, un.p0);
     }
     std::vector<float> partial_acc(partials * head_floats), partial_m(partials * num_heads),
         partial_l(partials * num_heads);
@@ -614,8 +628,8 @@ void paged_attention(const float* q, const T* k_cache, const T* v_cache, const i
             const float* qt = q + it.token * head_floats;
             const int32_t* table = block_tables + it.seq * table_stride;
             if (it.kv_head >= 0) {
-                attend_tile(g, qt, panels.get() + panel_at[it.seq], round_up(seq_lens[it.seq], kTileCols), it.c1,
-                            it.tokens, it.kv_head, scratch.get(), out + it.token * head_floats);
+                attend_tile(g, qt, panels_of(it.seq), it.c1, it.tokens, it.kv_head, scratch.get(),
+                            out + it.token * head_floats);
             } else if (it.partial < 0) {
                 float* o = out + it.token * head_floats;
                 attend_range(g, qt, table, it.c0, it.c1, scores.data(), o, m.data(), l.data());
@@ -670,7 +684,6 @@ void paged_attention(const float* q, const T* k_cache, const T* v_cache, const i
 // cache line per k (a panel is K lines), so the weights stream from memory under the
 // arithmetic. Summation is one FMA per k in order, as oneDNN's kernel does for these shapes.
 
-constexpr int64_t kPanel = 16;
 constexpr int64_t kChunkRows = 96;
 
 #ifdef ZS_AVX2
@@ -782,9 +795,10 @@ int zs_vectorized() { return kVectorized ? 1 : 0; }
 //
 // A work item is one token with all its heads (K/V rows are read whole, once), or for a
 // prompt's tokens (a sequence with more query tokens than one, or flagged in
-// `one_token_prompts`, which may be null) a tile of up to `query_tile` of them and one KV head. When there are fewer tokens than ~2 per
-// thread (small decode batches), a token's context is also split into ranges of at least
-// `min_split` positions, and the ranges merged (flash-decoding).
+// `one_token_prompts`, which may be null) a tile of up to `query_tile` of them and one KV
+// head. When there are fewer tokens than ~2 per thread (small decode batches), a token's
+// context is also split into ranges of at least `min_split` positions, and the ranges merged
+// (flash-decoding).
 // cache_type: CacheType of k_cache / v_cache (q and out are fp32).
 void zs_paged_attention(const float* q, const void* k_cache, const void* v_cache, int32_t cache_type,
                         const int32_t* block_tables, const int32_t* seq_lens, const int32_t* query_start, float* out,
